@@ -1,0 +1,78 @@
+//! The kabuto agent API, shared by the host runtime (client) and the guest
+//! agent (server).
+//!
+//! The messages are generated from `proto/agent.proto`; see that file for the
+//! meaning of each field.
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
+#[allow(warnings)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
+#[allow(warnings)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use ttrpc;
+
+/// vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Tag under which the host's per-sandbox shared directory is exported over
+/// virtio-fs.
+pub const SHARED_FS_TAG: &str = "kabuto";
+
+/// Guest path where the shared directory is mounted.
+pub const GUEST_SHARED_DIR: &str = "/run/kabuto/shared";
+
+/// Annotation keys containerd's CRI plugin sets on pod containers.
+pub mod cri {
+    /// `sandbox` for the pod's pause container, `container` for the others.
+    pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+    /// The pod (sandbox) id a container belongs to.
+    pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+}
+
+#[cfg(test)]
+mod tests {
+    use protobuf::Message;
+
+    use super::agent::{CreateContainerRequest, WaitProcessResponse};
+
+    #[test]
+    fn messages_round_trip_on_the_wire() -> Result<(), protobuf::Error> {
+        let req = CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec: br#"{"ociVersion":"1.0.2"}"#.to_vec(),
+            ..Default::default()
+        };
+        let bytes = req.write_to_bytes()?;
+        let back = CreateContainerRequest::parse_from_bytes(&bytes)?;
+        assert_eq!(back, req);
+
+        let resp = WaitProcessResponse {
+            status: 137,
+            ..Default::default()
+        };
+        let back = WaitProcessResponse::parse_from_bytes(&resp.write_to_bytes()?)?;
+        assert_eq!(back.status, 137);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_do_not_break_parsing() -> Result<(), protobuf::Error> {
+        // A newer host may add fields; an older agent must still parse.
+        let mut bytes = WaitProcessResponse {
+            status: 3,
+            ..Default::default()
+        }
+        .write_to_bytes()?;
+        bytes.extend_from_slice(&[0xa0, 0x06, 0x01]); // field 100, varint 1
+        let back = WaitProcessResponse::parse_from_bytes(&bytes)?;
+        assert_eq!(back.status, 3);
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! Guest setup done once by PID 1: file systems, kernel modules, cgroups and
+//! the shared directory.
+
+use std::{ffi::CString, fs, path::Path, thread, time::Duration};
+
+use kabuto_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+use nix::mount::{mount, MsFlags};
+
+/// Load order of the kernel modules packed into the initramfs, one path per
+/// line; written by `kabuto guest build`.
+pub const MODULES_LIST: &str = "/etc/kabuto/modules";
+
+/// Where libcontainer keeps its per-container state.
+pub const CONTAINER_STATE_DIR: &str = "/run/kabuto/state";
+/// Where the agent writes each container's bundle (config.json, exec specs).
+pub const BUNDLES_DIR: &str = "/run/kabuto/containers";
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const BASE_MOUNTS: &[Mount] = &[
+    Mount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: None,
+    },
+    Mount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: None,
+    },
+    Mount {
+        source: "dev",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("gid=5,mode=0620,ptmxmode=0666"),
+    },
+    Mount {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: Some("nsdelegate"),
+    },
+    Mount {
+        source: "run",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "tmp",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+];
+
+/// Mounts the base file systems and enables the cgroup controllers.
+pub fn setup_guest() -> Result<(), String> {
+    for m in BASE_MOUNTS {
+        fs::create_dir_all(m.target).map_err(|e| format!("mkdir {}: {e}", m.target))?;
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data)
+            .map_err(|e| format!("mount {} on {}: {e}", m.fstype, m.target))?;
+    }
+    // Containers expect the usual /dev links.
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    enable_cgroup_controllers().map_err(|e| format!("enabling cgroup controllers: {e}"))?;
+    for dir in [GUEST_SHARED_DIR, CONTAINER_STATE_DIR, BUNDLES_DIR] {
+        fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn enable_cgroup_controllers() -> std::io::Result<()> {
+    let available = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")?;
+    let enable: Vec<String> = available
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" "))
+}
+
+/// Moves the root from the initramfs onto a tmpfs and frees the initramfs.
+///
+/// Containers are set up with pivot_root(2), which refuses to work in a
+/// mount namespace whose root is the kernel's initial rootfs (it has no
+/// parent mount). `--no-pivot` (MS_MOVE + chroot) would avoid that but lets
+/// a process with CAP_SYS_CHROOT escape to the agent's root; so the agent
+/// does what switch_root(8) does instead. Everything the agent needs from
+/// the initramfs (its libraries, the modules) is loaded by now.
+pub fn switch_root() -> Result<(), String> {
+    const NEW_ROOT: &str = "/newroot";
+    for entry in fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let _ = if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+    }
+    fs::create_dir_all(NEW_ROOT).map_err(|e| format!("mkdir {NEW_ROOT}: {e}"))?;
+    mount(
+        Some("rootfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mount tmpfs on {NEW_ROOT}: {e}"))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving {NEW_ROOT} to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// Loads the kernel modules listed in [`MODULES_LIST`], in order. Returns
+/// the names of the modules loaded.
+pub fn load_modules() -> Vec<String> {
+    let list = fs::read_to_string(MODULES_LIST).unwrap_or_default();
+    let mut loaded = Vec::new();
+    for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match load_module(Path::new(path)) {
+            Ok(()) => loaded.push(module_name(path)),
+            Err(e) => log::error!("loading kernel module {path}: {e}"),
+        }
+    }
+    loaded
+}
+
+fn module_name(path: &str) -> String {
+    Path::new(path)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn load_module(path: &Path) -> Result<(), String> {
+    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    let params = CString::default();
+    match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Mounts the host's shared directory (virtio-fs) at [`GUEST_SHARED_DIR`].
+pub fn mount_shared_dir() {
+    // The virtio-fs device may still be probing right after its driver loads.
+    for attempt in 0..200 {
+        match mount(
+            Some(SHARED_FS_TAG),
+            GUEST_SHARED_DIR,
+            Some("virtiofs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        ) {
+            Ok(()) => {
+                log::debug!("shared directory mounted after {attempt} retries");
+                return;
+            }
+            Err(nix::errno::Errno::ENODEV) | Err(nix::errno::Errno::ENOENT) => {
+                thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => {
+                log::error!("mounting the shared directory: {e}");
+                return;
+            }
+        }
+    }
+    log::error!("mounting the shared directory: no virtio-fs device tagged {SHARED_FS_TAG}");
+}
+
+/// Flushes file systems and powers the VM off. Never returns.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // reboot(2) only returns on failure; PID 1 must not exit.
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,74 @@
+//! `kabuto-agent`: PID 1 of the kabuto guest.
+//!
+//! It prepares the guest (mounts, kernel modules, cgroups), then serves the
+//! agent API over vsock port 1024 and runs the host's containers with
+//! libcontainer. Every request goes through [`service::Agent::dispatch`].
+
+mod containers;
+mod error;
+mod init;
+mod logger;
+mod process;
+mod reaper;
+mod service;
+mod stats;
+
+use std::sync::Arc;
+
+use kabuto_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
+
+fn main() {
+    logger::init();
+    let is_init = std::process::id() == 1;
+    let mut loaded_modules = Vec::new();
+    if is_init {
+        loaded_modules = init::load_modules();
+        if let Err(e) = init::switch_root().and_then(|()| init::setup_guest()) {
+            log::error!("guest setup failed: {e}");
+            fatal(is_init);
+        }
+        init::mount_shared_dir();
+    }
+    let reaper = reaper::Reaper::start();
+    let agent = Arc::new(service::Agent::new(reaper, loaded_modules));
+    agent.start_oom_watch();
+
+    let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let server = ttrpc::Server::new()
+        .bind(&address)
+        .and_then(|s| {
+            Ok(s.register_service(agent_ttrpc::create_agent_service(agent.clone()))
+                .register_service(agent_ttrpc::create_health(agent.clone()))
+                // Reads of stdout/stderr and waits block a worker each.
+                .set_thread_count_default(8)
+                .set_thread_count_min(4)
+                .set_thread_count_max(1024))
+        });
+    let mut server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen on {address}: {e}");
+            fatal(is_init);
+        }
+    };
+    if let Err(e) = server.start() {
+        log::error!("cannot start the agent server: {e}");
+        fatal(is_init);
+    }
+    log::info!("kabuto-agent {} serving on {address}", env!("CARGO_PKG_VERSION"));
+    agent.wait_for_shutdown();
+    log::info!("sandbox destroyed, powering off");
+    server.shutdown();
+    if is_init {
+        init::power_off();
+    }
+}
+
+/// Ends the agent: as PID 1 by powering the VM off (PID 1 must not exit),
+/// otherwise (a test run on a host) by exiting.
+fn fatal(is_init: bool) -> ! {
+    if is_init {
+        init::power_off();
+    }
+    std::process::exit(1);
+}

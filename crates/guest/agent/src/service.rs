@@ -1,0 +1,436 @@
+//! The agent API. Every request enters through [`Agent::dispatch`], the one
+//! place where requests are logged and where the policy gate plugs in.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Condvar, Mutex, RwLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kabuto_protocol::{
+    agent::{self, health_check_response::ServingStatus},
+    agent_ttrpc::{AgentService, Health},
+    GUEST_SHARED_DIR,
+};
+use protobuf::MessageFull;
+use ttrpc::TtrpcContext;
+
+use crate::{
+    containers::{self, Container, Runtime},
+    error::{AgentError, Result},
+    process::Stream,
+    reaper::Reaper,
+    stats,
+};
+
+/// How often the OOM watcher reads the containers' memory.events.
+const OOM_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct Sandbox {
+    id: String,
+}
+
+pub struct Agent {
+    runtime: Runtime,
+    containers: RwLock<HashMap<String, Arc<Container>>>,
+    sandbox: Mutex<Sandbox>,
+    loaded_modules: Vec<String>,
+    oom_events: Mutex<VecDeque<String>>,
+    oom_ready: Condvar,
+    shutdown: Mutex<bool>,
+    shutdown_ready: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    pub fn new(reaper: Reaper, loaded_modules: Vec<String>) -> Self {
+        Agent {
+            runtime: Runtime::new(reaper),
+            containers: RwLock::new(HashMap::new()),
+            sandbox: Mutex::new(Sandbox::default()),
+            loaded_modules,
+            oom_events: Mutex::new(VecDeque::new()),
+            oom_ready: Condvar::new(),
+            shutdown: Mutex::new(false),
+            shutdown_ready: Condvar::new(),
+        }
+    }
+
+    /// The single entry point of every request: names it after its message
+    /// type (as the policy gate will query it), runs it and logs the outcome.
+    fn dispatch<Req, Resp>(
+        &self,
+        req: Req,
+        handler: impl FnOnce(&Self, Req) -> Result<Resp>,
+    ) -> ttrpc::Result<Resp>
+    where
+        Req: MessageFull,
+    {
+        let name = Req::descriptor().name().to_string();
+        let started = Instant::now();
+        let result = handler(self, req);
+        let elapsed = started.elapsed();
+        match &result {
+            Ok(_) => log::debug!("{name}: ok in {elapsed:?}"),
+            Err(e) => log::warn!("{name}: failed in {elapsed:?}: {e}"),
+        }
+        result.map_err(AgentError::into_ttrpc)
+    }
+
+    pub fn wait_for_shutdown(&self) {
+        let mut done = lock(&self.shutdown);
+        while !*done {
+            done = self
+                .shutdown_ready
+                .wait(done)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::ContainerNotFound(id.to_string()))
+    }
+
+    /// Watches every container's cgroup for OOM kills.
+    pub fn start_oom_watch(self: &Arc<Self>) {
+        let agent = Arc::downgrade(self);
+        let spawned = thread::Builder::new().name("oom-watch".into()).spawn(move || {
+            let mut seen: HashMap<String, u64> = HashMap::new();
+            loop {
+                thread::sleep(OOM_POLL);
+                let Some(agent) = agent.upgrade() else { return };
+                let dirs: Vec<(String, std::path::PathBuf)> = agent
+                    .containers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|c| (c.id.clone(), c.cgroup_dir()))
+                    .collect();
+                seen.retain(|id, _| dirs.iter().any(|(d, _)| d == id));
+                for (id, dir) in dirs {
+                    let kills = stats::oom_kills(&dir);
+                    let before = seen.insert(id.clone(), kills).unwrap_or(0);
+                    if kills > before {
+                        log::info!("container {id}: OOM kill");
+                        lock(&agent.oom_events).push_back(id);
+                        agent.oom_ready.notify_all();
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("cannot start the OOM watcher: {e}");
+        }
+    }
+
+    fn create_sandbox(&self, req: agent::CreateSandboxRequest) -> Result<agent::Empty> {
+        containers::validate_id(&req.sandbox_id)?;
+        if !is_mount_point(GUEST_SHARED_DIR) {
+            return Err(AgentError::InvalidArgument(format!(
+                "the shared directory is not mounted at {GUEST_SHARED_DIR}: \
+                 is the virtio-fs device missing from the VM?"
+            )));
+        }
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname).map_err(AgentError::sys("sethostname"))?;
+        }
+        lock(&self.sandbox).id = req.sandbox_id;
+        Ok(agent::Empty::new())
+    }
+
+    fn destroy_sandbox(&self, _req: agent::DestroySandboxRequest) -> Result<agent::Empty> {
+        let all: Vec<Arc<Container>> = self
+            .containers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in all {
+            if let Err(e) = self.runtime.remove(&c) {
+                log::warn!("removing container {}: {e}", c.id);
+            }
+        }
+        // Answer first; the main thread powers off once told.
+        *lock(&self.shutdown) = true;
+        self.shutdown_ready.notify_all();
+        Ok(agent::Empty::new())
+    }
+
+    fn create_container(&self, req: agent::CreateContainerRequest) -> Result<agent::Empty> {
+        containers::validate_id(&req.container_id)?;
+        if self.container(&req.container_id).is_ok() {
+            return Err(AgentError::ContainerExists(req.container_id));
+        }
+        // Containers of a pod join the namespaces of its sandbox container.
+        let sandbox_pid = if req.sandbox_id.is_empty() || req.sandbox_id == req.container_id {
+            None
+        } else {
+            Some(self.container(&req.sandbox_id)?.init.pid)
+        };
+        let spec = containers::prepare_spec(&req.oci_spec, &req.container_id, sandbox_pid)?;
+        let container = self
+            .runtime
+            .create(&req.container_id, &req.sandbox_id, &spec)?;
+        log::info!(
+            "container {} created, init pid {}",
+            container.id,
+            container.init.pid
+        );
+        self.containers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.container_id, Arc::new(container));
+        Ok(agent::Empty::new())
+    }
+
+    fn start_container(
+        &self,
+        req: agent::StartContainerRequest,
+    ) -> Result<agent::StartContainerResponse> {
+        let c = self.container(&req.container_id)?;
+        let pid = self.runtime.start(&c)?;
+        Ok(agent::StartContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn remove_container(&self, req: agent::RemoveContainerRequest) -> Result<agent::Empty> {
+        let c = self.container(&req.container_id)?;
+        let others = self
+            .containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|o| o.id != c.id && o.sandbox_id == c.id);
+        if others {
+            return Err(AgentError::InvalidArgument(format!(
+                "container {} is the sandbox of other containers; remove them first",
+                c.id
+            )));
+        }
+        self.containers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.container_id);
+        self.runtime.remove(&c)?;
+        Ok(agent::Empty::new())
+    }
+
+    fn exec_process(&self, req: agent::ExecProcessRequest) -> Result<agent::ExecProcessResponse> {
+        let c = self.container(&req.container_id)?;
+        let pid = self.runtime.exec(&c, &req.exec_id, &req.process)?;
+        Ok(agent::ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn signal_process(&self, req: agent::SignalProcessRequest) -> Result<agent::Empty> {
+        let c = self.container(&req.container_id)?;
+        self.runtime.signal(&c, &req.exec_id, req.signal, req.all)?;
+        Ok(agent::Empty::new())
+    }
+
+    fn wait_process(&self, req: agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
+        let c = self.container(&req.container_id)?;
+        let p = c.process(&req.exec_id)?;
+        let exit = self.runtime.reaper().wait(p.pid);
+        Ok(agent::WaitProcessResponse {
+            status: exit.status,
+            exited_at_nanos: exit.at_nanos,
+            ..Default::default()
+        })
+    }
+
+    fn read_stream(
+        &self,
+        req: agent::ReadStreamRequest,
+        stream: Stream,
+    ) -> Result<agent::ReadStreamResponse> {
+        let c = self.container(&req.container_id)?;
+        let p = c.process(&req.exec_id)?;
+        Ok(agent::ReadStreamResponse {
+            data: p.stdio.read(stream, req.len)?,
+            ..Default::default()
+        })
+    }
+
+    fn write_stdin(&self, req: agent::WriteStreamRequest) -> Result<agent::WriteStreamResponse> {
+        let c = self.container(&req.container_id)?;
+        let p = c.process(&req.exec_id)?;
+        Ok(agent::WriteStreamResponse {
+            len: p.stdio.write_stdin(&req.data)?,
+            ..Default::default()
+        })
+    }
+
+    fn close_stdin(&self, req: agent::CloseStdinRequest) -> Result<agent::Empty> {
+        let c = self.container(&req.container_id)?;
+        c.process(&req.exec_id)?.stdio.close_stdin();
+        Ok(agent::Empty::new())
+    }
+
+    fn tty_win_resize(&self, req: agent::TtyWinResizeRequest) -> Result<agent::Empty> {
+        let c = self.container(&req.container_id)?;
+        c.process(&req.exec_id)?.stdio.resize(req.row, req.column)?;
+        Ok(agent::Empty::new())
+    }
+
+    fn list_processes(
+        &self,
+        req: agent::ListProcessesRequest,
+    ) -> Result<agent::ListProcessesResponse> {
+        let c = self.container(&req.container_id)?;
+        Ok(agent::ListProcessesResponse {
+            pids: self.runtime.pids(&c)?,
+            ..Default::default()
+        })
+    }
+
+    fn stats_container(
+        &self,
+        req: agent::StatsContainerRequest,
+    ) -> Result<agent::StatsContainerResponse> {
+        let c = self.container(&req.container_id)?;
+        stats::read(&c.cgroup_dir())
+    }
+
+    fn update_container(&self, req: agent::UpdateContainerRequest) -> Result<agent::Empty> {
+        let c = self.container(&req.container_id)?;
+        stats::update(&c.cgroup_dir(), &req.resources)?;
+        Ok(agent::Empty::new())
+    }
+
+    fn get_oom_event(&self, _req: agent::GetOOMEventRequest) -> Result<agent::OOMEvent> {
+        let mut events = lock(&self.oom_events);
+        loop {
+            if let Some(id) = events.pop_front() {
+                return Ok(agent::OOMEvent {
+                    container_id: id,
+                    ..Default::default()
+                });
+            }
+            events = self
+                .oom_ready
+                .wait(events)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn guest_details(
+        &self,
+        _req: agent::GuestDetailsRequest,
+    ) -> Result<agent::GuestDetailsResponse> {
+        let uname = nix::sys::utsname::uname().map_err(AgentError::sys("uname"))?;
+        Ok(agent::GuestDetailsResponse {
+            kernel_release: uname.release().to_string_lossy().into_owned(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            loaded_modules: self.loaded_modules.clone(),
+            ..Default::default()
+        })
+    }
+}
+
+fn is_mount_point(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(path)))
+        .unwrap_or(false)
+}
+
+macro_rules! rpc {
+    ($method:ident, $req:ty, $resp:ty) => {
+        fn $method(&self, _ctx: &TtrpcContext, req: $req) -> ttrpc::Result<$resp> {
+            self.dispatch(req, Agent::$method)
+        }
+    };
+}
+
+impl AgentService for Agent {
+    rpc!(create_sandbox, agent::CreateSandboxRequest, agent::Empty);
+    rpc!(destroy_sandbox, agent::DestroySandboxRequest, agent::Empty);
+    rpc!(create_container, agent::CreateContainerRequest, agent::Empty);
+    rpc!(
+        start_container,
+        agent::StartContainerRequest,
+        agent::StartContainerResponse
+    );
+    rpc!(remove_container, agent::RemoveContainerRequest, agent::Empty);
+    rpc!(
+        exec_process,
+        agent::ExecProcessRequest,
+        agent::ExecProcessResponse
+    );
+    rpc!(signal_process, agent::SignalProcessRequest, agent::Empty);
+    rpc!(
+        wait_process,
+        agent::WaitProcessRequest,
+        agent::WaitProcessResponse
+    );
+    rpc!(
+        write_stdin,
+        agent::WriteStreamRequest,
+        agent::WriteStreamResponse
+    );
+    rpc!(close_stdin, agent::CloseStdinRequest, agent::Empty);
+    rpc!(tty_win_resize, agent::TtyWinResizeRequest, agent::Empty);
+    rpc!(
+        list_processes,
+        agent::ListProcessesRequest,
+        agent::ListProcessesResponse
+    );
+    rpc!(
+        stats_container,
+        agent::StatsContainerRequest,
+        agent::StatsContainerResponse
+    );
+    rpc!(update_container, agent::UpdateContainerRequest, agent::Empty);
+    rpc!(get_oom_event, agent::GetOOMEventRequest, agent::OOMEvent);
+    rpc!(
+        guest_details,
+        agent::GuestDetailsRequest,
+        agent::GuestDetailsResponse
+    );
+
+    fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        self.dispatch(req, |a, r| a.read_stream(r, Stream::Stdout))
+    }
+
+    fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        self.dispatch(req, |a, r| a.read_stream(r, Stream::Stderr))
+    }
+}
+
+impl Health for Agent {
+    fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CheckRequest,
+    ) -> ttrpc::Result<agent::HealthCheckResponse> {
+        self.dispatch(req, |_, _| {
+            Ok(agent::HealthCheckResponse {
+                status: ServingStatus::SERVING.into(),
+                ..Default::default()
+            })
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! `kabuto`: the host command line. Each subcommand parses its arguments,
+//! calls the library and reports; exit code 0 on success, 1 on failure,
+//! 2 on bad usage.
+
+mod check;
+mod install;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kabuto_runtime::{config::Config, guest_image};
+
+#[derive(Parser)]
+#[command(name = "kabuto", version, about = "Pods in micro-VMs: host tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Guest image tools.
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+    /// Install the shim, guest image and default config.
+    Install(install::InstallArgs),
+    /// Remove exactly what `kabuto install` installed.
+    Uninstall(install::UninstallArgs),
+    /// Check whether this host can run kabuto, with a fix for each problem.
+    Check,
+    /// Print the effective configuration.
+    Env,
+    /// Open the debug shell of a running pod (needs hypervisor.debug_console).
+    Exec {
+        /// The pod (sandbox) id.
+        pod: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCommand {
+    /// Download the pinned kernel, build the initramfs, print the digests.
+    Build {
+        /// Where to write vmlinux, initramfs.cpio and manifest.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The guest agent binary (default: kabuto-agent beside this binary).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Use this kernel .deb instead of downloading it (must match the pin).
+        #[arg(long)]
+        kernel_deb: Option<PathBuf>,
+    },
+}
+
+/// `target/release/kabuto` → `target/release`.
+fn exe_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the kabuto binary")?;
+    Ok(exe
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+/// Default guest build output: `target/guest` for `target/release/kabuto`.
+fn default_guest_out() -> anyhow::Result<PathBuf> {
+    let dir = exe_dir()?;
+    Ok(dir.parent().map(|p| p.join("guest")).unwrap_or(dir))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Guest {
+            command:
+                GuestCommand::Build {
+                    out,
+                    agent,
+                    kernel_deb,
+                },
+        } => {
+            let inputs = guest_image::BuildInputs {
+                agent: match agent {
+                    Some(a) => a,
+                    None => exe_dir()?.join("kabuto-agent"),
+                },
+                out_dir: match out {
+                    Some(o) => o,
+                    None => default_guest_out()?,
+                },
+                kernel_deb,
+            };
+            let image = guest_image::build(&inputs)?;
+            guest_image::describe(&image, std::io::stdout())?;
+            Ok(())
+        }
+        Command::Install(args) => install::install(&args, &exe_dir()?, &default_guest_out()?),
+        Command::Uninstall(args) => install::uninstall(&args),
+        Command::Check => {
+            let config = Config::load()?;
+            if check::run(&config, &mut std::io::stdout())? {
+                Ok(())
+            } else {
+                anyhow::bail!("this host cannot run kabuto yet (see the fixes above)")
+            }
+        }
+        Command::Env => {
+            let config = Config::load()?;
+            let source = std::env::var(kabuto_runtime::config::CONFIG_PATH_ENV).unwrap_or_else(|_| {
+                if std::path::Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH).exists() {
+                    kabuto_runtime::config::DEFAULT_CONFIG_PATH.into()
+                } else {
+                    "built-in defaults".into()
+                }
+            });
+            println!("# effective configuration (from {source})");
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+        Command::Exec { pod } => {
+            let config = Config::load()?;
+            if !config.hypervisor.debug_console {
+                anyhow::bail!(
+                    "the debug console is off (hypervisor.debug_console = false in the config); \
+                     enable it and restart pod {pod} to use `kabuto exec`"
+                );
+            }
+            anyhow::bail!(
+                "`kabuto exec` is not implemented yet: the guest image has no debug shell"
+            )
+        }
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("kabuto: {e:#}");
+        std::process::exit(1);
+    }
+}

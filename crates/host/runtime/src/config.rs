@@ -1,0 +1,374 @@
+//! kabuto's configuration: one TOML file, every field optional with a
+//! default that works on a plain Debian 12 host.
+//!
+//! Lookup order: the path in `KABUTO_CONFIG_PATH`, else
+//! [`DEFAULT_CONFIG_PATH`]; a missing default file means "all defaults".
+//! Unknown fields are errors, so a typo never silently falls back.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kabuto/config.toml";
+pub const CONFIG_PATH_ENV: &str = "KABUTO_CONFIG_PATH";
+/// Where `kabuto install` puts the guest kernel and initramfs.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/kabuto/guest";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub guest: GuestConfig,
+    pub agent: AgentConfig,
+    pub shared_fs: SharedFsConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// Which hypervisor runs the pod VMs and how big they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    /// The VMM driver. Only `qemu` exists today.
+    pub kind: HypervisorKind,
+    /// Path of the QEMU system emulator.
+    pub qemu_path: PathBuf,
+    /// `auto` picks KVM when /dev/kvm is usable and the CPU has VMX or SVM,
+    /// TCG (software emulation) otherwise. `kvm` or `tcg` forces one.
+    pub accelerator: Accelerator,
+    /// QEMU machine type: `microvm` (fastest boot) or `q35`.
+    pub machine: MachineType,
+    /// Virtual CPUs per pod VM.
+    pub vcpus: u32,
+    /// Guest memory per pod VM, in MiB.
+    pub memory_mib: u32,
+    /// Extra kernel command-line parameters, appended after kabuto's own.
+    pub kernel_params: String,
+    /// Keep a debug shell reachable with `kabuto exec <pod>`. Off by
+    /// default: it gives whoever controls the host a shell in the guest.
+    pub debug_console: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accelerator {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineType {
+    Microvm,
+    Q35,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            kind: HypervisorKind::Qemu,
+            qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            accelerator: Accelerator::Auto,
+            machine: MachineType::Microvm,
+            vcpus: 1,
+            memory_mib: 512,
+            kernel_params: String::new(),
+            debug_console: false,
+        }
+    }
+}
+
+/// The guest image built by `kabuto guest build`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// Uncompressed kernel (PVH entry) for microvm, or bzImage for q35.
+    pub kernel: PathBuf,
+    /// Initramfs whose /init is kabuto-agent.
+    pub initramfs: PathBuf,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            kernel: Path::new(DEFAULT_GUEST_DIR).join("vmlinux"),
+            initramfs: Path::new(DEFAULT_GUEST_DIR).join("initramfs.cpio"),
+        }
+    }
+}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// `auto`: kernel vhost-vsock when /dev/vhost-vsock exists, else a
+    /// vhost-user vsock device. The guest listens on vsock in both cases.
+    pub channel: AgentChannel,
+    /// The vhost-user vsock device daemon (crates.io `vhost-device-vsock`);
+    /// a bare name is looked up on PATH.
+    pub vhost_user_vsock_path: PathBuf,
+    /// How long the VM may take from launch until the agent answers.
+    pub boot_timeout_secs: u64,
+    /// Deadline of short agent requests (create, start, signal, ...).
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentChannel {
+    Auto,
+    VhostVsock,
+    VhostUserVsock,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            channel: AgentChannel::Auto,
+            vhost_user_vsock_path: PathBuf::from("vhost-device-vsock"),
+            boot_timeout_secs: 60,
+            request_timeout_secs: 60,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// How container root file systems reach the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedFsConfig {
+    /// Only `virtio-fs` today (the Debian cloud kernel has no 9p).
+    pub kind: SharedFsKind,
+    /// The virtio-fs daemon.
+    pub virtiofsd_path: PathBuf,
+    /// virtiofsd cache mode: `none`, `auto` or `always`.
+    pub cache: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedFsKind {
+    VirtioFs,
+}
+
+impl Default for SharedFsConfig {
+    fn default() -> Self {
+        SharedFsConfig {
+            kind: SharedFsKind::VirtioFs,
+            virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
+            cache: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Per-sandbox state: sockets, logs, the shared directory.
+    pub state_dir: PathBuf,
+    /// Shim log level: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Guest agent log level (on the VM console log).
+    pub agent_log_level: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            state_dir: PathBuf::from("/run/kabuto"),
+            log_level: "info".into(),
+            agent_log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the effective configuration (see the module docs for the order).
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(CONFIG_PATH_ENV) {
+            Some(path) => Config::from_file(Path::new(&path)),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let h = &self.hypervisor;
+        if h.vcpus == 0 || h.vcpus > 255 {
+            return Err(format!("hypervisor.vcpus must be 1..=255, not {}", h.vcpus));
+        }
+        if h.memory_mib < 64 {
+            return Err(format!(
+                "hypervisor.memory_mib must be at least 64, not {}",
+                h.memory_mib
+            ));
+        }
+        if !["none", "auto", "always"].contains(&self.shared_fs.cache.as_str()) {
+            return Err(format!(
+                "shared_fs.cache must be none, auto or always, not {:?}",
+                self.shared_fs.cache
+            ));
+        }
+        if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
+            return Err("agent timeouts must be at least 1 second".into());
+        }
+        Ok(())
+    }
+
+    /// The documented default configuration, as `kabuto install` writes it.
+    pub fn default_toml() -> String {
+        DEFAULT_TOML.to_string()
+    }
+}
+
+/// The default config with every field documented. A unit test checks that
+/// it parses to exactly `Config::default()`.
+const DEFAULT_TOML: &str = r#"# kabuto configuration. Every field is optional; shown are the defaults.
+
+[hypervisor]
+# The VMM driver. Only "qemu" exists today.
+kind = "qemu"
+qemu_path = "/usr/bin/qemu-system-x86_64"
+# "auto": KVM when /dev/kvm is usable and the CPU has VMX/SVM, else TCG.
+accelerator = "auto"
+# "microvm" (fastest boot, PVH kernel) or "q35".
+machine = "microvm"
+vcpus = 1
+memory_mib = 512
+# Appended to kabuto's own kernel command line.
+kernel_params = ""
+# A debug shell in the guest via `kabuto exec <pod>`. Never enable it for
+# confidential pods: whoever controls the host gets a shell in the guest.
+debug_console = false
+
+[guest]
+kernel = "/usr/local/share/kabuto/guest/vmlinux"
+initramfs = "/usr/local/share/kabuto/guest/initramfs.cpio"
+
+[agent]
+# "auto", "vhost-vsock" (kernel, /dev/vhost-vsock) or "vhost-user-vsock".
+channel = "auto"
+vhost_user_vsock_path = "vhost-device-vsock"
+boot_timeout_secs = 60
+request_timeout_secs = 60
+
+[shared_fs]
+# Only "virtio-fs" today.
+kind = "virtio-fs"
+virtiofsd_path = "/usr/lib/qemu/virtiofsd"
+# "none", "auto" or "always".
+cache = "auto"
+
+[runtime]
+state_dir = "/run/kabuto"
+log_level = "info"
+agent_log_level = "info"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_defaults_match_the_code() {
+        let parsed = Config::parse(DEFAULT_TOML, Path::new("default")).expect("default parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let parsed = Config::parse("", Path::new("empty")).expect("empty parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("[hypervisor]\nvcpu = 2\n", Path::new("x.toml"))
+            .expect_err("typo accepted");
+        let text = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        assert!(text.contains("x.toml") && text.contains("vcpu"), "{text}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (toml, needle) in [
+            ("[hypervisor]\nvcpus = 0\n", "vcpus"),
+            ("[hypervisor]\nmemory_mib = 8\n", "memory_mib"),
+            ("[hypervisor]\naccelerator = \"hvf\"\n", "accelerator"),
+            ("[shared_fs]\ncache = \"sometimes\"\n", "cache"),
+        ] {
+            let err = Config::parse(toml, Path::new("c.toml")).expect_err(toml);
+            let text = format!("{err} {:?}", std::error::Error::source(&err));
+            assert!(text.contains(needle), "{toml}: {text}");
+        }
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::parse("[hypervisor]\nvcpus = 2\naccelerator = \"tcg\"\n", Path::new("p"))
+            .expect("parses");
+        assert_eq!(c.hypervisor.vcpus, 2);
+        assert_eq!(c.hypervisor.accelerator, Accelerator::Tcg);
+        assert_eq!(c.hypervisor.memory_mib, 512);
+        assert_eq!(c.agent, AgentConfig::default());
+    }
+}

@@ -1,0 +1,327 @@
+//! The QEMU driver: renders a [`VmSpec`] into a QEMU command line and
+//! controls the running VM over QMP.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{Accel, Hypervisor, HypervisorError, Vm, VmSpec, VsockBackend};
+use crate::config::{HypervisorConfig, MachineType};
+
+pub struct Qemu {
+    binary: PathBuf,
+    machine: MachineType,
+}
+
+impl Qemu {
+    pub fn new(config: &HypervisorConfig) -> Self {
+        Qemu {
+            binary: config.qemu_path.clone(),
+            machine: config.machine,
+        }
+    }
+}
+
+/// Kernel parameters the driver always sets: a quiet, fast boot straight
+/// into the agent.
+fn driver_kernel_params(machine: MachineType, accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
+    let mut params: Vec<String> = [
+        "console=ttyS0",
+        "reboot=k",
+        "panic=-1",
+        "quiet",
+        "rdinit=/init",
+        // The crypto self-tests cost ~0.3 s of boot under TCG.
+        "cryptomgr.notests",
+        "i8042.noaux",
+        "i8042.nomux",
+        "i8042.nopnp",
+        "i8042.dumbkbd",
+        "random.trust_cpu=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if machine == MachineType::Microvm {
+        params.push("pci=off".into());
+        if accel == Accel::Tcg {
+            if let Some(khz) = tsc_khz {
+                params.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+    }
+    params
+}
+
+/// The QEMU command line for `spec`, as data so it can be tested.
+pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
+    let mem = format!("{}M", spec.memory_mib);
+    let (machine_arg, mmio) = match machine {
+        MachineType::Microvm => (
+            "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=on,memory-backend=mem",
+            true,
+        ),
+        MachineType::Q35 => ("q35,memory-backend=mem", false),
+    };
+    let (accel, cpu) = match spec.accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let device = |mmio_name: &str, pci_name: &str| {
+        if mmio {
+            mmio_name.to_string()
+        } else {
+            pci_name.to_string()
+        }
+    };
+    let mut params = driver_kernel_params(machine, spec.accel, tsc_khz);
+    params.extend(spec.kernel_params.iter().cloned());
+
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("kabuto-{}", spec.id),
+        "-M".into(),
+        machine_arg.into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        mem.clone(),
+        // virtio-fs and vhost-user devices need guest RAM the daemons can map.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-chardev".into(),
+        format!("file,id=console,path={}", spec.console_log().display()),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initramfs.display().to_string(),
+        "-append".into(),
+        params.join(" "),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_socket(&spec.dir).display()),
+        "-chardev".into(),
+        format!("socket,id=shared-fs,path={}", spec.shared_fs_socket.display()),
+        "-device".into(),
+        format!(
+            "{},chardev=shared-fs,tag={}",
+            device("vhost-user-fs-device", "vhost-user-fs-pci"),
+            kabuto_protocol::SHARED_FS_TAG
+        ),
+    ];
+    match &spec.vsock {
+        VsockBackend::Kernel { guest_cid } => {
+            args.push("-device".into());
+            args.push(format!(
+                "{},guest-cid={guest_cid}",
+                device("vhost-vsock-device", "vhost-vsock-pci")
+            ));
+        }
+        VsockBackend::VhostUser { socket } => {
+            args.push("-chardev".into());
+            args.push(format!("socket,id=vsock,path={}", socket.display()));
+            args.push("-device".into());
+            args.push(format!(
+                "{},chardev=vsock",
+                device("vhost-user-vsock-device", "vhost-user-vsock-pci")
+            ));
+        }
+    }
+    if mmio {
+        // Modern virtio-mmio: vhost-user devices need VIRTIO 1.0.
+        args.push("-global".into());
+        args.push("virtio-mmio.force-legacy=false".into());
+    }
+    args
+}
+
+fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let args = command_line(self.machine, spec, super::host_tsc_khz(&cpuinfo));
+        let log = std::fs::File::create(spec.dir.join("qemu.log")).map_err(|source| {
+            HypervisorError::Spawn {
+                program: self.binary.clone(),
+                source,
+            }
+        })?;
+        let log_err = log.try_clone().map_err(|source| HypervisorError::Spawn {
+            program: self.binary.clone(),
+            source,
+        })?;
+        log::debug!("qemu {}", args.join(" "));
+        let child = Command::new(&self.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| HypervisorError::Spawn {
+                program: self.binary.clone(),
+                source,
+            })?;
+        let _ = std::fs::write(spec.dir.join("qemu.pid"), child.id().to_string());
+        Ok(Box::new(QemuVm {
+            child,
+            qmp: qmp_socket(&spec.dir),
+        }))
+    }
+}
+
+struct QemuVm {
+    child: Child,
+    qmp: PathBuf,
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        self.child.try_wait().map_err(HypervisorError::Wait)
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<ExitStatus, HypervisorError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        if let Err(e) = qmp_command(&self.qmp, "quit") {
+            log::debug!("QMP quit: {e}");
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        log::warn!("qemu {} did not quit within {grace:?}; killing it", self.child.id());
+        let _ = self.child.kill();
+        self.child.wait().map_err(HypervisorError::Wait)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        // Never leave a VM behind, whatever path dropped us.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs one QMP command (after the capabilities handshake).
+pub fn qmp_command(socket: &Path, command: &str) -> std::io::Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line)?; // greeting
+    let mut exchange = |cmd: &str| -> std::io::Result<serde_json::Value> {
+        writeln!(writer, "{}", serde_json::json!({ "execute": cmd }))?;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(serde_json::Value::Null);
+            }
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            // Skip asynchronous events.
+            if value.get("event").is_none() {
+                return Ok(value);
+            }
+        }
+    };
+    exchange("qmp_capabilities")?;
+    exchange(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel, vsock: VsockBackend) -> VmSpec {
+        VmSpec {
+            id: "pod1".into(),
+            dir: PathBuf::from("/run/kabuto/sandboxes/pod1"),
+            kernel: PathBuf::from("/g/vmlinux"),
+            initramfs: PathBuf::from("/g/initramfs.cpio"),
+            vcpus: 2,
+            memory_mib: 256,
+            accel,
+            kernel_params: vec!["kabuto.log=debug".into()],
+            shared_fs_socket: PathBuf::from("/run/kabuto/sandboxes/pod1/virtiofs.sock"),
+            vsock,
+        }
+    }
+
+    fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn microvm_tcg_with_vhost_user_vsock() {
+        let vsock = VsockBackend::VhostUser {
+            socket: PathBuf::from("/s/vsock.sock"),
+        };
+        let args = command_line(MachineType::Microvm, &spec(Accel::Tcg, vsock), Some(2_445_428));
+        assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
+        assert_eq!(arg_after(&args, "-cpu"), ["max"]);
+        assert_eq!(arg_after(&args, "-smp"), ["2"]);
+        assert!(arg_after(&args, "-M")[0].starts_with("microvm,"));
+        assert!(arg_after(&args, "-M")[0].contains("memory-backend=mem"));
+        assert!(arg_after(&args, "-object")[0].contains("share=on"));
+        let append = arg_after(&args, "-append")[0];
+        assert!(append.contains("tsc_early_khz=2445428"), "{append}");
+        assert!(append.ends_with("kabuto.log=debug"), "user params come last: {append}");
+        let devices = arg_after(&args, "-device");
+        assert!(devices.contains(&"vhost-user-vsock-device,chardev=vsock"));
+        assert!(devices.contains(&"vhost-user-fs-device,chardev=shared-fs,tag=kabuto"));
+        assert!(arg_after(&args, "-global").contains(&"virtio-mmio.force-legacy=false"));
+    }
+
+    #[test]
+    fn q35_kvm_with_kernel_vsock() {
+        let args = command_line(
+            MachineType::Q35,
+            &spec(Accel::Kvm, VsockBackend::Kernel { guest_cid: 7 }),
+            Some(1),
+        );
+        assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
+        assert_eq!(arg_after(&args, "-cpu"), ["host"]);
+        let append = arg_after(&args, "-append")[0];
+        assert!(!append.contains("tsc_early_khz"), "KVM needs no TSC hint: {append}");
+        let devices = arg_after(&args, "-device");
+        assert!(devices.contains(&"vhost-vsock-pci,guest-cid=7"));
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=shared-fs,tag=kabuto"));
+        assert!(arg_after(&args, "-global").is_empty());
+    }
+}

@@ -1,0 +1,522 @@
+//! One pod VM and everything the host runs for it: the virtio-fs daemon,
+//! the vsock device, QEMU, and the agent connection.
+//!
+//! Creation is all-or-nothing: if any stage fails, what the earlier stages
+//! started is stopped and removed before the error is returned, and the
+//! error names the stage.
+
+use std::{
+    fs,
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
+};
+
+use kabuto_protocol::{agent::CreateSandboxRequest, AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
+use thiserror::Error;
+
+use crate::{
+    agent_client::{AgentAddress, AgentClient},
+    config::{AgentChannel, Config},
+    hypervisor::{self, Accel, Vm, VmSpec, VsockBackend},
+    mount::{self, MountSpec},
+    spec::SharedBind,
+};
+
+#[derive(Debug, Error)]
+#[error("sandbox {id}: {stage}: {reason}")]
+pub struct SandboxError {
+    pub id: String,
+    pub stage: &'static str,
+    pub reason: String,
+}
+
+/// Helper daemons get this long to create their sockets.
+const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM gets to power off after DestroySandbox before QEMU is told
+/// to quit (and then killed).
+const VM_STOP_GRACE: Duration = Duration::from_secs(3);
+
+pub struct Sandbox {
+    pub id: String,
+    dir: PathBuf,
+    vm: Mutex<Box<dyn Vm>>,
+    helpers: Mutex<Vec<Child>>,
+    agent: AgentClient,
+    pub accel: Accel,
+}
+
+/// Directory holding a sandbox's sockets, logs and shared directory.
+pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
+    config.runtime.state_dir.join("sandboxes").join(id)
+}
+
+/// What `create` has started so far; dropped (and so undone) on failure.
+struct Partial {
+    armed: bool,
+    dir: PathBuf,
+    vm: Option<Box<dyn Vm>>,
+    helpers: Vec<Child>,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(mut vm) = self.vm.take() {
+            let _ = vm.stop(Duration::ZERO);
+        }
+        stop_helpers(&mut self.helpers);
+        remove_dir(&self.dir);
+    }
+}
+
+fn stop_helpers(helpers: &mut Vec<Child>) {
+    for child in helpers.iter_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    helpers.clear();
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = mount::unmount_all_under(dir) {
+        log::warn!("{e}");
+    }
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+fn tail(path: &Path, bytes: u64) -> String {
+    let Ok(mut f) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s.trim().to_string()
+}
+
+fn find_program(program: &Path) -> PathBuf {
+    if program.components().count() > 1 {
+        return program.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/local/bin"), PathBuf::from("/root/.cargo/bin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| program.to_path_buf())
+}
+
+impl Sandbox {
+    /// Boots the pod VM and waits until its agent serves requests.
+    pub fn create(config: &Config, id: &str, hostname: &str) -> Result<Sandbox, SandboxError> {
+        let fail = |stage: &'static str| {
+            let id = id.to_string();
+            move |reason: String| SandboxError {
+                id,
+                stage,
+                reason,
+            }
+        };
+        let dir = sandbox_dir(config, id);
+        if dir.exists() {
+            log::warn!("removing stale state of sandbox {id} at {}", dir.display());
+            cleanup_stale(&dir);
+        }
+        fs::create_dir_all(&dir)
+            .map_err(|e| fail("preparing the state directory")(format!("{}: {e}", dir.display())))?;
+        let mut partial = Partial {
+            armed: true,
+            dir: dir.clone(),
+            vm: None,
+            helpers: Vec::new(),
+        };
+        let shared = dir.join("shared");
+        fs::create_dir_all(&shared)
+            .and_then(|_| fs::write(dir.join("owner"), "kabuto"))
+            .map_err(|e| fail("preparing the state directory")(e.to_string()))?;
+        mount::make_shared(&shared)
+            .map_err(|e| fail("sharing the container directory")(e.to_string()))?;
+
+        // virtio-fs daemon.
+        let fs_socket = dir.join("virtiofs.sock");
+        let fs_cfg = &config.shared_fs;
+        let virtiofsd = spawn_helper(
+            &fs_cfg.virtiofsd_path,
+            &[
+                format!("--socket-path={}", fs_socket.display()),
+                "-o".into(),
+                format!("source={}", shared.display()),
+                "-o".into(),
+                format!("cache={}", fs_cfg.cache),
+                "-o".into(),
+                "announce_submounts".into(),
+            ],
+            &dir.join("virtiofsd.log"),
+        )
+        .map_err(fail("starting virtiofsd"))?;
+        partial.helpers.push(virtiofsd);
+        wait_for_socket(&fs_socket, partial.helpers.last_mut(), &dir.join("virtiofsd.log"))
+            .map_err(fail("starting virtiofsd"))?;
+
+        // vsock device and the address of the agent behind it.
+        let use_kernel_vsock = match config.agent.channel {
+            AgentChannel::VhostVsock => true,
+            AgentChannel::VhostUserVsock => false,
+            AgentChannel::Auto => Path::new("/dev/vhost-vsock").exists(),
+        };
+        let (vsock, address) = if use_kernel_vsock {
+            let cid = guest_cid(id);
+            (
+                VsockBackend::Kernel { guest_cid: cid },
+                AgentAddress::Vsock {
+                    cid,
+                    port: AGENT_VSOCK_PORT,
+                },
+            )
+        } else {
+            let socket = dir.join("vhost-vsock.sock");
+            let uds = dir.join("agent.vsock");
+            let daemon = spawn_helper(
+                &find_program(&config.agent.vhost_user_vsock_path),
+                &[
+                    "--guest-cid".into(),
+                    "3".into(),
+                    "--socket".into(),
+                    socket.display().to_string(),
+                    "--uds-path".into(),
+                    uds.display().to_string(),
+                ],
+                &dir.join("vsock.log"),
+            )
+            .map_err(fail("starting the vhost-user vsock device"))?;
+            partial.helpers.push(daemon);
+            wait_for_socket(&socket, partial.helpers.last_mut(), &dir.join("vsock.log"))
+                .map_err(fail("starting the vhost-user vsock device"))?;
+            (
+                VsockBackend::VhostUser { socket },
+                AgentAddress::HybridVsock {
+                    uds,
+                    port: AGENT_VSOCK_PORT,
+                },
+            )
+        };
+        write_pids(&dir, &partial.helpers);
+
+        // The VM.
+        let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);
+        log::info!("sandbox {id}: accelerator {why}");
+        let mut kernel_params = vec![format!("kabuto.log={}", config.runtime.agent_log_level)];
+        kernel_params.extend(
+            config
+                .hypervisor
+                .kernel_params
+                .split_whitespace()
+                .map(String::from),
+        );
+        let spec = VmSpec {
+            id: id.to_string(),
+            dir: dir.clone(),
+            kernel: config.guest.kernel.clone(),
+            initramfs: config.guest.initramfs.clone(),
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib,
+            accel,
+            kernel_params,
+            shared_fs_socket: fs_socket,
+            vsock,
+        };
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+            if !path.is_file() {
+                return Err(fail("starting the VM")(format!(
+                    "guest {what} {} not found: run `kabuto guest build` and `kabuto install`, \
+                     or set guest.{what} in the config",
+                    path.display()
+                )));
+            }
+        }
+        let hv = hypervisor::new_hypervisor(&config.hypervisor);
+        let vm = hv
+            .launch(&spec)
+            .map_err(|e| fail("starting the VM")(format!("{e}: {}", error_chain(&e))))?;
+        log::info!("sandbox {id}: {} pid {} launched", hv.name(), vm.pid());
+        let vm = partial.vm.insert(vm);
+
+        // The agent.
+        let agent = wait_for_agent(vm.as_mut(), &address, config, &spec)
+            .map_err(fail("waiting for the agent"))?;
+        agent
+            .create_sandbox(&CreateSandboxRequest {
+                sandbox_id: id.to_string(),
+                hostname: hostname.to_string(),
+                shared_dir: GUEST_SHARED_DIR.to_string(),
+                ..Default::default()
+            })
+            .map_err(|e| fail("creating the sandbox in the guest")(e.to_string()))?;
+
+        let vm = partial.vm.take().ok_or_else(|| {
+            fail("starting the VM")("internal error: VM handle vanished".to_string())
+        })?;
+        let helpers = std::mem::take(&mut partial.helpers);
+        partial.armed = false;
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir,
+            vm: Mutex::new(vm),
+            helpers: Mutex::new(helpers),
+            agent,
+            accel,
+        })
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn vm_pid(&self) -> u32 {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).pid()
+    }
+
+    /// Host pids of the VMM and its helpers (for memory accounting).
+    pub fn host_pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.vm_pid()];
+        pids.extend(
+            self.helpers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|c| c.id()),
+        );
+        pids
+    }
+
+    /// True once the VM process has exited.
+    pub fn vm_exited(&self) -> Option<String> {
+        let mut vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+        match vm.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// The last lines of the guest console (kernel and agent log).
+    pub fn console_tail(&self) -> String {
+        tail(&self.dir.join("console.log"), 4000)
+    }
+
+    fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// Mounts a container's rootfs (containerd's mounts, or the bundle's
+    /// already-mounted rootfs) and its bind mounts into the shared directory.
+    pub fn share_container(
+        &self,
+        container_id: &str,
+        rootfs: &[MountSpec],
+        bundle_rootfs: &Path,
+        binds: &[SharedBind],
+    ) -> Result<(), mount::MountError> {
+        let target = self.shared_dir().join(container_id).join("rootfs");
+        let result = (|| {
+            if rootfs.is_empty() {
+                mount::bind(bundle_rootfs, &target, false)?;
+            } else {
+                mount::mount_rootfs(rootfs, &target)?;
+            }
+            for b in binds {
+                mount::bind(
+                    &b.host_source,
+                    &self.shared_dir().join(&b.shared_path),
+                    b.readonly,
+                )?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            self.unshare_container(container_id);
+        }
+        result
+    }
+
+    /// Removes what [`Sandbox::share_container`] mounted.
+    pub fn unshare_container(&self, container_id: &str) {
+        remove_dir(&self.shared_dir().join(container_id));
+    }
+
+    /// Stops the VM and its helpers and removes all host state.
+    pub fn destroy(&self) {
+        if self.vm_exited().is_none() {
+            if let Err(e) = self.agent.destroy_sandbox(Duration::from_secs(5)) {
+                log::debug!("sandbox {}: DestroySandbox: {e}", self.id);
+            }
+        }
+        {
+            let mut vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+            match vm.stop(VM_STOP_GRACE) {
+                Ok(status) => log::info!("sandbox {}: VM exited ({status})", self.id),
+                Err(e) => log::warn!("sandbox {}: stopping the VM: {e}", self.id),
+            }
+        }
+        stop_helpers(&mut self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+        remove_dir(&self.dir);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn spawn_helper(program: &Path, args: &[String], log: &Path) -> Result<Child, String> {
+    let out = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", program.display()))
+}
+
+fn wait_for_socket(path: &Path, child: Option<&mut Child>, log: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + HELPER_START_TIMEOUT;
+    let mut child = child;
+    while !path.exists() {
+        if let Some(c) = child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Err(format!("exited with {status}: {}", tail(log, 2000)));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} did not appear within {HELPER_START_TIMEOUT:?}",
+                path.display()
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn wait_for_agent(
+    vm: &mut dyn Vm,
+    address: &AgentAddress,
+    config: &Config,
+    spec: &VmSpec,
+) -> Result<AgentClient, String> {
+    let timeout = config.agent.boot_timeout();
+    let deadline = Instant::now() + timeout;
+    let mut last_error: String;
+    loop {
+        if let Ok(Some(status)) = vm.try_wait() {
+            return Err(format!(
+                "the VM exited ({status}) before the agent answered; qemu: {}; console: {}",
+                tail(&spec.dir.join("qemu.log"), 1000),
+                tail(&spec.console_log(), 2000)
+            ));
+        }
+        match AgentClient::connect(address, Duration::from_secs(2), config.agent.request_timeout())
+        {
+            Ok(client) => match client.check(Duration::from_secs(5)) {
+                Ok(_) => return Ok(client),
+                Err(e) => last_error = e.to_string(),
+            },
+            Err(e) => last_error = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no answer within {timeout:?} (last error: {last_error}); console: {}",
+                tail(&spec.console_log(), 2000)
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A context id for kernel vhost-vsock, derived from the sandbox id so that
+/// concurrent sandboxes rarely collide (QEMU refuses a CID in use).
+fn guest_cid(id: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(id.as_bytes());
+    let n = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+    3 + n % (u32::MAX / 2)
+}
+
+fn write_pids(dir: &Path, helpers: &[Child]) {
+    let pids: Vec<String> = helpers.iter().map(|c| c.id().to_string()).collect();
+    let _ = fs::write(dir.join("helpers.pid"), pids.join("\n"));
+}
+
+/// Removes what a crashed shim left of a sandbox: kills its processes (only
+/// those whose command line names this directory, so a recycled pid is never
+/// hit), unmounts, and deletes the directory. Safe on a missing directory.
+pub fn cleanup_stale(dir: &Path) {
+    let mut pids = Vec::new();
+    for file in ["qemu.pid", "helpers.pid"] {
+        if let Ok(text) = fs::read_to_string(dir.join(file)) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    let needle = dir.display().to_string();
+    for pid in pids {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            // Reap it if it was ours; otherwise wait until it is gone.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_cids_are_valid_and_stable() {
+        for id in ["a", "pod-1", "0123456789abcdef"] {
+            let cid = guest_cid(id);
+            assert!(cid >= 3, "CIDs 0-2 are reserved");
+            assert_eq!(cid, guest_cid(id));
+        }
+        assert_ne!(guest_cid("a"), guest_cid("b"));
+    }
+
+    #[test]
+    fn cleanup_of_missing_dir_is_harmless() {
+        cleanup_stale(Path::new("/nonexistent/kabuto/sandbox"));
+    }
+}
