@@ -21,6 +21,13 @@ pub use ttrpc;
 /// vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Line the agent writes to the VM console once it listens on vsock. The
+/// host waits for it before connecting: a vsock connection requested before
+/// the guest's vsock driver is up can be lost, and with a vhost-user device
+/// it may then block later requests. It is only a readiness hint; the host
+/// trusts nothing it says.
+pub const AGENT_READY_MARKER: &str = "kabuto-agent: ready on vsock";
+
 /// Tag under which the host's per-sandbox shared directory is exported over
 /// virtio-fs.
 pub const SHARED_FS_TAG: &str = "kabuto";

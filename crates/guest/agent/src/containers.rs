@@ -120,6 +120,16 @@ pub fn prepare_spec(
     }
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
+        // The guest is always cgroup v2: give every container its own cgroup
+        // namespace, as runtimes do on v2 hosts, so /sys/fs/cgroup shows the
+        // container's own cgroup (whatever the host's cgroup mode was).
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
+            let mut cgroup_ns = oci_spec::runtime::LinuxNamespace::default();
+            cgroup_ns.set_typ(LinuxNamespaceType::Cgroup);
+            namespaces.push(cgroup_ns);
+            linux.set_namespaces(Some(namespaces));
+        }
         if let Some(namespaces) = linux.namespaces_mut() {
             for ns in namespaces.iter_mut() {
                 // Host namespace paths mean nothing in the guest.
@@ -377,7 +387,9 @@ mod tests {
             linux.cgroups_path().as_deref(),
             Some(Path::new("/kabuto/c1"))
         );
-        for ns in linux.namespaces().as_ref().expect("namespaces") {
+        let namespaces = linux.namespaces().as_ref().expect("namespaces");
+        assert!(namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup));
+        for ns in namespaces {
             let expected = match ns.typ() {
                 LinuxNamespaceType::Network => Some("/proc/42/ns/net"),
                 LinuxNamespaceType::Ipc => Some("/proc/42/ns/ipc"),

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use kabuto_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
 
 fn main() {
-    logger::init();
     let is_init = std::process::id() == 1;
+    logger::init(is_init);
     let mut loaded_modules = Vec::new();
     if is_init {
         loaded_modules = init::load_modules();
@@ -27,6 +27,7 @@ fn main() {
             log::error!("guest setup failed: {e}");
             fatal(is_init);
         }
+        logger::set_level_from_cmdline();
         init::mount_shared_dir();
     }
     let reaper = reaper::Reaper::start();
@@ -56,6 +57,7 @@ fn main() {
         fatal(is_init);
     }
     log::info!("kabuto-agent {} serving on {address}", env!("CARGO_PKG_VERSION"));
+    logger::console_line(kabuto_protocol::AGENT_READY_MARKER);
     agent.wait_for_shutdown();
     log::info!("sandbox destroyed, powering off");
     server.shutdown();

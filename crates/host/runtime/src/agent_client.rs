@@ -21,6 +21,11 @@ use thiserror::Error;
 pub enum AgentClientError {
     #[error("connecting to the agent over {transport}: {reason}")]
     Connect { transport: String, reason: String },
+    #[error("connecting to the agent over {transport}: no answer within {timeout:?}")]
+    ConnectTimeout {
+        transport: String,
+        timeout: Duration,
+    },
     #[error("agent {method}: {message}")]
     Rpc {
         method: &'static str,
@@ -30,6 +35,11 @@ pub enum AgentClientError {
 }
 
 impl AgentClientError {
+    /// True when a connection attempt got no answer in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, AgentClientError::ConnectTimeout { .. })
+    }
+
     /// True when the agent says the container or process does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, AgentClientError::Rpc { code, .. } if *code == ttrpc::Code::NOT_FOUND)
@@ -106,6 +116,17 @@ fn connect_hybrid(uds: &Path, port: u32, timeout: Duration) -> Result<OwnedFd, A
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if reply.len() < 64 => reply.push(byte[0]),
             Ok(_) => return Err(err("handshake reply too long".into())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(AgentClientError::ConnectTimeout {
+                    transport: format!("hybrid vsock {} port {port}", uds.display()),
+                    timeout,
+                })
+            }
             Err(e) => return Err(err(e.to_string())),
         }
     }

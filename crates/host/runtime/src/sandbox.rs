@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kabuto_protocol::{agent::CreateSandboxRequest, AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
+use kabuto_protocol::{
+    agent::CreateSandboxRequest, AGENT_READY_MARKER, AGENT_VSOCK_PORT, GUEST_SHARED_DIR,
+};
 use thiserror::Error;
 
 use crate::{
@@ -36,6 +38,8 @@ pub struct SandboxError {
 
 /// Helper daemons get this long to create their sockets.
 const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection attempt to a ready agent may take.
+const AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a VM gets to power off after DestroySandbox before QEMU is told
 /// to quit (and then killed).
 const VM_STOP_GRACE: Duration = Duration::from_secs(3);
@@ -428,29 +432,62 @@ fn wait_for_agent(
     spec: &VmSpec,
 ) -> Result<AgentClient, String> {
     let timeout = config.agent.boot_timeout();
-    let deadline = Instant::now() + timeout;
-    let mut last_error: String;
-    loop {
-        if let Ok(Some(status)) = vm.try_wait() {
-            return Err(format!(
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let exited = |vm: &mut dyn Vm| -> Option<String> {
+        match vm.try_wait() {
+            Ok(Some(status)) => Some(format!(
                 "the VM exited ({status}) before the agent answered; qemu: {}; console: {}",
                 tail(&spec.dir.join("qemu.log"), 1000),
                 tail(&spec.console_log(), 2000)
-            ));
+            )),
+            _ => None,
         }
-        match AgentClient::connect(address, Duration::from_secs(2), config.agent.request_timeout())
-        {
-            Ok(client) => match client.check(Duration::from_secs(5)) {
-                Ok(_) => return Ok(client),
+    };
+    let timed_out = |last: &str| {
+        format!(
+            "no answer within {timeout:?} ({last}); console: {}",
+            tail(&spec.console_log(), 2000)
+        )
+    };
+    // First the readiness line on the console (see AGENT_READY_MARKER).
+    loop {
+        if let Some(e) = exited(vm) {
+            return Err(e);
+        }
+        let console = fs::read(spec.console_log()).unwrap_or_default();
+        if String::from_utf8_lossy(&console).contains(AGENT_READY_MARKER) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(timed_out("the agent never reported ready"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Then the connection, retried while the deadline allows.
+    let mut last_error;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let handshake = remaining.clamp(Duration::from_millis(100), AGENT_HANDSHAKE_TIMEOUT);
+        match AgentClient::connect(address, handshake, config.agent.request_timeout()) {
+            Ok(client) => match client.check(handshake) {
+                Ok(_) => {
+                    log::info!(
+                        "sandbox {}: agent answered {:?} after launch",
+                        spec.id,
+                        started.elapsed()
+                    );
+                    return Ok(client);
+                }
                 Err(e) => last_error = e.to_string(),
             },
             Err(e) => last_error = e.to_string(),
         }
+        if let Some(e) = exited(vm) {
+            return Err(e);
+        }
         if Instant::now() > deadline {
-            return Err(format!(
-                "no answer within {timeout:?} (last error: {last_error}); console: {}",
-                tail(&spec.console_log(), 2000)
-            ));
+            return Err(timed_out(&format!("last error: {last_error}")));
         }
         thread::sleep(Duration::from_millis(20));
     }

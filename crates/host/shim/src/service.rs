@@ -199,11 +199,19 @@ fn agent_error(e: kabuto_runtime::agent_client::AgentClientError) -> ttrpc::Erro
 }
 
 impl Service {
-    fn config(&self) -> TtrpcResult<&Config> {
+    /// The config: the file named by the runtime options of the first task
+    /// (`ctr run --runtime-config-path`, CRI `ConfigPath`), else the default
+    /// lookup. Loaded once per shim.
+    fn config(&self, options: Option<&Any>) -> TtrpcResult<&Config> {
         if let Some(c) = self.inner.config.get() {
             return Ok(c);
         }
-        let loaded = Config::load().map_err(|e| {
+        let explicit = options.and_then(runtime_options_config_path);
+        let loaded = match &explicit {
+            Some(path) => Config::from_file(Path::new(path)),
+            None => Config::load(),
+        }
+        .map_err(|e| {
             let mut msg = e.to_string();
             if let Some(s) = std::error::Error::source(&e) {
                 msg = format!("{msg}: {s}");
@@ -230,8 +238,9 @@ impl Service {
         &self,
         id: &str,
         spec: &oci_spec::runtime::Spec,
+        options: Option<&Any>,
     ) -> TtrpcResult<(Arc<Sandbox>, bool, String)> {
-        let config = self.config()?;
+        let config = self.config(options)?;
         if let Some(pod) = pod_of(spec) {
             let state = lock(&self.inner.state);
             return match &state.sandbox {
@@ -403,7 +412,19 @@ impl Service {
         let oci_spec = serde_json::to_vec(&guest.spec)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("encoding the guest spec: {e}")))?;
 
-        let (sandbox, owns, pod_id) = self.sandbox_for(&req.id, &host_spec)?;
+        // Without mounts (ctr run --rootfs), the spec's root is the rootfs.
+        let spec_root = host_spec
+            .root()
+            .as_ref()
+            .map(|r| bundle.join(r.path()))
+            .unwrap_or_else(|| bundle.join("rootfs"));
+        if req.rootfs.is_empty() && !spec_root.is_dir() {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("container {} rootfs {} is not a directory", req.id, spec_root.display()),
+            ));
+        }
+        let (sandbox, owns, pod_id) = self.sandbox_for(&req.id, &host_spec, req.options.as_ref())?;
         let rollback = |sandbox: &Arc<Sandbox>| {
             log::warn!(
                 "container {} failed; guest console:\n{}",
@@ -425,9 +446,7 @@ impl Service {
                 options: m.options.clone(),
             })
             .collect();
-        if let Err(e) =
-            sandbox.share_container(&req.id, &rootfs, &bundle.join("rootfs"), &guest.binds)
-        {
+        if let Err(e) = sandbox.share_container(&req.id, &rootfs, &spec_root, &guest.binds) {
             rollback(&sandbox);
             return Err(err(Code::INVALID_ARGUMENT, format!("container {} rootfs: {e}", req.id)));
         }
@@ -467,6 +486,32 @@ impl Service {
             .insert(req.id.clone(), container);
         Ok(pid)
     }
+}
+
+/// `config_path` (field 2) of containerd's `runtimeoptions.v1.Options`, the
+/// message ctr and CRI send for non-runc runtimes. Its proto is not among
+/// the generated containerd types, so the one string field is read here.
+fn runtime_options_config_path(any: &Any) -> Option<String> {
+    use containerd_shim::protos::protobuf::CodedInputStream;
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let mut input = CodedInputStream::from_bytes(&any.value);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire_type) = (tag >> 3, tag & 7);
+        match (field, wire_type) {
+            (2, 2) => return input.read_string().ok().filter(|p| !p.is_empty()),
+            (_, 2) => {
+                let len = input.read_raw_varint32().ok()?;
+                input.skip_raw_bytes(len).ok()?;
+            }
+            (_, 0) => {
+                input.read_raw_varint64().ok()?;
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 fn is_pod_sandbox(spec: &oci_spec::runtime::Spec) -> bool {
@@ -863,5 +908,57 @@ impl containerd_shim::Task for Service {
         self.destroy_sandbox_if_idle();
         self.inner.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(type_url: &str, fields: &[(u32, &str)]) -> Any {
+        let mut value = Vec::new();
+        for (field, text) in fields {
+            value.push(((field << 3) | 2) as u8);
+            value.push(text.len() as u8);
+            value.extend_from_slice(text.as_bytes());
+        }
+        Any {
+            type_url: type_url.into(),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_config_path_from_runtime_options() {
+        let any = options(
+            "runtimeoptions.v1.Options",
+            &[(1, "io.containerd.kabuto.v2"), (2, "/etc/kabuto/other.toml")],
+        );
+        assert_eq!(
+            runtime_options_config_path(&any).as_deref(),
+            Some("/etc/kabuto/other.toml")
+        );
+        let runc = options("containerd.runc.v1.Options", &[(2, "/x")]);
+        assert_eq!(runtime_options_config_path(&runc), None);
+        let empty = options("runtimeoptions.v1.Options", &[(2, "")]);
+        assert_eq!(runtime_options_config_path(&empty), None);
+    }
+
+    #[test]
+    fn pod_membership_from_cri_annotations() {
+        let spec = |pairs: &[(&str, &str)]| {
+            let mut s = oci_spec::runtime::Spec::default();
+            s.set_annotations(Some(
+                pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ));
+            s
+        };
+        let member = spec(&[(cri::CONTAINER_TYPE, "container"), (cri::SANDBOX_ID, "pod1")]);
+        assert_eq!(pod_of(&member).as_deref(), Some("pod1"));
+        let sandbox = spec(&[(cri::CONTAINER_TYPE, "sandbox"), (cri::SANDBOX_ID, "pod1")]);
+        assert_eq!(pod_of(&sandbox), None);
+        assert!(is_pod_sandbox(&sandbox));
+        assert_eq!(pod_of(&spec(&[])), None);
     }
 }

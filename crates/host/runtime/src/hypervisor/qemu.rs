@@ -61,9 +61,10 @@ fn driver_kernel_params(machine: MachineType, accel: Accel, tsc_khz: Option<u64>
 /// The QEMU command line for `spec`, as data so it can be tested.
 pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
+    // rtc=on: without a CMOS RTC the guest spends ~2 s probing for one.
     let (machine_arg, mmio) = match machine {
         MachineType::Microvm => (
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=on,memory-backend=mem",
+            "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=on,memory-backend=mem",
             true,
         ),
         MachineType::Q35 => ("q35,memory-backend=mem", false),

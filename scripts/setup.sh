@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what kabuto needs on a Debian 12 host and builds it:
+# packages, the vhost-user vsock device, the release binaries, the guest image.
+# Idempotent: re-running skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+PACKAGES=(qemu-system-x86 qemu-system-common containerd runc busybox-static cpio
+          libseccomp-dev pkg-config bsdutils ca-certificates)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "== installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_DEVICE_VSOCK_VERSION"; then
+  echo "== installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (vsock for hosts without /dev/vhost-vsock)"
+  cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked
+fi
+
+echo "== building kabuto (release)"
+cargo build --release --workspace --bins
+
+echo "== building the guest image"
+target/release/kabuto guest build

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: sets up what the tests need (scripts/setup.sh), then runs
+# every test, including the end-to-end ones that boot real VMs through a
+# private containerd (they are #[ignore]d in a plain `cargo test`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+export KABUTO_E2E_BIN_DIR="$PWD/target/release"
+export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
+# Each booting VM takes about one core under TCG: two tests at a time.
+cargo test --release --workspace -- --include-ignored --test-threads=2

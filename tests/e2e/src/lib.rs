@@ -1,0 +1,361 @@
+//! Test harness: a private containerd (own root, state and socket in a
+//! temporary directory, so a system containerd is never touched), a locally
+//! built busybox image imported into it, and `ctr`, the real client.
+//!
+//! The environment comes from `scripts/test.sh` (see README.md):
+//! `KABUTO_E2E_BIN_DIR` holds `containerd-shim-kabuto-v2`,
+//! `KABUTO_E2E_GUEST_DIR` the guest image.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+
+pub const RUNTIME: &str = "io.containerd.kabuto.v2";
+pub const IMAGE: &str = "localhost/busybox:latest";
+
+/// Why an e2e test is ignored by a plain `cargo test`.
+pub const NEEDS_ENV: &str = "needs the e2e environment: run scripts/test.sh";
+
+pub struct Paths {
+    pub bin_dir: PathBuf,
+    pub guest_dir: PathBuf,
+}
+
+pub fn paths() -> Paths {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("{name} is not set: run the e2e tests through scripts/test.sh"))
+    };
+    Paths {
+        bin_dir: var("KABUTO_E2E_BIN_DIR"),
+        guest_dir: var("KABUTO_E2E_GUEST_DIR"),
+    }
+}
+
+/// The guest kernel's release, from the guest image manifest.
+pub fn guest_kernel_release() -> String {
+    let manifest = paths().guest_dir.join("manifest.json");
+    let text = fs::read_to_string(&manifest).expect("guest manifest.json");
+    let value: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
+    value["kernel_release"].as_str().expect("kernel_release").to_string()
+}
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Extra kabuto config lines for a test (TOML, appended to the defaults the
+/// harness writes).
+#[derive(Default)]
+pub struct Options {
+    pub kabuto_config: String,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        Containerd::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> Containerd {
+        let p = paths();
+        let dir = tempfile::Builder::new()
+            .prefix("kabuto-e2e-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let d = dir.path();
+        fs::write(
+            d.join("containerd.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_apparmor = true\n",
+                d.display()
+            ),
+        )
+        .expect("containerd config");
+        fs::write(
+            d.join("kabuto.toml"),
+            format!(
+                "[guest]\nkernel = \"{g}/vmlinux\"\ninitramfs = \"{g}/initramfs.cpio\"\n\
+                 [runtime]\nstate_dir = \"{d}/kabuto\"\nlog_level = \"debug\"\n{extra}",
+                g = p.guest_dir.display(),
+                d = d.display(),
+                extra = options.kabuto_config
+            ),
+        )
+        .expect("kabuto config");
+        let path = format!(
+            "{}:{}",
+            p.bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = fs::File::create(d.join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("containerd.toml"))
+            .arg("--log-level")
+            .arg("debug")
+            .env("PATH", path)
+            .env("KABUTO_CONFIG_PATH", d.join("kabuto.toml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd (apt-get install containerd)");
+        let c = Containerd {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.ctr(&["version"]).status.code() != Some(0) {
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log());
+            thread::sleep(Duration::from_millis(100));
+        }
+        let image = c.dir.path().join("busybox-oci.tar");
+        build_busybox_image(&image).expect("building the busybox image");
+        let out = c.ctr(&["image", "import", image.to_str().expect("utf-8 path")]);
+        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+        c
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("kabuto")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this containerd.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_with_stdin(args, None)
+    }
+
+    pub fn ctr_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(self.socket()).args(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = cmd.spawn().expect("ctr");
+        if let Some(data) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(data).expect("writing stdin");
+        }
+        child.wait_with_output().expect("ctr output")
+    }
+
+    /// `ctr run --rm --runtime kabuto IMAGE id args...`
+    pub fn run(&self, id: &str, extra: &[&str], args: &[&str]) -> Output {
+        let mut all = vec!["run", "--rm", "--runtime", RUNTIME];
+        all.extend_from_slice(extra);
+        all.push(IMAGE);
+        all.push(id);
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
+    /// What kabuto left behind: its processes, mounts and state files.
+    pub fn residue(&self) -> Residue {
+        let needle = self.dir.path().display().to_string();
+        let mut processes = BTreeSet::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<u32>().is_err() {
+                continue;
+            }
+            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let ours = ["qemu-system", "virtiofsd", "vhost-device-vsock", "containerd-shim-kabuto"]
+                .iter()
+                .any(|p| cmdline.contains(p));
+            if ours && cmdline.contains(&needle) {
+                processes.insert(format!("{name}: {}", cmdline.trim()));
+            }
+        }
+        let state = self.state_dir();
+        let mounts = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&state.display().to_string()))
+            .collect();
+        // Per-sandbox state; the `sandboxes` directory itself may stay.
+        let mut files = BTreeSet::new();
+        collect_files(&state.join("sandboxes"), &mut files);
+        Residue {
+            processes,
+            mounts,
+            files,
+        }
+    }
+
+    /// Polls until `f` is true or `limit` passes.
+    pub fn eventually(&self, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        f()
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        out.insert(path.display().to_string());
+        if path.is_dir() && !path.is_symlink() {
+            collect_files(&path, out);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Residue {
+    pub processes: BTreeSet<String>,
+    pub mounts: BTreeSet<String>,
+    pub files: BTreeSet<String>,
+}
+
+impl Residue {
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty() && self.mounts.is_empty() && self.files.is_empty()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        // Whatever a failed test left running or mounted goes too.
+        let r = self.residue();
+        for p in &r.processes {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let root = self.dir.path().display().to_string();
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn file<W: Write>(b: &mut tar::Builder<W>, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_mtime(0);
+    b.append_data(&mut h, name, data)
+}
+
+/// Builds an OCI image layout archive of Debian's busybox-static, tagged
+/// [`IMAGE`], deterministically (fixed times and owners).
+pub fn build_busybox_image(out: &Path) -> std::io::Result<()> {
+    let busybox = fs::read("/bin/busybox")?;
+    let list = Command::new("/bin/busybox").arg("--list").output()?;
+    let applets = String::from_utf8_lossy(&list.stdout).into_owned();
+
+    let mut layer = tar::Builder::new(Vec::new());
+    let dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| -> std::io::Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, name, std::io::empty())
+    };
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "var", "data"] {
+        dir(&mut layer, d)?;
+    }
+    file(&mut layer, "bin/busybox", 0o755, &busybox)?;
+    for applet in applets.split_whitespace().filter(|a| *a != "busybox") {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        h.set_mtime(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+    }
+    file(
+        &mut layer,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    file(&mut layer, "etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    let layer = layer.into_inner()?;
+
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]},
+    }))?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(&layer), "size": layer.len()}],
+    }))?;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest(&manifest), "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": IMAGE,
+                            "org.opencontainers.image.ref.name": "latest"},
+            "platform": {"architecture": "amd64", "os": "linux"},
+        }],
+    }))?;
+    let mut archive = tar::Builder::new(fs::File::create(out)?);
+    file(&mut archive, "oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    file(&mut archive, "index.json", 0o644, &index)?;
+    for blob in [&layer, &config, &manifest] {
+        let name = format!("blobs/sha256/{}", &digest(blob)["sha256:".len()..]);
+        file(&mut archive, &name, 0o644, blob)?;
+    }
+    archive.into_inner()?.sync_all()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

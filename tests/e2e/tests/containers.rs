@@ -1,0 +1,200 @@
+//! What a user does with `ctr` and runc works the same with kabuto.
+
+use std::{process::Command, time::Duration};
+
+use kabuto_e2e::{guest_kernel_release, stderr, stdout, Containerd, IMAGE, RUNTIME};
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn container_runs_on_the_guest_kernel() {
+    let c = Containerd::start();
+    let out = c.run("uname", &[], &["uname", "-r"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let guest = stdout(&out).trim().to_string();
+    assert_eq!(guest, guest_kernel_release());
+    let host = String::from_utf8_lossy(&Command::new("uname").arg("-r").output().expect("uname").stdout)
+        .trim()
+        .to_string();
+    assert_ne!(guest, host, "the container ran on the host kernel");
+    assert!(c.residue().is_empty(), "{:?}", c.residue());
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn exit_codes_and_output_streams() {
+    let c = Containerd::start();
+    let out = c.run("codes", &[], &["sh", "-c", "echo to-out; echo to-err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "to-out\n");
+    assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
+
+    // Killed by a signal: 128 + signal number, like runc.
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "killed", "sleep", "1000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", "killed"]).status.success());
+    assert!(c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")));
+    let out = c.ctr(&["task", "delete", "killed"]);
+    assert!(stderr(&out).contains("exit code 137"), "{}", stderr(&out));
+    assert!(c.ctr(&["container", "rm", "killed"]).status.success());
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn stdin_is_piped_in() {
+    let c = Containerd::start();
+    let input: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+    let out = c.ctr_with_stdin(
+        &["run", "--rm", "--runtime", RUNTIME, IMAGE, "stdin", "sh", "-c", "wc -l; exit 5"],
+        Some(&input),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "20000");
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn tty_gets_a_terminal_of_the_clients_size() {
+    let c = Containerd::start();
+    // script(1) gives ctr a terminal; stty sets the size ctr forwards.
+    let inner = format!(
+        "stty rows 33 cols 91; ctr --address {} run -t --rm --runtime {RUNTIME} {IMAGE} tty \
+         sh -c 'tty; stty size; exit 4'",
+        c.socket().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .output()
+        .expect("script(1)");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(text.contains("/dev/pts/0"), "{text}");
+    assert!(text.contains("33 91"), "{text}");
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn detached_task_exec_ps_metrics_kill_delete() {
+    let c = Containerd::start();
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "bg", "sh", "-c",
+        "trap 'exit 42' USR1; while true; do sleep 0.1; done"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "sh", "-c", "echo from-exec; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from-exec\n");
+
+    let out = c.ctr(&["task", "ps", "bg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The header plus at least the shell (guest pids).
+    assert!(stdout(&out).lines().count() >= 2, "{}", stdout(&out));
+
+    let out = c.ctr(&["task", "metrics", "bg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = stdout(&out);
+    assert!(metrics.contains("memory.usage") && metrics.contains("cpu.usage_usec"), "{metrics}");
+
+    // Any signal reaches the process: the trap turns SIGUSR1 into exit 42.
+    let out = c.ctr(&["task", "kill", "-s", "SIGUSR1", "bg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")),
+        "task did not stop"
+    );
+    let out = c.ctr(&["task", "delete", "bg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("42") || out.status.success());
+    let out = c.ctr(&["container", "rm", "bg"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(c.eventually(Duration::from_secs(10), || c.residue().is_empty()), "{:?}", c.residue());
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn wait_after_exit_still_returns_the_status() {
+    let c = Containerd::start();
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "quick", "sh", "-c", "exit 9"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")));
+    // Wait called long after the exit must still see status 9.
+    let out = c.ctr(&["task", "delete", "quick"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.ctr(&["container", "rm", "quick"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// The same probe under runc and kabuto must report the same view of the
+/// OCI spec: user, cwd, env, rlimits, capabilities, no_new_privileges,
+/// read-only rootfs, masked and read-only paths, bind mounts.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn oci_spec_is_honoured_like_runc() {
+    let c = Containerd::start();
+    let host_dir = c.dir.path().join("shared-data");
+    std::fs::create_dir_all(&host_dir).expect("mkdir");
+    std::fs::write(host_dir.join("hello.txt"), "from the host\n").expect("write");
+    let bind = format!("type=bind,src={},dst=/data,options=rbind:ro", host_dir.display());
+    let probe = r#"
+        echo "id=$(id)"; echo "cwd=$(pwd)"; echo "FOO=$FOO"; echo "nofile=$(ulimit -n)"
+        grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status
+        [ -s /proc/kcore ] && echo kcore=visible || echo kcore=hidden
+        (echo 1 > /proc/sys/kernel/domainname) 2>/dev/null && echo procsys=rw || echo procsys=ro
+        touch /rootfs-write 2>/dev/null && echo rootfs=rw || echo rootfs=ro
+        cat /data/hello.txt; (touch /data/x 2>/dev/null && echo data=rw) || echo data=ro
+        grep -c . /proc/mounts >/dev/null && echo mounts=ok
+    "#;
+    let run = |runtime: &str, id: &str| {
+        let out = c.ctr(&[
+            "run", "-d", "--runtime", runtime, "--env", "FOO=bar", "--read-only", "--mount", &bind,
+            IMAGE, id, "sleep", "1000",
+        ]);
+        assert!(out.status.success(), "{runtime}: {}", stderr(&out));
+        let probe_out = c.ctr(&[
+            "task", "exec", "--exec-id", "probe", "--user", "65534", "--cwd", "/tmp", id, "sh", "-c", probe,
+        ]);
+        assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", id]).status.success());
+        assert!(c.eventually(Duration::from_secs(20), || c.ctr(&["task", "delete", id]).status.success()));
+        assert!(c.ctr(&["container", "rm", id]).status.success());
+        probe_out
+    };
+    let runc = run("io.containerd.runc.v2", "probe-runc");
+    assert!(runc.status.success(), "runc: {}", stderr(&runc));
+    let kabuto = run(RUNTIME, "probe-kabuto");
+    assert!(kabuto.status.success(), "kabuto: {}", stderr(&kabuto));
+    assert_eq!(stdout(&kabuto), stdout(&runc), "kabuto and runc disagree");
+    let text = stdout(&kabuto);
+    for expected in ["uid=65534", "cwd=/tmp", "FOO=bar", "rootfs=ro", "from the host", "data=ro", "kcore=hidden", "procsys=ro"] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn privileged_and_memory_limit() {
+    let c = Containerd::start();
+    // Capabilities as runc grants them, privileged or not.
+    for extra in [&[][..], &["--privileged"][..]] {
+        let run = |runtime: &str, id: &str| {
+            let mut args = vec!["run", "--rm", "--runtime", runtime];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&[IMAGE, id, "grep", "CapEff", "/proc/self/status"]);
+            c.ctr(&args)
+        };
+        let runc = run("io.containerd.runc.v2", "p-runc");
+        let kabuto = run(RUNTIME, "p-kabuto");
+        assert!(kabuto.status.success(), "{extra:?}: {}", stderr(&kabuto));
+        assert_eq!(stdout(&kabuto), stdout(&runc), "capabilities differ for {extra:?}");
+    }
+    // The memory limit lands on the container's cgroup in the guest.
+    let out = c.ctr(&[
+        "run", "-d", "--runtime", RUNTIME, "--memory-limit", "67108864", IMAGE, "limited", "sleep", "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = stdout(&c.ctr(&["task", "metrics", "limited"]));
+    assert!(
+        metrics.lines().any(|l| l.starts_with("memory.usage_limit") && l.contains("67108864")),
+        "{metrics}"
+    );
+    assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", "limited"]).status.success());
+    assert!(c.eventually(Duration::from_secs(20), || c.ctr(&["task", "delete", "limited"]).status.success()));
+    assert!(c.ctr(&["container", "rm", "limited"]).status.success());
+}
