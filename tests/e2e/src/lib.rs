@@ -33,7 +33,9 @@ pub fn paths() -> Paths {
     let var = |name: &str| {
         std::env::var_os(name)
             .map(PathBuf::from)
-            .unwrap_or_else(|| panic!("{name} is not set: run the e2e tests through scripts/test.sh"))
+            .unwrap_or_else(|| {
+                panic!("{name} is not set: run the e2e tests through scripts/test.sh")
+            })
     };
     Paths {
         bin_dir: var("KABUTO_E2E_BIN_DIR"),
@@ -46,7 +48,10 @@ pub fn guest_kernel_release() -> String {
     let manifest = paths().guest_dir.join("manifest.json");
     let text = fs::read_to_string(&manifest).expect("guest manifest.json");
     let value: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
-    value["kernel_release"].as_str().expect("kernel_release").to_string()
+    value["kernel_release"]
+        .as_str()
+        .expect("kernel_release")
+        .to_string()
 }
 
 pub struct Containerd {
@@ -118,13 +123,21 @@ impl Containerd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while c.ctr(&["version"]).status.code() != Some(0) {
-            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up:\n{}",
+                c.log()
+            );
             thread::sleep(Duration::from_millis(100));
         }
         let image = c.dir.path().join("busybox-oci.tar");
         build_busybox_image(&image).expect("building the busybox image");
         let out = c.ctr(&["image", "import", image.to_str().expect("utf-8 path")]);
-        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         c
     }
 
@@ -149,7 +162,11 @@ impl Containerd {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address").arg(self.socket()).args(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = cmd.spawn().expect("ctr");
         if let Some(data) = stdin {
             let mut pipe = child.stdin.take().expect("stdin");
@@ -179,9 +196,14 @@ impl Containerd {
             }
             let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let ours = ["qemu-system", "virtiofsd", "vhost-device-vsock", "containerd-shim-kabuto"]
-                .iter()
-                .any(|p| cmdline.contains(p));
+            let ours = [
+                "qemu-system",
+                "virtiofsd",
+                "vhost-device-vsock",
+                "containerd-shim-kabuto",
+            ]
+            .iter()
+            .any(|p| cmdline.contains(p));
             if ours && cmdline.contains(&needle) {
                 processes.insert(format!("{name}: {}", cmdline.trim()));
             }
@@ -272,7 +294,12 @@ impl Drop for Containerd {
     }
 }
 
-fn file<W: Write>(b: &mut tar::Builder<W>, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+fn file<W: Write>(
+    b: &mut tar::Builder<W>,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
     let mut h = tar::Header::new_ustar();
     h.set_mode(mode);
     h.set_size(data.len() as u64);
@@ -296,7 +323,9 @@ pub fn build_busybox_image(out: &Path) -> std::io::Result<()> {
         h.set_mtime(0);
         b.append_data(&mut h, name, std::io::empty())
     };
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "var", "data"] {
+    for d in [
+        "bin", "etc", "tmp", "proc", "sys", "dev", "root", "var", "data",
+    ] {
         dir(&mut layer, d)?;
     }
     file(&mut layer, "bin/busybox", 0o755, &busybox)?;
@@ -314,7 +343,12 @@ pub fn build_busybox_image(out: &Path) -> std::io::Result<()> {
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     )?;
-    file(&mut layer, "etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    file(
+        &mut layer,
+        "etc/group",
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\n",
+    )?;
     let layer = layer.into_inner()?;
 
     let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
@@ -343,7 +377,12 @@ pub fn build_busybox_image(out: &Path) -> std::io::Result<()> {
         }],
     }))?;
     let mut archive = tar::Builder::new(fs::File::create(out)?);
-    file(&mut archive, "oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    file(
+        &mut archive,
+        "oci-layout",
+        0o644,
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     file(&mut archive, "index.json", 0o644, &index)?;
     for blob in [&layer, &config, &manifest] {
         let name = format!("blobs/sha256/{}", &digest(blob)["sha256:".len()..]);

@@ -12,9 +12,15 @@ fn container_runs_on_the_guest_kernel() {
     assert!(out.status.success(), "{}", stderr(&out));
     let guest = stdout(&out).trim().to_string();
     assert_eq!(guest, guest_kernel_release());
-    let host = String::from_utf8_lossy(&Command::new("uname").arg("-r").output().expect("uname").stdout)
-        .trim()
-        .to_string();
+    let host = String::from_utf8_lossy(
+        &Command::new("uname")
+            .arg("-r")
+            .output()
+            .expect("uname")
+            .stdout,
+    )
+    .trim()
+    .to_string();
     assert_ne!(guest, host, "the container ran on the host kernel");
     assert!(c.residue().is_empty(), "{:?}", c.residue());
 }
@@ -23,16 +29,35 @@ fn container_runs_on_the_guest_kernel() {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn exit_codes_and_output_streams() {
     let c = Containerd::start();
-    let out = c.run("codes", &[], &["sh", "-c", "echo to-out; echo to-err >&2; exit 3"]);
+    let out = c.run(
+        "codes",
+        &[],
+        &["sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+    );
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert_eq!(stdout(&out), "to-out\n");
     assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
 
     // Killed by a signal: 128 + signal number, like runc.
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "killed", "sleep", "1000"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "killed",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", "killed"]).status.success());
-    assert!(c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")));
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "killed"])
+        .status
+        .success());
+    assert!(
+        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
+            .contains("STOPPED"))
+    );
     let out = c.ctr(&["task", "delete", "killed"]);
     assert!(stderr(&out).contains("exit code 137"), "{}", stderr(&out));
     assert!(c.ctr(&["container", "rm", "killed"]).status.success());
@@ -42,9 +67,21 @@ fn exit_codes_and_output_streams() {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn stdin_is_piped_in() {
     let c = Containerd::start();
-    let input: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+    let input: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
     let out = c.ctr_with_stdin(
-        &["run", "--rm", "--runtime", RUNTIME, IMAGE, "stdin", "sh", "-c", "wc -l; exit 5"],
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "stdin",
+            "sh",
+            "-c",
+            "wc -l; exit 5",
+        ],
         Some(&input),
     );
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
@@ -75,11 +112,29 @@ fn tty_gets_a_terminal_of_the_clients_size() {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn detached_task_exec_ps_metrics_kill_delete() {
     let c = Containerd::start();
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "bg", "sh", "-c",
-        "trap 'exit 42' USR1; while true; do sleep 0.1; done"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "bg",
+        "sh",
+        "-c",
+        "trap 'exit 42' USR1; while true; do sleep 0.1; done",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "sh", "-c", "echo from-exec; exit 7"]);
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "bg",
+        "sh",
+        "-c",
+        "echo from-exec; exit 7",
+    ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from-exec\n");
 
@@ -91,13 +146,17 @@ fn detached_task_exec_ps_metrics_kill_delete() {
     let out = c.ctr(&["task", "metrics", "bg"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let metrics = stdout(&out);
-    assert!(metrics.contains("memory.usage") && metrics.contains("cpu.usage_usec"), "{metrics}");
+    assert!(
+        metrics.contains("memory.usage") && metrics.contains("cpu.usage_usec"),
+        "{metrics}"
+    );
 
     // Any signal reaches the process: the trap turns SIGUSR1 into exit 42.
     let out = c.ctr(&["task", "kill", "-s", "SIGUSR1", "bg"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")),
+        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
+            .contains("STOPPED")),
         "task did not stop"
     );
     let out = c.ctr(&["task", "delete", "bg"]);
@@ -105,16 +164,33 @@ fn detached_task_exec_ps_metrics_kill_delete() {
     assert!(stderr(&out).contains("42") || out.status.success());
     let out = c.ctr(&["container", "rm", "bg"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(c.eventually(Duration::from_secs(10), || c.residue().is_empty()), "{:?}", c.residue());
+    assert!(
+        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
+        "{:?}",
+        c.residue()
+    );
 }
 
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn wait_after_exit_still_returns_the_status() {
     let c = Containerd::start();
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "quick", "sh", "-c", "exit 9"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "quick",
+        "sh",
+        "-c",
+        "exit 9",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"])).contains("STOPPED")));
+    assert!(
+        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
+            .contains("STOPPED"))
+    );
     // Wait called long after the exit must still see status 9.
     let out = c.ctr(&["task", "delete", "quick"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -132,7 +208,10 @@ fn oci_spec_is_honoured_like_runc() {
     let host_dir = c.dir.path().join("shared-data");
     std::fs::create_dir_all(&host_dir).expect("mkdir");
     std::fs::write(host_dir.join("hello.txt"), "from the host\n").expect("write");
-    let bind = format!("type=bind,src={},dst=/data,options=rbind:ro", host_dir.display());
+    let bind = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        host_dir.display()
+    );
     let probe = r#"
         echo "id=$(id)"; echo "cwd=$(pwd)"; echo "FOO=$FOO"; echo "nofile=$(ulimit -n)"
         grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status
@@ -144,15 +223,43 @@ fn oci_spec_is_honoured_like_runc() {
     "#;
     let run = |runtime: &str, id: &str| {
         let out = c.ctr(&[
-            "run", "-d", "--runtime", runtime, "--env", "FOO=bar", "--read-only", "--mount", &bind,
-            IMAGE, id, "sleep", "1000",
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            "--env",
+            "FOO=bar",
+            "--read-only",
+            "--mount",
+            &bind,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
         ]);
         assert!(out.status.success(), "{runtime}: {}", stderr(&out));
         let probe_out = c.ctr(&[
-            "task", "exec", "--exec-id", "probe", "--user", "65534", "--cwd", "/tmp", id, "sh", "-c", probe,
+            "task",
+            "exec",
+            "--exec-id",
+            "probe",
+            "--user",
+            "65534",
+            "--cwd",
+            "/tmp",
+            id,
+            "sh",
+            "-c",
+            probe,
         ]);
-        assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", id]).status.success());
-        assert!(c.eventually(Duration::from_secs(20), || c.ctr(&["task", "delete", id]).status.success()));
+        assert!(c
+            .ctr(&["task", "kill", "-s", "SIGKILL", id])
+            .status
+            .success());
+        assert!(c.eventually(Duration::from_secs(20), || c
+            .ctr(&["task", "delete", id])
+            .status
+            .success()));
         assert!(c.ctr(&["container", "rm", id]).status.success());
         probe_out
     };
@@ -162,7 +269,16 @@ fn oci_spec_is_honoured_like_runc() {
     assert!(kabuto.status.success(), "kabuto: {}", stderr(&kabuto));
     assert_eq!(stdout(&kabuto), stdout(&runc), "kabuto and runc disagree");
     let text = stdout(&kabuto);
-    for expected in ["uid=65534", "cwd=/tmp", "FOO=bar", "rootfs=ro", "from the host", "data=ro", "kcore=hidden", "procsys=ro"] {
+    for expected in [
+        "uid=65534",
+        "cwd=/tmp",
+        "FOO=bar",
+        "rootfs=ro",
+        "from the host",
+        "data=ro",
+        "kcore=hidden",
+        "procsys=ro",
+    ] {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
 }
@@ -182,19 +298,40 @@ fn privileged_and_memory_limit() {
         let runc = run("io.containerd.runc.v2", "p-runc");
         let kabuto = run(RUNTIME, "p-kabuto");
         assert!(kabuto.status.success(), "{extra:?}: {}", stderr(&kabuto));
-        assert_eq!(stdout(&kabuto), stdout(&runc), "capabilities differ for {extra:?}");
+        assert_eq!(
+            stdout(&kabuto),
+            stdout(&runc),
+            "capabilities differ for {extra:?}"
+        );
     }
     // The memory limit lands on the container's cgroup in the guest.
     let out = c.ctr(&[
-        "run", "-d", "--runtime", RUNTIME, "--memory-limit", "67108864", IMAGE, "limited", "sleep", "1000",
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "67108864",
+        IMAGE,
+        "limited",
+        "sleep",
+        "1000",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let metrics = stdout(&c.ctr(&["task", "metrics", "limited"]));
     assert!(
-        metrics.lines().any(|l| l.starts_with("memory.usage_limit") && l.contains("67108864")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("memory.usage_limit") && l.contains("67108864")),
         "{metrics}"
     );
-    assert!(c.ctr(&["task", "kill", "-s", "SIGKILL", "limited"]).status.success());
-    assert!(c.eventually(Duration::from_secs(20), || c.ctr(&["task", "delete", "limited"]).status.success()));
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "limited"])
+        .status
+        .success());
+    assert!(c.eventually(Duration::from_secs(20), || c
+        .ctr(&["task", "delete", "limited"])
+        .status
+        .success()));
     assert!(c.ctr(&["container", "rm", "limited"]).status.success());
 }

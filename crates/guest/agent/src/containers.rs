@@ -90,11 +90,7 @@ pub fn validate_id(id: &str) -> Result<()> {
 ///
 /// `sandbox_init_pid` is the pid of the pod's sandbox container, whose
 /// network, IPC and UTS namespaces the other containers of the pod join.
-pub fn prepare_spec(
-    raw: &[u8],
-    id: &str,
-    sandbox_init_pid: Option<i32>,
-) -> Result<Spec> {
+pub fn prepare_spec(raw: &[u8], id: &str, sandbox_init_pid: Option<i32>) -> Result<Spec> {
     let mut spec: Spec = serde_json::from_slice(raw)
         .map_err(|e| AgentError::InvalidArgument(format!("OCI spec is not valid: {e}")))?;
     if spec.process().is_none() {
@@ -124,7 +120,10 @@ pub fn prepare_spec(
         // namespace, as runtimes do on v2 hosts, so /sys/fs/cgroup shows the
         // container's own cgroup (whatever the host's cgroup mode was).
         let mut namespaces = linux.namespaces().clone().unwrap_or_default();
-        if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
+        if !namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+        {
             let mut cgroup_ns = oci_spec::runtime::LinuxNamespace::default();
             cgroup_ns.set_typ(LinuxNamespaceType::Cgroup);
             namespaces.push(cgroup_ns);
@@ -167,7 +166,8 @@ impl Runtime {
     /// Creates the container (its init process waits for start).
     pub fn create(&self, id: &str, sandbox_id: &str, spec: &Spec) -> Result<Container> {
         let bundle = Path::new(BUNDLES_DIR).join(id);
-        fs::create_dir_all(&bundle).map_err(AgentError::io(format!("mkdir {}", bundle.display())))?;
+        fs::create_dir_all(&bundle)
+            .map_err(AgentError::io(format!("mkdir {}", bundle.display())))?;
         let result = self.create_in(id, sandbox_id, spec, &bundle);
         if result.is_err() {
             self.cleanup(id, &bundle);
@@ -240,7 +240,10 @@ impl Runtime {
         }
         self.load(&container.id)?
             .start()
-            .map_err(AgentError::container(format!("starting container {}", container.id)))?;
+            .map_err(AgentError::container(format!(
+                "starting container {}",
+                container.id
+            )))?;
         *started = true;
         Ok(container.init.pid)
     }
@@ -293,14 +296,23 @@ impl Runtime {
         Ok(pid)
     }
 
-    pub fn signal(&self, container: &Container, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+    pub fn signal(
+        &self,
+        container: &Container,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
         let sig = Signal::try_from(signal as i32)
             .map_err(|_| AgentError::InvalidArgument(format!("unknown signal {signal}")))?;
         if all {
             return self
                 .load(&container.id)?
                 .kill(sig, true)
-                .map_err(AgentError::container(format!("signalling container {}", container.id)));
+                .map_err(AgentError::container(format!(
+                    "signalling container {}",
+                    container.id
+                )));
         }
         let process = container.process(exec_id)?;
         if self.reaper.exit_of(process.pid).is_some() {
@@ -316,14 +328,20 @@ impl Runtime {
     /// Kills what is left of the container and removes every trace of it.
     pub fn remove(&self, container: &Container) -> Result<()> {
         let result = match self.load(&container.id) {
-            Ok(mut c) => c
-                .delete(true)
-                .map_err(AgentError::container(format!("deleting container {}", container.id))),
+            Ok(mut c) => c.delete(true).map_err(AgentError::container(format!(
+                "deleting container {}",
+                container.id
+            ))),
             Err(e) => Err(e),
         };
         self.cleanup(&container.id, &container.bundle);
         self.reaper.forget(container.init.pid);
-        for p in container.execs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for p in container
+            .execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             self.reaper.forget(p.pid);
         }
         result
@@ -340,7 +358,8 @@ impl Runtime {
 
     pub fn pids(&self, container: &Container) -> Result<Vec<u32>> {
         let path = container.cgroup_dir().join("cgroup.procs");
-        let text = fs::read_to_string(&path).map_err(AgentError::io(format!("reading {}", path.display())))?;
+        let text = fs::read_to_string(&path)
+            .map_err(AgentError::io(format!("reading {}", path.display())))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 }
@@ -388,7 +407,9 @@ mod tests {
             Some(Path::new("/kabuto/c1"))
         );
         let namespaces = linux.namespaces().as_ref().expect("namespaces");
-        assert!(namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup));
+        assert!(namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Cgroup));
         for ns in namespaces {
             let expected = match ns.typ() {
                 LinuxNamespaceType::Network => Some("/proc/42/ns/net"),

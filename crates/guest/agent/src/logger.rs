@@ -60,7 +60,12 @@ pub fn set_level_from_cmdline() {
 pub fn init(is_init: bool) {
     // O_CLOEXEC (std's default) keeps the console out of exec'd workloads.
     let console = is_init
-        .then(|| std::fs::OpenOptions::new().write(true).open("/dev/console").ok())
+        .then(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/console")
+                .ok()
+        })
         .flatten()
         .map(Mutex::new);
     let logger = Box::leak(Box::new(ConsoleLogger { console }));

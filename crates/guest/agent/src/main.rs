@@ -35,16 +35,14 @@ fn main() {
     agent.start_oom_watch();
 
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
-    let server = ttrpc::Server::new()
-        .bind(&address)
-        .and_then(|s| {
-            Ok(s.register_service(agent_ttrpc::create_agent_service(agent.clone()))
-                .register_service(agent_ttrpc::create_health(agent.clone()))
-                // Reads of stdout/stderr and waits block a worker each.
-                .set_thread_count_default(8)
-                .set_thread_count_min(4)
-                .set_thread_count_max(1024))
-        });
+    let server = ttrpc::Server::new().bind(&address).map(|s| {
+        s.register_service(agent_ttrpc::create_agent_service(agent.clone()))
+            .register_service(agent_ttrpc::create_health(agent.clone()))
+            // Reads of stdout/stderr and waits block a worker each.
+            .set_thread_count_default(8)
+            .set_thread_count_min(4)
+            .set_thread_count_max(1024)
+    });
     let mut server = match server {
         Ok(s) => s,
         Err(e) => {
@@ -56,7 +54,10 @@ fn main() {
         log::error!("cannot start the agent server: {e}");
         fatal(is_init);
     }
-    log::info!("kabuto-agent {} serving on {address}", env!("CARGO_PKG_VERSION"));
+    log::info!(
+        "kabuto-agent {} serving on {address}",
+        env!("CARGO_PKG_VERSION")
+    );
     logger::console_line(kabuto_protocol::AGENT_READY_MARKER);
     agent.wait_for_shutdown();
     log::info!("sandbox destroyed, powering off");

@@ -51,8 +51,10 @@ impl PendingStdio {
     pub fn new(terminal: bool, console_socket: &Path) -> Result<Self> {
         if terminal {
             let _ = std::fs::remove_file(console_socket);
-            let listener = UnixListener::bind(console_socket)
-                .map_err(AgentError::io(format!("binding {}", console_socket.display())))?;
+            let listener = UnixListener::bind(console_socket).map_err(AgentError::io(format!(
+                "binding {}",
+                console_socket.display()
+            )))?;
             return Ok(PendingStdio::Terminal {
                 listener,
                 path: console_socket.to_path_buf(),
@@ -153,7 +155,10 @@ fn receive_pty_master(listener: &UnixListener) -> Result<File> {
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(AgentError::sys("receiving the pty master"))?;
-    for c in msg.cmsgs().map_err(AgentError::sys("reading control messages"))? {
+    for c in msg
+        .cmsgs()
+        .map_err(AgentError::sys("reading control messages"))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(fd) = fds.first() {
                 // SAFETY: the kernel just installed this descriptor in our

@@ -104,30 +104,32 @@ impl Agent {
     /// Watches every container's cgroup for OOM kills.
     pub fn start_oom_watch(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
-        let spawned = thread::Builder::new().name("oom-watch".into()).spawn(move || {
-            let mut seen: HashMap<String, u64> = HashMap::new();
-            loop {
-                thread::sleep(OOM_POLL);
-                let Some(agent) = agent.upgrade() else { return };
-                let dirs: Vec<(String, std::path::PathBuf)> = agent
-                    .containers
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .map(|c| (c.id.clone(), c.cgroup_dir()))
-                    .collect();
-                seen.retain(|id, _| dirs.iter().any(|(d, _)| d == id));
-                for (id, dir) in dirs {
-                    let kills = stats::oom_kills(&dir);
-                    let before = seen.insert(id.clone(), kills).unwrap_or(0);
-                    if kills > before {
-                        log::info!("container {id}: OOM kill");
-                        lock(&agent.oom_events).push_back(id);
-                        agent.oom_ready.notify_all();
+        let spawned = thread::Builder::new()
+            .name("oom-watch".into())
+            .spawn(move || {
+                let mut seen: HashMap<String, u64> = HashMap::new();
+                loop {
+                    thread::sleep(OOM_POLL);
+                    let Some(agent) = agent.upgrade() else { return };
+                    let dirs: Vec<(String, std::path::PathBuf)> = agent
+                        .containers
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values()
+                        .map(|c| (c.id.clone(), c.cgroup_dir()))
+                        .collect();
+                    seen.retain(|id, _| dirs.iter().any(|(d, _)| d == id));
+                    for (id, dir) in dirs {
+                        let kills = stats::oom_kills(&dir);
+                        let before = seen.insert(id.clone(), kills).unwrap_or(0);
+                        if kills > before {
+                            log::info!("container {id}: OOM kill");
+                            lock(&agent.oom_events).push_back(id);
+                            agent.oom_ready.notify_all();
+                        }
                     }
                 }
-            }
-        });
+            });
         if let Err(e) = spawned {
             log::error!("cannot start the OOM watcher: {e}");
         }
@@ -360,13 +362,21 @@ macro_rules! rpc {
 impl AgentService for Agent {
     rpc!(create_sandbox, agent::CreateSandboxRequest, agent::Empty);
     rpc!(destroy_sandbox, agent::DestroySandboxRequest, agent::Empty);
-    rpc!(create_container, agent::CreateContainerRequest, agent::Empty);
+    rpc!(
+        create_container,
+        agent::CreateContainerRequest,
+        agent::Empty
+    );
     rpc!(
         start_container,
         agent::StartContainerRequest,
         agent::StartContainerResponse
     );
-    rpc!(remove_container, agent::RemoveContainerRequest, agent::Empty);
+    rpc!(
+        remove_container,
+        agent::RemoveContainerRequest,
+        agent::Empty
+    );
     rpc!(
         exec_process,
         agent::ExecProcessRequest,
@@ -395,7 +405,11 @@ impl AgentService for Agent {
         agent::StatsContainerRequest,
         agent::StatsContainerResponse
     );
-    rpc!(update_container, agent::UpdateContainerRequest, agent::Empty);
+    rpc!(
+        update_container,
+        agent::UpdateContainerRequest,
+        agent::Empty
+    );
     rpc!(get_oom_event, agent::GetOOMEventRequest, agent::OOMEvent);
     rpc!(
         guest_details,

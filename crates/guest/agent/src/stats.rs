@@ -97,8 +97,10 @@ pub fn update(cgroup: &Path, raw: &[u8]) -> Result<()> {
     }
     for (file, value) in writes {
         let path = cgroup.join(file);
-        fs::write(&path, &value)
-            .map_err(AgentError::io(format!("writing {value} to {}", path.display())))?;
+        fs::write(&path, &value).map_err(AgentError::io(format!(
+            "writing {value} to {}",
+            path.display()
+        )))?;
     }
     Ok(())
 }
@@ -118,7 +120,10 @@ mod tests {
     #[test]
     fn reads_cgroup_files() -> std::io::Result<()> {
         let dir = tempdir()?;
-        fs::write(dir.join("cpu.stat"), "usage_usec 10\nuser_usec 7\nsystem_usec 3\n")?;
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 10\nuser_usec 7\nsystem_usec 3\n",
+        )?;
         fs::write(dir.join("memory.current"), "4096\n")?;
         fs::write(dir.join("memory.max"), "max\n")?;
         fs::write(dir.join("memory.events"), "low 0\noom 1\noom_kill 2\n")?;

@@ -87,7 +87,10 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         let previous = read_manifest()?;
         remove_recorded(&previous)?;
     }
-    let guest_dir = args.guest_dir.clone().unwrap_or_else(|| default_guest.to_path_buf());
+    let guest_dir = args
+        .guest_dir
+        .clone()
+        .unwrap_or_else(|| default_guest.to_path_buf());
     for f in ["vmlinux", "initramfs.cpio"] {
         if !guest_dir.join(f).is_file() {
             bail!(
@@ -98,7 +101,10 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
     }
     let shim = exe_dir.join("containerd-shim-kabuto-v2");
     if !shim.is_file() {
-        bail!("{} not found: run cargo build --release first", shim.display());
+        bail!(
+            "{} not found: run cargo build --release first",
+            shim.display()
+        );
     }
     let mut rec = Recorder {
         files: Vec::new(),
@@ -146,7 +152,9 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
     }
     fs::write(MANIFEST, serde_json::to_vec_pretty(&manifest)?)
         .with_context(|| format!("writing {MANIFEST}"))?;
-    println!("kabuto installed; try: ctr run --rm --runtime io.containerd.kabuto.v2 <image> t1 uname -r");
+    println!(
+        "kabuto installed; try: ctr run --rm --runtime io.containerd.kabuto.v2 <image> t1 uname -r"
+    );
     Ok(())
 }
 

@@ -108,13 +108,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Env => {
             let config = Config::load()?;
-            let source = std::env::var(kabuto_runtime::config::CONFIG_PATH_ENV).unwrap_or_else(|_| {
-                if std::path::Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH).exists() {
-                    kabuto_runtime::config::DEFAULT_CONFIG_PATH.into()
-                } else {
-                    "built-in defaults".into()
-                }
-            });
+            let source =
+                std::env::var(kabuto_runtime::config::CONFIG_PATH_ENV).unwrap_or_else(|_| {
+                    if std::path::Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH).exists() {
+                        kabuto_runtime::config::DEFAULT_CONFIG_PATH.into()
+                    } else {
+                        "built-in defaults".into()
+                    }
+                });
             println!("# effective configuration (from {source})");
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())

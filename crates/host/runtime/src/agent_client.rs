@@ -112,7 +112,11 @@ fn connect_hybrid(uds: &Path, port: u32, timeout: Duration) -> Result<OwnedFd, A
     let mut byte = [0u8; 1];
     loop {
         match stream.read(&mut byte) {
-            Ok(0) => return Err(err("closed before answering (is the agent listening?)".into())),
+            Ok(0) => {
+                return Err(err(
+                    "closed before answering (is the agent listening?)".into()
+                ))
+            }
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if reply.len() < 64 => reply.push(byte[0]),
             Ok(_) => return Err(err("handshake reply too long".into())),
@@ -163,10 +167,11 @@ impl AgentClient {
         request_timeout: Duration,
     ) -> Result<Self, AgentClientError> {
         let fd = address.connect(connect_timeout)?;
-        let client = ttrpc::Client::new(fd.into_raw_fd()).map_err(|e| AgentClientError::Connect {
-            transport: address.describe(),
-            reason: e.to_string(),
-        })?;
+        let client =
+            ttrpc::Client::new(fd.into_raw_fd()).map_err(|e| AgentClientError::Connect {
+                transport: address.describe(),
+                reason: e.to_string(),
+            })?;
         Ok(AgentClient {
             agent: AgentServiceClient::new(client.clone()),
             health: HealthClient::new(client),
@@ -208,7 +213,11 @@ impl AgentClient {
     }
 
     pub fn create_container(&self, req: &CreateContainerRequest) -> Result<(), AgentClientError> {
-        rpc("CreateContainer", self.agent.create_container(self.ctx(), req)).map(|_| ())
+        rpc(
+            "CreateContainer",
+            self.agent.create_container(self.ctx(), req),
+        )
+        .map(|_| ())
     }
 
     pub fn start_container(&self, container_id: &str) -> Result<u32, AgentClientError> {
@@ -216,7 +225,11 @@ impl AgentClient {
             container_id: container_id.into(),
             ..Default::default()
         };
-        rpc("StartContainer", self.agent.start_container(self.ctx(), &req)).map(|r| r.pid)
+        rpc(
+            "StartContainer",
+            self.agent.start_container(self.ctx(), &req),
+        )
+        .map(|r| r.pid)
     }
 
     pub fn remove_container(&self, container_id: &str) -> Result<(), AgentClientError> {
@@ -224,7 +237,11 @@ impl AgentClient {
             container_id: container_id.into(),
             ..Default::default()
         };
-        rpc("RemoveContainer", self.agent.remove_container(self.ctx(), &req)).map(|_| ())
+        rpc(
+            "RemoveContainer",
+            self.agent.remove_container(self.ctx(), &req),
+        )
+        .map(|_| ())
     }
 
     pub fn exec_process(&self, req: &ExecProcessRequest) -> Result<u32, AgentClientError> {
@@ -278,9 +295,15 @@ impl AgentClient {
             ..Default::default()
         };
         let result = if stderr {
-            rpc("ReadStderr", self.agent.read_stderr(Self::blocking_ctx(), &req))
+            rpc(
+                "ReadStderr",
+                self.agent.read_stderr(Self::blocking_ctx(), &req),
+            )
         } else {
-            rpc("ReadStdout", self.agent.read_stdout(Self::blocking_ctx(), &req))
+            rpc(
+                "ReadStdout",
+                self.agent.read_stdout(Self::blocking_ctx(), &req),
+            )
         };
         result.map(|r| r.data)
     }
@@ -298,7 +321,11 @@ impl AgentClient {
             ..Default::default()
         };
         // Writing blocks while the container does not read its input.
-        rpc("WriteStdin", self.agent.write_stdin(Self::blocking_ctx(), &req)).map(|r| r.len)
+        rpc(
+            "WriteStdin",
+            self.agent.write_stdin(Self::blocking_ctx(), &req),
+        )
+        .map(|r| r.len)
     }
 
     pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentClientError> {
@@ -343,7 +370,10 @@ impl AgentClient {
             container_id: container_id.into(),
             ..Default::default()
         };
-        rpc("StatsContainer", self.agent.stats_container(self.ctx(), &req))
+        rpc(
+            "StatsContainer",
+            self.agent.stats_container(self.ctx(), &req),
+        )
     }
 
     pub fn update_container(
@@ -356,7 +386,11 @@ impl AgentClient {
             resources: resources_json,
             ..Default::default()
         };
-        rpc("UpdateContainer", self.agent.update_container(self.ctx(), &req)).map(|_| ())
+        rpc(
+            "UpdateContainer",
+            self.agent.update_container(self.ctx(), &req),
+        )
+        .map(|_| ())
     }
 
     /// Blocks until a container in the guest is OOM-killed.
@@ -400,7 +434,9 @@ mod tests {
     use super::*;
 
     /// Plays the vhost-user vsock device's side of the handshake.
-    fn fake_device(reply: &'static str) -> (tempfile::TempDir, PathBuf, thread::JoinHandle<String>) {
+    fn fake_device(
+        reply: &'static str,
+    ) -> (tempfile::TempDir, PathBuf, thread::JoinHandle<String>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("agent.vsock");
         let listener = UnixListener::bind(&path).expect("bind");

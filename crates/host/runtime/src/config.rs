@@ -344,7 +344,12 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = Config::parse("[hypervisor]\nvcpu = 2\n", Path::new("x.toml"))
             .expect_err("typo accepted");
-        let text = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        let text = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
         assert!(text.contains("x.toml") && text.contains("vcpu"), "{text}");
     }
 
@@ -364,8 +369,11 @@ mod tests {
 
     #[test]
     fn partial_file_keeps_other_defaults() {
-        let c = Config::parse("[hypervisor]\nvcpus = 2\naccelerator = \"tcg\"\n", Path::new("p"))
-            .expect("parses");
+        let c = Config::parse(
+            "[hypervisor]\nvcpus = 2\naccelerator = \"tcg\"\n",
+            Path::new("p"),
+        )
+        .expect("parses");
         assert_eq!(c.hypervisor.vcpus, 2);
         assert_eq!(c.hypervisor.accelerator, Accelerator::Tcg);
         assert_eq!(c.hypervisor.memory_mib, 512);

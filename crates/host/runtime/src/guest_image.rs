@@ -23,7 +23,8 @@ use thiserror::Error;
 pub const KERNEL_PIN: KernelPin = KernelPin {
     package: "linux-image-6.1.0-50-cloud-amd64",
     version: "6.1.176-1",
-    pool_path: "pool/main/l/linux-signed-amd64/linux-image-6.1.0-50-cloud-amd64_6.1.176-1_amd64.deb",
+    pool_path:
+        "pool/main/l/linux-signed-amd64/linux-image-6.1.0-50-cloud-amd64_6.1.176-1_amd64.deb",
     sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
     release: "6.1.0-50-cloud-amd64",
 };
@@ -120,7 +121,8 @@ pub struct GuestImage {
 }
 
 pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
-    fs::create_dir_all(&inputs.out_dir).map_err(io_err(format!("mkdir {}", inputs.out_dir.display())))?;
+    fs::create_dir_all(&inputs.out_dir)
+        .map_err(io_err(format!("mkdir {}", inputs.out_dir.display())))?;
     let deb = match &inputs.kernel_deb {
         Some(path) => fs::read(path).map_err(io_err(format!("reading {}", path.display())))?,
         None => fetch_kernel_package(&inputs.out_dir.join("cache"))?,
@@ -233,7 +235,9 @@ fn unpack_deb(deb: &[u8]) -> Result<KernelPackage, GuestImageError> {
         let name = String::from_utf8_lossy(entry.header().identifier()).into_owned();
         if name == "data.tar.xz" {
             let mut buf = Vec::new();
-            entry.read_to_end(&mut buf).map_err(|e| pkg(e.to_string()))?;
+            entry
+                .read_to_end(&mut buf)
+                .map_err(|e| pkg(e.to_string()))?;
             data_tar = Some(buf);
         }
     }
@@ -254,7 +258,9 @@ fn unpack_deb(deb: &[u8]) -> Result<KernelPackage, GuestImageError> {
             continue;
         }
         let mut buf = Vec::new();
-        entry.read_to_end(&mut buf).map_err(|e| pkg(e.to_string()))?;
+        entry
+            .read_to_end(&mut buf)
+            .map_err(|e| pkg(e.to_string()))?;
         if is_module {
             let name = Path::new(&path)
                 .file_stem()
@@ -324,8 +330,12 @@ fn lz4_legacy_decompress(payload: &[u8]) -> Result<Vec<u8>, GuestImageError> {
         return Err(k("LZ4 payload too short".into()));
     }
     let n = payload.len();
-    let expected =
-        u32::from_le_bytes([payload[n - 4], payload[n - 3], payload[n - 2], payload[n - 1]]) as usize;
+    let expected = u32::from_le_bytes([
+        payload[n - 4],
+        payload[n - 3],
+        payload[n - 2],
+        payload[n - 1],
+    ]) as usize;
     let mut out = Vec::with_capacity(expected);
     let mut pos = 0;
     while out.len() < expected && pos + 4 <= n {
@@ -372,7 +382,12 @@ fn module_depends(name: &str, ko: &[u8]) -> Result<Vec<String>, GuestImageError>
     Ok(modinfo
         .split(|b| *b == 0)
         .filter_map(|kv| kv.strip_prefix(b"depends="))
-        .flat_map(|v| String::from_utf8_lossy(v).split(',').map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .filter(|d| !d.is_empty())
         .map(|d| d.replace('-', "_"))
         .collect())
@@ -439,7 +454,10 @@ fn shared_libraries(agent: &Path) -> Result<Vec<PathBuf>, GuestImageError> {
         }
         let path = match line.split("=>").nth(1) {
             Some(rest) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
             libs.insert(PathBuf::from(p));
@@ -486,7 +504,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -494,7 +512,7 @@ impl Cpio {
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         // The kernel reads the archive in 512-byte blocks.
-        while self.out.len() % 512 != 0 {
+        while !self.out.len().is_multiple_of(512) {
             self.out.push(0);
         }
         self.out
@@ -517,7 +535,8 @@ fn initramfs(
     let add_file = |tree: &mut BTreeMap<String, Node>, path: &str, mode: u32, data: Vec<u8>| {
         let mut parent = Path::new(path).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
-            tree.entry(p.to_string_lossy().into_owned()).or_insert(Node::Dir);
+            tree.entry(p.to_string_lossy().into_owned())
+                .or_insert(Node::Dir);
             parent = p.parent();
         }
         tree.insert(path.to_string(), Node::File { mode, data });
@@ -547,9 +566,7 @@ fn initramfs(
         match node {
             Node::Dir => cpio.entry(path, 0o040755, (0, 0), &[]),
             Node::File { mode, data } => cpio.entry(path, 0o100000 | mode, (0, 0), data),
-            Node::CharDev { major, minor } => {
-                cpio.entry(path, 0o020600, (*major, *minor), &[])
-            }
+            Node::CharDev { major, minor } => cpio.entry(path, 0o020600, (*major, *minor), &[]),
         }
     }
     Ok(cpio.finish())
@@ -572,18 +589,32 @@ mod tests {
     #[test]
     fn cpio_is_deterministic_and_well_formed() {
         let build = || {
-            initramfs(b"agent", &[], &[("virtio".into(), b"ko".to_vec())], "6.1.0-x")
-                .expect("initramfs")
+            initramfs(
+                b"agent",
+                &[],
+                &[("virtio".into(), b"ko".to_vec())],
+                "6.1.0-x",
+            )
+            .expect("initramfs")
         };
         let a = build();
         assert_eq!(a, build(), "same inputs, same bytes");
         assert_eq!(a.len() % 512, 0);
         assert!(a.starts_with(b"070701"));
         let text = String::from_utf8_lossy(&a);
-        for name in ["init\0", "dev/console\0", "etc/kabuto/modules\0", "lib/modules/6.1.0-x/virtio.ko\0", "TRAILER!!!\0"] {
+        for name in [
+            "init\0",
+            "dev/console\0",
+            "etc/kabuto/modules\0",
+            "lib/modules/6.1.0-x/virtio.ko\0",
+            "TRAILER!!!\0",
+        ] {
             assert!(text.contains(name), "missing {name}");
         }
-        assert!(text.contains("/lib/modules/6.1.0-x/virtio.ko\n"), "module list");
+        assert!(
+            text.contains("/lib/modules/6.1.0-x/virtio.ko\n"),
+            "module list"
+        );
     }
 
     #[test]
@@ -594,7 +625,9 @@ mod tests {
 
     #[test]
     fn lz4_legacy_round_trip() {
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let block = lz4_flex::block::compress(&data);
         let mut payload = 0x184C_2102u32.to_le_bytes().to_vec();
         payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
@@ -616,6 +649,9 @@ mod tests {
             reason: "404 Not Found".into(),
         };
         let text = e.to_string();
-        assert!(text.contains("KERNEL_PIN") && text.contains("apt-cache show"), "{text}");
+        assert!(
+            text.contains("KERNEL_PIN") && text.contains("apt-cache show"),
+            "{text}"
+        );
     }
 }

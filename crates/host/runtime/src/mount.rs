@@ -89,12 +89,22 @@ pub fn mount_rootfs(mounts: &[MountSpec], target: &Path) -> Result<(), MountErro
     for m in mounts {
         let (flags, data) = parse_options(&m.options);
         if flags.contains(MsFlags::MS_BIND) {
-            bind(Path::new(&m.source), target, flags.contains(MsFlags::MS_RDONLY))?;
+            bind(
+                Path::new(&m.source),
+                target,
+                flags.contains(MsFlags::MS_RDONLY),
+            )?;
             continue;
         }
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(m.source.as_str()), target, Some(m.fstype.as_str()), flags, data)
-            .map_err(mount_err(&m.fstype, &m.source, target))?;
+        mount(
+            Some(m.source.as_str()),
+            target,
+            Some(m.fstype.as_str()),
+            flags,
+            data,
+        )
+        .map_err(mount_err(&m.fstype, &m.source, target))?;
     }
     Ok(())
 }
@@ -149,14 +159,8 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), MountErr
 /// made under it later also appear in the virtio-fs daemon's namespace.
 pub fn make_shared(dir: &Path) -> Result<(), MountError> {
     let d = dir.display().to_string();
-    mount(
-        Some(dir),
-        dir,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(mount_err("bind", &d, dir))?;
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(mount_err("bind", &d, dir))?;
     mount(
         None::<&str>,
         dir,

@@ -116,7 +116,10 @@ fn find_program(program: &Path) -> PathBuf {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/local/bin"), PathBuf::from("/root/.cargo/bin")])
+        .chain([
+            PathBuf::from("/usr/local/bin"),
+            PathBuf::from("/root/.cargo/bin"),
+        ])
         .map(|d| d.join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| program.to_path_buf())
@@ -127,19 +130,16 @@ impl Sandbox {
     pub fn create(config: &Config, id: &str, hostname: &str) -> Result<Sandbox, SandboxError> {
         let fail = |stage: &'static str| {
             let id = id.to_string();
-            move |reason: String| SandboxError {
-                id,
-                stage,
-                reason,
-            }
+            move |reason: String| SandboxError { id, stage, reason }
         };
         let dir = sandbox_dir(config, id);
         if dir.exists() {
             log::warn!("removing stale state of sandbox {id} at {}", dir.display());
             cleanup_stale(&dir);
         }
-        fs::create_dir_all(&dir)
-            .map_err(|e| fail("preparing the state directory")(format!("{}: {e}", dir.display())))?;
+        fs::create_dir_all(&dir).map_err(|e| {
+            fail("preparing the state directory")(format!("{}: {e}", dir.display()))
+        })?;
         let mut partial = Partial {
             armed: true,
             dir: dir.clone(),
@@ -171,8 +171,12 @@ impl Sandbox {
         )
         .map_err(fail("starting virtiofsd"))?;
         partial.helpers.push(virtiofsd);
-        wait_for_socket(&fs_socket, partial.helpers.last_mut(), &dir.join("virtiofsd.log"))
-            .map_err(fail("starting virtiofsd"))?;
+        wait_for_socket(
+            &fs_socket,
+            partial.helpers.last_mut(),
+            &dir.join("virtiofsd.log"),
+        )
+        .map_err(fail("starting virtiofsd"))?;
 
         // vsock device and the address of the agent behind it.
         let use_kernel_vsock = match config.agent.channel {

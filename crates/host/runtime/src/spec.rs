@@ -89,7 +89,11 @@ fn is_bind(options: &Option<Vec<String>>) -> bool {
 /// Rewrites `host` for the guest. `container_id` names the container's
 /// subdirectory of the shared directory, which the guest sees at
 /// `guest_shared_dir`.
-pub fn to_guest(host: &Spec, container_id: &str, guest_shared_dir: &Path) -> Result<GuestSpec, SpecError> {
+pub fn to_guest(
+    host: &Spec,
+    container_id: &str,
+    guest_shared_dir: &Path,
+) -> Result<GuestSpec, SpecError> {
     validate(host)?;
     let mut spec = host.clone();
     let mut dropped = Vec::new();
@@ -102,7 +106,9 @@ pub fn to_guest(host: &Spec, container_id: &str, guest_shared_dir: &Path) -> Res
     let mut binds = Vec::new();
     if let Some(mounts) = spec.mounts_mut() {
         for (index, m) in mounts.iter_mut().enumerate() {
-            let Some(source) = m.source().clone() else { continue };
+            let Some(source) = m.source().clone() else {
+                continue;
+            };
             if !is_bind(m.options()) {
                 continue;
             }
@@ -206,7 +212,12 @@ mod tests {
         assert!(g.spec.hooks().is_none());
         let process = g.spec.process().as_ref().expect("process");
         assert!(process.apparmor_profile().is_none());
-        let namespaces = g.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).expect("ns");
+        let namespaces = g
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .expect("ns");
         assert!(namespaces.iter().all(|n| n.path().is_none()));
         assert_eq!(g.dropped.len(), 3, "{:?}", g.dropped);
     }

@@ -32,9 +32,12 @@ impl EventSender {
             .name("events".into())
             .spawn(move || {
                 for event in rx {
-                    if let Err(e) =
-                        publisher.publish(Context::default(), event.topic, &namespace, event.message)
-                    {
+                    if let Err(e) = publisher.publish(
+                        Context::default(),
+                        event.topic,
+                        &namespace,
+                        event.message,
+                    ) {
                         log::warn!("publishing {}: {e}", event.topic);
                     }
                 }

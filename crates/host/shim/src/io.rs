@@ -33,12 +33,14 @@ impl OutputCopiers {
     pub fn join(self, limit: Duration) {
         let (tx, rx) = mpsc::channel();
         let handles = self.handles;
-        let _ = thread::Builder::new().name("io-join".into()).spawn(move || {
-            for h in handles {
-                let _ = h.join();
-            }
-            let _ = tx.send(());
-        });
+        let _ = thread::Builder::new()
+            .name("io-join".into())
+            .spawn(move || {
+                for h in handles {
+                    let _ = h.join();
+                }
+                let _ = tx.send(());
+            });
         if rx.recv_timeout(limit).is_err() {
             log::warn!("output still open {limit:?} after the process exited; not waiting longer");
         }
@@ -71,7 +73,9 @@ pub fn start(
         let agent = agent.clone();
         let (cid, eid) = (container_id.to_string(), exec_id.to_string());
         let name = format!("{}-{cid}", if is_stderr { "stderr" } else { "stdout" });
-        if let Some(h) = spawn(name, move || copy_output(&agent, &cid, &eid, is_stderr, path.into())) {
+        if let Some(h) = spawn(name, move || {
+            copy_output(&agent, &cid, &eid, is_stderr, path.into())
+        }) {
             handles.push(h);
         }
     }
@@ -79,7 +83,9 @@ pub fn start(
         let agent = agent.clone();
         let (cid, eid) = (container_id.to_string(), exec_id.to_string());
         let path = PathBuf::from(&paths.stdin);
-        let _ = spawn(format!("stdin-{cid}"), move || copy_input(&agent, &cid, &eid, path));
+        let _ = spawn(format!("stdin-{cid}"), move || {
+            copy_input(&agent, &cid, &eid, path)
+        });
     }
     OutputCopiers { handles }
 }

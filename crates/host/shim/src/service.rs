@@ -19,14 +19,15 @@ use containerd_shim::{
         events::task::{
             TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
         },
-        protobuf::{well_known_types::any::Any, well_known_types::timestamp::Timestamp, MessageField},
+        protobuf::{
+            well_known_types::any::Any, well_known_types::timestamp::Timestamp, MessageField,
+        },
         topics,
         ttrpc::{self, Code},
         types::task::ProcessInfo,
     },
     synchronous::publisher::RemotePublisher,
-    Config as ShimConfig, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext,
-    TtrpcResult,
+    Config as ShimConfig, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
 use kabuto_protocol::{agent::ExecProcessRequest, cri, GUEST_SHARED_DIR};
 use kabuto_runtime::{
@@ -137,10 +138,12 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        lock(&self.execs)
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {} not found", self.id)))
+        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| {
+            err(
+                Code::NOT_FOUND,
+                format!("exec {exec_id} of {} not found", self.id),
+            )
+        })
     }
 }
 
@@ -229,7 +232,11 @@ impl Service {
             .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))
     }
 
-    fn publish(&self, topic: &'static str, message: Box<dyn containerd_shim::protos::protobuf::MessageDyn>) {
+    fn publish(
+        &self,
+        topic: &'static str,
+        message: Box<dyn containerd_shim::protos::protobuf::MessageDyn>,
+    ) {
         lock(&self.inner.events).send(topic, message);
     }
 
@@ -283,21 +290,23 @@ impl Service {
         });
         let service = self.clone();
         let weak = Arc::downgrade(sandbox);
-        let _ = thread::Builder::new().name("vm-watch".into()).spawn(move || loop {
-            thread::sleep(Duration::from_millis(200));
-            let Some(sb) = weak.upgrade() else { return };
-            if let Some(status) = sb.vm_exited() {
-                let owned = lock(&service.inner.state)
-                    .sandbox
-                    .as_ref()
-                    .is_some_and(|s| Arc::ptr_eq(s, &sb));
-                if owned {
-                    log::error!("sandbox {}: the VM exited unexpectedly ({status})", sb.id);
-                    service.vm_gone(&sb);
+        let _ = thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || loop {
+                thread::sleep(Duration::from_millis(200));
+                let Some(sb) = weak.upgrade() else { return };
+                if let Some(status) = sb.vm_exited() {
+                    let owned = lock(&service.inner.state)
+                        .sandbox
+                        .as_ref()
+                        .is_some_and(|s| Arc::ptr_eq(s, &sb));
+                    if owned {
+                        log::error!("sandbox {}: the VM exited unexpectedly ({status})", sb.id);
+                        service.vm_gone(&sb);
+                    }
+                    return;
                 }
-                return;
-            }
-        });
+            });
     }
 
     /// Reports every process of a dead VM as exited.
@@ -397,20 +406,31 @@ impl Service {
 
     fn do_create(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
         if !req.checkpoint.is_empty() {
-            return Err(err(Code::UNIMPLEMENTED, "kabuto cannot restore checkpoints"));
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "kabuto cannot restore checkpoints",
+            ));
         }
         if lock(&self.inner.state).containers.contains_key(&req.id) {
-            return Err(err(Code::ALREADY_EXISTS, format!("container {} exists", req.id)));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {} exists", req.id),
+            ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let host_spec = spec::load(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let host_spec =
+            spec::load(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let guest = spec::to_guest(&host_spec, &req.id, Path::new(GUEST_SHARED_DIR))
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         for d in &guest.dropped {
             log::info!("container {}: not applied in the guest: {d}", req.id);
         }
-        let oci_spec = serde_json::to_vec(&guest.spec)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("encoding the guest spec: {e}")))?;
+        let oci_spec = serde_json::to_vec(&guest.spec).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("encoding the guest spec: {e}"),
+            )
+        })?;
 
         // Without mounts (ctr run --rootfs), the spec's root is the rootfs.
         let spec_root = host_spec
@@ -421,10 +441,15 @@ impl Service {
         if req.rootfs.is_empty() && !spec_root.is_dir() {
             return Err(err(
                 Code::INVALID_ARGUMENT,
-                format!("container {} rootfs {} is not a directory", req.id, spec_root.display()),
+                format!(
+                    "container {} rootfs {} is not a directory",
+                    req.id,
+                    spec_root.display()
+                ),
             ));
         }
-        let (sandbox, owns, pod_id) = self.sandbox_for(&req.id, &host_spec, req.options.as_ref())?;
+        let (sandbox, owns, pod_id) =
+            self.sandbox_for(&req.id, &host_spec, req.options.as_ref())?;
         let rollback = |sandbox: &Arc<Sandbox>| {
             log::warn!(
                 "container {} failed; guest console:\n{}",
@@ -448,7 +473,10 @@ impl Service {
             .collect();
         if let Err(e) = sandbox.share_container(&req.id, &rootfs, &spec_root, &guest.binds) {
             rollback(&sandbox);
-            return Err(err(Code::INVALID_ARGUMENT, format!("container {} rootfs: {e}", req.id)));
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("container {} rootfs: {e}", req.id),
+            ));
         }
         let create = kabuto_protocol::agent::CreateContainerRequest {
             container_id: req.id.clone(),
@@ -561,7 +589,9 @@ impl containerd_shim::Shim for Service {
                     let _ = kabuto_runtime::mount::unmount_all_under(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                 }
-                None if !id.is_empty() => sandbox::cleanup_stale(&sandbox::sandbox_dir(&config, &id)),
+                None if !id.is_empty() => {
+                    sandbox::cleanup_stale(&sandbox::sandbox_dir(&config, &id))
+                }
                 None => {}
             }
         }
@@ -588,7 +618,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        let pid = self.do_create(&req).inspect_err(|e| log::error!("create {}: {e}", req.id))?;
+        let pid = self
+            .do_create(&req)
+            .inspect_err(|e| log::error!("create {}: {e}", req.id))?;
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -612,11 +644,18 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if lock(&p.state).status != Status::Created {
-            return Err(err(Code::FAILED_PRECONDITION, format!("{}/{} was already started", req.id, req.exec_id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{}/{} was already started", req.id, req.exec_id),
+            ));
         }
         let agent = c.sandbox.agent().clone();
         let pid = lock(&p.state).pid;
@@ -661,17 +700,29 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let (status, pid, exit_status, exited_at) = {
             let s = lock(&p.state);
-            (s.status, s.pid, s.exit_status, s.exited_at.clone().unwrap_or_else(now))
+            (
+                s.status,
+                s.pid,
+                s.exit_status,
+                s.exited_at.clone().unwrap_or_else(now),
+            )
         };
         if status == Status::Running {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("{}/{} is running; kill it before deleting", req.id, req.exec_id),
+                format!(
+                    "{}/{} is running; kill it before deleting",
+                    req.id, req.exec_id
+                ),
             ));
         }
         if !req.exec_id.is_empty() {
@@ -715,7 +766,11 @@ impl containerd_shim::Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let c = self.container(&req.id)?;
-        let pids = c.sandbox.agent().list_processes(&req.id).map_err(agent_error)?;
+        let pids = c
+            .sandbox
+            .agent()
+            .list_processes(&req.id)
+            .map_err(agent_error)?;
         Ok(api::PidsResponse {
             processes: pids
                 .into_iter()
@@ -732,7 +787,10 @@ impl containerd_shim::Task for Service {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if lock(&p.state).status == Status::Stopped {
-            return Err(err(Code::NOT_FOUND, format!("{}/{}: process already finished", req.id, req.exec_id)));
+            return Err(err(
+                Code::NOT_FOUND,
+                format!("{}/{}: process already finished", req.id, req.exec_id),
+            ));
         }
         c.sandbox
             .agent()
@@ -744,7 +802,10 @@ impl containerd_shim::Task for Service {
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         if lock(&c.init.state).status != Status::Running {
-            return Err(err(Code::FAILED_PRECONDITION, format!("container {} is not running", req.id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
         }
         let spec = req
             .spec
@@ -755,7 +816,10 @@ impl containerd_shim::Task for Service {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
         let mut execs = lock(&c.execs);
         if execs.contains_key(&req.exec_id) {
-            return Err(err(Code::ALREADY_EXISTS, format!("exec {} exists", req.exec_id)));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("exec {} exists", req.exec_id),
+            ));
         }
         let mut p = Process::new(
             &req.id,
@@ -782,7 +846,11 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         c.process(&req.exec_id)?;
         c.sandbox
@@ -800,7 +868,11 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let s = lock(&p.state);
@@ -836,9 +908,17 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let c = self.container(&req.id)?;
-        let s = c.sandbox.agent().stats_container(&req.id).map_err(agent_error)?;
+        let s = c
+            .sandbox
+            .agent()
+            .stats_container(&req.id)
+            .map_err(agent_error)?;
         let metrics = cg2::Metrics {
             pids: MessageField::some(cg2::PidsStat {
                 current: s.pids_current,
@@ -888,7 +968,11 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
         let task_pid = self
             .container(&req.id)
             .map(|c| c.sandbox.vm_pid())
@@ -933,7 +1017,10 @@ mod tests {
     fn reads_config_path_from_runtime_options() {
         let any = options(
             "runtimeoptions.v1.Options",
-            &[(1, "io.containerd.kabuto.v2"), (2, "/etc/kabuto/other.toml")],
+            &[
+                (1, "io.containerd.kabuto.v2"),
+                (2, "/etc/kabuto/other.toml"),
+            ],
         );
         assert_eq!(
             runtime_options_config_path(&any).as_deref(),
@@ -950,11 +1037,17 @@ mod tests {
         let spec = |pairs: &[(&str, &str)]| {
             let mut s = oci_spec::runtime::Spec::default();
             s.set_annotations(Some(
-                pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             ));
             s
         };
-        let member = spec(&[(cri::CONTAINER_TYPE, "container"), (cri::SANDBOX_ID, "pod1")]);
+        let member = spec(&[
+            (cri::CONTAINER_TYPE, "container"),
+            (cri::SANDBOX_ID, "pod1"),
+        ]);
         assert_eq!(pod_of(&member).as_deref(), Some("pod1"));
         let sandbox = spec(&[(cri::CONTAINER_TYPE, "sandbox"), (cri::SANDBOX_ID, "pod1")]);
         assert_eq!(pod_of(&sandbox), None);

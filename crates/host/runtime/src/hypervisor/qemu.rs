@@ -114,9 +114,15 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
         "-append".into(),
         params.join(" "),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp_socket(&spec.dir).display()),
+        format!(
+            "unix:{},server=on,wait=off",
+            qmp_socket(&spec.dir).display()
+        ),
         "-chardev".into(),
-        format!("socket,id=shared-fs,path={}", spec.shared_fs_socket.display()),
+        format!(
+            "socket,id=shared-fs,path={}",
+            spec.shared_fs_socket.display()
+        ),
         "-device".into(),
         format!(
             "{},chardev=shared-fs,tag={}",
@@ -219,7 +225,10 @@ impl Vm for QemuVm {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        log::warn!("qemu {} did not quit within {grace:?}; killing it", self.child.id());
+        log::warn!(
+            "qemu {} did not quit within {grace:?}; killing it",
+            self.child.id()
+        );
         let _ = self.child.kill();
         self.child.wait().map_err(HypervisorError::Wait)
     }
@@ -293,7 +302,11 @@ mod tests {
         let vsock = VsockBackend::VhostUser {
             socket: PathBuf::from("/s/vsock.sock"),
         };
-        let args = command_line(MachineType::Microvm, &spec(Accel::Tcg, vsock), Some(2_445_428));
+        let args = command_line(
+            MachineType::Microvm,
+            &spec(Accel::Tcg, vsock),
+            Some(2_445_428),
+        );
         assert_eq!(arg_after(&args, "-accel"), ["tcg"]);
         assert_eq!(arg_after(&args, "-cpu"), ["max"]);
         assert_eq!(arg_after(&args, "-smp"), ["2"]);
@@ -302,7 +315,10 @@ mod tests {
         assert!(arg_after(&args, "-object")[0].contains("share=on"));
         let append = arg_after(&args, "-append")[0];
         assert!(append.contains("tsc_early_khz=2445428"), "{append}");
-        assert!(append.ends_with("kabuto.log=debug"), "user params come last: {append}");
+        assert!(
+            append.ends_with("kabuto.log=debug"),
+            "user params come last: {append}"
+        );
         let devices = arg_after(&args, "-device");
         assert!(devices.contains(&"vhost-user-vsock-device,chardev=vsock"));
         assert!(devices.contains(&"vhost-user-fs-device,chardev=shared-fs,tag=kabuto"));
@@ -319,7 +335,10 @@ mod tests {
         assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
         assert_eq!(arg_after(&args, "-cpu"), ["host"]);
         let append = arg_after(&args, "-append")[0];
-        assert!(!append.contains("tsc_early_khz"), "KVM needs no TSC hint: {append}");
+        assert!(
+            !append.contains("tsc_early_khz"),
+            "KVM needs no TSC hint: {append}"
+        );
         let devices = arg_after(&args, "-device");
         assert!(devices.contains(&"vhost-vsock-pci,guest-cid=7"));
         assert!(devices.contains(&"vhost-user-fs-pci,chardev=shared-fs,tag=kabuto"));
