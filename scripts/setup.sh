@@ -29,3 +29,6 @@ cargo build --release --workspace --bins
 
 echo "== building the guest image"
 target/release/kabuto guest build
+# A debug image (with a shell for `kabuto exec`) for the debug-console tests.
+target/release/kabuto guest build --debug-console --out target/guest-debug \
+  --kernel-deb "$(ls target/guest/cache/linux-image-*.deb | head -1)" > /dev/null

@@ -64,6 +64,8 @@ pub struct Containerd {
 #[derive(Default)]
 pub struct Options {
     pub kabuto_config: String,
+    /// Guest image directory (default: `KABUTO_E2E_GUEST_DIR`).
+    pub guest_dir: Option<PathBuf>,
 }
 
 impl Containerd {
@@ -94,7 +96,7 @@ impl Containerd {
             format!(
                 "[guest]\nkernel = \"{g}/vmlinux\"\ninitramfs = \"{g}/initramfs.cpio\"\n\
                  [runtime]\nstate_dir = \"{d}/kabuto\"\nlog_level = \"debug\"\n{extra}",
-                g = p.guest_dir.display(),
+                g = options.guest_dir.as_ref().unwrap_or(&p.guest_dir).display(),
                 d = d.display(),
                 extra = options.kabuto_config
             ),
@@ -139,6 +141,10 @@ impl Containerd {
             String::from_utf8_lossy(&out.stderr)
         );
         c
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("kabuto.toml")
     }
 
     pub fn socket(&self) -> PathBuf {

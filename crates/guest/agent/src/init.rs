@@ -130,6 +130,8 @@ fn enable_cgroup_controllers() -> std::io::Result<()> {
 /// the initramfs (its libraries, the modules) is loaded by now.
 pub fn switch_root() -> Result<(), String> {
     const NEW_ROOT: &str = "/newroot";
+    // The debug image's shell is the one file kept (see debug_console).
+    let debug_shell = fs::read(crate::debug_console::DEBUG_SHELL).ok();
     for entry in fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
         let path = entry.map_err(|e| e.to_string())?.path();
         let _ = if path.is_dir() && !path.is_symlink() {
@@ -152,6 +154,16 @@ pub fn switch_root() -> Result<(), String> {
         .map_err(|e| format!("moving {NEW_ROOT} to /: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    if let Some(shell) = debug_shell {
+        use std::os::unix::fs::PermissionsExt;
+        let path = Path::new(crate::debug_console::DEBUG_SHELL);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        }
+        fs::write(path, shell).map_err(|e| format!("restoring the debug shell: {e}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod the debug shell: {e}"))?;
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! libcontainer. Every request goes through [`service::Agent::dispatch`].
 
 mod containers;
+mod debug_console;
 mod error;
 mod init;
 mod logger;
@@ -29,6 +30,9 @@ fn main() {
         }
         logger::set_level_from_cmdline();
         init::mount_shared_dir();
+        if debug_console::enabled() {
+            debug_console::start();
+        }
     }
     let reaper = reaper::Reaper::start();
     let agent = Arc::new(service::Agent::new(reaper, loaded_modules));

@@ -3,6 +3,7 @@
 //! 2 on bad usage.
 
 mod check;
+mod exec;
 mod install;
 
 use std::path::PathBuf;
@@ -53,6 +54,10 @@ enum GuestCommand {
         /// Use this kernel .deb instead of downloading it (must match the pin).
         #[arg(long)]
         kernel_deb: Option<PathBuf>,
+        /// Add a static busybox for the debug console (`kabuto exec`). Makes a
+        /// debug image: never use it for confidential pods.
+        #[arg(long)]
+        debug_console: bool,
     },
 }
 
@@ -79,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                     agent,
                     kernel_deb,
+                    debug_console,
                 },
         } => {
             let inputs = guest_image::BuildInputs {
@@ -91,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     None => default_guest_out()?,
                 },
                 kernel_deb,
+                debug_shell: debug_console.then(|| PathBuf::from("/bin/busybox")),
             };
             let image = guest_image::build(&inputs)?;
             guest_image::describe(&image, std::io::stdout())?;
@@ -128,9 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      enable it and restart pod {pod} to use `kabuto exec`"
                 );
             }
-            anyhow::bail!(
-                "`kabuto exec` is not implemented yet: the guest image has no debug shell"
-            )
+            exec::run(&config, &pod)
         }
     }
 }

@@ -106,6 +106,9 @@ pub struct BuildInputs {
     pub out_dir: PathBuf,
     /// Use this .deb instead of downloading (it must still match the pin).
     pub kernel_deb: Option<PathBuf>,
+    /// A static shell to add at /debug/busybox for the debug console. A
+    /// debug image: never use it for confidential pods.
+    pub debug_shell: Option<PathBuf>,
 }
 
 /// What `build` made.
@@ -118,6 +121,8 @@ pub struct GuestImage {
     pub kernel_package: String,
     pub kernel_release: String,
     pub modules: Vec<String>,
+    /// True when the image carries the debug console's shell.
+    pub debug_console: bool,
 }
 
 pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
@@ -144,7 +149,19 @@ pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
         reason: format!("{e} (build it first: cargo build --release)"),
     })?;
     let libs = shared_libraries(&inputs.agent)?;
-    let initramfs = initramfs(&agent, &libs, &modules, &package.release)?;
+    let debug_shell = match &inputs.debug_shell {
+        Some(path) => {
+            if !shared_libraries(path)?.is_empty() {
+                return Err(GuestImageError::Agent {
+                    path: path.clone(),
+                    reason: "the debug shell must be statically linked (busybox-static)".into(),
+                });
+            }
+            Some(fs::read(path).map_err(io_err(format!("reading {}", path.display())))?)
+        }
+        None => None,
+    };
+    let initramfs = initramfs(&agent, &libs, &modules, &package.release, debug_shell)?;
 
     let kernel_path = inputs.out_dir.join("vmlinux");
     let initramfs_path = inputs.out_dir.join("initramfs.cpio");
@@ -158,6 +175,7 @@ pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
         kernel_package: format!("{} {}", KERNEL_PIN.package, KERNEL_PIN.version),
         kernel_release: package.release,
         modules: modules.iter().map(|(name, _)| name.clone()).collect(),
+        debug_console: inputs.debug_shell.is_some(),
     };
     let manifest = serde_json::to_vec_pretty(&image).map_err(|e| GuestImageError::Io {
         context: "writing manifest.json".into(),
@@ -530,6 +548,7 @@ fn initramfs(
     libs: &[PathBuf],
     modules: &[(String, Vec<u8>)],
     release: &str,
+    debug_shell: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, GuestImageError> {
     let mut tree: BTreeMap<String, Node> = BTreeMap::new();
     let add_file = |tree: &mut BTreeMap<String, Node>, path: &str, mode: u32, data: Vec<u8>| {
@@ -554,6 +573,9 @@ fn initramfs(
         add_file(&mut tree, &rel, 0o644, ko.clone());
     }
     add_file(&mut tree, "etc/kabuto/modules", 0o644, list.into_bytes());
+    if let Some(shell) = debug_shell {
+        add_file(&mut tree, "debug/busybox", 0o755, shell);
+    }
     for dir in ["dev", "proc", "sys", "run", "tmp", "root"] {
         tree.insert(dir.to_string(), Node::Dir);
     }
@@ -579,7 +601,14 @@ pub fn describe(image: &GuestImage, mut w: impl Write) -> std::io::Result<()> {
     writeln!(w, "  sha256        {}", image.kernel_sha256)?;
     writeln!(w, "initramfs       {}", image.initramfs.display())?;
     writeln!(w, "  sha256        {}", image.initramfs_sha256)?;
-    writeln!(w, "modules         {}", image.modules.join(" "))
+    writeln!(w, "modules         {}", image.modules.join(" "))?;
+    if image.debug_console {
+        writeln!(
+            w,
+            "debug console   yes (a debug image: not for confidential pods)"
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

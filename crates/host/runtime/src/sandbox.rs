@@ -53,6 +53,22 @@ pub struct Sandbox {
     pub accel: Accel,
 }
 
+/// vsock port of the guest's debug console (see `kabuto exec`).
+pub const DEBUG_CONSOLE_PORT: u32 = 1026;
+
+/// Where the host reaches `port` of a running sandbox's guest.
+pub fn guest_address(config: &Config, id: &str, port: u32) -> AgentAddress {
+    let uds = sandbox_dir(config, id).join("agent.vsock");
+    if uds.exists() {
+        AgentAddress::HybridVsock { uds, port }
+    } else {
+        AgentAddress::Vsock {
+            cid: guest_cid(id),
+            port,
+        }
+    }
+}
+
 /// Directory holding a sandbox's sockets, logs and shared directory.
 pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
     config.runtime.state_dir.join("sandboxes").join(id)
@@ -226,6 +242,10 @@ impl Sandbox {
         let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);
         log::info!("sandbox {id}: accelerator {why}");
         let mut kernel_params = vec![format!("kabuto.log={}", config.runtime.agent_log_level)];
+        if config.hypervisor.debug_console {
+            log::warn!("sandbox {id}: debug console enabled (kabuto exec {id})");
+            kernel_params.push("kabuto.debug_console=1".into());
+        }
         kernel_params.extend(
             config
                 .hypervisor
@@ -499,7 +519,7 @@ fn wait_for_agent(
 
 /// A context id for kernel vhost-vsock, derived from the sandbox id so that
 /// concurrent sandboxes rarely collide (QEMU refuses a CID in use).
-fn guest_cid(id: &str) -> u32 {
+pub fn guest_cid(id: &str) -> u32 {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(id.as_bytes());
     let n = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);

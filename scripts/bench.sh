@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, measured
+# in the same run; prints a Markdown table for docs/benchmarks.md.
+# Usage: scripts/bench.sh [--runs N] [--max-pods N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >&2
+export PATH="$HOME/.cargo/bin:$PATH"
+export KABUTO_E2E_BIN_DIR="$PWD/target/release"
+export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
+target/release/kabuto-bench "$@"

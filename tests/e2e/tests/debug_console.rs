@@ -1,0 +1,96 @@
+//! `kabuto exec <pod>`: the debug shell, only when the config enables it.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use kabuto_e2e::{
+    guest_kernel_release, paths, stderr, stdout, Containerd, Options, IMAGE, RUNTIME,
+};
+
+fn kabuto_exec(c: &Containerd, pod: &str, input: &str) -> std::process::Output {
+    let mut child = Command::new(paths().bin_dir.join("kabuto"))
+        .args(["exec", pod])
+        .env("KABUTO_CONFIG_PATH", c.config_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kabuto exec");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn debug_shell_when_enabled() {
+    let debug_guest = paths().guest_dir.with_file_name("guest-debug");
+    let c = Containerd::start_with(Options {
+        kabuto_config: "[hypervisor]\ndebug_console = true\n".into(),
+        guest_dir: Some(debug_guest),
+    });
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "dbg",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kabuto_exec(&c, "dbg", "uname -r\nexit\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&guest_kernel_release()),
+        "{}",
+        stdout(&out)
+    );
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "dbg"])
+        .status
+        .success());
+    assert!(c.eventually(std::time::Duration::from_secs(20), || c
+        .ctr(&["task", "delete", "dbg"])
+        .status
+        .success()));
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn no_debug_shell_by_default() {
+    let c = Containerd::start();
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "nodbg",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kabuto_exec(&c, "nodbg", "uname -r\nexit\n");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("debug console is off"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "nodbg"])
+        .status
+        .success());
+    assert!(c.eventually(std::time::Duration::from_secs(20), || c
+        .ctr(&["task", "delete", "nodbg"])
+        .status
+        .success()));
+}
