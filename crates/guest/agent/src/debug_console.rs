@@ -53,8 +53,8 @@ pub fn start() {
         .name("debug-console".into())
         .spawn(move || loop {
             match accept(listener.as_raw_fd()) {
-                // SAFETY: accept(2) returned a new descriptor that we now own.
                 Ok(fd) => {
+                    // SAFETY: accept(2) returned a new descriptor that we now own.
                     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
                     let _ = thread::Builder::new()
                         .name("debug-shell".into())
