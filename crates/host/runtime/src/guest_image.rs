@@ -623,6 +623,7 @@ mod tests {
                 &[],
                 &[("virtio".into(), b"ko".to_vec())],
                 "6.1.0-x",
+                None,
             )
             .expect("initramfs")
         };
