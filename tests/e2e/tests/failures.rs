@@ -95,6 +95,7 @@ fn agent_that_never_answers_fails_create_within_the_timeout() {
     let initramfs = silent_initramfs(probe.path());
     let c = Containerd::start_with(Options {
         kabuto_config: "[agent]\nboot_timeout_secs = 8\n".into(),
+        ..Default::default()
     });
     // Point the guest at the silent initramfs.
     let config = c.dir.path().join("kabuto.toml");
@@ -128,6 +129,7 @@ fn vm_that_dies_during_boot_is_reported() {
     let c = Containerd::start_with(Options {
         // No such init: the kernel panics, QEMU exits (-no-reboot).
         kabuto_config: "[hypervisor]\nkernel_params = \"rdinit=/no/such/init\"\n".into(),
+        ..Default::default()
     });
     let out = c.run("dies", &[], &["true"]);
     assert!(!out.status.success());
