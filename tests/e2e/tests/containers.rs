@@ -137,6 +137,12 @@ fn detached_task_exec_ps_metrics_kill_delete() {
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from-exec\n");
+    // An exec id can be used again once its process is gone.
+    for _ in 0..2 {
+        let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "echo", "again"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "again\n");
+    }
 
     let out = c.ctr(&["task", "ps", "bg"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -219,7 +219,7 @@ impl Runtime {
             id: id.to_string(),
             sandbox_id: sandbox_id.to_string(),
             bundle: bundle.to_path_buf(),
-            init: Arc::new(Process { pid, stdio }),
+            init: Arc::new(Process::new(pid, stdio)),
             execs: Mutex::new(HashMap::new()),
             started: Mutex::new(false),
         })
@@ -253,6 +253,15 @@ impl Runtime {
         let parsed: OciProcess = serde_json::from_slice(process)
             .map_err(|e| AgentError::InvalidArgument(format!("exec process is not valid: {e}")))?;
         let mut execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget execs the host is done with, so their ids can be reused
+        // and their descriptors are released.
+        execs.retain(|_, p| {
+            let keep = !p.finished();
+            if !keep {
+                self.reaper.forget(p.pid);
+            }
+            keep
+        });
         if execs.contains_key(exec_id) {
             return Err(AgentError::InvalidArgument(format!(
                 "exec id {exec_id} already exists in container {}",
@@ -292,7 +301,7 @@ impl Runtime {
         drop(guard);
         let _ = fs::remove_file(&spec_path);
         let stdio = stdio.finish()?;
-        execs.insert(exec_id.to_string(), Arc::new(Process { pid, stdio }));
+        execs.insert(exec_id.to_string(), Arc::new(Process::new(pid, stdio)));
         Ok(pid)
     }
 

@@ -120,6 +120,23 @@ fn enable_cgroup_controllers() -> std::io::Result<()> {
     fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" "))
 }
 
+/// Runs `f` with /proc mounted on the initramfs (before the real mounts),
+/// e.g. to read the kernel command line; unmounts it again.
+pub fn with_early_proc(f: impl FnOnce()) {
+    let mounted = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .is_ok();
+    f();
+    if mounted {
+        let _ = nix::mount::umount("/proc");
+    }
+}
+
 /// Moves the root from the initramfs onto a tmpfs and frees the initramfs.
 ///
 /// Containers are set up with pivot_root(2), which refuses to work in a
@@ -174,7 +191,10 @@ pub fn load_modules() -> Vec<String> {
     let mut loaded = Vec::new();
     for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         match load_module(Path::new(path)) {
-            Ok(()) => loaded.push(module_name(path)),
+            Ok(()) => {
+                log::debug!("loaded {path}");
+                loaded.push(module_name(path))
+            }
             Err(e) => log::error!("loading kernel module {path}: {e}"),
         }
     }

@@ -23,7 +23,10 @@ fn main() {
     logger::init(is_init);
     let mut loaded_modules = Vec::new();
     if is_init {
+        init::with_early_proc(logger::set_level_from_cmdline);
+        log::debug!("agent started");
         loaded_modules = init::load_modules();
+        log::debug!("kernel modules loaded");
         if let Err(e) = init::switch_root().and_then(|()| init::setup_guest()) {
             log::error!("guest setup failed: {e}");
             fatal(is_init);

@@ -9,7 +9,10 @@ use std::{
         unix::net::UnixListener,
     },
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -105,6 +108,8 @@ impl PendingStdio {
                 stdout: Some(stdout),
                 stderr: Some(stderr),
                 pty: None,
+                stdout_done: AtomicBool::new(false),
+                stderr_done: AtomicBool::new(false),
             }),
             PendingStdio::Terminal { listener, path } => {
                 let master = receive_pty_master(&listener)?;
@@ -120,6 +125,8 @@ impl PendingStdio {
                     stdout: Some(reader),
                     stderr: None,
                     pty: Some(master),
+                    stdout_done: AtomicBool::new(false),
+                    stderr_done: AtomicBool::new(true),
                 })
             }
         }
@@ -178,6 +185,9 @@ pub struct Stdio {
     stdout: Option<File>,
     stderr: Option<File>,
     pty: Option<File>,
+    /// End of stream seen on stdout / stderr.
+    stdout_done: AtomicBool,
+    stderr_done: AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -189,6 +199,22 @@ pub enum Stream {
 impl Stdio {
     /// Blocks until data is available; an empty result means end of stream.
     pub fn read(&self, stream: Stream, len: u32) -> Result<Vec<u8>> {
+        let data = self.read_inner(stream, len)?;
+        if data.is_empty() {
+            match stream {
+                Stream::Stdout => self.stdout_done.store(true, Ordering::SeqCst),
+                Stream::Stderr => self.stderr_done.store(true, Ordering::SeqCst),
+            }
+        }
+        Ok(data)
+    }
+
+    /// True once both output streams reached their end.
+    pub fn drained(&self) -> bool {
+        self.stdout_done.load(Ordering::SeqCst) && self.stderr_done.load(Ordering::SeqCst)
+    }
+
+    fn read_inner(&self, stream: Stream, len: u32) -> Result<Vec<u8>> {
         let file = match stream {
             Stream::Stdout => self.stdout.as_ref(),
             Stream::Stderr => self.stderr.as_ref(),
@@ -265,4 +291,21 @@ impl Stdio {
 pub struct Process {
     pub pid: i32,
     pub stdio: Stdio,
+    /// Its exit was handed to the host (WaitProcess returned).
+    pub waited: AtomicBool,
+}
+
+impl Process {
+    pub fn new(pid: i32, stdio: Stdio) -> Self {
+        Process {
+            pid,
+            stdio,
+            waited: AtomicBool::new(false),
+        }
+    }
+
+    /// Nothing more of it can be asked for: exit reported, output drained.
+    pub fn finished(&self) -> bool {
+        self.waited.load(Ordering::SeqCst) && self.stdio.drained()
+    }
 }

@@ -249,6 +249,7 @@ impl Agent {
         let c = self.container(&req.container_id)?;
         let p = c.process(&req.exec_id)?;
         let exit = self.runtime.reaper().wait(p.pid);
+        p.waited.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(agent::WaitProcessResponse {
             status: exit.status,
             exited_at_nanos: exit.at_nanos,

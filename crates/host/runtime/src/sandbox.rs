@@ -187,12 +187,6 @@ impl Sandbox {
         )
         .map_err(fail("starting virtiofsd"))?;
         partial.helpers.push(virtiofsd);
-        wait_for_socket(
-            &fs_socket,
-            partial.helpers.last_mut(),
-            &dir.join("virtiofsd.log"),
-        )
-        .map_err(fail("starting virtiofsd"))?;
 
         // vsock device and the address of the agent behind it.
         let use_kernel_vsock = match config.agent.channel {
@@ -226,8 +220,6 @@ impl Sandbox {
             )
             .map_err(fail("starting the vhost-user vsock device"))?;
             partial.helpers.push(daemon);
-            wait_for_socket(&socket, partial.helpers.last_mut(), &dir.join("vsock.log"))
-                .map_err(fail("starting the vhost-user vsock device"))?;
             (
                 VsockBackend::VhostUser { socket },
                 AgentAddress::HybridVsock {
@@ -237,6 +229,17 @@ impl Sandbox {
             )
         };
         write_pids(&dir, &partial.helpers);
+        // The daemons start side by side; QEMU needs both sockets.
+        wait_for_socket(
+            &fs_socket,
+            partial.helpers.first_mut(),
+            &dir.join("virtiofsd.log"),
+        )
+        .map_err(fail("starting virtiofsd"))?;
+        if let VsockBackend::VhostUser { socket } = &vsock {
+            wait_for_socket(socket, partial.helpers.get_mut(1), &dir.join("vsock.log"))
+                .map_err(fail("starting the vhost-user vsock device"))?;
+        }
 
         // The VM.
         let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);
