@@ -341,3 +341,30 @@ fn privileged_and_memory_limit() {
         .success()));
     assert!(c.ctr(&["container", "rm", "limited"]).status.success());
 }
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn oom_kill_is_reported() {
+    use std::io::Read;
+    let c = Containerd::start();
+    let mut events = Command::new("ctr")
+        .arg("--address")
+        .arg(c.socket())
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr events");
+    // Doubling a shell string until the 32 MiB limit is hit.
+    let out = c.run(
+        "hog",
+        &["--memory-limit", "33554432"],
+        &["sh", "-c", "x=0123456789; while true; do x=$x$x; done"],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = events.kill();
+    let mut text = String::new();
+    events.stdout.take().expect("stdout").read_to_string(&mut text).expect("events");
+    let _ = events.wait();
+    assert!(text.lines().any(|l| l.contains("/tasks/oom")), "no OOM event:\n{text}");
+}

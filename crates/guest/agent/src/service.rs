@@ -39,6 +39,8 @@ pub struct Agent {
     loaded_modules: Vec<String>,
     oom_events: Mutex<VecDeque<String>>,
     oom_ready: Condvar,
+    /// OOM kills already reported, per container.
+    oom_seen: Mutex<HashMap<String, u64>>,
     shutdown: Mutex<bool>,
     shutdown_ready: Condvar,
 }
@@ -56,6 +58,7 @@ impl Agent {
             loaded_modules,
             oom_events: Mutex::new(VecDeque::new()),
             oom_ready: Condvar::new(),
+            oom_seen: Mutex::new(HashMap::new()),
             shutdown: Mutex::new(false),
             shutdown_ready: Condvar::new(),
         }
@@ -101,35 +104,36 @@ impl Agent {
             .ok_or_else(|| AgentError::ContainerNotFound(id.to_string()))
     }
 
-    /// Watches every container's cgroup for OOM kills.
+    /// Queues an OOM event if the container's cgroup counted new OOM kills.
+    fn check_oom(&self, id: &str, cgroup: &std::path::Path) {
+        let kills = stats::oom_kills(cgroup);
+        let before = lock(&self.oom_seen).insert(id.to_string(), kills).unwrap_or(0);
+        if kills > before {
+            log::info!("container {id}: OOM kill");
+            lock(&self.oom_events).push_back(id.to_string());
+            self.oom_ready.notify_all();
+        }
+    }
+
+    /// Watches every container's cgroup for OOM kills (a process other than
+    /// init may be the one killed, so exits alone do not tell).
     pub fn start_oom_watch(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
-        let spawned = thread::Builder::new()
-            .name("oom-watch".into())
-            .spawn(move || {
-                let mut seen: HashMap<String, u64> = HashMap::new();
-                loop {
-                    thread::sleep(OOM_POLL);
-                    let Some(agent) = agent.upgrade() else { return };
-                    let dirs: Vec<(String, std::path::PathBuf)> = agent
-                        .containers
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .values()
-                        .map(|c| (c.id.clone(), c.cgroup_dir()))
-                        .collect();
-                    seen.retain(|id, _| dirs.iter().any(|(d, _)| d == id));
-                    for (id, dir) in dirs {
-                        let kills = stats::oom_kills(&dir);
-                        let before = seen.insert(id.clone(), kills).unwrap_or(0);
-                        if kills > before {
-                            log::info!("container {id}: OOM kill");
-                            lock(&agent.oom_events).push_back(id);
-                            agent.oom_ready.notify_all();
-                        }
-                    }
-                }
-            });
+        let spawned = thread::Builder::new().name("oom-watch".into()).spawn(move || loop {
+            thread::sleep(OOM_POLL);
+            let Some(agent) = agent.upgrade() else { return };
+            let dirs: Vec<(String, std::path::PathBuf)> = agent
+                .containers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|c| (c.id.clone(), c.cgroup_dir()))
+                .collect();
+            lock(&agent.oom_seen).retain(|id, _| dirs.iter().any(|(d, _)| d == id));
+            for (id, dir) in dirs {
+                agent.check_oom(&id, &dir);
+            }
+        });
         if let Err(e) = spawned {
             log::error!("cannot start the OOM watcher: {e}");
         }
@@ -249,6 +253,9 @@ impl Agent {
         let c = self.container(&req.container_id)?;
         let p = c.process(&req.exec_id)?;
         let exit = self.runtime.reaper().wait(p.pid);
+        // An OOM kill that ended the process is reported before its exit
+        // is, while the cgroup still exists.
+        self.check_oom(&c.id, &c.cgroup_dir());
         p.waited.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(agent::WaitProcessResponse {
             status: exit.status,

@@ -22,13 +22,26 @@ pub struct InstallArgs {
     /// Installation prefix for binaries and the guest image.
     #[arg(long, default_value = "/usr/local")]
     prefix: PathBuf,
+    /// Install into this directory as if it were `/` (like DESTDIR): for
+    /// packaging and tests. The written config still names the final paths.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
     /// The built guest image (default: target/guest beside the binaries).
     #[arg(long)]
     guest_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
-pub struct UninstallArgs {}
+pub struct UninstallArgs {
+    /// The `--root` given to install.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+}
+
+/// `path` (absolute) placed under `root`.
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
 
 struct Recorder {
     files: Vec<(PathBuf, String)>,
@@ -83,9 +96,11 @@ fn find_vhost_user_vsock() -> Option<PathBuf> {
 }
 
 pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyhow::Result<()> {
-    if Path::new(MANIFEST).exists() {
-        let previous = read_manifest()?;
-        remove_recorded(&previous)?;
+    let root = &args.root;
+    let manifest_path = under(root, Path::new(MANIFEST));
+    if manifest_path.exists() {
+        let previous = read_manifest(&manifest_path)?;
+        remove_recorded(&previous, &manifest_path)?;
     }
     let guest_dir = args
         .guest_dir
@@ -110,7 +125,7 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         files: Vec::new(),
         dirs: Vec::new(),
     };
-    let bin = args.prefix.join("bin");
+    let bin = under(root, &args.prefix.join("bin"));
     rec.copy(&shim, &bin.join("containerd-shim-kabuto-v2"), 0o755)?;
     rec.copy(&exe_dir.join("kabuto"), &bin.join("kabuto"), 0o755)?;
     let vsock_target = bin.join("vhost-device-vsock");
@@ -122,20 +137,21 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
              (cargo install vhost-device-vsock --version 0.3.0 --locked)"
         ),
     }
-    let guest_target = args.prefix.join("share/kabuto/guest");
+    let guest_final = args.prefix.join("share/kabuto/guest");
+    let guest_target = under(root, &guest_final);
     for f in ["vmlinux", "initramfs.cpio", "manifest.json"] {
         if guest_dir.join(f).is_file() {
             rec.copy(&guest_dir.join(f), &guest_target.join(f), 0o644)?;
         }
     }
-    let config_path = Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH);
+    let config_path = under(root, Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH));
     if config_path.exists() {
         println!("kept existing {}", config_path.display());
     } else {
         let mut text = Config::default_toml();
         let default_dir = kabuto_runtime::config::DEFAULT_GUEST_DIR;
-        text = text.replace(default_dir, &guest_target.display().to_string());
-        rec.write(config_path, text.as_bytes(), 0o644)?;
+        text = text.replace(default_dir, &guest_final.display().to_string());
+        rec.write(&config_path, text.as_bytes(), 0o644)?;
     }
     let manifest = json!({
         "files": rec.files.iter().map(|(p, d)| json!({"path": p, "sha256": d})).collect::<Vec<_>>(),
@@ -145,25 +161,25 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         files: Vec::new(),
         dirs: Vec::new(),
     };
-    manifest_dirs.mkdir(Path::new(MANIFEST).parent().unwrap_or(Path::new("/")))?;
+    manifest_dirs.mkdir(manifest_path.parent().unwrap_or(root))?;
     let mut manifest = manifest;
     if let Some(dirs) = manifest.get_mut("dirs").and_then(|d| d.as_array_mut()) {
         dirs.extend(manifest_dirs.dirs.iter().map(|d| json!(d)));
     }
-    fs::write(MANIFEST, serde_json::to_vec_pretty(&manifest)?)
-        .with_context(|| format!("writing {MANIFEST}"))?;
+    fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", manifest_path.display()))?;
     println!(
         "kabuto installed; try: ctr run --rm --runtime io.containerd.kabuto.v2 <image> t1 uname -r"
     );
     Ok(())
 }
 
-fn read_manifest() -> anyhow::Result<serde_json::Value> {
-    let text = fs::read(MANIFEST).with_context(|| format!("reading {MANIFEST}"))?;
-    serde_json::from_slice(&text).with_context(|| format!("parsing {MANIFEST}"))
+fn read_manifest(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn remove_recorded(manifest: &serde_json::Value) -> anyhow::Result<()> {
+fn remove_recorded(manifest: &serde_json::Value, manifest_path: &Path) -> anyhow::Result<()> {
     for f in manifest["files"].as_array().into_iter().flatten() {
         let (Some(path), Some(digest)) = (f["path"].as_str(), f["sha256"].as_str()) else {
             continue;
@@ -177,7 +193,7 @@ fn remove_recorded(manifest: &serde_json::Value) -> anyhow::Result<()> {
             Err(_) => {}
         }
     }
-    let _ = fs::remove_file(MANIFEST);
+    let _ = fs::remove_file(manifest_path);
     let dirs: Vec<&str> = manifest["dirs"]
         .as_array()
         .into_iter()
@@ -195,10 +211,14 @@ fn remove_recorded(manifest: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn uninstall(_args: &UninstallArgs) -> anyhow::Result<()> {
-    if !Path::new(MANIFEST).exists() {
-        bail!("{MANIFEST} not found: kabuto is not installed (nothing removed)");
+pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let manifest_path = under(&args.root, Path::new(MANIFEST));
+    if !manifest_path.exists() {
+        bail!(
+            "{} not found: kabuto is not installed (nothing removed)",
+            manifest_path.display()
+        );
     }
-    let manifest = read_manifest()?;
-    remove_recorded(&manifest)
+    let manifest = read_manifest(&manifest_path)?;
+    remove_recorded(&manifest, &manifest_path)
 }
