@@ -364,7 +364,15 @@ fn oom_kill_is_reported() {
     std::thread::sleep(Duration::from_secs(1));
     let _ = events.kill();
     let mut text = String::new();
-    events.stdout.take().expect("stdout").read_to_string(&mut text).expect("events");
+    events
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut text)
+        .expect("events");
     let _ = events.wait();
-    assert!(text.lines().any(|l| l.contains("/tasks/oom")), "no OOM event:\n{text}");
+    assert!(
+        text.lines().any(|l| l.contains("/tasks/oom")),
+        "no OOM event:\n{text}"
+    );
 }

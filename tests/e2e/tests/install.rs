@@ -10,7 +10,12 @@ fn tree(root: &Path) -> BTreeSet<String> {
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let p = e.path();
-            out.insert(p.strip_prefix(root).expect("under root").display().to_string());
+            out.insert(
+                p.strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string(),
+            );
             if p.is_dir() {
                 stack.push(p);
             }
@@ -32,7 +37,13 @@ fn uninstall_removes_exactly_what_install_added() {
     let root_arg = root.path().to_str().expect("utf-8");
     let guest = paths().guest_dir;
     let out = Command::new(&kabuto)
-        .args(["install", "--root", root_arg, "--guest-dir", guest.to_str().expect("utf-8")])
+        .args([
+            "install",
+            "--root",
+            root_arg,
+            "--guest-dir",
+            guest.to_str().expect("utf-8"),
+        ])
         .output()
         .expect("install");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -44,11 +55,17 @@ fn uninstall_removes_exactly_what_install_added() {
         "etc/kabuto/config.toml",
         "var/lib/kabuto/installed.json",
     ] {
-        assert!(installed.contains(expected), "{expected} not installed: {installed:?}");
+        assert!(
+            installed.contains(expected),
+            "{expected} not installed: {installed:?}"
+        );
     }
     // The config names the final location, not the staging root.
     let config = fs::read_to_string(root.path().join("etc/kabuto/config.toml")).expect("config");
-    assert!(config.contains("kernel = \"/usr/local/share/kabuto/guest/vmlinux\""), "{config}");
+    assert!(
+        config.contains("kernel = \"/usr/local/share/kabuto/guest/vmlinux\""),
+        "{config}"
+    );
 
     let out = Command::new(&kabuto)
         .args(["uninstall", "--root", root_arg])
@@ -61,6 +78,9 @@ fn uninstall_removes_exactly_what_install_added() {
         .args(["uninstall", "--root", root_arg])
         .output()
         .expect("uninstall");
-    assert!(!out.status.success(), "second uninstall must say nothing is installed");
+    assert!(
+        !out.status.success(),
+        "second uninstall must say nothing is installed"
+    );
     assert!(stderr(&out).contains("not installed"), "{}", stderr(&out));
 }

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kabuto_policy::{Decision, PolicyGate};
 use kabuto_protocol::{
     agent::{self, health_check_response::ServingStatus},
     agent_ttrpc::{AgentService, Health},
@@ -34,6 +35,7 @@ struct Sandbox {
 
 pub struct Agent {
     runtime: Runtime,
+    gate: Mutex<PolicyGate>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     sandbox: Mutex<Sandbox>,
     loaded_modules: Vec<String>,
@@ -53,6 +55,9 @@ impl Agent {
     pub fn new(reaper: Reaper, loaded_modules: Vec<String>) -> Self {
         Agent {
             runtime: Runtime::new(reaper),
+            // Pods that are not confidential; a confidential pod's policy
+            // arrives with its init-data.
+            gate: Mutex::new(PolicyGate::allow_all()),
             containers: RwLock::new(HashMap::new()),
             sandbox: Mutex::new(Sandbox::default()),
             loaded_modules,
@@ -65,7 +70,8 @@ impl Agent {
     }
 
     /// The single entry point of every request: names it after its message
-    /// type (as the policy gate will query it), runs it and logs the outcome.
+    /// type, asks the policy gate, runs it if allowed, and logs the outcome
+    /// (name, decision, duration; never the request's contents).
     fn dispatch<Req, Resp>(
         &self,
         req: Req,
@@ -76,6 +82,33 @@ impl Agent {
     {
         let name = Req::descriptor().name().to_string();
         let started = Instant::now();
+        let decision = policy_input(&req).and_then(|input| {
+            lock(&self.gate)
+                .decide(&name, &input)
+                .map_err(|e| AgentError::InvalidArgument(e.to_string()))
+        });
+        let decided = started.elapsed();
+        match decision {
+            Ok(Decision::Allowed) => log::debug!("{name}: allowed by policy in {decided:?}"),
+            Ok(Decision::Denied { reason }) => {
+                log::warn!("{name}: denied by policy in {decided:?}");
+                let msg = match reason {
+                    Some(r) => format!("{name} is blocked by policy: {r}"),
+                    None => format!("{name} is blocked by policy"),
+                };
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::PERMISSION_DENIED,
+                    msg,
+                )));
+            }
+            Err(e) => {
+                log::warn!("{name}: denied, the policy could not decide: {e}");
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::PERMISSION_DENIED,
+                    format!("{name} is blocked by policy: {e}"),
+                )));
+            }
+        }
         let result = handler(self, req);
         let elapsed = started.elapsed();
         match &result {
@@ -107,7 +140,9 @@ impl Agent {
     /// Queues an OOM event if the container's cgroup counted new OOM kills.
     fn check_oom(&self, id: &str, cgroup: &std::path::Path) {
         let kills = stats::oom_kills(cgroup);
-        let before = lock(&self.oom_seen).insert(id.to_string(), kills).unwrap_or(0);
+        let before = lock(&self.oom_seen)
+            .insert(id.to_string(), kills)
+            .unwrap_or(0);
         if kills > before {
             log::info!("container {id}: OOM kill");
             lock(&self.oom_events).push_back(id.to_string());
@@ -119,21 +154,23 @@ impl Agent {
     /// init may be the one killed, so exits alone do not tell).
     pub fn start_oom_watch(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
-        let spawned = thread::Builder::new().name("oom-watch".into()).spawn(move || loop {
-            thread::sleep(OOM_POLL);
-            let Some(agent) = agent.upgrade() else { return };
-            let dirs: Vec<(String, std::path::PathBuf)> = agent
-                .containers
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .map(|c| (c.id.clone(), c.cgroup_dir()))
-                .collect();
-            lock(&agent.oom_seen).retain(|id, _| dirs.iter().any(|(d, _)| d == id));
-            for (id, dir) in dirs {
-                agent.check_oom(&id, &dir);
-            }
-        });
+        let spawned = thread::Builder::new()
+            .name("oom-watch".into())
+            .spawn(move || loop {
+                thread::sleep(OOM_POLL);
+                let Some(agent) = agent.upgrade() else { return };
+                let dirs: Vec<(String, std::path::PathBuf)> = agent
+                    .containers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|c| (c.id.clone(), c.cgroup_dir()))
+                    .collect();
+                lock(&agent.oom_seen).retain(|id, _| dirs.iter().any(|(d, _)| d == id));
+                for (id, dir) in dirs {
+                    agent.check_oom(&id, &dir);
+                }
+            });
         if let Err(e) = spawned {
             log::error!("cannot start the OOM watcher: {e}");
         }
@@ -339,6 +376,14 @@ impl Agent {
         }
     }
 
+    fn set_policy(&self, req: agent::SetPolicyRequest) -> Result<agent::Empty> {
+        let gate = PolicyGate::new(&req.policy)
+            .map_err(|e| AgentError::InvalidArgument(format!("new policy refused: {e}")))?;
+        *lock(&self.gate) = gate;
+        log::info!("policy replaced");
+        Ok(agent::Empty::new())
+    }
+
     fn guest_details(
         &self,
         _req: agent::GuestDetailsRequest,
@@ -351,6 +396,45 @@ impl Agent {
             ..Default::default()
         })
     }
+}
+
+/// The request as the policy sees it: the protobuf message as JSON (proto
+/// field names, defaults included), with the fields that carry JSON (the OCI
+/// spec, an exec's process, resources) expanded into objects. The spec
+/// appears as `input.OCI`, as in Kata's policies.
+pub fn policy_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value> {
+    let options = protobuf_json_mapping::PrintOptions {
+        proto_field_name: true,
+        always_output_default_values: true,
+        ..Default::default()
+    };
+    let text = protobuf_json_mapping::print_to_string_with_options(req, &options)
+        .map_err(|e| AgentError::InvalidArgument(format!("request to JSON: {e}")))?;
+    let mut value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| AgentError::InvalidArgument(format!("request to JSON: {e}")))?;
+    if let Some(obj) = value.as_object_mut() {
+        for (field, name) in [
+            ("oci_spec", "OCI"),
+            ("process", "process"),
+            ("resources", "resources"),
+        ] {
+            let Some(encoded) = obj.get(field).and_then(|v| v.as_str()).map(String::from) else {
+                continue;
+            };
+            let decoded = base64_decode(&encoded)
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .ok_or_else(|| AgentError::InvalidArgument(format!("{field} is not JSON")))?;
+            obj.remove(field);
+            obj.insert(name.to_string(), decoded);
+        }
+    }
+    Ok(value)
+}
+
+/// Standard base64, as protobuf's JSON mapping prints bytes.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 fn is_mount_point(path: &str) -> bool {
@@ -424,6 +508,7 @@ impl AgentService for Agent {
         agent::GuestDetailsRequest,
         agent::GuestDetailsResponse
     );
+    rpc!(set_policy, agent::SetPolicyRequest, agent::Empty);
 
     fn read_stdout(
         &self,
@@ -454,5 +539,40 @@ impl Health for Agent {
                 ..Default::default()
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_container_input_carries_the_spec_as_oci() {
+        let req = agent::CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec: br#"{"ociVersion":"1.1.0","process":{"args":["sh"]}}"#.to_vec(),
+            ..Default::default()
+        };
+        let input = policy_input(&req).expect("input");
+        assert_eq!(input["container_id"], "c1");
+        assert_eq!(input["OCI"]["process"]["args"][0], "sh");
+        assert!(input.get("oci_spec").is_none());
+        assert_eq!(input["sandbox_id"], "", "defaults are present");
+    }
+
+    #[test]
+    fn non_json_spec_is_refused() {
+        let req = agent::ExecProcessRequest {
+            process: b"not json".to_vec(),
+            ..Default::default()
+        };
+        assert!(policy_input(&req).is_err());
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64_decode("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(base64_decode("").as_deref(), Some(&b""[..]));
+        assert_eq!(base64_decode("!!").as_deref(), None);
     }
 }

@@ -403,6 +403,14 @@ impl AgentClient {
         .map(|r| r.container_id)
     }
 
+    pub fn set_policy(&self, policy: &str) -> Result<(), AgentClientError> {
+        let req = SetPolicyRequest {
+            policy: policy.into(),
+            ..Default::default()
+        };
+        rpc("SetPolicy", self.agent.set_policy(self.ctx(), &req)).map(|_| ())
+    }
+
     pub fn guest_details(&self) -> Result<GuestDetailsResponse, AgentClientError> {
         rpc(
             "GuestDetails",

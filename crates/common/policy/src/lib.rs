@@ -1,0 +1,340 @@
+//! The agent policy gate: a Rego policy (evaluated with regorus) decides
+//! every agent request before it runs.
+//!
+//! For a request named `R` (its protobuf message name, e.g.
+//! `CreateContainerRequest`) the gate evaluates `data.agent_policy.R` with
+//! the request as `input`. The result must be a bool, or an object
+//! `{"allowed": bool, "ops": [...], "reason": "..."}` where `ops` is a JSON
+//! Patch (RFC 6902) applied to the policy state when the request is allowed.
+//! Rules read that state as `data.state`. Anything else is a deny.
+//!
+//! Policies use Rego v1 syntax (OPA 1.0: `if`, `contains`).
+
+use std::num::{NonZeroU32, NonZeroUsize};
+
+use thiserror::Error;
+
+/// Every request allowed: pods that are not confidential.
+pub const ALLOW_ALL: &str = include_str!("../policies/allow-all.rego");
+/// Deny by default: the starting point of confidential pods.
+pub const DEFAULT_CONFIDENTIAL: &str = include_str!("../policies/default-confidential.rego");
+
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("the policy does not parse: {0}")]
+    Parse(String),
+    #[error("the policy must be `package agent_policy`, not {0}")]
+    Package(String),
+    #[error("{0:?} is not a request name")]
+    RequestName(String),
+    #[error("evaluating {request}: {reason}")]
+    Eval { request: String, reason: String },
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Denied { reason: Option<String> },
+}
+
+pub struct PolicyGate {
+    engine: regorus::Engine,
+    state: serde_json::Value,
+}
+
+/// Generated policies list every container and layer; they are far larger
+/// than what regorus accepts by default (1 MiB, 20 000 lines, 1024 columns).
+fn length_limits() -> regorus::PolicyLengthConfig {
+    regorus::PolicyLengthConfig {
+        max_col: NonZeroU32::new(1 << 20).unwrap_or(NonZeroU32::MIN),
+        max_file_bytes: NonZeroUsize::new(64 << 20).unwrap_or(NonZeroUsize::MIN),
+        max_lines: NonZeroUsize::new(2_000_000).unwrap_or(NonZeroUsize::MIN),
+    }
+}
+
+impl PolicyGate {
+    /// Parses `rego`; refuses anything but a parseable `package agent_policy`.
+    pub fn new(rego: &str) -> Result<PolicyGate, PolicyError> {
+        let mut engine = regorus::Engine::new();
+        engine.set_policy_length_config(length_limits());
+        let package = engine
+            .add_policy("agent_policy.rego".into(), rego.into())
+            .map_err(|e| PolicyError::Parse(e.to_string()))?;
+        if package != "data.agent_policy" {
+            return Err(PolicyError::Package(package));
+        }
+        Ok(PolicyGate {
+            engine,
+            state: serde_json::json!({}),
+        })
+    }
+
+    pub fn allow_all() -> PolicyGate {
+        // The shipped policy is tested to parse.
+        PolicyGate::new(ALLOW_ALL).unwrap_or_else(|e| panic!("shipped allow-all policy: {e}"))
+    }
+
+    /// The policy state rules read as `data.state`.
+    pub fn state(&self) -> &serde_json::Value {
+        &self.state
+    }
+
+    /// Decides one request. `request` is the message name; `input` the
+    /// request as JSON.
+    pub fn decide(
+        &mut self,
+        request: &str,
+        input: &serde_json::Value,
+    ) -> Result<Decision, PolicyError> {
+        if request.is_empty() || !request.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(PolicyError::RequestName(request.into()));
+        }
+        let eval_err = |reason: String| PolicyError::Eval {
+            request: request.into(),
+            reason,
+        };
+        let input = regorus::Value::from_json_str(&input.to_string())
+            .map_err(|e| eval_err(e.to_string()))?;
+        let data =
+            regorus::Value::from_json_str(&serde_json::json!({ "state": self.state }).to_string())
+                .map_err(|e| eval_err(e.to_string()))?;
+        self.engine.clear_data();
+        self.engine
+            .add_data(data)
+            .map_err(|e| eval_err(e.to_string()))?;
+        self.engine.set_input(input);
+        // A rule that does not exist, or fails to evaluate, denies.
+        let result = match self
+            .engine
+            .eval_rule(format!("data.agent_policy.{request}"))
+        {
+            Ok(value) => value,
+            Err(e) => {
+                return Ok(Decision::Denied {
+                    reason: Some(format!("no decision for {request}: {e}")),
+                })
+            }
+        };
+        if result == regorus::Value::Undefined {
+            return Ok(Decision::Denied {
+                reason: Some(format!("the policy has no rule for {request}")),
+            });
+        }
+        let json: serde_json::Value = result
+            .to_json_str()
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        self.interpret(request, json)
+    }
+
+    fn interpret(
+        &mut self,
+        request: &str,
+        result: serde_json::Value,
+    ) -> Result<Decision, PolicyError> {
+        let malformed = || Decision::Denied {
+            reason: Some(format!(
+                "the policy's result for {request} is not a bool or {{allowed, ops}}"
+            )),
+        };
+        match result {
+            serde_json::Value::Bool(true) => Ok(Decision::Allowed),
+            serde_json::Value::Bool(false) => Ok(Decision::Denied { reason: None }),
+            serde_json::Value::Object(map) => {
+                let Some(allowed) = map.get("allowed").and_then(|a| a.as_bool()) else {
+                    return Ok(malformed());
+                };
+                let reason = map.get("reason").and_then(|r| r.as_str()).map(String::from);
+                if !allowed {
+                    return Ok(Decision::Denied { reason });
+                }
+                if let Some(ops) = map.get("ops") {
+                    let patch: json_patch::Patch = match serde_json::from_value(ops.clone()) {
+                        Ok(p) => p,
+                        Err(_) => return Ok(malformed()),
+                    };
+                    // Apply to a copy: a failing patch changes nothing.
+                    let mut next = self.state.clone();
+                    if let Err(e) = json_patch::patch(&mut next, &patch) {
+                        return Ok(Decision::Denied {
+                            reason: Some(format!("the policy's state update failed: {e}")),
+                        });
+                    }
+                    self.state = next;
+                }
+                Ok(Decision::Allowed)
+            }
+            _ => Ok(malformed()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const ALL_REQUESTS: &[&str] = &[
+        "CreateContainerRequest",
+        "CreateSandboxRequest",
+        "DestroySandboxRequest",
+        "StartContainerRequest",
+        "RemoveContainerRequest",
+        "ExecProcessRequest",
+        "SignalProcessRequest",
+        "WaitProcessRequest",
+        "ReadStreamRequest",
+        "WriteStreamRequest",
+        "CloseStdinRequest",
+        "TtyWinResizeRequest",
+        "ListProcessesRequest",
+        "StatsContainerRequest",
+        "UpdateContainerRequest",
+        "GetOOMEventRequest",
+        "GuestDetailsRequest",
+        "SetPolicyRequest",
+        "CheckRequest",
+    ];
+
+    #[test]
+    fn allow_all_allows_everything() {
+        let mut gate = PolicyGate::allow_all();
+        for r in ALL_REQUESTS {
+            assert_eq!(
+                gate.decide(r, &json!({})).expect("decide"),
+                Decision::Allowed,
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn confidential_default_denies_what_it_should() {
+        let mut gate = PolicyGate::new(DEFAULT_CONFIDENTIAL).expect("parses");
+        for r in [
+            "CreateContainerRequest",
+            "ExecProcessRequest",
+            "SetPolicyRequest",
+            "ReadStreamRequest",
+        ] {
+            assert_eq!(
+                gate.decide(r, &json!({})).expect("decide"),
+                Decision::Denied { reason: None },
+                "{r}"
+            );
+        }
+        for r in [
+            "GuestDetailsRequest",
+            "WaitProcessRequest",
+            "SignalProcessRequest",
+            "RemoveContainerRequest",
+            "DestroySandboxRequest",
+            "StatsContainerRequest",
+        ] {
+            assert_eq!(
+                gate.decide(r, &json!({})).expect("decide"),
+                Decision::Allowed,
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_see_the_input_and_give_reasons() {
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            default ExecProcessRequest := {"allowed": false, "reason": "only echo may run"}
+            ExecProcessRequest := {"allowed": true} if input.process.args[0] == "echo"
+            "#,
+        )
+        .expect("parses");
+        let echo = json!({"process": {"args": ["echo", "hi"]}});
+        let sh = json!({"process": {"args": ["sh"]}});
+        assert_eq!(
+            gate.decide("ExecProcessRequest", &echo).expect("decide"),
+            Decision::Allowed
+        );
+        assert_eq!(
+            gate.decide("ExecProcessRequest", &sh).expect("decide"),
+            Decision::Denied {
+                reason: Some("only echo may run".into())
+            }
+        );
+    }
+
+    #[test]
+    fn ops_update_the_state_rules_read() {
+        // At most one container: the first create records it in the state.
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            default CreateContainerRequest := {"allowed": false, "reason": "one container only"}
+            CreateContainerRequest := {"allowed": true, "ops": [{"op": "add", "path": "/created", "value": input.container_id}]} if {
+                not data.state.created
+            }
+            "#,
+        )
+        .expect("parses");
+        let req = json!({"container_id": "c1"});
+        assert_eq!(
+            gate.decide("CreateContainerRequest", &req).expect("decide"),
+            Decision::Allowed
+        );
+        assert_eq!(gate.state(), &json!({"created": "c1"}));
+        assert_eq!(
+            gate.decide("CreateContainerRequest", &json!({"container_id": "c2"}))
+                .expect("decide"),
+            Decision::Denied {
+                reason: Some("one container only".into())
+            }
+        );
+        assert_eq!(
+            gate.state(),
+            &json!({"created": "c1"}),
+            "a denied request changes nothing"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_a_deny() {
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            StartContainerRequest := 1
+            StatsContainerRequest := {"allowed": "yes"}
+            "#,
+        )
+        .expect("parses");
+        for r in [
+            "StartContainerRequest",
+            "StatsContainerRequest",
+            "CheckRequest",
+        ] {
+            assert!(
+                matches!(
+                    gate.decide(r, &json!({})).expect("decide"),
+                    Decision::Denied { .. }
+                ),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_policies_and_names_are_refused() {
+        assert!(matches!(
+            PolicyGate::new("package agent_policy\nthis is not rego"),
+            Err(PolicyError::Parse(_))
+        ));
+        assert!(matches!(
+            PolicyGate::new("package other\nx := true"),
+            Err(PolicyError::Package(_))
+        ));
+        let mut gate = PolicyGate::allow_all();
+        assert!(matches!(
+            gate.decide("x; data.y", &json!({})),
+            Err(PolicyError::RequestName(_))
+        ));
+    }
+}
