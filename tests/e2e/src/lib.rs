@@ -194,26 +194,20 @@ impl Containerd {
     /// What kabuto left behind: its processes, mounts and state files.
     pub fn residue(&self) -> Residue {
         let needle = self.dir.path().display().to_string();
-        let mut processes = BTreeSet::new();
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.parse::<u32>().is_err() {
-                continue;
-            }
-            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let ours = [
-                "qemu-system",
-                "virtiofsd",
-                "vhost-device-vsock",
-                "containerd-shim-kabuto",
-            ]
-            .iter()
-            .any(|p| cmdline.contains(p));
-            if ours && cmdline.contains(&needle) {
-                processes.insert(format!("{name}: {}", cmdline.trim()));
-            }
-        }
+        let processes = processes_matching(&needle)
+            .into_iter()
+            .filter(|(_, cmd)| {
+                [
+                    "qemu-system",
+                    "virtiofsd",
+                    "vhost-device-vsock",
+                    "containerd-shim-kabuto",
+                ]
+                .iter()
+                .any(|p| cmd.contains(p))
+            })
+            .map(|(pid, cmd)| format!("{pid}: {cmd}"))
+            .collect();
         let state = self.state_dir();
         let mounts = fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -229,6 +223,48 @@ impl Containerd {
             mounts,
             files,
         }
+    }
+
+    /// `ctr run -d --runtime kabuto [extra] IMAGE id args...`; panics on failure.
+    pub fn run_detached(&self, id: &str, extra: &[&str], args: &[&str]) {
+        let mut all = vec!["run", "-d", "--runtime", RUNTIME];
+        all.extend_from_slice(extra);
+        all.push(IMAGE);
+        all.push(id);
+        all.extend_from_slice(args);
+        let out = self.ctr(&all);
+        assert!(out.status.success(), "starting {id}: {}", stderr(&out));
+    }
+
+    /// Waits until containerd reports the task stopped.
+    pub fn wait_stopped(&self, id: &str) -> bool {
+        self.eventually(Duration::from_secs(30), || {
+            stdout(&self.ctr(&["task", "ls"]))
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED"))
+        })
+    }
+
+    /// Deletes a stopped task and its container; returns the delete's
+    /// stderr, where ctr reports a non-zero exit code.
+    pub fn delete(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "delete", id]);
+        assert!(out.status.success(), "deleting task {id}: {}", stderr(&out));
+        let rm = self.ctr(&["container", "rm", id]);
+        assert!(
+            rm.status.success(),
+            "removing container {id}: {}",
+            stderr(&rm)
+        );
+        stderr(&out)
+    }
+
+    /// SIGKILL, wait until stopped, delete.
+    pub fn kill_and_delete(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(out.status.success(), "killing {id}: {}", stderr(&out));
+        assert!(self.wait_stopped(id), "{id} did not stop");
+        self.delete(id)
     }
 
     /// Polls until `f` is true or `limit` passes.
@@ -311,6 +347,45 @@ fn file<W: Write>(
     h.set_size(data.len() as u64);
     h.set_mtime(0);
     b.append_data(&mut h, name, data)
+}
+
+/// An initramfs of Debian's static busybox at /busybox with `init` as its
+/// /init script (written with cpio(1)).
+pub fn busybox_initramfs(dir: &Path, name: &str, init: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.join(format!("{name}-root"));
+    fs::create_dir_all(root.join("dev")).expect("mkdir");
+    fs::copy("/bin/busybox", root.join("busybox")).expect("copy busybox");
+    fs::write(root.join("init"), format!("#!/busybox sh\n{init}\n")).expect("init");
+    fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = dir.join(format!("{name}.cpio"));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc > {} 2>/dev/null",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .expect("cpio");
+    assert!(status.success(), "cpio failed");
+    out
+}
+
+/// Processes whose command line contains `needle`: (pid, command line).
+pub fn processes_matching(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            out.push((pid, cmdline.trim().to_string()));
+        }
+    }
+    out
 }
 
 /// Builds an OCI image layout archive of Debian's busybox-static, tagged

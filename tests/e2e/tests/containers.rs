@@ -4,6 +4,8 @@ use std::{process::Command, time::Duration};
 
 use kabuto_e2e::{guest_kernel_release, stderr, stdout, Containerd, IMAGE, RUNTIME};
 
+const RUNC: &str = "io.containerd.runc.v2";
+
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn container_runs_on_the_guest_kernel() {
@@ -12,16 +14,12 @@ fn container_runs_on_the_guest_kernel() {
     assert!(out.status.success(), "{}", stderr(&out));
     let guest = stdout(&out).trim().to_string();
     assert_eq!(guest, guest_kernel_release());
-    let host = String::from_utf8_lossy(
-        &Command::new("uname")
-            .arg("-r")
-            .output()
-            .expect("uname")
-            .stdout,
-    )
-    .trim()
-    .to_string();
-    assert_ne!(guest, host, "the container ran on the host kernel");
+    let host = Command::new("uname").arg("-r").output().expect("uname");
+    assert_ne!(
+        guest,
+        stdout(&host).trim(),
+        "the container ran on the host kernel"
+    );
     assert!(c.residue().is_empty(), "{:?}", c.residue());
 }
 
@@ -39,28 +37,9 @@ fn exit_codes_and_output_streams() {
     assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
 
     // Killed by a signal: 128 + signal number, like runc.
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "killed",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "killed"])
-        .status
-        .success());
-    assert!(
-        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
-            .contains("STOPPED"))
-    );
-    let out = c.ctr(&["task", "delete", "killed"]);
-    assert!(stderr(&out).contains("exit code 137"), "{}", stderr(&out));
-    assert!(c.ctr(&["container", "rm", "killed"]).status.success());
+    c.run_detached("killed", &[], &["sleep", "1000"]);
+    let deleted = c.kill_and_delete("killed");
+    assert!(deleted.contains("exit code 137"), "{deleted}");
 }
 
 #[test]
@@ -112,34 +91,27 @@ fn tty_gets_a_terminal_of_the_clients_size() {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn detached_task_exec_ps_metrics_kill_delete() {
     let c = Containerd::start();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    c.run_detached(
         "bg",
-        "sh",
-        "-c",
-        "trap 'exit 42' USR1; while true; do sleep 0.1; done",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' USR1; while true; do sleep 0.1; done",
+        ],
+    );
 
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        "bg",
-        "sh",
-        "-c",
-        "echo from-exec; exit 7",
-    ]);
+    let exec = |args: &[&str]| {
+        let mut all = vec!["task", "exec", "--exec-id", "e1", "bg"];
+        all.extend_from_slice(args);
+        c.ctr(&all)
+    };
+    let out = exec(&["sh", "-c", "echo from-exec; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from-exec\n");
     // An exec id can be used again once its process is gone.
     for _ in 0..2 {
-        let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "echo", "again"]);
+        let out = exec(&["echo", "again"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(stdout(&out), "again\n");
     }
@@ -160,16 +132,9 @@ fn detached_task_exec_ps_metrics_kill_delete() {
     // Any signal reaches the process: the trap turns SIGUSR1 into exit 42.
     let out = c.ctr(&["task", "kill", "-s", "SIGUSR1", "bg"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
-            .contains("STOPPED")),
-        "task did not stop"
-    );
-    let out = c.ctr(&["task", "delete", "bg"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("42") || out.status.success());
-    let out = c.ctr(&["container", "rm", "bg"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(c.wait_stopped("bg"), "task did not stop");
+    let deleted = c.delete("bg");
+    assert!(deleted.contains("exit code 42"), "{deleted}");
     assert!(
         c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
         "{:?}",
@@ -179,29 +144,13 @@ fn detached_task_exec_ps_metrics_kill_delete() {
 
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
-fn wait_after_exit_still_returns_the_status() {
+fn exit_status_of_a_detached_task_is_kept_until_delete() {
     let c = Containerd::start();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "quick",
-        "sh",
-        "-c",
-        "exit 9",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
-            .contains("STOPPED"))
-    );
-    // Wait called long after the exit must still see status 9.
-    let out = c.ctr(&["task", "delete", "quick"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = c.ctr(&["container", "rm", "quick"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    c.run_detached("quick", &[], &["sh", "-c", "exit 9"]);
+    assert!(c.wait_stopped("quick"));
+    std::thread::sleep(Duration::from_secs(1));
+    let deleted = c.delete("quick");
+    assert!(deleted.contains("exit code 9"), "{deleted}");
 }
 
 /// The same probe under runc and kabuto must report the same view of the
@@ -258,18 +207,10 @@ fn oci_spec_is_honoured_like_runc() {
             "-c",
             probe,
         ]);
-        assert!(c
-            .ctr(&["task", "kill", "-s", "SIGKILL", id])
-            .status
-            .success());
-        assert!(c.eventually(Duration::from_secs(20), || c
-            .ctr(&["task", "delete", id])
-            .status
-            .success()));
-        assert!(c.ctr(&["container", "rm", id]).status.success());
+        c.kill_and_delete(id);
         probe_out
     };
-    let runc = run("io.containerd.runc.v2", "probe-runc");
+    let runc = run(RUNC, "probe-runc");
     assert!(runc.status.success(), "runc: {}", stderr(&runc));
     let kabuto = run(RUNTIME, "probe-kabuto");
     assert!(kabuto.status.success(), "kabuto: {}", stderr(&kabuto));
@@ -301,7 +242,7 @@ fn privileged_and_memory_limit() {
             args.extend_from_slice(&[IMAGE, id, "grep", "CapEff", "/proc/self/status"]);
             c.ctr(&args)
         };
-        let runc = run("io.containerd.runc.v2", "p-runc");
+        let runc = run(RUNC, "p-runc");
         let kabuto = run(RUNTIME, "p-kabuto");
         assert!(kabuto.status.success(), "{extra:?}: {}", stderr(&kabuto));
         assert_eq!(
@@ -311,19 +252,11 @@ fn privileged_and_memory_limit() {
         );
     }
     // The memory limit lands on the container's cgroup in the guest.
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--memory-limit",
-        "67108864",
-        IMAGE,
+    c.run_detached(
         "limited",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--memory-limit", "67108864"],
+        &["sleep", "1000"],
+    );
     let metrics = stdout(&c.ctr(&["task", "metrics", "limited"]));
     assert!(
         metrics
@@ -331,15 +264,7 @@ fn privileged_and_memory_limit() {
             .any(|l| l.starts_with("memory.usage_limit") && l.contains("67108864")),
         "{metrics}"
     );
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "limited"])
-        .status
-        .success());
-    assert!(c.eventually(Duration::from_secs(20), || c
-        .ctr(&["task", "delete", "limited"])
-        .status
-        .success()));
-    assert!(c.ctr(&["container", "rm", "limited"]).status.success());
+    c.kill_and_delete("limited");
 }
 
 #[test]

@@ -5,9 +5,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use kabuto_e2e::{
-    guest_kernel_release, paths, stderr, stdout, Containerd, Options, IMAGE, RUNTIME,
-};
+use kabuto_e2e::{guest_kernel_release, paths, stderr, stdout, Containerd, Options};
 
 fn kabuto_exec(c: &Containerd, pod: &str, input: &str) -> std::process::Output {
     let mut child = Command::new(paths().bin_dir.join("kabuto"))
@@ -35,17 +33,7 @@ fn debug_shell_when_enabled() {
         kabuto_config: "[hypervisor]\ndebug_console = true\n".into(),
         guest_dir: Some(debug_guest),
     });
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "dbg",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    c.run_detached("dbg", &[], &["sleep", "1000"]);
     let out = kabuto_exec(&c, "dbg", "uname -r\nexit\n");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -53,31 +41,14 @@ fn debug_shell_when_enabled() {
         "{}",
         stdout(&out)
     );
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "dbg"])
-        .status
-        .success());
-    assert!(c.eventually(std::time::Duration::from_secs(20), || c
-        .ctr(&["task", "delete", "dbg"])
-        .status
-        .success()));
+    c.kill_and_delete("dbg");
 }
 
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn no_debug_shell_by_default() {
     let c = Containerd::start();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "nodbg",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    c.run_detached("nodbg", &[], &["sleep", "1000"]);
     let out = kabuto_exec(&c, "nodbg", "uname -r\nexit\n");
     assert!(!out.status.success());
     assert!(
@@ -85,12 +56,5 @@ fn no_debug_shell_by_default() {
         "{}",
         stderr(&out)
     );
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "nodbg"])
-        .status
-        .success());
-    assert!(c.eventually(std::time::Duration::from_secs(20), || c
-        .ctr(&["task", "delete", "nodbg"])
-        .status
-        .success()));
+    c.kill_and_delete("nodbg");
 }

@@ -2,13 +2,10 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use kabuto_e2e::{stderr, stdout, Containerd, Options, IMAGE, RUNTIME};
+use kabuto_e2e::{stderr, Containerd, Options, RUNTIME};
 
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
@@ -67,32 +64,12 @@ fn missing_rootfs_is_refused_before_any_vm() {
     assert!(c.residue().is_empty(), "{:?}", c.residue());
 }
 
-/// An initramfs whose /init never starts an agent (busybox sleeps forever).
-fn silent_initramfs(dir: &Path) -> std::path::PathBuf {
-    let root = dir.join("silent-root");
-    fs::create_dir_all(root.join("dev")).expect("mkdir");
-    fs::copy("/bin/busybox", root.join("busybox")).expect("copy busybox");
-    fs::write(root.join("init"), "#!/busybox sh\n/busybox sleep 100000\n").expect("init");
-    fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let out = dir.join("silent.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -o -H newc > {} 2>/dev/null",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .expect("cpio");
-    assert!(status.success());
-    out
-}
-
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn agent_that_never_answers_fails_create_within_the_timeout() {
     let probe = tempfile::tempdir().expect("tempdir");
-    let initramfs = silent_initramfs(probe.path());
+    // An /init that never starts an agent.
+    let initramfs = kabuto_e2e::busybox_initramfs(probe.path(), "silent", "/busybox sleep 100000");
     let c = Containerd::start_with(Options {
         kabuto_config: "[agent]\nboot_timeout_secs = 8\n".into(),
         ..Default::default()
@@ -149,17 +126,7 @@ fn vm_that_dies_during_boot_is_reported() {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn qemu_killed_under_a_running_task() {
     let c = Containerd::start();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "victim",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    c.run_detached("victim", &[], &["sleep", "1000"]);
     let qemu_pid: i32 = fs::read_to_string(c.state_dir().join("sandboxes/victim/qemu.pid"))
         .expect("qemu.pid")
         .trim()
@@ -171,19 +138,14 @@ fn qemu_killed_under_a_running_task() {
     )
     .expect("kill qemu");
     assert!(
-        c.eventually(Duration::from_secs(20), || stdout(&c.ctr(&["task", "ls"]))
-            .contains("STOPPED")),
-        "containerd did not see the task exit: {}",
-        stdout(&c.ctr(&["task", "ls"]))
+        c.wait_stopped("victim"),
+        "containerd did not see the task exit"
     );
-    let out = c.ctr(&["task", "delete", "victim"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let deleted = c.delete("victim");
     assert!(
-        stderr(&out).contains("exit code 255"),
-        "non-zero exit expected: {}",
-        stderr(&out)
+        deleted.contains("exit code 255"),
+        "non-zero exit expected: {deleted}"
     );
-    assert!(c.ctr(&["container", "rm", "victim"]).status.success());
     assert!(
         c.log().contains("the VM exited unexpectedly"),
         "no reason logged"

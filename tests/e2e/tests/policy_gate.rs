@@ -20,7 +20,7 @@ fn config(state: &std::path::Path) -> Config {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn denied_requests_are_blocked_and_run_nothing() {
     let state = tempfile::tempdir().expect("tempdir");
-    let sandbox = Sandbox::create(&config(state.path()), "gate", "").expect("sandbox");
+    let sandbox = Sandbox::create(&config(state.path()), "gate", "", None).expect("sandbox");
     let agent = sandbox.agent().clone();
 
     // Non-confidential pods start with allow-all.
@@ -75,4 +75,83 @@ fn denied_requests_are_blocked_and_run_nothing() {
 
     sandbox.destroy();
     assert!(!state.path().join("sandboxes/gate").exists());
+}
+
+fn init_data_annotation(policy: &str) -> String {
+    let doc = format!("version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"policy.rego\" = \'\'\'\n{policy}\n\'\'\'\n");
+    let parsed = kabuto_initdata::InitData::parse(doc.as_bytes()).expect("test init-data parses");
+    format!(
+        "{}={}",
+        kabuto_initdata::KABUTO_ANNOTATION,
+        parsed.to_annotation()
+    )
+}
+
+/// A pod's init-data policy allows exactly `echo allowed`; anything else, and
+/// exec, are blocked, and nothing is left behind.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn pod_policy_from_init_data_is_enforced() {
+    use kabuto_e2e::{stderr, stdout, Containerd};
+    let c = Containerd::start();
+    let policy = r#"package agent_policy
+default CreateContainerRequest := {"allowed": false, "reason": "only `echo allowed` may run"}
+CreateContainerRequest := true if input.OCI.process.args == ["echo", "allowed"]
+CreateContainerRequest := true if input.OCI.process.args == ["sleep", "1000"]
+default ExecProcessRequest := false
+default ReadStreamRequest := true
+default CreateSandboxRequest := true
+default StartContainerRequest := true
+default WaitProcessRequest := true
+default SignalProcessRequest := true
+default RemoveContainerRequest := true
+default DestroySandboxRequest := true
+default CheckRequest := true
+default GetOOMEventRequest := true
+default CloseStdinRequest := true
+default WriteStreamRequest := true
+"#;
+    let annotation = init_data_annotation(policy);
+    let out = c.run("ok", &["--annotation", &annotation], &["echo", "allowed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "allowed\n");
+
+    let out = c.run(
+        "extra-arg",
+        &["--annotation", &annotation],
+        &["echo", "allowed", "extra"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("CreateContainerRequest is blocked by policy: only `echo allowed` may run"),
+        "{}",
+        stderr(&out)
+    );
+
+    c.run_detached("keeps", &["--annotation", &annotation], &["sleep", "1000"]);
+    let out = c.ctr(&["task", "exec", "--exec-id", "x", "keeps", "sh"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("ExecProcessRequest is blocked by policy"),
+        "{}",
+        stderr(&out)
+    );
+    c.kill_and_delete("keeps");
+
+    let bad = format!("{}=not-base64!", kabuto_initdata::KABUTO_ANNOTATION);
+    let out = c.run("bad", &["--annotation", &bad], &["echo", "allowed"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("init-data annotation is not base64"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        c.eventually(std::time::Duration::from_secs(10), || c
+            .residue()
+            .is_empty()),
+        "{:?}",
+        c.residue()
+    );
 }

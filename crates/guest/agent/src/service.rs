@@ -31,6 +31,8 @@ const OOM_POLL: Duration = Duration::from_millis(500);
 #[derive(Default)]
 struct Sandbox {
     id: String,
+    /// Hex digest of the applied init-data.
+    init_data_digest: String,
 }
 
 pub struct Agent {
@@ -184,10 +186,29 @@ impl Agent {
                  is the virtio-fs device missing from the VM?"
             )));
         }
+        let mut digest = String::new();
+        if !req.init_data.is_empty() {
+            let init_data = kabuto_initdata::InitData::parse(&req.init_data)
+                .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?;
+            // Without a TEE there is no launch data to check the digest
+            // against: the policy still applies, but proves nothing to a
+            // remote party. The TEE check comes with the TEE backends.
+            log::warn!("init-data applied without a TEE: its digest is not bound to launch data");
+            if let Some(policy) = init_data.policy() {
+                let gate = PolicyGate::new(policy).map_err(|e| {
+                    AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
+                })?;
+                *lock(&self.gate) = gate;
+                log::info!("policy from init-data applied");
+            }
+            digest = hex::encode(init_data.digest());
+        }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(AgentError::sys("sethostname"))?;
         }
-        lock(&self.sandbox).id = req.sandbox_id;
+        let mut sandbox = lock(&self.sandbox);
+        sandbox.id = req.sandbox_id;
+        sandbox.init_data_digest = digest;
         Ok(agent::Empty::new())
     }
 
@@ -393,6 +414,7 @@ impl Agent {
             kernel_release: uname.release().to_string_lossy().into_owned(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             loaded_modules: self.loaded_modules.clone(),
+            init_data_digest: lock(&self.sandbox).init_data_digest.clone(),
             ..Default::default()
         })
     }

@@ -143,7 +143,13 @@ fn find_program(program: &Path) -> PathBuf {
 
 impl Sandbox {
     /// Boots the pod VM and waits until its agent serves requests.
-    pub fn create(config: &Config, id: &str, hostname: &str) -> Result<Sandbox, SandboxError> {
+    /// `init_data` is the pod's raw init-data document, handed to the agent.
+    pub fn create(
+        config: &Config,
+        id: &str,
+        hostname: &str,
+        init_data: Option<&[u8]>,
+    ) -> Result<Sandbox, SandboxError> {
         let fail = |stage: &'static str| {
             let id = id.to_string();
             move |reason: String| SandboxError { id, stage, reason }
@@ -267,6 +273,8 @@ impl Sandbox {
             kernel_params,
             shared_fs_socket: fs_socket,
             vsock,
+            // Confidential launches come with the init-data flow.
+            tee: hypervisor::TeeLaunch::None,
         };
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             if !path.is_file() {
@@ -292,6 +300,7 @@ impl Sandbox {
                 sandbox_id: id.to_string(),
                 hostname: hostname.to_string(),
                 shared_dir: GUEST_SHARED_DIR.to_string(),
+                init_data: init_data.map(<[u8]>::to_vec).unwrap_or_default(),
                 ..Default::default()
             })
             .map_err(|e| fail("creating the sandbox in the guest")(e.to_string()))?;

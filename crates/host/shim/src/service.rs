@@ -31,7 +31,6 @@ use containerd_shim::{
 };
 use kabuto_protocol::{agent::ExecProcessRequest, cri, GUEST_SHARED_DIR};
 use kabuto_runtime::{
-    agent_client::AgentClient,
     config::Config,
     mount::MountSpec,
     sandbox::{self, Sandbox},
@@ -265,7 +264,19 @@ impl Service {
             ));
         }
         let hostname = spec.hostname().clone().unwrap_or_default();
-        let sandbox = Sandbox::create(config, id, &hostname)
+        // Refuse a broken init-data document before booting anything.
+        let init_data = match spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| kabuto_initdata::from_annotations(a.iter()))
+        {
+            Some(value) => Some(
+                kabuto_initdata::InitData::from_annotation(value)
+                    .map_err(|e| err(Code::INVALID_ARGUMENT, format!("pod {id}: {e}")))?,
+            ),
+            None => None,
+        };
+        let sandbox = Sandbox::create(config, id, &hostname, init_data.as_ref().map(|d| d.raw()))
             .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
         let sandbox = Arc::new(sandbox);
         lock(&self.inner.state).sandbox = Some(sandbox.clone());
@@ -356,8 +367,9 @@ impl Service {
     }
 
     /// Waits in the guest for the process to exit, then reports it.
-    fn spawn_waiter(&self, agent: AgentClient, p: Arc<Process>, output: Option<OutputCopiers>) {
+    fn spawn_waiter(&self, sandbox: Arc<Sandbox>, p: Arc<Process>, output: Option<OutputCopiers>) {
         let service = self.clone();
+        let agent = sandbox.agent().clone();
         let _ = thread::Builder::new()
             .name(format!("wait-{}", p.container_id))
             .spawn(move || {
@@ -372,7 +384,27 @@ impl Service {
                         timestamp_from_nanos(r.exited_at_nanos),
                     ),
                     Err(e) => {
-                        log::error!("waiting for {}/{}: {e}", p.container_id, p.exec_id);
+                        // A lost agent connection usually means the VM died;
+                        // give the VMM a moment to be seen as exited.
+                        let mut vm_status = sandbox.vm_exited();
+                        for _ in 0..20 {
+                            if vm_status.is_some() {
+                                break;
+                            }
+                            thread::sleep(Duration::from_millis(50));
+                            vm_status = sandbox.vm_exited();
+                        }
+                        match vm_status {
+                            Some(status) => log::error!(
+                                "sandbox {}: the VM exited unexpectedly ({status}) under {}/{}",
+                                sandbox.id,
+                                p.container_id,
+                                p.exec_id
+                            ),
+                            None => {
+                                log::error!("waiting for {}/{}: {e}", p.container_id, p.exec_id)
+                            }
+                        }
                         service.report_exit(&p, VM_GONE_STATUS, now());
                     }
                 }
@@ -659,11 +691,17 @@ impl containerd_shim::Task for Service {
         }
         let agent = c.sandbox.agent().clone();
         let pid = lock(&p.state).pid;
+        // A process that cannot start is finished: release its waiters
+        // (ctr waits before it starts), or they would hold the shim forever.
+        let failed = |e: kabuto_runtime::agent_client::AgentClientError| {
+            p.set_exited(VM_GONE_STATUS, now());
+            agent_error(e)
+        };
         if req.exec_id.is_empty() {
-            agent.start_container(&req.id).map_err(agent_error)?;
+            agent.start_container(&req.id).map_err(failed)?;
             lock(&p.state).status = Status::Running;
             let output = lock(&c.init_output).take();
-            self.spawn_waiter(agent, p.clone(), output);
+            self.spawn_waiter(c.sandbox.clone(), p.clone(), output);
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
                 Box::new(TaskStart {
@@ -680,10 +718,10 @@ impl containerd_shim::Task for Service {
                     process: p.exec_spec.clone(),
                     ..Default::default()
                 })
-                .map_err(agent_error)?;
+                .map_err(failed)?;
             lock(&p.state).status = Status::Running;
             let output = io::start(&agent, &req.id, &req.exec_id, &p.stdio);
-            self.spawn_waiter(agent, p.clone(), Some(output));
+            self.spawn_waiter(c.sandbox.clone(), p.clone(), Some(output));
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
                 Box::new(TaskExecStarted {
@@ -740,6 +778,10 @@ impl containerd_shim::Task for Service {
                 ));
             }
             self.remove_container(&c);
+            // Execs that never ran or outlived nothing: no Wait may hang.
+            for e in lock(&c.execs).values() {
+                e.set_exited(VM_GONE_STATUS, now());
+            }
             lock(&self.inner.state).containers.remove(&req.id);
             self.publish(
                 topics::TASK_DELETE_EVENT_TOPIC,

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kabuto_e2e::{paths, stderr, Containerd, IMAGE, RUNTIME};
+use kabuto_e2e::{paths, processes_matching, stderr, Containerd, IMAGE, RUNTIME};
 
 const RUNC: &str = "io.containerd.runc.v2";
 
@@ -56,39 +56,9 @@ fn ctr_cmd(c: &Containerd, args: &[&str]) -> Command {
     cmd
 }
 
-/// An initramfs whose /init prints one line and powers off: the floor.
-fn trivial_initramfs(dir: &Path) -> std::path::PathBuf {
-    let root = dir.join("floor-root");
-    fs::create_dir_all(root.join("dev")).expect("mkdir");
-    fs::copy("/bin/busybox", root.join("busybox")).expect("busybox");
-    fs::write(
-        root.join("init"),
-        "#!/busybox sh\necho first-line\n/busybox poweroff -f\n",
-    )
-    .expect("init");
-    Command::new("chmod")
-        .arg("755")
-        .arg(root.join("init"))
-        .status()
-        .expect("chmod");
-    let out = dir.join("floor.cpio");
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -o -H newc > {} 2>/dev/null",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .expect("cpio")
-        .success();
-    assert!(ok, "cpio failed");
-    out
-}
-
 fn bare_qemu_boot(initramfs: &Path) -> Duration {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let tsc = kabuto_runtime_tsc(&cpuinfo);
+    let tsc = kabuto_runtime::hypervisor::host_tsc_khz(&cpuinfo).unwrap_or(0);
     let kernel = paths().guest_dir.join("vmlinux");
     let append = format!(
         "console=ttyS0 reboot=k panic=-1 quiet rdinit=/init cryptomgr.notests i8042.noaux \
@@ -122,27 +92,7 @@ fn bare_qemu_boot(initramfs: &Path) -> Duration {
     time_to_first_line(&mut cmd)
 }
 
-/// The same TSC reading the QEMU driver uses.
-fn kabuto_runtime_tsc(cpuinfo: &str) -> u64 {
-    cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))
-        .and_then(|l| l.split(':').nth(1))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|mhz| (mhz * 1000.0).round() as u64)
-        .unwrap_or(0)
-}
-
-fn pss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
+/// A field of /proc/<pid>/smaps_rollup, in KiB.
 fn smaps_field(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
@@ -153,65 +103,26 @@ fn smaps_field(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Host pids belonging to one sandbox (QEMU, helpers) and the shim.
+/// Host processes of one sandbox (QEMU, helpers) and its shim: (name, pid).
 fn sandbox_pids(c: &Containerd, sandbox: &str) -> Vec<(String, u32)> {
     let dir = c.state_dir().join("sandboxes").join(sandbox);
-    let needle = dir.display().to_string();
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline =
-            String::from_utf8_lossy(&fs::read(entry.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if cmdline.contains(&needle) {
-            let name = cmdline
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            out.push((name, pid));
-        }
-    }
+    let mut procs = processes_matching(&dir.display().to_string());
     // The shim serving this sandbox: its -id is the sandbox id.
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline =
-            String::from_utf8_lossy(&fs::read(entry.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if cmdline.contains("containerd-shim-kabuto-v2")
-            && cmdline.contains(&format!("-id {sandbox} "))
-            && cmdline.contains(&c.dir.path().display().to_string())
-        {
-            out.push(("containerd-shim-kabuto-v2".into(), pid));
-        }
-    }
-    out
-}
-
-fn start_detached(c: &Containerd, runtime: &str, id: &str, annotations: &[&str]) {
-    let mut args = vec!["run", "-d", "--runtime", runtime];
-    for a in annotations {
-        args.push("--annotation");
-        args.push(a);
-    }
-    args.extend_from_slice(&[IMAGE, id, "sleep", "100000"]);
-    let out = c.ctr(&args);
-    assert!(out.status.success(), "starting {id}: {}", stderr(&out));
-}
-
-fn stop(c: &Containerd, id: &str) {
-    let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    c.eventually(Duration::from_secs(30), || {
-        c.ctr(&["task", "delete", id]).status.success()
-    });
-    let _ = c.ctr(&["container", "rm", id]);
+    procs.extend(
+        processes_matching(&format!("-id {sandbox} "))
+            .into_iter()
+            .filter(|(_, cmd)| {
+                cmd.contains("containerd-shim-kabuto-v2")
+                    && cmd.contains(&c.dir.path().display().to_string())
+            }),
+    );
+    procs
+        .into_iter()
+        .map(|(pid, cmd)| {
+            let exe = cmd.split_whitespace().next().unwrap_or("");
+            (exe.rsplit('/').next().unwrap_or("").to_string(), pid)
+        })
+        .collect()
 }
 
 fn exec_round_trip(c: &Containerd, id: &str, n: usize) -> Duration {
@@ -251,7 +162,12 @@ fn main() {
     }
     let c = Containerd::start();
     let scratch = tempfile::tempdir().expect("tempdir");
-    let floor_initramfs = trivial_initramfs(scratch.path());
+    // The floor: an /init that prints one line and powers off.
+    let floor_initramfs = kabuto_e2e::busybox_initramfs(
+        scratch.path(),
+        "floor",
+        "echo first-line\n/busybox poweroff -f",
+    );
     println!("| figure | kabuto | baseline | ratio |");
     println!("| --- | --- | --- | --- |");
 
@@ -305,14 +221,15 @@ fn main() {
     );
 
     // (b) A second container in a running pod.
-    start_detached(
-        &c,
-        RUNTIME,
+    c.run_detached(
         "pod",
         &[
+            "--annotation",
             "io.kubernetes.cri.container-type=sandbox",
+            "--annotation",
             "io.kubernetes.cri.sandbox-id=pod",
         ],
+        &["sleep", "100000"],
     );
     let mut second = Vec::new();
     let mut runc_second = Vec::new();
@@ -359,7 +276,17 @@ fn main() {
     );
 
     // (c) exec round trip.
-    start_detached(&c, RUNC, "runc-idle", &[]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNC,
+        IMAGE,
+        "runc-idle",
+        "sleep",
+        "100000",
+    ]);
+    assert!(out.status.success(), "runc: {}", stderr(&out));
     let k = exec_round_trip(&c, "pod", runs.max(5));
     let r = exec_round_trip(&c, "runc-idle", runs.max(5));
     println!(
@@ -375,7 +302,7 @@ fn main() {
     let mut total = 0;
     let mut parts = Vec::new();
     for (name, pid) in &pids {
-        let pss = pss_kib(*pid);
+        let pss = smaps_field(*pid, "Pss:");
         total += pss;
         parts.push(format!("{name} {} MiB", pss / 1024));
     }
@@ -392,8 +319,8 @@ fn main() {
             smaps_field(*qemu, "Pss_File:") / 1024,
         );
     }
-    stop(&c, "pod");
-    stop(&c, "runc-idle");
+    c.kill_and_delete("pod");
+    c.kill_and_delete("runc-idle");
 
     // (e) Idle pods this machine holds, all still answering exec.
     let mut held = 0;
@@ -440,6 +367,6 @@ fn main() {
     }
     println!("| (e) idle pods held, all answering exec | {held} ({reason}) | – | – |");
     for id in ids {
-        stop(&c, &id);
+        c.kill_and_delete(&id);
     }
 }

@@ -47,6 +47,18 @@ pub enum VsockBackend {
     VhostUser { socket: PathBuf },
 }
 
+/// The TEE a VM is launched in, with the launch data fixed before boot (the
+/// init-data digest, fitted to the field; see `kabuto-initdata`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TeeLaunch {
+    /// An ordinary VM.
+    None,
+    /// AMD SEV-SNP: HOST_DATA is part of the signed attestation report.
+    Snp { host_data: [u8; 32] },
+    /// Intel TDX: MRCONFIGID is part of the TD report and quote.
+    Tdx { mrconfigid: [u8; 48] },
+}
+
 /// Everything a driver needs to start one pod VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -63,6 +75,7 @@ pub struct VmSpec {
     /// vhost-user-fs socket of the virtio-fs daemon.
     pub shared_fs_socket: PathBuf,
     pub vsock: VsockBackend,
+    pub tee: TeeLaunch,
 }
 
 impl VmSpec {

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Accel, Hypervisor, HypervisorError, Vm, VmSpec, VsockBackend};
+use super::{Accel, Hypervisor, HypervisorError, TeeLaunch, Vm, VmSpec, VsockBackend};
 use crate::config::{HypervisorConfig, MachineType};
 
 pub struct Qemu {
@@ -148,12 +148,43 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
             ));
         }
     }
+    args.extend(tee_args(&spec.tee));
     if mmio {
         // Modern virtio-mmio: vhost-user devices need VIRTIO 1.0.
         args.push("-global".into());
         args.push("virtio-mmio.force-legacy=false".into());
     }
     args
+}
+
+/// QEMU objects that launch the guest in a TEE with its launch data.
+///
+/// SNP (QEMU >= 9.1): `-object sev-snp-guest,...,host-data=<base64 of 32
+/// bytes>`; TDX (QEMU >= 10.1): `-object tdx-guest,...,mrconfigid=<base64 of
+/// 48 bytes>`; both tied in with `-machine confidential-guest-support`.
+/// Both need KVM on TEE hardware and a q35 machine with firmware; this
+/// renders the arguments, it cannot boot them here.
+pub fn tee_args(tee: &TeeLaunch) -> Vec<String> {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    match tee {
+        TeeLaunch::None => Vec::new(),
+        TeeLaunch::Snp { host_data } => vec![
+            "-object".into(),
+            format!(
+                "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,host-data={}",
+                b64(host_data)
+            ),
+            "-machine".into(),
+            "confidential-guest-support=tee0".into(),
+        ],
+        TeeLaunch::Tdx { mrconfigid } => vec![
+            "-object".into(),
+            format!("tdx-guest,id=tee0,mrconfigid={}", b64(mrconfigid)),
+            "-machine".into(),
+            "confidential-guest-support=tee0".into(),
+        ],
+    }
 }
 
 fn qmp_socket(dir: &Path) -> PathBuf {
@@ -287,7 +318,34 @@ mod tests {
             kernel_params: vec!["kabuto.log=debug".into()],
             shared_fs_socket: PathBuf::from("/run/kabuto/sandboxes/pod1/virtiofs.sock"),
             vsock,
+            tee: TeeLaunch::None,
         }
+    }
+
+    #[test]
+    fn tee_launch_data_is_rendered_for_snp_and_tdx() {
+        let mut host_data = [0u8; 32];
+        host_data[0] = 0xab;
+        host_data[31] = 0x01;
+        let snp = tee_args(&TeeLaunch::Snp { host_data });
+        // base64 of ab 00.. 01 (32 bytes).
+        assert_eq!(
+            snp[1],
+            "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,host-data=qwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE="
+        );
+        assert_eq!(snp[3], "confidential-guest-support=tee0");
+        let tdx = tee_args(&TeeLaunch::Tdx {
+            mrconfigid: [0xff; 48],
+        });
+        assert_eq!(
+            tdx[1],
+            format!("tdx-guest,id=tee0,mrconfigid={}", "/".repeat(64))
+        );
+        assert!(tee_args(&TeeLaunch::None).is_empty());
+        let mut s = spec(Accel::Kvm, VsockBackend::Kernel { guest_cid: 9 });
+        s.tee = TeeLaunch::Snp { host_data };
+        let args = command_line(MachineType::Q35, &s, None);
+        assert!(args.iter().any(|a| a.starts_with("sev-snp-guest,")));
     }
 
     fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
