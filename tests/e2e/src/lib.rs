@@ -18,6 +18,8 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
+pub mod policy_bench;
+
 pub const RUNTIME: &str = "io.containerd.kabuto.v2";
 pub const IMAGE: &str = "localhost/busybox:latest";
 

@@ -184,12 +184,16 @@ pub fn switch_root() -> Result<(), String> {
     Ok(())
 }
 
-/// Loads the kernel modules listed in [`MODULES_LIST`], in order. Returns
-/// the names of the modules loaded.
-pub fn load_modules() -> Vec<String> {
+/// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
+/// virtio-pci ones only when the guest has PCI). Returns the names of the
+/// modules loaded.
+pub fn load_modules(skip_pci: bool) -> Vec<String> {
     let list = fs::read_to_string(MODULES_LIST).unwrap_or_default();
     let mut loaded = Vec::new();
     for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if skip_pci && module_name(path).starts_with("virtio_pci") {
+            continue;
+        }
         match load_module(Path::new(path)) {
             Ok(()) => {
                 log::debug!("loaded {path}");

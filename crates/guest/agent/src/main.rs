@@ -23,9 +23,16 @@ fn main() {
     logger::init(is_init);
     let mut loaded_modules = Vec::new();
     if is_init {
-        init::with_early_proc(logger::set_level_from_cmdline);
+        let mut cmdline = String::new();
+        init::with_early_proc(|| {
+            logger::set_level_from_cmdline();
+            cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        });
         log::debug!("agent started");
-        loaded_modules = init::load_modules();
+        // Without PCI (microvm: pci=off) the virtio-pci drivers have nothing
+        // to drive; skipping them saves their load time.
+        let no_pci = cmdline.split_whitespace().any(|w| w == "pci=off");
+        loaded_modules = init::load_modules(no_pci);
         log::debug!("kernel modules loaded");
         if let Err(e) = init::switch_root().and_then(|()| init::setup_guest()) {
             log::error!("guest setup failed: {e}");

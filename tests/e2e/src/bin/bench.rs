@@ -2,7 +2,7 @@
 //! their baselines (runc, a bare QEMU boot of the same kernel), measured in
 //! the same run. Prints a Markdown table; run it through scripts/bench.sh.
 //!
-//! Usage: kabuto-bench [--runs N] [--max-pods N]
+//! Usage: kabuto-bench [--runs N] [--max-pods N] [--policy-only]
 
 use std::{
     fs,
@@ -140,6 +140,7 @@ fn exec_round_trip(c: &Containerd, id: &str, n: usize) -> Duration {
 fn main() {
     let mut runs = 5usize;
     let mut max_pods = 24usize;
+    let mut policy_only = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -152,6 +153,7 @@ fn main() {
                     .max(1)
             }
             "--max-pods" => max_pods = it.next().and_then(|v| v.parse().ok()).unwrap_or(max_pods),
+            "--policy-only" => policy_only = true,
             other => {
                 eprintln!(
                     "unknown argument {other}; usage: kabuto-bench [--runs N] [--max-pods N]"
@@ -159,6 +161,30 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    // Policy gate decision latency (no VM needed).
+    let (p50, p99) = kabuto_e2e::policy_bench::measure(10_000);
+    let policy_row = |cold: Option<Duration>| {
+        let share = cold
+            .map(|c| {
+                format!(
+                    "{:.3}% of a cold start",
+                    p99.as_secs_f64() * 100.0 / c.as_secs_f64()
+                )
+            })
+            .unwrap_or_else(|| "–".into());
+        println!(
+            "| policy gate: CreateContainerRequest decision, generated-style {}-container policy (p50 / p99) | {:.0} µs / {:.0} µs | target p99 < 1 ms | {share} |",
+            kabuto_e2e::policy_bench::CONTAINERS,
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+    };
+    if policy_only {
+        println!("| figure | kabuto | baseline | ratio |");
+        println!("| --- | --- | --- | --- |");
+        policy_row(None);
+        return;
     }
     let c = Containerd::start();
     let scratch = tempfile::tempdir().expect("tempdir");
@@ -207,6 +233,7 @@ fn main() {
         )));
     }
     let (k, r, f) = (median(kabuto), median(runc), median(floor));
+    let cold_start = k;
     println!(
         "| (a) cold pod start → first line (vs bare QEMU boot, the floor) | {} | {} | {:.2}× |",
         ms(k),
@@ -366,6 +393,7 @@ fn main() {
         }
     }
     println!("| (e) idle pods held, all answering exec | {held} ({reason}) | – | – |");
+    policy_row(Some(cold_start));
     for id in ids {
         c.kill_and_delete(&id);
     }
