@@ -23,7 +23,7 @@ pub fn ten_container_policy() -> String {
                 ],
                 "mounts": ["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
                            "/etc/hosts", "/etc/resolv.conf", "/var/run/secrets/kubernetes.io/serviceaccount"],
-                "readonly_root": i % 2 == 0,
+                "readonly_root": i.is_multiple_of(2),
             })
         })
         .collect();
@@ -90,7 +90,7 @@ pub fn input(i: usize) -> serde_json::Value {
                 ],
                 "cwd": "/",
             },
-            "root": {"path": "/run/kabuto/shared/c/rootfs", "readonly": i % 2 == 0},
+            "root": {"path": "/run/kabuto/shared/c/rootfs", "readonly": i.is_multiple_of(2)},
             "mounts": mounts,
         }
     })
