@@ -269,6 +269,15 @@ impl Containerd {
         self.delete(id)
     }
 
+    /// Asserts that, within 10 s, kabuto has left nothing behind.
+    pub fn assert_no_residue(&self) {
+        assert!(
+            self.eventually(Duration::from_secs(10), || self.residue().is_empty()),
+            "{:?}",
+            self.residue()
+        );
+    }
+
     /// Polls until `f` is true or `limit` passes.
     pub fn eventually(&self, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + limit;

@@ -135,11 +135,7 @@ fn detached_task_exec_ps_metrics_kill_delete() {
     assert!(c.wait_stopped("bg"), "task did not stop");
     let deleted = c.delete("bg");
     assert!(deleted.contains("exit code 42"), "{deleted}");
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]

@@ -93,11 +93,7 @@ fn agent_that_never_answers_fails_create_within_the_timeout() {
         "{err}"
     );
     assert!(took < Duration::from_secs(40), "took {took:?}");
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]
@@ -115,11 +111,7 @@ fn vm_that_dies_during_boot_is_reported() {
         err.contains("waiting for the agent") && err.contains("the VM exited"),
         "{err}"
     );
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]
@@ -150,11 +142,7 @@ fn qemu_killed_under_a_running_task() {
         c.log().contains("the VM exited unexpectedly"),
         "no reason logged"
     );
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]

@@ -1,7 +1,5 @@
 //! Containers carrying the CRI sandbox annotations join their pod's VM.
 
-use std::time::Duration;
-
 use kabuto_e2e::{stderr, stdout, Containerd};
 
 const SANDBOX: [&str; 4] = [
@@ -43,9 +41,5 @@ fn containers_of_a_pod_share_one_vm() {
     assert_eq!(vms, 1, "{:?}", c.residue().processes);
 
     c.kill_and_delete("pod1");
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }

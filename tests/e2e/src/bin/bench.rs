@@ -50,6 +50,15 @@ fn time_to_first_line(cmd: &mut Command) -> Duration {
     took
 }
 
+/// `ctr run --rm --runtime RUNTIME [extra] IMAGE id echo first-line`, timed
+/// to its first output line.
+fn first_line(c: &Containerd, runtime: &str, id: &str, extra: &[&str]) -> Duration {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "echo", "first-line"]);
+    time_to_first_line(&mut ctr_cmd(c, &args))
+}
+
 fn ctr_cmd(c: &Containerd, args: &[&str]) -> Command {
     let mut cmd = Command::new("ctr");
     cmd.arg("--address").arg(c.socket()).args(args);
@@ -204,33 +213,9 @@ fn main() {
     for i in 0..runs {
         floor.push(bare_qemu_boot(&floor_initramfs));
         let id = format!("cold-k{i}");
-        kabuto.push(time_to_first_line(&mut ctr_cmd(
-            &c,
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                &id,
-                "echo",
-                "first-line",
-            ],
-        )));
+        kabuto.push(first_line(&c, RUNTIME, &id, &[]));
         let id = format!("cold-r{i}");
-        runc.push(time_to_first_line(&mut ctr_cmd(
-            &c,
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNC,
-                IMAGE,
-                &id,
-                "echo",
-                "first-line",
-            ],
-        )));
+        runc.push(first_line(&c, RUNC, &id, &[]));
     }
     let (k, r, f) = (median(kabuto), median(runc), median(floor));
     let cold_start = k;
@@ -262,37 +247,19 @@ fn main() {
     let mut runc_second = Vec::new();
     for i in 0..runs {
         let id = format!("second-k{i}");
-        second.push(time_to_first_line(&mut ctr_cmd(
+        second.push(first_line(
             &c,
+            RUNTIME,
+            &id,
             &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
                 "--annotation",
                 "io.kubernetes.cri.container-type=container",
                 "--annotation",
                 "io.kubernetes.cri.sandbox-id=pod",
-                IMAGE,
-                &id,
-                "echo",
-                "first-line",
             ],
-        )));
+        ));
         let id = format!("second-r{i}");
-        runc_second.push(time_to_first_line(&mut ctr_cmd(
-            &c,
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNC,
-                IMAGE,
-                &id,
-                "echo",
-                "first-line",
-            ],
-        )));
+        runc_second.push(first_line(&c, RUNC, &id, &[]));
     }
     let (k, r) = (median(second), median(runc_second));
     println!(
