@@ -1,0 +1,312 @@
+//! JOSE for the KBS protocol: public JWKs, flattened JWE, canonical JSON.
+//!
+//! Hand-written on RustCrypto primitives because no maintained pure-Rust JWE
+//! crate supports ECDH-ES+A256KW and RSA-OAEP-256 in the flattened form that
+//! `kbs_types::Response` carries.
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+pub use kbs_types::{ProtectedHeader, Response, TeePubKey};
+use p256::elliptic_curve::sec1::{EncodedPoint, FromEncodedPoint, ToEncodedPoint};
+use rand_core::{OsRng, RngCore};
+use rsa::traits::PublicKeyParts;
+use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Key management algorithm for EC (P-256) recipient keys.
+pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
+/// Key management algorithm for RSA recipient keys.
+pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// The only content encryption we produce or accept.
+pub const ENC_A256GCM: &str = "A256GCM";
+
+/// RSA keys smaller than this are refused on both sides.
+const MIN_RSA_BITS: usize = 2048;
+const GCM_IV_LEN: usize = 12;
+const GCM_TAG_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoseError {
+    #[error("unsupported key: {0}")]
+    UnsupportedKey(String),
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("unsupported JWE algorithm {field}={value}")]
+    UnsupportedAlgorithm { field: &'static str, value: String },
+    #[error("malformed JWE: {0}")]
+    Malformed(String),
+    #[error("JWE decryption failed: the key unwrap or the authentication tag did not verify")]
+    Decrypt,
+    #[error("encryption failed: {0}")]
+    Encrypt(String),
+    #[error("canonical JSON: {0}")]
+    Canonical(String),
+}
+
+pub type Result<T> = std::result::Result<T, JoseError>;
+
+/// RFC 8785 (JCS) canonical JSON of `value`.
+pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    serde_jcs::to_vec(value).map_err(|e| JoseError::Canonical(e.to_string()))
+}
+
+/// An ephemeral key pair a guest generates per attestation; the public half
+/// travels as `tee-pubkey`, the private half never leaves the guest.
+pub enum TeeKeyPair {
+    Ec(p256::SecretKey),
+    Rsa(Box<RsaPrivateKey>),
+}
+
+impl TeeKeyPair {
+    /// A fresh P-256 key (fast to generate; the default).
+    pub fn generate_ec() -> Self {
+        TeeKeyPair::Ec(p256::SecretKey::random(&mut OsRng))
+    }
+
+    /// A fresh RSA key of `bits` (>= 2048) for KBSs that only speak RSA.
+    pub fn generate_rsa(bits: usize) -> Result<Self> {
+        if bits < MIN_RSA_BITS {
+            return Err(JoseError::UnsupportedKey(format!(
+                "RSA keys need at least {MIN_RSA_BITS} bits, asked for {bits}"
+            )));
+        }
+        RsaPrivateKey::new(&mut OsRng, bits)
+            .map(|k| TeeKeyPair::Rsa(Box::new(k)))
+            .map_err(|e| JoseError::InvalidKey(e.to_string()))
+    }
+
+    /// The public JWK, as the `tee-pubkey` of the KBS protocol.
+    pub fn public_jwk(&self) -> TeePubKey {
+        match self {
+            TeeKeyPair::Ec(secret) => ec_jwk(&secret.public_key()),
+            TeeKeyPair::Rsa(key) => TeePubKey::RSA {
+                alg: ALG_RSA_OAEP_256.to_string(),
+                k_mod: B64URL.encode(key.n().to_bytes_be()),
+                k_exp: B64URL.encode(key.e().to_bytes_be()),
+            },
+        }
+    }
+
+    /// Decrypts a JWE addressed to this key.
+    pub fn decrypt(&self, jwe: &Response) -> Result<Zeroizing<Vec<u8>>> {
+        if jwe.protected.enc != ENC_A256GCM {
+            return Err(JoseError::UnsupportedAlgorithm {
+                field: "enc",
+                value: jwe.protected.enc.clone(),
+            });
+        }
+        let cek = match (self, jwe.protected.alg.as_str()) {
+            (TeeKeyPair::Ec(secret), ALG_ECDH_ES_A256KW) => {
+                let epk = jwe
+                    .protected
+                    .other_fields
+                    .get("epk")
+                    .ok_or_else(|| JoseError::Malformed("ECDH-ES header has no epk".into()))?;
+                let epk: TeePubKey = serde_json::from_value(epk.clone())
+                    .map_err(|e| JoseError::Malformed(format!("epk: {e}")))?;
+                let epk = ec_public_key(&epk)?;
+                let shared =
+                    p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
+                Zeroizing::new(
+                    ecdh_kek(&shared)?
+                        .unwrap_vec(&jwe.encrypted_key)
+                        .map_err(|_| JoseError::Decrypt)?,
+                )
+            }
+            (TeeKeyPair::Rsa(key), ALG_RSA_OAEP_256) => Zeroizing::new(
+                key.decrypt(Oaep::new::<Sha256>(), &jwe.encrypted_key)
+                    .map_err(|_| JoseError::Decrypt)?,
+            ),
+            (_, other) => {
+                return Err(JoseError::UnsupportedAlgorithm {
+                    field: "alg",
+                    value: format!("{other} for this key type"),
+                })
+            }
+        };
+        if cek.len() != 32 {
+            return Err(JoseError::Decrypt);
+        }
+        if jwe.iv.len() != GCM_IV_LEN || jwe.tag.len() != GCM_TAG_LEN {
+            return Err(JoseError::Malformed(format!(
+                "A256GCM needs a {GCM_IV_LEN}-byte iv and a {GCM_TAG_LEN}-byte tag, got {} and {}",
+                jwe.iv.len(),
+                jwe.tag.len()
+            )));
+        }
+        let aad = jwe
+            .protected
+            .generate_aad()
+            .map_err(|e| JoseError::Malformed(format!("protected header: {e:?}")))?;
+        let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| JoseError::Decrypt)?;
+        let mut plaintext = Zeroizing::new(jwe.ciphertext.clone());
+        cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&jwe.iv),
+                &aad,
+                &mut plaintext,
+                aes_gcm::Tag::from_slice(&jwe.tag),
+            )
+            .map_err(|_| JoseError::Decrypt)?;
+        Ok(plaintext)
+    }
+}
+
+/// Encrypts `plaintext` to `recipient` (A256GCM content; ECDH-ES+A256KW for
+/// EC keys, RSA-OAEP-256 for RSA keys).
+pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
+    let mut cek = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(cek.as_mut());
+    let (protected, encrypted_key) = match recipient {
+        TeePubKey::EC { .. } => {
+            let recipient_key = ec_public_key(recipient)?;
+            let ephemeral = p256::SecretKey::random(&mut OsRng);
+            let shared = p256::ecdh::diffie_hellman(
+                ephemeral.to_nonzero_scalar(),
+                recipient_key.as_affine(),
+            );
+            let wrapped = ecdh_kek(&shared)?
+                .wrap_vec(cek.as_ref())
+                .map_err(|e| JoseError::Encrypt(format!("AES key wrap: {e}")))?;
+            let mut other_fields = serde_json::Map::new();
+            let epk = serde_json::to_value(ec_jwk(&ephemeral.public_key()))
+                .map_err(|e| JoseError::Encrypt(e.to_string()))?;
+            other_fields.insert("epk".into(), epk);
+            (
+                ProtectedHeader {
+                    alg: ALG_ECDH_ES_A256KW.into(),
+                    enc: ENC_A256GCM.into(),
+                    other_fields,
+                },
+                wrapped,
+            )
+        }
+        TeePubKey::RSA { k_mod, k_exp, .. } => {
+            let n = decode_b64url("n", k_mod)?;
+            let e = decode_b64url("e", k_exp)?;
+            let key = RsaPublicKey::new(BigUint::from_bytes_be(&n), BigUint::from_bytes_be(&e))
+                .map_err(|e| JoseError::InvalidKey(format!("RSA: {e}")))?;
+            if key.size() * 8 < MIN_RSA_BITS {
+                return Err(JoseError::UnsupportedKey(format!(
+                    "RSA key of {} bits; at least {MIN_RSA_BITS} required",
+                    key.size() * 8
+                )));
+            }
+            let wrapped = key
+                .encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref())
+                .map_err(|e| JoseError::Encrypt(format!("RSA-OAEP: {e}")))?;
+            (
+                ProtectedHeader {
+                    alg: ALG_RSA_OAEP_256.into(),
+                    enc: ENC_A256GCM.into(),
+                    other_fields: serde_json::Map::new(),
+                },
+                wrapped,
+            )
+        }
+        TeePubKey::AKP { alg, .. } => {
+            return Err(JoseError::UnsupportedKey(format!(
+                "AKP (post-quantum) key with alg {alg}"
+            )))
+        }
+    };
+    let aad = protected
+        .generate_aad()
+        .map_err(|e| JoseError::Encrypt(format!("protected header: {e:?}")))?;
+    let mut iv = [0u8; GCM_IV_LEN];
+    OsRng.fill_bytes(&mut iv);
+    let cipher =
+        Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|e| JoseError::Encrypt(e.to_string()))?;
+    let mut ciphertext = plaintext.to_vec();
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut ciphertext)
+        .map_err(|e| JoseError::Encrypt(e.to_string()))?;
+    Ok(Response {
+        protected,
+        encrypted_key,
+        aad: None,
+        iv: iv.to_vec(),
+        ciphertext,
+        tag: tag.to_vec(),
+    })
+}
+
+fn ec_jwk(key: &p256::PublicKey) -> TeePubKey {
+    let point = key.to_encoded_point(false);
+    // An uncompressed point always has both coordinates.
+    let x = point.x().map(|x| B64URL.encode(x)).unwrap_or_default();
+    let y = point.y().map(|y| B64URL.encode(y)).unwrap_or_default();
+    TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: ALG_ECDH_ES_A256KW.into(),
+        x,
+        y,
+    }
+}
+
+/// Parses an EC JWK into a P-256 public key (rejecting points off the curve).
+pub fn ec_public_key(jwk: &TeePubKey) -> Result<p256::PublicKey> {
+    let TeePubKey::EC { crv, x, y, .. } = jwk else {
+        return Err(JoseError::UnsupportedKey("expected an EC key".into()));
+    };
+    if crv != "P-256" {
+        return Err(JoseError::UnsupportedKey(format!(
+            "EC curve {crv} (only P-256)"
+        )));
+    }
+    let x = decode_b64url("x", x)?;
+    let y = decode_b64url("y", y)?;
+    if x.len() != 32 || y.len() != 32 {
+        return Err(JoseError::InvalidKey(
+            "P-256 coordinates must be 32 bytes".into(),
+        ));
+    }
+    let point = EncodedPoint::<p256::NistP256>::from_affine_coordinates(
+        x.as_slice().into(),
+        y.as_slice().into(),
+        false,
+    );
+    Option::from(p256::PublicKey::from_encoded_point(&point))
+        .ok_or_else(|| JoseError::InvalidKey("point is not on P-256".into()))
+}
+
+fn decode_b64url(field: &str, value: &str) -> Result<Vec<u8>> {
+    B64URL
+        .decode(value)
+        .map_err(|e| JoseError::InvalidKey(format!("{field}: not base64url: {e}")))
+}
+
+/// Concat KDF (NIST SP 800-56A, as RFC 7518 §4.6.2 profiles it) for outputs
+/// up to 256 bits, which one SHA-256 round yields.
+fn concat_kdf(
+    z: &[u8],
+    algorithm_id: &str,
+    apu: &[u8],
+    apv: &[u8],
+    bits: u32,
+) -> Zeroizing<Vec<u8>> {
+    debug_assert!(bits <= 256 && bits % 8 == 0);
+    let mut hasher = Sha256::new();
+    hasher.update(1u32.to_be_bytes());
+    hasher.update(z);
+    for field in [algorithm_id.as_bytes(), apu, apv] {
+        hasher.update((field.len() as u32).to_be_bytes());
+        hasher.update(field);
+    }
+    hasher.update(bits.to_be_bytes());
+    let digest = hasher.finalize();
+    Zeroizing::new(digest[..(bits / 8) as usize].to_vec())
+}
+
+/// The AES-256 key-encryption key for ECDH-ES+A256KW.
+fn ecdh_kek(shared: &p256::ecdh::SharedSecret) -> Result<aes_kw::KekAes256> {
+    let kek = concat_kdf(shared.raw_secret_bytes(), ALG_ECDH_ES_A256KW, b"", b"", 256);
+    aes_kw::KekAes256::try_from(kek.as_slice()).map_err(|_| JoseError::Decrypt)
+}
+
+#[cfg(test)]
+mod tests;

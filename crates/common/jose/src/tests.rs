@@ -1,0 +1,144 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+fn b64(s: &str) -> Vec<u8> {
+    B64URL.decode(s).unwrap()
+}
+
+/// RFC 7518 Appendix C: ECDH-ES key agreement between Alice's ephemeral key
+/// and Bob's static key, Concat KDF with apu "Alice", apv "Bob", A128GCM.
+#[test]
+fn concat_kdf_matches_rfc7518_appendix_c() {
+    let alice_d = b64("0_NxaRPUMQoAJt50Gz8YiTr8gRTwyEaCumd-MToTmIo");
+    let bob = TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: "ECDH-ES".into(),
+        x: "weNJy2HscCSM6AEDTDg04biOvhFhyyWvOHQfeF_PxMQ".into(),
+        y: "e8lnCO-AlStT-NJVX-crhB7QRYhiix03illJOVAOyck".into(),
+    };
+    let alice = p256::SecretKey::from_slice(&alice_d).unwrap();
+    let shared = p256::ecdh::diffie_hellman(
+        alice.to_nonzero_scalar(),
+        ec_public_key(&bob).unwrap().as_affine(),
+    );
+    let derived = concat_kdf(shared.raw_secret_bytes(), "A128GCM", b"Alice", b"Bob", 128);
+    assert_eq!(B64URL.encode(derived.as_slice()), "VqqN6vgjbSBcIijNcacQGg");
+}
+
+/// RFC 8785 §3.2.2: the canonical form of the sample object.
+#[test]
+fn canonical_json_matches_rfc8785_example() {
+    let input = r#"{
+        "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+        "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+        "literals": [null, true, false]
+    }"#;
+    let value: serde_json::Value = serde_json::from_str(input).unwrap();
+    let canonical = String::from_utf8(canonical_json(&value).unwrap()).unwrap();
+    assert_eq!(
+        canonical,
+        r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#
+    );
+}
+
+/// RFC 8785 sorts keys by UTF-16 code units, not UTF-8 bytes.
+#[test]
+fn canonical_json_sorts_by_utf16() {
+    let value = serde_json::json!({"\u{e9}": 1, "\u{1f600}": 2, "a": 3});
+    let canonical = String::from_utf8(canonical_json(&value).unwrap()).unwrap();
+    assert_eq!(canonical, "{\"a\":3,\"\u{e9}\":1,\"\u{1f600}\":2}");
+}
+
+#[test]
+fn ec_round_trip() {
+    let key = TeeKeyPair::generate_ec();
+    let jwe = encrypt(&key.public_jwk(), b"the secret").unwrap();
+    assert_eq!(jwe.protected.alg, ALG_ECDH_ES_A256KW);
+    assert!(jwe.protected.other_fields.contains_key("epk"));
+    assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), b"the secret");
+}
+
+#[test]
+fn rsa_round_trip() {
+    let key = TeeKeyPair::generate_rsa(2048).unwrap();
+    let jwe = encrypt(&key.public_jwk(), b"rsa secret").unwrap();
+    assert_eq!(jwe.protected.alg, ALG_RSA_OAEP_256);
+    assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), b"rsa secret");
+}
+
+#[test]
+fn survives_json_wire_form() {
+    let key = TeeKeyPair::generate_ec();
+    let jwe = encrypt(&key.public_jwk(), b"over the wire").unwrap();
+    let wire = serde_json::to_string(&jwe).unwrap();
+    let parsed: Response = serde_json::from_str(&wire).unwrap();
+    assert_eq!(key.decrypt(&parsed).unwrap().as_slice(), b"over the wire");
+}
+
+#[test]
+fn tampering_anywhere_fails() {
+    let key = TeeKeyPair::generate_ec();
+    let jwe = encrypt(&key.public_jwk(), b"integrity matters").unwrap();
+    let mut c = jwe.clone();
+    c.ciphertext[0] ^= 1;
+    assert!(matches!(key.decrypt(&c), Err(JoseError::Decrypt)));
+    let mut t = jwe.clone();
+    t.tag[15] ^= 1;
+    assert!(matches!(key.decrypt(&t), Err(JoseError::Decrypt)));
+    let mut k = jwe.clone();
+    k.encrypted_key[3] ^= 1;
+    assert!(matches!(key.decrypt(&k), Err(JoseError::Decrypt)));
+    let mut i = jwe.clone();
+    i.iv[0] ^= 1;
+    assert!(matches!(key.decrypt(&i), Err(JoseError::Decrypt)));
+    // The protected header is authenticated data.
+    let mut h = jwe;
+    h.protected
+        .other_fields
+        .insert("kid".into(), serde_json::json!("x"));
+    assert!(matches!(key.decrypt(&h), Err(JoseError::Decrypt)));
+}
+
+#[test]
+fn wrong_key_fails() {
+    let key = TeeKeyPair::generate_ec();
+    let other = TeeKeyPair::generate_ec();
+    let jwe = encrypt(&key.public_jwk(), b"not for you").unwrap();
+    assert!(matches!(other.decrypt(&jwe), Err(JoseError::Decrypt)));
+}
+
+#[test]
+fn rejects_bad_keys_and_algorithms() {
+    let off_curve = TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: ALG_ECDH_ES_A256KW.into(),
+        x: B64URL.encode([1u8; 32]),
+        y: B64URL.encode([2u8; 32]),
+    };
+    assert!(matches!(
+        encrypt(&off_curve, b"x"),
+        Err(JoseError::InvalidKey(_))
+    ));
+    let p384 = TeePubKey::EC {
+        crv: "P-384".into(),
+        alg: ALG_ECDH_ES_A256KW.into(),
+        x: String::new(),
+        y: String::new(),
+    };
+    assert!(matches!(
+        encrypt(&p384, b"x"),
+        Err(JoseError::UnsupportedKey(_))
+    ));
+    assert!(matches!(
+        TeeKeyPair::generate_rsa(1024),
+        Err(JoseError::UnsupportedKey(_))
+    ));
+    let key = TeeKeyPair::generate_ec();
+    let mut jwe = encrypt(&key.public_jwk(), b"x").unwrap();
+    jwe.protected.enc = "A128CBC-HS256".into();
+    assert!(matches!(
+        key.decrypt(&jwe),
+        Err(JoseError::UnsupportedAlgorithm { field: "enc", .. })
+    ));
+}

@@ -1,0 +1,310 @@
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sev::firmware::guest::AttestationReport;
+use sev::firmware::host::{CertTableEntry, CertType};
+use sev::parser::ByteParser;
+
+use super::*;
+
+/// Public test vectors live outside the project (see PROVENANCE.md there).
+fn testdata(rel: &str) -> Option<Vec<u8>> {
+    let dir = std::env::var_os("KABUTO_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../../shared/testdata/attestation")
+        });
+    let path = dir.join(rel);
+    match std::fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(_) => {
+            eprintln!(
+                "SKIPPED: test vector {} not found (set KABUTO_TESTDATA to the shared testdata/attestation directory)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+fn verifier() -> Verifier {
+    Verifier::new(TrustAnchors::default())
+}
+
+#[test]
+fn real_snp_report_verifies_against_pinned_milan_root() {
+    let (Some(report), Some(vcek)) = (
+        testdata("snp/report-v2.bin"),
+        testdata("snp/report-v2.vcek.der"),
+    ) else {
+        return;
+    };
+    let claims = verifier().verify_snp_report(&report, &[vcek]).unwrap();
+    assert_eq!(claims.platform, Platform::AmdSevSnp);
+    assert!(!claims.insecure);
+    assert_eq!(claims.tcb["product"], "milan");
+    assert_eq!(claims.tcb["signing_key"], "vcek");
+    assert_eq!(claims.details["version"], 2);
+    assert_eq!(claims.measurement.len(), 96);
+}
+
+#[test]
+fn any_flipped_byte_in_the_signed_snp_region_fails() {
+    let (Some(report), Some(vcek)) = (
+        testdata("snp/report-v2.bin"),
+        testdata("snp/report-v2.vcek.der"),
+    ) else {
+        return;
+    };
+    let v = verifier();
+    for offset in (0..0x2A0)
+        .step_by(7)
+        .chain([0x50, 0x90, 0xC0, 0x180, 0x29F])
+    {
+        let mut bad = report.clone();
+        bad[offset] ^= 0x01;
+        assert!(
+            v.verify_snp_report(&bad, std::slice::from_ref(&vcek))
+                .is_err(),
+            "flipping byte {offset:#x} went unnoticed"
+        );
+    }
+    let mut bad_sig = report.clone();
+    bad_sig[0x2A0] ^= 0x01;
+    let err = v.verify_snp_report(&bad_sig, &[vcek]).unwrap_err();
+    assert_eq!(err.check(), "signature", "{err}");
+}
+
+#[test]
+fn malformed_or_missing_vceks_are_refused() {
+    let Some(report) = testdata("snp/report-v2.bin") else {
+        return;
+    };
+    let v = verifier();
+    let err = v.verify_snp_report(&report, &[]).unwrap_err();
+    assert!(err.to_string().contains("no VCEK certificate"), "{err}");
+    for bad in ["snp/vcek-invalid-legacy.der", "snp/vcek-invalid-new.der"] {
+        let Some(der) = testdata(bad) else { return };
+        assert!(
+            v.verify_snp_report(&report, &[der]).is_err(),
+            "{bad} accepted"
+        );
+    }
+}
+
+fn tdx_collateral() -> Option<QuoteCollateralV3> {
+    let text = testdata("tdx/quote-v4.collateral.json")?;
+    Some(tdx::collateral_from_json(std::str::from_utf8(&text).unwrap()).unwrap())
+}
+
+/// Inside the collateral's validity window (TCB info issued 2025-06-19).
+fn tdx_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_750_800_000) // 2025-06-24
+}
+
+#[test]
+fn real_tdx_quote_verifies_with_offline_collateral() {
+    let (Some(quote), Some(collateral)) = (testdata("tdx/quote-v4.bin"), tdx_collateral()) else {
+        return;
+    };
+    let claims = verifier()
+        .verify_tdx_quote(&quote, &collateral, tdx_time())
+        .unwrap();
+    assert_eq!(claims.platform, Platform::IntelTdx);
+    assert_eq!(claims.details["quote_version"], 4);
+    assert_eq!(claims.details["rtmr"].as_array().unwrap().len(), 4);
+    assert!(claims.tcb["status"].is_string());
+}
+
+#[test]
+fn tampered_or_expired_tdx_quotes_fail() {
+    let (Some(quote), Some(collateral)) = (testdata("tdx/quote-v4.bin"), tdx_collateral()) else {
+        return;
+    };
+    let v = verifier();
+    // Header, TD report body (MRTD, REPORT_DATA), signature data.
+    for offset in [8, 48 + 136, 48 + 520, quote.len() - 100] {
+        let mut bad = quote.clone();
+        bad[offset] ^= 0x01;
+        assert!(
+            v.verify_tdx_quote(&bad, &collateral, tdx_time()).is_err(),
+            "flipping byte {offset} went unnoticed"
+        );
+    }
+    // Years after the collateral's nextUpdate.
+    let err = v
+        .verify_tdx_quote(
+            &quote,
+            &collateral,
+            UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+        )
+        .unwrap_err();
+    assert_eq!(err.check(), "tdx-quote");
+}
+
+struct SoftwareTee {
+    _dir: tempfile::TempDir,
+    firmware: kabuto_swtee::Firmware,
+}
+
+fn software_tee() -> SoftwareTee {
+    let dir = tempfile::tempdir().unwrap();
+    kabuto_swtee::init(dir.path()).unwrap();
+    let firmware = kabuto_swtee::Firmware::load(dir.path()).unwrap();
+    SoftwareTee {
+        _dir: dir,
+        firmware,
+    }
+}
+
+fn launch() -> kabuto_swtee::LaunchData {
+    kabuto_swtee::LaunchData {
+        measurement: kabuto_swtee::measurement(b"kernel", b"initrd", "cmdline"),
+        host_data: [0x11; 32],
+    }
+}
+
+/// A SHA-384 digest zero-padded to SNP's 64-byte REPORT_DATA.
+fn report_data() -> [u8; 64] {
+    fit(&[0x22; 48], 64).try_into().unwrap()
+}
+
+/// The evidence a CoCo SNP attester would send, built from a report.
+fn snp_json(report: &[u8], vcek: &[u8], root: &[u8]) -> serde_json::Value {
+    let parsed = AttestationReport::from_bytes(report).unwrap();
+    serde_json::json!({
+        "attestation_report": parsed,
+        "cert_chain": [
+            CertTableEntry::new(CertType::VCEK, vcek.to_vec()),
+            CertTableEntry::new(CertType::ARK, root.to_vec()),
+        ],
+    })
+}
+
+#[test]
+fn software_tee_needs_explicit_trust() {
+    let tee = software_tee();
+    let report = tee.firmware.report(&launch(), &report_data());
+    let evidence = snp_json(
+        &report,
+        tee.firmware.firmware_cert_der(),
+        tee.firmware.root_cert_der(),
+    );
+    let now = SystemTime::now();
+
+    let err = verifier()
+        .verify(Tee::Snp, &evidence, Expected::default(), now)
+        .unwrap_err();
+    assert!(matches!(err, VerifyError::SoftwareTeeNotTrusted), "{err}");
+
+    let trusted = Verifier::new(TrustAnchors {
+        software_tee_roots: vec![tee.firmware.root_cert_der().to_vec()],
+        ..Default::default()
+    });
+    let claims = trusted
+        .verify(
+            Tee::Snp,
+            &evidence,
+            Expected {
+                report_data: Some(&[0x22; 48]),
+                init_data: Some(&[0x11; 32]),
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(claims.platform, Platform::SoftwareTee);
+    assert!(claims.insecure);
+    assert_eq!(claims.measurement, hex::encode(launch().measurement));
+
+    // A different software root (another host's) is not trusted either.
+    let other = software_tee();
+    let foreign = other.firmware.report(&launch(), &report_data());
+    let evidence = snp_json(
+        &foreign,
+        other.firmware.firmware_cert_der(),
+        other.firmware.root_cert_der(),
+    );
+    let err = trusted
+        .verify(Tee::Snp, &evidence, Expected::default(), now)
+        .unwrap_err();
+    assert!(matches!(err, VerifyError::SoftwareTeeNotTrusted), "{err}");
+}
+
+#[test]
+fn bindings_are_checked() {
+    let tee = software_tee();
+    let report = tee.firmware.report(&launch(), &report_data());
+    let evidence = snp_json(
+        &report,
+        tee.firmware.firmware_cert_der(),
+        tee.firmware.root_cert_der(),
+    );
+    let v = Verifier::new(TrustAnchors {
+        software_tee_roots: vec![tee.firmware.root_cert_der().to_vec()],
+        ..Default::default()
+    });
+    let now = SystemTime::now();
+    let err = v
+        .verify(
+            Tee::Snp,
+            &evidence,
+            Expected {
+                report_data: Some(&[0x23; 48]),
+                init_data: None,
+            },
+            now,
+        )
+        .unwrap_err();
+    assert_eq!(err.check(), "report-data");
+    let err = v
+        .verify(
+            Tee::Snp,
+            &evidence,
+            Expected {
+                report_data: None,
+                init_data: Some(&[0x12; 32]),
+            },
+            now,
+        )
+        .unwrap_err();
+    assert_eq!(err.check(), "init-data");
+    assert!(err.to_string().contains("HOST_DATA"));
+
+    // A report edited in the JSON form no longer verifies.
+    let mut edited = evidence.clone();
+    edited["attestation_report"]["host_data"] = serde_json::json!(vec![0x12u8; 32]);
+    let err = v
+        .verify(Tee::Snp, &edited, Expected::default(), now)
+        .unwrap_err();
+    assert_eq!(err.check(), "signature", "{err}");
+}
+
+#[test]
+fn sample_evidence_only_when_accepted() {
+    let evidence = serde_json::json!({"svn": "1", "report_data": "AAEC"});
+    let now = SystemTime::now();
+    let err = verifier()
+        .verify(Tee::Sample, &evidence, Expected::default(), now)
+        .unwrap_err();
+    assert!(matches!(err, VerifyError::SampleNotAccepted));
+    let v = Verifier::new(TrustAnchors {
+        accept_sample: true,
+        ..Default::default()
+    });
+    let claims = v
+        .verify(
+            Tee::Sample,
+            &evidence,
+            Expected {
+                report_data: Some(&[0, 1, 2]),
+                init_data: None,
+            },
+            now,
+        )
+        .unwrap();
+    assert!(claims.insecure);
+    assert_eq!(claims.platform, Platform::Sample);
+}
