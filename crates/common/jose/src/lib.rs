@@ -289,7 +289,7 @@ fn concat_kdf(
     apv: &[u8],
     bits: u32,
 ) -> Zeroizing<Vec<u8>> {
-    debug_assert!(bits <= 256 && bits % 8 == 0);
+    debug_assert!(bits <= 256 && bits.is_multiple_of(8));
     let mut hasher = Sha256::new();
     hasher.update(1u32.to_be_bytes());
     hasher.update(z);

@@ -49,6 +49,9 @@ pub(crate) fn verify_json(anchors: &TrustAnchors, evidence: &serde_json::Value) 
     verify_raw(anchors, report.as_ref(), &certs)
 }
 
+/// Loads one of the AMD certificates pinned in the `sev` crate.
+type PinnedCert = fn() -> std::io::Result<Certificate>;
+
 /// Which endorsement key signed the report.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum SigningKey {
@@ -191,11 +194,7 @@ fn amd_chain(
         .map_err(|e| VerifyError::Certificate(e.to_string()))?;
     let vek =
         Certificate::from_der(&leaf_der).map_err(|e| VerifyError::Certificate(e.to_string()))?;
-    let products: [(
-        &str,
-        fn() -> std::io::Result<Certificate>,
-        fn() -> std::io::Result<Certificate>,
-    ); 3] = [
+    let products: [(&str, PinnedCert, PinnedCert); 3] = [
         ("milan", builtin::milan::ark, builtin::milan::ask),
         ("genoa", builtin::genoa::ark, builtin::genoa::ask),
         ("turin", builtin::turin::ark, builtin::turin::ask),

@@ -1,0 +1,439 @@
+//! The attestation protocol endpoints: auth, attest, resource.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use kbs_types::{Attestation, Challenge, HashAlgorithm, Request};
+use rand_core::{OsRng, RngCore};
+
+use crate::error::Problem;
+use crate::token::{now_secs, TokenClaims, ISSUER};
+use crate::{Kbs, Session, SessionState, MAX_SESSIONS};
+
+pub const SESSION_COOKIE: &str = "kbs-session-id";
+const SUPPORTED_HASHES_KEY: &str = "supported-hash-algorithms";
+const SELECTED_HASH_KEY: &str = "selected-hash-algorithm";
+
+fn session_cookie(id: &str, ttl_secs: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={id}; Max-Age={ttl_secs}; Path=/kbs; HttpOnly"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+pub(crate) fn cookie_session(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+fn random_b64(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn random_hex(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Picks SHA-384 unless the client lists algorithms without it.
+fn select_hash(extra: &serde_json::Value) -> Result<HashAlgorithm, Problem> {
+    let Some(list) = extra.get(SUPPORTED_HASHES_KEY).and_then(|v| v.as_array()) else {
+        return Ok(HashAlgorithm::Sha384);
+    };
+    let offered: Vec<String> = list
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_lowercase))
+        .collect();
+    for (name, alg) in [
+        ("sha384", HashAlgorithm::Sha384),
+        ("sha512", HashAlgorithm::Sha512),
+        ("sha256", HashAlgorithm::Sha256),
+    ] {
+        if offered.iter().any(|o| o == name) {
+            return Ok(alg);
+        }
+    }
+    Err(Problem::bad_request(
+        "hash-algorithm",
+        format!(
+            "none of the offered hash algorithms {offered:?} is supported (sha256, sha384, sha512)"
+        ),
+    ))
+}
+
+/// POST /kbs/v0/auth: Request → Challenge + session cookie.
+pub async fn auth(State(kbs): State<Arc<Kbs>>, body: Bytes) -> Result<Response, Problem> {
+    let request: Request = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request("request-format", format!("auth request: {e}")))?;
+    if !version_compatible(&request.version) {
+        return Err(Problem::bad_request(
+            "protocol-version",
+            format!(
+                "protocol version {} is not supported (this KBS speaks {})",
+                request.version,
+                crate::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let hash = select_hash(&request.extra_params)?;
+    let nonce = random_b64(32);
+    let id = random_hex(16);
+    {
+        let mut sessions = kbs
+            .sessions
+            .lock()
+            .map_err(|_| Problem::internal("session table poisoned"))?;
+        if sessions.len() >= MAX_SESSIONS {
+            let now = Instant::now();
+            sessions.retain(|_, s| s.expires > now);
+            if sessions.len() >= MAX_SESSIONS {
+                return Err(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "capacity",
+                    "too many open sessions; retry later",
+                ));
+            }
+        }
+        sessions.insert(
+            id.clone(),
+            Session {
+                state: SessionState::Challenged {
+                    nonce: nonce.clone(),
+                    tee: request.tee,
+                    hash,
+                },
+                expires: Instant::now() + kbs.session_ttl,
+            },
+        );
+    }
+    let challenge = Challenge {
+        nonce,
+        extra_params: serde_json::json!({ SELECTED_HASH_KEY: hash.as_ref() }),
+    };
+    let mut response = axum::Json(challenge).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(&id, kbs.session_ttl.as_secs()),
+    );
+    Ok(response)
+}
+
+/// Major.minor must match ours; any 0.x client older than 0.1 is refused.
+fn version_compatible(version: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut parts = v.split('.');
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    match (parse(version), parse(crate::PROTOCOL_VERSION)) {
+        (Some((major, minor)), Some((our_major, our_minor))) => {
+            major == our_major && minor <= our_minor && minor >= 1
+        }
+        _ => false,
+    }
+}
+
+/// POST /kbs/v0/attest: Attestation → {"token": JWT}. The challenge is
+/// consumed by the first attempt, successful or not: a nonce is single-use.
+pub async fn attest(
+    State(kbs): State<Arc<Kbs>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let id = cookie_session(&headers).ok_or_else(|| {
+        Problem::unauthorized(
+            "session",
+            "no kbs-session-id cookie: call /kbs/v0/auth first",
+        )
+    })?;
+    let session = kbs
+        .sessions
+        .lock()
+        .map_err(|_| Problem::internal("session table poisoned"))?
+        .remove(&id)
+        .ok_or_else(|| {
+            Problem::unauthorized(
+                "session",
+                "unknown, expired or already used session: its challenge nonce is single-use; start again with /kbs/v0/auth",
+            )
+        })?;
+    if session.expires <= Instant::now() {
+        return Err(Problem::unauthorized(
+            "session",
+            "the session expired before attestation; start again with /kbs/v0/auth",
+        ));
+    }
+    let SessionState::Challenged { nonce, tee, hash } = session.state else {
+        return Err(Problem::unauthorized(
+            "session",
+            "this session has already attested; its challenge nonce is single-use",
+        ));
+    };
+    let attestation: Attestation = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request("request-format", format!("attestation: {e}")))?;
+    if attestation.runtime_data.nonce != nonce {
+        return Err(Problem::unauthorized(
+            "nonce",
+            "runtime-data.nonce is not this session's challenge nonce",
+        ));
+    }
+
+    // Report data binds nonce, key and additional evidence (JCS, then hash).
+    let runtime = serde_json::json!({
+        "tee-pubkey": attestation.runtime_data.tee_pubkey,
+        "nonce": attestation.runtime_data.nonce,
+        "additional-evidence": attestation.tee_evidence.additional_evidence,
+    });
+    let canonical = kabuto_jose::canonical_json(&runtime)
+        .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
+    let report_data = hash.digest(&canonical);
+
+    let init_data = match &attestation.init_data {
+        Some(doc) => {
+            if doc.format != "toml" {
+                return Err(Problem::bad_request(
+                    "init-data",
+                    format!("init-data format {} (only toml)", doc.format),
+                ));
+            }
+            let parsed = kabuto_initdata::InitData::parse(doc.body.as_bytes())
+                .map_err(|e| Problem::bad_request("init-data", e.to_string()))?;
+            Some(parsed)
+        }
+        None => None,
+    };
+    let init_digest = init_data.as_ref().map(|d| d.digest());
+
+    let verifier = kbs.verifier();
+    let claims = verifier
+        .verify(
+            tee,
+            &attestation.tee_evidence.primary_evidence,
+            kabuto_verifier::Expected {
+                report_data: Some(&report_data),
+                init_data: init_digest.as_deref(),
+            },
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            log::info!("attestation refused: {e}");
+            Problem::unauthorized(e.check(), e.to_string())
+        })?;
+    let claims_json =
+        serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
+
+    let reference = kbs.store.reference_values()?;
+    let input = serde_json::json!({
+        "claims": claims_json,
+        "tee": tee,
+        "init_data": init_data.as_ref().map(|d| serde_json::json!({
+            "digest": hex::encode(d.digest()),
+            "data": d.data,
+        })),
+    });
+    let appraisal = kbs
+        .attestation_policy
+        .evaluate(&input, &serde_json::json!({ "reference": reference }))
+        .map_err(|e| Problem::internal(format!("attestation policy: {e}")))?;
+    let status = appraisal
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("contraindicated")
+        .to_string();
+    if status == "contraindicated" {
+        let reasons = appraisal
+            .get("reasons")
+            .and_then(|r| r.as_array())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "the attestation policy gave no result".into());
+        log::info!("attestation refused by policy: {reasons}");
+        return Err(Problem::unauthorized(
+            "attestation-policy",
+            format!("attestation policy: {reasons}"),
+        ));
+    }
+
+    let now = now_secs();
+    let token_claims = TokenClaims {
+        iss: ISSUER.into(),
+        iat: now,
+        exp: now + kbs.token_ttl.as_secs(),
+        ear_status: status,
+        trust_vector: appraisal.get("trust_vector").cloned().unwrap_or_default(),
+        claims: claims_json,
+        init_data_digest: init_digest.map(hex::encode),
+        tee_pubkey: attestation.runtime_data.tee_pubkey,
+    };
+    let token = kbs
+        .tokens
+        .sign(&token_claims)
+        .map_err(|e| Problem::internal(format!("signing token: {e}")))?;
+    kbs.sessions
+        .lock()
+        .map_err(|_| Problem::internal("session table poisoned"))?
+        .insert(
+            id.clone(),
+            Session {
+                state: SessionState::Attested(Box::new(token_claims)),
+                expires: Instant::now() + kbs.token_ttl,
+            },
+        );
+    let mut response = axum::Json(serde_json::json!({ "token": token })).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(&id, kbs.token_ttl.as_secs()),
+    );
+    Ok(response)
+}
+
+/// Resource path segments: no separators, no dot-only names.
+pub(crate) fn valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub(crate) fn resource_path(repository: &str, kind: &str, tag: &str) -> Result<String, Problem> {
+    for (what, s) in [("repository", repository), ("type", kind), ("tag", tag)] {
+        if !valid_segment(s) {
+            return Err(Problem::bad_request(
+                "resource-path",
+                format!("resource {what} {s:?} must be 1-128 characters of [A-Za-z0-9._-]"),
+            ));
+        }
+    }
+    Ok(format!("{repository}/{kind}/{tag}"))
+}
+
+/// The attested claims behind a resource request: a Bearer token, or an
+/// attested session cookie.
+fn requester(kbs: &Kbs, headers: &HeaderMap) -> Result<TokenClaims, Problem> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Problem::unauthorized("token", "Authorization must be `Bearer <token>`")
+            })?;
+        return kbs.tokens.verify(token.trim()).map_err(|e| {
+            Problem::unauthorized("token", format!("attestation token refused: {e}"))
+        });
+    }
+    let id = cookie_session(headers).ok_or_else(|| {
+        Problem::unauthorized(
+            "session",
+            "no attested session: attest first (/kbs/v0/auth, /kbs/v0/attest) or send a token",
+        )
+    })?;
+    let sessions = kbs
+        .sessions
+        .lock()
+        .map_err(|_| Problem::internal("session table poisoned"))?;
+    match sessions.get(&id) {
+        Some(Session {
+            state: SessionState::Attested(claims),
+            expires,
+        }) if *expires > Instant::now() => Ok((**claims).clone()),
+        Some(Session {
+            state: SessionState::Challenged { .. },
+            ..
+        }) => Err(Problem::unauthorized(
+            "session",
+            "the session has not attested yet",
+        )),
+        _ => Err(Problem::unauthorized(
+            "session",
+            "unknown or expired session: attest again",
+        )),
+    }
+}
+
+/// GET /kbs/v0/resource/<repository>/<type>/<tag>: the resource as a JWE
+/// encrypted to the attested tee-pubkey.
+pub async fn get_resource(
+    State(kbs): State<Arc<Kbs>>,
+    Path((repository, kind, tag)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let path = resource_path(&repository, &kind, &tag)?;
+    let claims = requester(&kbs, &headers)?;
+    let input = serde_json::json!({
+        "token": claims,
+        "resource": {"repository": repository, "type": kind, "tag": tag, "path": path},
+    });
+    let reference = kbs.store.reference_values()?;
+    let allowed = kbs
+        .resource_policy
+        .evaluate(&input, &serde_json::json!({ "reference": reference }))
+        .map_err(|e| Problem::internal(format!("resource policy: {e}")))?;
+    if allowed != serde_json::Value::Bool(true) {
+        log::info!("resource {path}: denied by the resource policy");
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "resource-policy",
+            format!("the resource policy does not release {path} to this guest"),
+        ));
+    }
+    let Some(value) = kbs.store.resource(&path)? else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "resource",
+            format!("no resource {path}"),
+        ));
+    };
+    let jwe = kabuto_jose::encrypt(&claims.tee_pubkey, &value)
+        .map_err(|e| Problem::bad_request("tee-pubkey", e.to_string()))?;
+    log::info!("resource {path}: released");
+    Ok(axum::Json(jwe).into_response())
+}
+
+/// GET /kbs/v0/token-key: the PEM key verifying this KBS's tokens.
+pub async fn token_key(State(kbs): State<Arc<Kbs>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        kbs.token_public_key().to_string(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_segments() {
+        assert!(version_compatible("0.4.0"));
+        assert!(version_compatible("0.1.0"));
+        assert!(!version_compatible("1.0.0"));
+        assert!(!version_compatible("0.0.1"));
+        assert!(!version_compatible("0.9.0"));
+        assert!(!version_compatible("garbage"));
+        assert!(valid_segment("key-1.pem"));
+        assert!(!valid_segment(".."));
+        assert!(!valid_segment("a/b"));
+        assert!(!valid_segment(""));
+    }
+}

@@ -1,0 +1,282 @@
+//! kabuto-kbs: the owner's Key Broker Service.
+//!
+//! Speaks the CoCo KBS attestation protocol (Request–Challenge–Attestation–
+//! Response, `kbs_types`), verifies evidence with `kabuto-verifier`, appraises
+//! the claims with a Rego policy into an EAR-style token, and releases
+//! resources — encrypted to the guest's ephemeral key — when the resource
+//! policy allows. Admin calls need a JWT signed by a configured admin key.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::routing::{get, post};
+use axum::Router;
+
+pub mod admin;
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod policy;
+pub mod store;
+pub mod token;
+
+use config::{Config, Role};
+use kabuto_verifier::{TrustAnchors, Verifier};
+use policy::Policy;
+use store::Store;
+use token::{TokenClaims, TokenSigner};
+
+/// Protocol version this KBS speaks (CoCo KBS protocol).
+pub const PROTOCOL_VERSION: &str = "0.4.0";
+/// Largest request body accepted (resources and evidence).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Upper bound on concurrent challenge sessions (memory bound against floods).
+pub const MAX_SESSIONS: usize = 100_000;
+
+pub(crate) enum SessionState {
+    Challenged {
+        nonce: String,
+        tee: kbs_types::Tee,
+        hash: kbs_types::HashAlgorithm,
+    },
+    Attested(Box<TokenClaims>),
+}
+
+pub(crate) struct Session {
+    state: SessionState,
+    expires: Instant,
+}
+
+pub(crate) struct AdminKey {
+    key: jsonwebtoken::DecodingKey,
+    roles: Vec<Role>,
+}
+
+/// Shared server state.
+pub struct Kbs {
+    pub(crate) store: Store,
+    pub(crate) verifier: RwLock<Arc<Verifier>>,
+    pub(crate) attestation_policy: Policy,
+    pub(crate) resource_policy: Policy,
+    pub(crate) tokens: TokenSigner,
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) admin_keys: Vec<AdminKey>,
+    pub(crate) session_ttl: Duration,
+    pub(crate) token_ttl: Duration,
+    base_anchors: TrustAnchors,
+}
+
+impl Kbs {
+    /// Opens the store, loads keys and policies (stored ones replace the
+    /// defaults) and prepares the verifier.
+    pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
+        let store = Store::open(&config.store)?;
+        let tokens = TokenSigner::load_or_generate(&config.token_key)?;
+        let mut admin_keys = Vec::new();
+        for key in &config.admin_keys {
+            let pem = std::fs::read(&key.public_key)
+                .map_err(|e| anyhow::anyhow!("admin key {}: {e}", key.public_key.display()))?;
+            let decoding = jsonwebtoken::DecodingKey::from_ec_pem(&pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "admin key {}: not an ES256 public key PEM: {e}",
+                    key.public_key.display()
+                )
+            })?;
+            admin_keys.push(AdminKey {
+                key: decoding,
+                roles: key.roles.clone(),
+            });
+        }
+        let tdx_collateral = match &config.attestation.tdx_collateral {
+            Some(path) => Some(load_collateral(path)?),
+            None => None,
+        };
+        let base_anchors = TrustAnchors {
+            software_tee_roots: Vec::new(),
+            accept_sample: config.attestation.accept_sample,
+            tdx_collateral,
+        };
+        let attestation_rego = stored_text(&store, store::ATTESTATION_POLICY)?
+            .unwrap_or_else(|| policy::DEFAULT_ATTESTATION_POLICY.to_string());
+        let resource_rego = stored_text(&store, store::RESOURCE_POLICY)?
+            .unwrap_or_else(|| policy::DEFAULT_RESOURCE_POLICY.to_string());
+        let kbs = Kbs {
+            attestation_policy: Policy::attestation(&attestation_rego)?,
+            resource_policy: Policy::resource(&resource_rego)?,
+            verifier: RwLock::new(Arc::new(Verifier::new(base_anchors.clone()))),
+            store,
+            tokens,
+            sessions: Mutex::new(HashMap::new()),
+            admin_keys,
+            session_ttl: Duration::from_secs(config.session_ttl_secs),
+            token_ttl: Duration::from_secs(config.token_ttl_secs),
+            base_anchors,
+        };
+        kbs.reload_software_roots()?;
+        Ok(Arc::new(kbs))
+    }
+
+    /// Rebuilds the verifier with the software-TEE roots in the store.
+    pub(crate) fn reload_software_roots(&self) -> anyhow::Result<()> {
+        let roots = match self.store.setting(store::SOFTWARE_TEE_ROOTS)? {
+            Some(pem) => parse_pem_certificates(&pem)?,
+            None => Vec::new(),
+        };
+        let anchors = TrustAnchors {
+            software_tee_roots: roots,
+            ..self.base_anchors.clone()
+        };
+        let mut verifier = self
+            .verifier
+            .write()
+            .map_err(|_| anyhow::anyhow!("verifier lock poisoned"))?;
+        *verifier = Arc::new(Verifier::new(anchors));
+        Ok(())
+    }
+
+    pub(crate) fn verifier(&self) -> Arc<Verifier> {
+        match self.verifier.read() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Drops expired sessions.
+    pub fn purge_expired(&self) {
+        let now = Instant::now();
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.retain(|_, s| s.expires > now);
+        }
+    }
+
+    /// The PEM public key that verifies this KBS's tokens.
+    pub fn token_public_key(&self) -> &str {
+        &self.tokens.public_pem
+    }
+}
+
+fn stored_text(store: &Store, key: &str) -> anyhow::Result<Option<String>> {
+    match store.setting(key)? {
+        Some(bytes) => {
+            Ok(Some(String::from_utf8(bytes).map_err(|_| {
+                anyhow::anyhow!("stored {key} is not UTF-8")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+fn load_collateral(path: &Path) -> anyhow::Result<kabuto_verifier::QuoteCollateralV3> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("TDX collateral {}: {e}", path.display()))?;
+    Ok(kabuto_verifier::tdx::collateral_from_json(&text)?)
+}
+
+/// DER certificates from a PEM bundle; anything else is an error.
+pub fn parse_pem_certificates(pem: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for item in rustls_pemfile::certs(&mut &pem[..]) {
+        out.push(item.map_err(|e| anyhow::anyhow!("PEM: {e}"))?.to_vec());
+    }
+    if out.is_empty() && !pem.iter().all(u8::is_ascii_whitespace) {
+        anyhow::bail!("no PEM CERTIFICATE blocks found");
+    }
+    Ok(out)
+}
+
+/// All routes. Paths follow the CoCo KBS API.
+pub fn router(kbs: Arc<Kbs>) -> Router {
+    Router::new()
+        .route("/kbs/v0/auth", post(api::auth))
+        .route("/kbs/v0/attest", post(api::attest))
+        .route(
+            "/kbs/v0/resource/{repository}/{kind}/{tag}",
+            get(api::get_resource)
+                .post(admin::set_resource)
+                .delete(admin::delete_resource),
+        )
+        .route(
+            "/kbs/v0/attestation-policy",
+            post(admin::set_attestation_policy),
+        )
+        .route("/kbs/v0/resource-policy", post(admin::set_resource_policy))
+        .route("/kbs/v0/reference-values", get(admin::get_reference_values))
+        .route(
+            "/kbs/v0/reference-values/{name}",
+            post(admin::set_reference_values),
+        )
+        .route(
+            "/kbs/v0/software-tee-roots",
+            post(admin::set_software_tee_roots),
+        )
+        .route("/kbs/v0/token-key", get(api::token_key))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(kbs)
+}
+
+/// Serves until SIGINT/SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let kbs = Kbs::new(&config)?;
+    let purger = kbs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            purger.purge_expired();
+        }
+    });
+    let app = router(kbs);
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    if config.tls.insecure_http {
+        log::warn!(
+            "serving plain HTTP on {} (tls.insecure_http; loopback only)",
+            config.listen
+        );
+        axum_server::bind(config.listen)
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await?;
+    } else {
+        let (cert, key) = match (&config.tls.cert, &config.tls.key) {
+            (Some(c), Some(k)) => (c, k),
+            _ => anyhow::bail!("tls.cert and tls.key are required"),
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("TLS key pair {} / {}: {e}", cert.display(), key.display())
+            })?;
+        log::info!("serving HTTPS on {}", config.listen);
+        axum_server::bind_rustls(config.listen, tls)
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

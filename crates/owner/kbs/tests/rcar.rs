@@ -1,0 +1,560 @@
+//! The KBS protocol end to end: the real `kabuto-kbs` binary on loopback,
+//! the guest's attestation-agent client, and the software TEE's firmware
+//! (the same code the runtime serves to guests) on a Unix socket.
+
+#![allow(clippy::unwrap_used, clippy::result_large_err)]
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kabuto_attestation_agent::{evidence, AttestError, EvidenceProvider, KbsClient, TeeKind};
+use kabuto_kbs::client::{generate_admin_key, AdminClient};
+
+const INIT_DATA: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
+
+struct Kbs {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    url: String,
+    admin: AdminClient,
+    ca_pem: Option<Vec<u8>>,
+}
+
+struct Options {
+    session_ttl: u64,
+    tls: bool,
+    admin_roles: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            session_ttl: 300,
+            tls: false,
+            admin_roles: "\"admin\"",
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Kbs {
+    fn start(options: Options) -> Kbs {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let (private, public) = generate_admin_key().unwrap();
+        std::fs::write(dir.path().join("admin.pub"), public).unwrap();
+        let (scheme, tls, ca_pem) = if options.tls {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params =
+                rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+                    .unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+            std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+            (
+                "https",
+                format!(
+                    "cert = \"{0}/tls.crt\"\nkey = \"{0}/tls.key\"\n",
+                    dir.path().display()
+                ),
+                Some(cert.pem().into_bytes()),
+            )
+        } else {
+            ("http", "insecure_http = true\n".to_string(), None)
+        };
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\nsession_ttl_secs = {ttl}\n\n[tls]\n{tls}\n[[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [{roles}]\n",
+            d = dir.path().display(),
+            ttl = options.session_ttl,
+            roles = options.admin_roles,
+        );
+        std::fs::write(dir.path().join("kbs.toml"), config).unwrap();
+        let host = if options.tls {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let url = format!("{scheme}://{host}:{port}");
+        let admin = AdminClient::new(&url, private.into_bytes(), ca_pem.as_deref()).unwrap();
+        let mut kbs = Kbs {
+            dir,
+            child: None,
+            url,
+            admin,
+            ca_pem,
+        };
+        kbs.spawn();
+        kbs
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kbs.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kabuto-kbs"))
+            .args(["serve", "--config"])
+            .arg(self.dir.path().join("kbs.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kabuto-kbs did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kbs.log")).unwrap_or_default()
+    }
+
+    fn client(&self, firmware: &Firmware, init_data: Option<&str>) -> KbsClient {
+        KbsClient::new(
+            &self.url,
+            self.ca_pem.as_deref(),
+            firmware.provider(),
+            init_data.map(str::to_owned),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Kbs {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The software TEE's firmware as the runtime serves it, on a Unix socket.
+struct Firmware {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    root_pem: Vec<u8>,
+    launch: kabuto_swtee::LaunchData,
+}
+
+impl Firmware {
+    /// A guest launched with `init_data` fixed into HOST_DATA.
+    fn start(init_data: &str) -> Firmware {
+        let dir = tempfile::tempdir().unwrap();
+        kabuto_swtee::init(&dir.path().join("swtee")).unwrap();
+        let fw = Arc::new(kabuto_swtee::Firmware::load(&dir.path().join("swtee")).unwrap());
+        let digest = kabuto_initdata::InitData::parse(init_data.as_bytes())
+            .unwrap()
+            .digest_for_field(32);
+        let launch = kabuto_swtee::LaunchData {
+            measurement: kabuto_swtee::measurement(b"kernel", b"initramfs", "console=hvc0"),
+            host_data: digest.try_into().unwrap(),
+        };
+        let socket = dir.path().join("firmware.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let served = fw.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let _ = served.serve_one(&launch, &mut stream);
+            }
+        });
+        let root_pem =
+            std::fs::read(kabuto_swtee::root_cert_path(&dir.path().join("swtee"))).unwrap();
+        Firmware {
+            _dir: dir,
+            socket,
+            root_pem,
+            launch,
+        }
+    }
+
+    fn provider(&self) -> Box<dyn EvidenceProvider> {
+        let socket = self.socket.clone();
+        let connect: evidence::Connector = Box::new(move || {
+            Ok(Box::new(std::os::unix::net::UnixStream::connect(&socket)?)
+                as Box<dyn evidence::ReadWrite>)
+        });
+        kabuto_attestation_agent::provider(TeeKind::SoftwareTee, Some(connect)).unwrap()
+    }
+
+    fn measurement_hex(&self) -> String {
+        hex::encode(self.launch.measurement)
+    }
+}
+
+fn check_of(err: &AttestError) -> String {
+    err.check().unwrap_or("").to_string()
+}
+
+#[test]
+fn resource_released_only_after_attestation_and_only_to_trusted_tees() {
+    let kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin
+        .set_resource("default/key/1", b"top secret")
+        .unwrap();
+
+    // No attestation: no resource.
+    let raw = ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url)).call();
+    match raw {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("session"), "{body}");
+            assert!(!body.contains("top secret"));
+        }
+        other => panic!("unattested GET answered {other:?}"),
+    }
+
+    // The software TEE is refused until the owner trusts its root.
+    let client = kbs.client(&fw, Some(INIT_DATA));
+    let err = client.get_resource("kbs:///default/key/1").unwrap_err();
+    assert_eq!(check_of(&err), "software-tee-trust", "{err}");
+
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    let secret = client.get_resource("kbs:///default/key/1").unwrap();
+    assert_eq!(secret.as_slice(), b"top secret");
+
+    // The token is cached: a second resource needs no new handshake.
+    kbs.admin.set_resource("default/key/2", b"second").unwrap();
+    assert_eq!(
+        client
+            .get_resource("kbs:///default/key/2")
+            .unwrap()
+            .as_slice(),
+        b"second"
+    );
+    let err = client.get_resource("kbs:///default/key/404").unwrap_err();
+    assert!(matches!(err, AttestError::Kbs { status: 404, .. }), "{err}");
+}
+
+#[test]
+fn appraisal_refusals_name_the_failed_check() {
+    let kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.admin.set_resource("default/key/1", b"s").unwrap();
+
+    // Wrong measurement.
+    kbs.admin
+        .set_reference_values("measurement", &serde_json::json!(["00ff"]))
+        .unwrap();
+    let err = kbs
+        .client(&fw, Some(INIT_DATA))
+        .get_resource("kbs:///default/key/1")
+        .unwrap_err();
+    assert_eq!(check_of(&err), "attestation-policy", "{err}");
+    assert!(err.to_string().contains("measurement"), "{err}");
+
+    // Right measurement, wrong init-data reference value.
+    kbs.admin
+        .set_reference_values("measurement", &serde_json::json!([fw.measurement_hex()]))
+        .unwrap();
+    kbs.admin
+        .set_reference_values("init_data", &serde_json::json!(["ab"]))
+        .unwrap();
+    let err = kbs
+        .client(&fw, Some(INIT_DATA))
+        .get_resource("kbs:///default/key/1")
+        .unwrap_err();
+    assert!(err.to_string().contains("init-data digest"), "{err}");
+
+    // A guest presenting init-data other than what its TEE was launched with.
+    let forged = INIT_DATA.replace("agent_policy", "anything_goes");
+    let err = kbs
+        .client(&fw, Some(&forged))
+        .get_resource("kbs:///default/key/1")
+        .unwrap_err();
+    assert_eq!(check_of(&err), "init-data", "{err}");
+    assert!(err.to_string().contains("HOST_DATA"), "{err}");
+
+    // Everything registered correctly: released.
+    let digest = kabuto_initdata::InitData::parse(INIT_DATA.as_bytes())
+        .unwrap()
+        .digest_for_field(32);
+    kbs.admin
+        .set_reference_values("init_data", &serde_json::json!([hex::encode(digest)]))
+        .unwrap();
+    assert_eq!(
+        kbs.client(&fw, Some(INIT_DATA))
+            .get_resource("kbs:///default/key/1")
+            .unwrap()
+            .as_slice(),
+        b"s"
+    );
+}
+
+/// Flips one bit of the report signature in the evidence.
+struct Tampering(Box<dyn EvidenceProvider>);
+
+impl EvidenceProvider for Tampering {
+    fn tee(&self) -> kbs_types::Tee {
+        self.0.tee()
+    }
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, AttestError> {
+        let mut evidence = self.0.evidence(report_data)?;
+        let r = &mut evidence["attestation_report"]["signature"]["r"][0];
+        *r = serde_json::json!(r.as_u64().unwrap() ^ 1);
+        Ok(evidence)
+    }
+    fn describe(&self) -> String {
+        "tampering".into()
+    }
+}
+
+#[test]
+fn tampered_evidence_and_replays_are_refused() {
+    let kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+
+    let tampering = KbsClient::new(
+        &kbs.url,
+        None,
+        Box::new(Tampering(fw.provider())),
+        Some(INIT_DATA.into()),
+    )
+    .unwrap();
+    let err = tampering.attest().unwrap_err();
+    assert_eq!(check_of(&err), "signature", "{err}");
+
+    // Replay: the same attestation twice on the same session.
+    let agent = ureq::Agent::new();
+    let provider = fw.provider();
+    let auth = agent
+        .post(&format!("{}/kbs/v0/auth", kbs.url))
+        .send_json(kabuto_attestation_agent::request(provider.tee()))
+        .unwrap();
+    let cookie = auth
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let (attestation, _key) =
+        kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
+            .unwrap();
+    let attest = |cookie: &str| {
+        agent
+            .post(&format!("{}/kbs/v0/attest", kbs.url))
+            .set("Cookie", cookie)
+            .send_json(&attestation)
+    };
+    assert!(attest(&cookie).is_ok());
+    match attest(&cookie) {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("single-use"), "{body}");
+        }
+        other => panic!("replay answered {other:?}"),
+    }
+    // The old nonce on a fresh session.
+    let fresh = agent
+        .post(&format!("{}/kbs/v0/auth", kbs.url))
+        .send_json(kabuto_attestation_agent::request(provider.tee()))
+        .unwrap();
+    let fresh_cookie = fresh
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    match attest(&fresh_cookie) {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("\"nonce\""), "{body}");
+        }
+        other => panic!("stale nonce answered {other:?}"),
+    }
+}
+
+#[test]
+fn sessions_expire() {
+    let kbs = Kbs::start(Options {
+        session_ttl: 1,
+        ..Default::default()
+    });
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    let agent = ureq::Agent::new();
+    let provider = fw.provider();
+    let auth = agent
+        .post(&format!("{}/kbs/v0/auth", kbs.url))
+        .send_json(kabuto_attestation_agent::request(provider.tee()))
+        .unwrap();
+    let cookie = auth
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let (attestation, _key) =
+        kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    match agent
+        .post(&format!("{}/kbs/v0/attest", kbs.url))
+        .set("Cookie", &cookie)
+        .send_json(&attestation)
+    {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("expired"), "{body}");
+        }
+        other => panic!("expired session answered {other:?}"),
+    }
+}
+
+#[test]
+fn resource_policy_denies_by_path() {
+    let kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.admin.set_resource("team-a/key/1", b"a").unwrap();
+    kbs.admin.set_resource("team-b/key/1", b"b").unwrap();
+    kbs.admin
+        .set_resource_policy(
+            "package kabuto.resource\nimport rego.v1\ndefault allow := false\nallow if input.resource.repository == \"team-a\"\n",
+        )
+        .unwrap();
+    let client = kbs.client(&fw, Some(INIT_DATA));
+    assert_eq!(
+        client
+            .get_resource("kbs:///team-a/key/1")
+            .unwrap()
+            .as_slice(),
+        b"a"
+    );
+    let err = client.get_resource("kbs:///team-b/key/1").unwrap_err();
+    assert!(matches!(err, AttestError::Kbs { status: 403, .. }), "{err}");
+    assert_eq!(check_of(&err), "resource-policy");
+    // A policy that does not compile is refused and the old one stays.
+    assert!(kbs
+        .admin
+        .set_resource_policy("package kabuto.resource\nallow if {")
+        .is_err());
+    assert_eq!(
+        client
+            .get_resource("kbs:///team-a/key/1")
+            .unwrap()
+            .as_slice(),
+        b"a"
+    );
+}
+
+#[test]
+fn admin_api_needs_a_configured_key_and_role() {
+    let kbs = Kbs::start(Options {
+        admin_roles: "\"resource-writer\"",
+        ..Default::default()
+    });
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin
+        .set_resource("default/key/1", b"original")
+        .unwrap();
+
+    let (stranger, _) = generate_admin_key().unwrap();
+    let intruder = AdminClient::new(&kbs.url, stranger.into_bytes(), None).unwrap();
+    let err = intruder.set_resource("default/key/1", b"evil").unwrap_err();
+    assert!(err.to_string().contains("HTTP 401: admin-auth"), "{err}");
+    let err = ureq::post(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
+        .send_bytes(b"evil")
+        .unwrap_err();
+    assert!(matches!(err, ureq::Error::Status(401, _)));
+    // A resource writer may not change policies.
+    let err = kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap_err();
+    assert!(err.to_string().contains("HTTP 403: admin-role"), "{err}");
+
+    // Nothing changed: the software TEE is still untrusted, the resource intact.
+    let err = kbs.client(&fw, Some(INIT_DATA)).attest().unwrap_err();
+    assert_eq!(check_of(&err), "software-tee-trust");
+    kbs.admin.set_resource("default/key/2", b"x").unwrap();
+    let db = kbs.dir.path().join("store.redb");
+    assert!(db.exists());
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let mut kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    for i in 0..20 {
+        kbs.admin
+            .set_resource(&format!("default/key/{i}"), format!("value {i}").as_bytes())
+            .unwrap();
+    }
+    kbs.kill9();
+    kbs.spawn();
+    let client = kbs.client(&fw, Some(INIT_DATA));
+    for i in [0, 7, 19] {
+        assert_eq!(
+            client
+                .get_resource(&format!("kbs:///default/key/{i}"))
+                .unwrap()
+                .as_slice(),
+            format!("value {i}").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn tls_with_the_owner_ca() {
+    let kbs = Kbs::start(Options {
+        tls: true,
+        ..Default::default()
+    });
+    let fw = Firmware::start(INIT_DATA);
+    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.admin
+        .set_resource("default/key/1", b"over tls")
+        .unwrap();
+    assert_eq!(
+        kbs.client(&fw, Some(INIT_DATA))
+            .get_resource("kbs:///default/key/1")
+            .unwrap()
+            .as_slice(),
+        b"over tls"
+    );
+    // A guest that was not given the KBS certificate does not talk to it.
+    let other_ca = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let wrong = KbsClient::new(
+        &kbs.url,
+        Some(other_ca.pem().as_bytes()),
+        fw.provider(),
+        Some(INIT_DATA.into()),
+    )
+    .unwrap();
+    let err = wrong.attest().unwrap_err();
+    assert!(matches!(err, AttestError::Transport { .. }), "{err}");
+}
