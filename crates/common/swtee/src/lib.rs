@@ -116,7 +116,7 @@ mod tests {
             measurement: measurement(b"k", b"i", "console=hvc0"),
             host_data: [7; 32],
         };
-        let report = fw.report(&launch, &[9; 64]);
+        let report = fw.report(&launch, &[9; 64]).unwrap();
         let parsed = sev::firmware::guest::AttestationReport::from_bytes(&report).unwrap();
         assert_eq!(parsed.version, 3);
         assert_eq!(parsed.report_data, [9; 64]);

@@ -2,6 +2,7 @@
 //! calls the library and reports; exit code 0 on success, 1 on failure,
 //! 2 on bad usage.
 
+mod attest;
 mod check;
 mod exec;
 mod install;
@@ -34,11 +35,23 @@ enum Command {
     Check,
     /// Print the effective configuration.
     Env,
+    /// Attestation tools for operators.
+    Attest {
+        #[command(subcommand)]
+        command: AttestCommand,
+    },
     /// Open the debug shell of a running pod (needs hypervisor.debug_console).
     Exec {
         /// The pod (sandbox) id.
         pod: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AttestCommand {
+    /// Verify SNP/TDX evidence offline; prints the verified claims as JSON,
+    /// or names the failed check and exits 1.
+    Verify(attest::VerifyArgs),
 }
 
 #[derive(Subcommand)]
@@ -127,6 +140,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
+        Command::Attest {
+            command: AttestCommand::Verify(args),
+        } => attest::verify(&args),
         Command::Exec { pod } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {

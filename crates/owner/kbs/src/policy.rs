@@ -13,59 +13,79 @@ const RESOURCE_RULE: &str = "data.kabuto.resource.allow";
 #[error("{0}")]
 pub struct PolicyError(pub String);
 
-/// A compiled policy; evaluation clones the engine (cheap, `arc` feature)
-/// so concurrent requests never share mutable state.
+/// A policy compiled together with the data it was last evaluated with;
+/// data (reference values) rarely changes, so most evaluations reuse the
+/// compiled form and only bind the input.
 pub struct Policy {
-    engine: RwLock<regorus::Engine>,
+    state: RwLock<Compiled>,
     rule: &'static str,
+    name: &'static str,
 }
 
-fn compile(name: &str, rego: &str) -> Result<regorus::Engine, PolicyError> {
+struct Compiled {
+    rego: String,
+    data_json: String,
+    policy: regorus::CompiledPolicy,
+}
+
+fn compile(name: &str, rule: &str, rego: &str, data_json: &str) -> Result<Compiled, PolicyError> {
     let mut engine = regorus::Engine::new();
     engine
         .add_policy(name.to_string(), rego.to_string())
         .map_err(|e| PolicyError(format!("{name}: {e}")))?;
-    Ok(engine)
+    let data = regorus::Value::from_json_str(data_json).map_err(|e| PolicyError(e.to_string()))?;
+    engine
+        .add_data(data)
+        .map_err(|e| PolicyError(e.to_string()))?;
+    let policy = engine
+        .compile_with_entrypoint(&rule.into())
+        .map_err(|e| PolicyError(format!("{name}: {e}")))?;
+    Ok(Compiled {
+        rego: rego.to_string(),
+        data_json: data_json.to_string(),
+        policy,
+    })
 }
 
 impl Policy {
     pub fn attestation(rego: &str) -> Result<Self, PolicyError> {
-        let policy = Policy {
-            engine: RwLock::new(compile("attestation.rego", rego)?),
-            rule: ATTESTATION_RULE,
-        };
-        Ok(policy)
+        Self::new("attestation.rego", ATTESTATION_RULE, rego)
     }
 
     pub fn resource(rego: &str) -> Result<Self, PolicyError> {
+        Self::new("resource.rego", RESOURCE_RULE, rego)
+    }
+
+    fn new(name: &'static str, rule: &'static str, rego: &str) -> Result<Self, PolicyError> {
         Ok(Policy {
-            engine: RwLock::new(compile("resource.rego", rego)?),
-            rule: RESOURCE_RULE,
+            state: RwLock::new(compile(name, rule, rego, "{}")?),
+            rule,
+            name,
         })
     }
 
-    /// Compiles `rego` and checks that it defines the rule this policy is
-    /// queried for, before it replaces the current one.
+    /// Compiles `rego` and checks that it declares the package this policy
+    /// is queried in, before it replaces the current one.
     pub fn replace(&self, rego: &str) -> Result<(), PolicyError> {
-        let name = if self.rule == ATTESTATION_RULE {
-            "attestation.rego"
-        } else {
-            "resource.rego"
-        };
-        let engine = compile(name, rego)?;
         let package = self.rule.trim_start_matches("data.");
         let package = package.rsplit_once('.').map(|(p, _)| p).unwrap_or(package);
         if !rego.contains(&format!("package {package}")) {
             return Err(PolicyError(format!(
-                "{name} must declare `package {package}` and define {}",
-                self.rule
+                "{} must declare `package {package}` and define {}",
+                self.name, self.rule
             )));
         }
-        let mut current = self
-            .engine
+        let data_json = self
+            .state
+            .read()
+            .map_err(|_| PolicyError("policy lock poisoned".into()))?
+            .data_json
+            .clone();
+        let compiled = compile(self.name, self.rule, rego, &data_json)?;
+        *self
+            .state
             .write()
-            .map_err(|_| PolicyError("policy lock poisoned".into()))?;
-        *current = engine;
+            .map_err(|_| PolicyError("policy lock poisoned".into()))? = compiled;
         Ok(())
     }
 
@@ -74,20 +94,34 @@ impl Policy {
         input: &serde_json::Value,
         data: &serde_json::Value,
     ) -> Result<serde_json::Value, PolicyError> {
-        let mut engine = self
-            .engine
-            .read()
-            .map_err(|_| PolicyError("policy lock poisoned".into()))?
-            .clone();
-        let to_value = |v: &serde_json::Value| {
-            regorus::Value::from_json_str(&v.to_string()).map_err(|e| PolicyError(e.to_string()))
+        let data_json = data.to_string();
+        let policy = {
+            let state = self
+                .state
+                .read()
+                .map_err(|_| PolicyError("policy lock poisoned".into()))?;
+            if state.data_json == data_json {
+                Some(state.policy.clone())
+            } else {
+                None
+            }
         };
-        engine.set_input(to_value(input)?);
-        engine
-            .add_data(to_value(data)?)
+        let policy = match policy {
+            Some(p) => p,
+            None => {
+                let mut state = self
+                    .state
+                    .write()
+                    .map_err(|_| PolicyError("policy lock poisoned".into()))?;
+                let recompiled = compile(self.name, self.rule, &state.rego, &data_json)?;
+                *state = recompiled;
+                state.policy.clone()
+            }
+        };
+        let input = regorus::Value::from_json_str(&input.to_string())
             .map_err(|e| PolicyError(e.to_string()))?;
-        let value = engine
-            .eval_rule(self.rule.to_string())
+        let value = policy
+            .eval_with_input(input)
             .map_err(|e| PolicyError(format!("evaluating {}: {e}", self.rule)))?;
         if value == regorus::Value::Undefined {
             return Ok(serde_json::Value::Null);

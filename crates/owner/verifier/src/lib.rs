@@ -128,11 +128,15 @@ pub struct Expected<'a> {
 
 pub struct Verifier {
     anchors: TrustAnchors,
+    chains: snp::ChainCache,
 }
 
 impl Verifier {
     pub fn new(anchors: TrustAnchors) -> Self {
-        Verifier { anchors }
+        Verifier {
+            anchors,
+            chains: snp::ChainCache::default(),
+        }
     }
 
     pub fn anchors(&self) -> &TrustAnchors {
@@ -148,7 +152,7 @@ impl Verifier {
         now: SystemTime,
     ) -> Result<Claims> {
         let claims = match tee {
-            Tee::Snp => snp::verify_json(&self.anchors, evidence)?,
+            Tee::Snp => snp::verify_json(&self.anchors, &self.chains, evidence)?,
             Tee::Tdx => tdx::verify_json(&self.anchors, evidence, now)?,
             Tee::Sample => self.verify_sample(evidence)?,
             other => return Err(VerifyError::UnsupportedTee(other.to_string())),
@@ -160,7 +164,7 @@ impl Verifier {
     /// Verifies a raw SNP report with the certificates given (DER, any
     /// order: VCEK or VLEK, and optionally ASK/ASVK, ARK).
     pub fn verify_snp_report(&self, report: &[u8], certs: &[Vec<u8>]) -> Result<Claims> {
-        snp::verify_raw(&self.anchors, report, certs)
+        snp::verify_raw(&self.anchors, &self.chains, report, certs)
     }
 
     /// Verifies a raw TDX quote against `collateral` at time `now`.

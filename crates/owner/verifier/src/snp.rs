@@ -1,10 +1,14 @@
 //! AMD SEV-SNP reports (and the software TEE, which uses the same format).
 
-use p384::ecdsa::signature::Verifier as _;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ring::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_ASN1, ECDSA_P384_SHA384_FIXED};
 use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
 use sev::firmware::guest::AttestationReport;
 use sev::firmware::host::{CertTableEntry, CertType};
 use sev::parser::ByteParser;
+use sha2::{Digest, Sha256};
 use x509_cert::der::{Decode, Encode};
 
 use crate::{Claims, Platform, Result, TrustAnchors, VerifyError};
@@ -32,7 +36,11 @@ struct SnpEvidence {
     cert_chain: Option<Vec<CertTableEntry>>,
 }
 
-pub(crate) fn verify_json(anchors: &TrustAnchors, evidence: &serde_json::Value) -> Result<Claims> {
+pub(crate) fn verify_json(
+    anchors: &TrustAnchors,
+    cache: &ChainCache,
+    evidence: &serde_json::Value,
+) -> Result<Claims> {
     let evidence: SnpEvidence = serde_json::from_value(evidence.clone())
         .map_err(|e| VerifyError::Malformed(format!("SNP evidence: {e}")))?;
     let report = evidence
@@ -46,7 +54,7 @@ pub(crate) fn verify_json(anchors: &TrustAnchors, evidence: &serde_json::Value) 
         .filter(|entry| entry.cert_type != CertType::Empty)
         .map(|entry| entry.data().to_vec())
         .collect();
-    verify_raw(anchors, report.as_ref(), &certs)
+    verify_raw(anchors, cache, report.as_ref(), &certs)
 }
 
 /// Loads one of the AMD certificates pinned in the `sev` crate.
@@ -59,7 +67,34 @@ enum SigningKey {
     Vlek,
 }
 
-pub(crate) fn verify_raw(anchors: &TrustAnchors, raw: &[u8], certs: &[Vec<u8>]) -> Result<Claims> {
+/// Chains already verified, keyed by the digest of their certificates: a
+/// VCEK signs many reports, and re-checking its RSA chain each time would
+/// cost more than the report itself. Bounded; cleared when full.
+#[derive(Default)]
+pub struct ChainCache(Mutex<HashMap<[u8; 32], (Platform, &'static str)>>);
+
+const CHAIN_CACHE_MAX: usize = 4096;
+
+impl ChainCache {
+    fn get(&self, key: &[u8; 32]) -> Option<(Platform, &'static str)> {
+        self.0.lock().ok()?.get(key).copied()
+    }
+    fn put(&self, key: [u8; 32], value: (Platform, &'static str)) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= CHAIN_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(key, value);
+        }
+    }
+}
+
+pub(crate) fn verify_raw(
+    anchors: &TrustAnchors,
+    cache: &ChainCache,
+    raw: &[u8],
+    certs: &[Vec<u8>],
+) -> Result<Claims> {
     if raw.len() < REPORT_LEN {
         return Err(VerifyError::Malformed(format!(
             "SNP report of {} bytes, expected {REPORT_LEN}",
@@ -115,27 +150,42 @@ pub(crate) fn verify_raw(anchors: &TrustAnchors, raw: &[u8], certs: &[Vec<u8>]) 
     let intermediates: Vec<&x509_cert::Certificate> =
         parsed.iter().filter(|c| !is_endorsement_key(c)).collect();
 
-    let (platform, product) = match amd_chain(leaf, &intermediates, signing_key)? {
-        Some(product) => (Platform::AmdSevSnp, product),
+    let mut chain_key = Sha256::new();
+    chain_key.update([signing_key as u8]);
+    for der in certs {
+        chain_key.update((der.len() as u64).to_le_bytes());
+        chain_key.update(der);
+    }
+    let chain_key: [u8; 32] = chain_key.finalize().into();
+    let (platform, product) = match cache.get(&chain_key) {
+        Some(known) => known,
         None => {
-            software_chain(anchors, leaf)?;
-            (Platform::SoftwareTee, "software")
+            let outcome = match amd_chain(leaf, &intermediates, signing_key)? {
+                Some(product) => (Platform::AmdSevSnp, product),
+                None => {
+                    software_chain(anchors, leaf)?;
+                    (Platform::SoftwareTee, "software")
+                }
+            };
+            cache.put(chain_key, outcome);
+            outcome
         }
     };
 
     // The report signature, over the raw signed bytes.
-    let key = leaf_key(leaf)?;
-    let signature = report_signature(raw)?;
-    key.verify(&raw[..SIGNED_LEN], &signature).map_err(|_| {
-        VerifyError::Signature(format!(
-            "the report signature does not verify with the {} certificate's key",
-            if signing_key == SigningKey::Vcek {
-                "VCEK"
-            } else {
-                "VLEK"
-            }
-        ))
-    })?;
+    let signature = report_signature(raw);
+    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, spki_bytes(leaf))
+        .verify(&raw[..SIGNED_LEN], &signature)
+        .map_err(|_| {
+            VerifyError::Signature(format!(
+                "the report signature does not verify with the {} certificate's key",
+                if signing_key == SigningKey::Vcek {
+                    "VCEK"
+                } else {
+                    "VLEK"
+                }
+            ))
+        })?;
 
     if platform == Platform::AmdSevSnp {
         check_tcb(leaf, &report)?;
@@ -179,7 +229,7 @@ pub(crate) fn verify_raw(anchors: &TrustAnchors, raw: &[u8], certs: &[Vec<u8>]) 
 /// VCEKs and VLEKs are the P-384 certificates that are not self-signed
 /// (AMD's ARK/ASK/ASVK are RSA; a software-TEE root is self-signed).
 fn is_endorsement_key(cert: &x509_cert::Certificate) -> bool {
-    cert.tbs_certificate.subject != cert.tbs_certificate.issuer && spki_p384(cert).is_ok()
+    cert.tbs_certificate.subject != cert.tbs_certificate.issuer && is_p384(cert)
 }
 
 /// Tries the pinned AMD roots. `Ok(Some(product))` when the leaf chains to
@@ -239,18 +289,16 @@ fn software_chain(anchors: &TrustAnchors, leaf: &x509_cert::Certificate) -> Resu
         .tbs_certificate
         .to_der()
         .map_err(|e| VerifyError::Certificate(e.to_string()))?;
-    let signature = p384::ecdsa::Signature::from_der(leaf.signature.raw_bytes());
     for root_der in &anchors.software_tee_roots {
         let Ok(root) = x509_cert::Certificate::from_der(root_der) else {
             continue;
         };
-        let Ok(key) = spki_p384(&root) else { continue };
-        if let Ok(signature) = &signature {
-            if root.tbs_certificate.subject == leaf.tbs_certificate.issuer
-                && key.verify(&tbs, signature).is_ok()
-            {
-                return Ok(());
-            }
+        if root.tbs_certificate.subject == leaf.tbs_certificate.issuer
+            && UnparsedPublicKey::new(&ECDSA_P384_SHA384_ASN1, spki_bytes(&root))
+                .verify(&tbs, leaf.signature.raw_bytes())
+                .is_ok()
+        {
+            return Ok(());
         }
     }
     let issuer = leaf.tbs_certificate.issuer.to_string();
@@ -262,32 +310,46 @@ fn software_chain(anchors: &TrustAnchors, leaf: &x509_cert::Certificate) -> Resu
     )))
 }
 
-fn spki_p384(cert: &x509_cert::Certificate) -> Result<p384::ecdsa::VerifyingKey> {
-    let bits = cert
-        .tbs_certificate
+/// OID of the named curve secp384r1.
+const OID_SECP384R1: &str = "1.3.132.0.34";
+
+fn spki_bytes(cert: &x509_cert::Certificate) -> &[u8] {
+    cert.tbs_certificate
         .subject_public_key_info
         .subject_public_key
-        .raw_bytes();
-    p384::ecdsa::VerifyingKey::from_sec1_bytes(bits)
-        .map_err(|_| VerifyError::Certificate("the key is not an ECDSA P-384 key".into()))
+        .raw_bytes()
 }
 
-fn leaf_key(leaf: &x509_cert::Certificate) -> Result<p384::ecdsa::VerifyingKey> {
-    spki_p384(leaf)
+/// Whether the certificate holds an uncompressed P-384 point (ring checks
+/// that the point is on the curve when it verifies).
+fn is_p384(cert: &x509_cert::Certificate) -> bool {
+    let spki = &cert.tbs_certificate.subject_public_key_info;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<x509_cert::der::asn1::ObjectIdentifier>().ok())
+        .map(|oid| oid.to_string());
+    curve.as_deref() == Some(OID_SECP384R1) && spki_bytes(cert).len() == 97
 }
 
-/// The report stores r and s little-endian in 72-byte fields.
-fn report_signature(raw: &[u8]) -> Result<p384::ecdsa::Signature> {
-    let be = |offset: usize| {
-        let mut out = [0u8; 48];
-        for (dst, src) in out.iter_mut().zip(raw[offset..offset + 48].iter().rev()) {
-            *dst = *src;
-        }
-        out
-    };
-    p384::ecdsa::Signature::from_scalars(be(SIG_R), be(SIG_S)).map_err(|_| {
-        VerifyError::Signature("the report's signature field is not a valid ECDSA signature".into())
-    })
+/// The report stores r and s little-endian in 72-byte fields; ring wants
+/// them big-endian, 48 bytes each.
+fn report_signature(raw: &[u8]) -> [u8; 96] {
+    let mut out = [0u8; 96];
+    for (dst, src) in out[..48]
+        .iter_mut()
+        .zip(raw[SIG_R..SIG_R + 48].iter().rev())
+    {
+        *dst = *src;
+    }
+    for (dst, src) in out[48..]
+        .iter_mut()
+        .zip(raw[SIG_S..SIG_S + 48].iter().rev())
+    {
+        *dst = *src;
+    }
+    out
 }
 
 fn extension<'a>(cert: &'a x509_cert::Certificate, oid: &str) -> Option<&'a [u8]> {
@@ -369,4 +431,21 @@ fn check_chip_id(leaf: &x509_cert::Certificate, report: &AttestationReport) -> R
         return Err(VerifyError::ChipIdMismatch);
     }
     Ok(())
+}
+
+/// For the benchmark's baseline: verifies only the report's ECDSA P-384
+/// signature with the VCEK's key `runs` times; milliseconds per run.
+pub fn bench_bare_signature(raw: &[u8], vcek_der: &[u8], runs: u32) -> Result<f64> {
+    let cert = x509_cert::Certificate::from_der(vcek_der)
+        .map_err(|e| VerifyError::Certificate(e.to_string()))?;
+    if raw.len() < REPORT_LEN {
+        return Err(VerifyError::Malformed("short report".into()));
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..runs {
+        UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, spki_bytes(&cert))
+            .verify(&raw[..SIGNED_LEN], &report_signature(raw))
+            .map_err(|_| VerifyError::Signature("bad signature".into()))?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0 / f64::from(runs.max(1)))
 }

@@ -187,7 +187,7 @@ fn snp_json(report: &[u8], vcek: &[u8], root: &[u8]) -> serde_json::Value {
 #[test]
 fn software_tee_needs_explicit_trust() {
     let tee = software_tee();
-    let report = tee.firmware.report(&launch(), &report_data());
+    let report = tee.firmware.report(&launch(), &report_data()).unwrap();
     let evidence = snp_json(
         &report,
         tee.firmware.firmware_cert_der(),
@@ -221,7 +221,7 @@ fn software_tee_needs_explicit_trust() {
 
     // A different software root (another host's) is not trusted either.
     let other = software_tee();
-    let foreign = other.firmware.report(&launch(), &report_data());
+    let foreign = other.firmware.report(&launch(), &report_data()).unwrap();
     let evidence = snp_json(
         &foreign,
         other.firmware.firmware_cert_der(),
@@ -236,7 +236,7 @@ fn software_tee_needs_explicit_trust() {
 #[test]
 fn bindings_are_checked() {
     let tee = software_tee();
-    let report = tee.firmware.report(&launch(), &report_data());
+    let report = tee.firmware.report(&launch(), &report_data()).unwrap();
     let evidence = snp_json(
         &report,
         tee.firmware.firmware_cert_der(),
