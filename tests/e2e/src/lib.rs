@@ -68,6 +68,8 @@ pub struct Options {
     pub kabuto_config: String,
     /// Guest image directory (default: `KABUTO_E2E_GUEST_DIR`).
     pub guest_dir: Option<PathBuf>,
+    /// Extra environment for containerd and so for the shim.
+    pub env: Vec<(String, String)>,
 }
 
 impl Containerd {
@@ -117,6 +119,7 @@ impl Containerd {
             .arg("debug")
             .env("PATH", path)
             .env("KABUTO_CONFIG_PATH", d.join("kabuto.toml"))
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

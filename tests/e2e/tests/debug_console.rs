@@ -32,6 +32,7 @@ fn debug_shell_when_enabled() {
     let c = Containerd::start_with(Options {
         kabuto_config: "[hypervisor]\ndebug_console = true\n".into(),
         guest_dir: Some(debug_guest),
+        ..Default::default()
     });
     c.run_detached("dbg", &[], &["sleep", "1000"]);
     let out = kabuto_exec(&c, "dbg", "uname -r\nexit\n");

@@ -91,8 +91,36 @@ impl TeeKeyPair {
         }
     }
 
-    /// Decrypts a JWE addressed to this key.
+    /// Decrypts a JWE as received on the wire (flattened JSON). The
+    /// authenticated data is the `protected` member exactly as sent (RFC
+    /// 7516 §5.2), not a re-serialization of it: JSON object order is not
+    /// stable across builds or implementations.
+    pub fn decrypt_json(&self, body: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let raw: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| JoseError::Malformed(format!("JWE JSON: {e}")))?;
+        let protected = raw
+            .get("protected")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| JoseError::Malformed("no protected header".into()))?
+            .to_string();
+        let jwe: Response =
+            serde_json::from_value(raw).map_err(|e| JoseError::Malformed(format!("JWE: {e}")))?;
+        self.decrypt_with_aad(&jwe, protected.as_bytes())
+    }
+
+    /// Decrypts a JWE addressed to this key, re-serializing the protected
+    /// header for the authenticated data (right when `jwe` was made by
+    /// [`encrypt`] in this process; use [`TeeKeyPair::decrypt_json`] for
+    /// bytes from the network).
     pub fn decrypt(&self, jwe: &Response) -> Result<Zeroizing<Vec<u8>>> {
+        let aad = jwe
+            .protected
+            .generate_aad()
+            .map_err(|e| JoseError::Malformed(format!("protected header: {e:?}")))?;
+        self.decrypt_with_aad(jwe, &aad)
+    }
+
+    fn decrypt_with_aad(&self, jwe: &Response, aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         if jwe.protected.enc != ENC_A256GCM {
             return Err(JoseError::UnsupportedAlgorithm {
                 field: "enc",
@@ -138,16 +166,12 @@ impl TeeKeyPair {
                 jwe.tag.len()
             )));
         }
-        let aad = jwe
-            .protected
-            .generate_aad()
-            .map_err(|e| JoseError::Malformed(format!("protected header: {e:?}")))?;
         let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| JoseError::Decrypt)?;
         let mut plaintext = Zeroizing::new(jwe.ciphertext.clone());
         cipher
             .decrypt_in_place_detached(
                 Nonce::from_slice(&jwe.iv),
-                &aad,
+                aad,
                 &mut plaintext,
                 aes_gcm::Tag::from_slice(&jwe.tag),
             )

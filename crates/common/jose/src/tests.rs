@@ -76,6 +76,30 @@ fn survives_json_wire_form() {
     assert_eq!(key.decrypt(&parsed).unwrap().as_slice(), b"over the wire");
 }
 
+/// The authenticated data is the header as sent, whatever its key order.
+#[test]
+fn decrypts_wire_json_with_any_header_key_order() {
+    let key = TeeKeyPair::generate_ec();
+    let jwe = encrypt(&key.public_jwk(), b"order independent").unwrap();
+    let wire = serde_json::to_vec(&jwe).unwrap();
+    assert_eq!(
+        key.decrypt_json(&wire).unwrap().as_slice(),
+        b"order independent"
+    );
+    // The same header with its members in another order is other bytes,
+    // which the sender did not authenticate.
+    let reordered = B64URL.encode(format!(
+        r#"{{"enc":"{}","alg":"{}","epk":{}}}"#,
+        jwe.protected.enc, jwe.protected.alg, jwe.protected.other_fields["epk"]
+    ));
+    let mut doc: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+    doc["protected"] = serde_json::json!(reordered);
+    assert!(matches!(
+        key.decrypt_json(&serde_json::to_vec(&doc).unwrap()),
+        Err(JoseError::Decrypt)
+    ));
+}
+
 #[test]
 fn tampering_anywhere_fails() {
     let key = TeeKeyPair::generate_ec();

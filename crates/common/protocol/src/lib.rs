@@ -20,6 +20,15 @@ pub use ttrpc;
 
 /// vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Host vsock port of the software TEE's firmware (guest connects to CID 2).
+pub const SWTEE_VSOCK_PORT: u32 = 1027;
+/// Guest loopback port of the data hub: containers of a confidential pod
+/// read KBS resources from `http://127.0.0.1:8006/cdh/resource/<repo>/<type>/<tag>`
+/// (the path CoCo's confidential data hub serves).
+pub const DATA_HUB_PORT: u16 = 8006;
+/// Kernel parameters the runtime sets for the agent.
+pub const KERNEL_PARAM_TEE: &str = "kabuto.tee";
+pub const KERNEL_PARAM_NET: &str = "kabuto.net";
 
 /// Line the agent writes to the VM console once it listens on vsock. The
 /// host waits for it before connecting: a vsock connection requested before

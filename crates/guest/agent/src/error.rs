@@ -17,6 +17,9 @@ pub enum AgentError {
     ContainerExists(String),
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// A confidential pod's guarantees would not hold (TEE binding, attestation).
+    #[error("confidential pod: {0}")]
+    Confidential(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -63,6 +66,7 @@ impl AgentError {
             }
             AgentError::ContainerExists(_) => Code::ALREADY_EXISTS,
             AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            AgentError::Confidential(_) => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         };
         // Print the whole chain once, so the host shows the root cause.

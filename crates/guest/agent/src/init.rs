@@ -187,11 +187,18 @@ pub fn switch_root() -> Result<(), String> {
 /// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
 /// virtio-pci ones only when the guest has PCI). Returns the names of the
 /// modules loaded.
-pub fn load_modules(skip_pci: bool) -> Vec<String> {
+/// Modules only a guest with a network interface needs.
+const NET_MODULES: [&str; 3] = ["virtio_net", "net_failover", "failover"];
+
+pub fn load_modules(skip_pci: bool, with_net: bool) -> Vec<String> {
     let list = fs::read_to_string(MODULES_LIST).unwrap_or_default();
     let mut loaded = Vec::new();
     for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if skip_pci && module_name(path).starts_with("virtio_pci") {
+        let name = module_name(path);
+        if skip_pci && name.starts_with("virtio_pci") {
+            continue;
+        }
+        if !with_net && NET_MODULES.contains(&name.as_str()) {
             continue;
         }
         match load_module(Path::new(path)) {

@@ -4,11 +4,13 @@
 //! agent API over vsock port 1024 and runs the host's containers with
 //! libcontainer. Every request goes through [`service::Agent::dispatch`].
 
+mod confidential;
 mod containers;
 mod debug_console;
 mod error;
 mod init;
 mod logger;
+mod net;
 mod process;
 mod reaper;
 mod service;
@@ -32,7 +34,8 @@ fn main() {
         // Without PCI (microvm: pci=off) the virtio-pci drivers have nothing
         // to drive; skipping them saves their load time.
         let no_pci = cmdline.split_whitespace().any(|w| w == "pci=off");
-        loaded_modules = init::load_modules(no_pci);
+        let with_net = net::requested(&cmdline);
+        loaded_modules = init::load_modules(no_pci, with_net);
         log::debug!("kernel modules loaded");
         if let Err(e) = init::switch_root().and_then(|()| init::setup_guest()) {
             log::error!("guest setup failed: {e}");
@@ -40,6 +43,16 @@ fn main() {
         }
         logger::set_level_from_cmdline();
         init::mount_shared_dir();
+        if with_net {
+            match net::setup_user_network() {
+                Ok(()) => log::info!(
+                    "guest network up: {}/24 via {}",
+                    net::GUEST_ADDRESS,
+                    net::GATEWAY
+                ),
+                Err(e) => log::error!("guest network: {e}"),
+            }
+        }
         if debug_console::enabled() {
             debug_console::start();
         }

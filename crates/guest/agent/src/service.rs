@@ -18,6 +18,7 @@ use protobuf::MessageFull;
 use ttrpc::TtrpcContext;
 
 use crate::{
+    confidential,
     containers::{self, Container, Runtime},
     error::{AgentError, Result},
     process::Stream,
@@ -33,6 +34,11 @@ struct Sandbox {
     id: String,
     /// Hex digest of the applied init-data.
     init_data_digest: String,
+    /// Why this guest refuses to run containers (init-data not bound to the TEE).
+    refusal: Option<String>,
+    /// The KBS client of a confidential pod whose init-data names a KBS.
+    kbs: Option<Arc<kabuto_attestation_agent::KbsClient>>,
+    data_hub_started: bool,
 }
 
 pub struct Agent {
@@ -186,30 +192,105 @@ impl Agent {
                  is the virtio-fs device missing from the VM?"
             )));
         }
-        let mut digest = String::new();
-        if !req.init_data.is_empty() {
-            let init_data = kabuto_initdata::InitData::parse(&req.init_data)
-                .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?;
-            // Without a TEE there is no launch data to check the digest
-            // against: the policy still applies, but proves nothing to a
-            // remote party. The TEE check comes with the TEE backends.
-            log::warn!("init-data applied without a TEE: its digest is not bound to launch data");
-            if let Some(policy) = init_data.policy() {
-                let gate = PolicyGate::new(policy).map_err(|e| {
-                    AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
-                })?;
-                *lock(&self.gate) = gate;
-                log::info!("policy from init-data applied");
+        let init_data = if req.init_data.is_empty() {
+            None
+        } else {
+            Some(
+                kabuto_initdata::InitData::parse(&req.init_data)
+                    .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?,
+            )
+        };
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let tee = confidential::tee_from_cmdline(&cmdline).map_err(AgentError::Confidential)?;
+        let mut kbs = None;
+        let mut policy = init_data
+            .as_ref()
+            .and_then(|d| d.policy())
+            .map(str::to_owned);
+        match tee {
+            Some(kind) => {
+                // The check the upstream agent leaves to remote attestation:
+                // init-data whose digest is not the TEE's launch data is
+                // refused here, and with it every container.
+                let provider = confidential::provider(kind).map_err(AgentError::Confidential)?;
+                let launch = confidential::launch_data(provider.as_ref())
+                    .map_err(AgentError::Confidential)?;
+                let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
+                if let Err(reason) = confidential::check_binding(&digest, &launch) {
+                    log::error!("{reason}");
+                    lock(&self.sandbox).refusal = Some(reason.clone());
+                    return Err(AgentError::Confidential(reason));
+                }
+                log::info!(
+                    "init-data bound to the TEE's launch data ({})",
+                    provider.describe()
+                );
+                if let Some(aa) = init_data.as_ref().and_then(|d| d.data.get("aa.toml")) {
+                    if let Some(settings) =
+                        confidential::kbs_settings(aa).map_err(AgentError::Confidential)?
+                    {
+                        let client = confidential::kbs_client(&settings, provider, &req.init_data)
+                            .map_err(AgentError::Confidential)?;
+                        log::info!("KBS {} configured from init-data", settings.url);
+                        kbs = Some(Arc::new(client));
+                    }
+                }
+                if policy.is_none() {
+                    policy = Some(kabuto_policy::DEFAULT_CONFIDENTIAL.to_string());
+                    log::info!("no policy in init-data: the confidential default applies");
+                }
             }
-            digest = hex::encode(init_data.digest());
+            None if init_data.is_some() => {
+                // Without a TEE there is no launch data to check the digest
+                // against: the policy still applies, but proves nothing to a
+                // remote party.
+                log::warn!(
+                    "init-data applied without a TEE: its digest is not bound to launch data"
+                );
+            }
+            None => {}
         }
+        if let Some(policy) = policy {
+            let gate = PolicyGate::new(&policy).map_err(|e| {
+                AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
+            })?;
+            *lock(&self.gate) = gate;
+            log::info!("pod policy applied");
+        }
+        let digest = init_data
+            .as_ref()
+            .map(|d| hex::encode(d.digest()))
+            .unwrap_or_default();
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(AgentError::sys("sethostname"))?;
         }
         let mut sandbox = lock(&self.sandbox);
         sandbox.id = req.sandbox_id;
         sandbox.init_data_digest = digest;
+        sandbox.kbs = kbs;
         Ok(agent::Empty::new())
+    }
+
+    /// Serves KBS resources in the pod's network namespace, once the first
+    /// container made it (confidential pods with a KBS in init-data).
+    fn start_data_hub_once(&self, pid: i32) {
+        let mut sandbox = lock(&self.sandbox);
+        let Some(kbs) = sandbox.kbs.clone() else {
+            return;
+        };
+        if sandbox.data_hub_started {
+            return;
+        }
+        match confidential::start_data_hub(pid, kbs) {
+            Ok(()) => {
+                sandbox.data_hub_started = true;
+                log::info!(
+                    "data hub serving http://127.0.0.1:{}/cdh/resource/ in the pod",
+                    kabuto_protocol::DATA_HUB_PORT
+                );
+            }
+            Err(e) => log::error!("data hub: {e}"),
+        }
     }
 
     fn destroy_sandbox(&self, _req: agent::DestroySandboxRequest) -> Result<agent::Empty> {
@@ -233,6 +314,9 @@ impl Agent {
 
     fn create_container(&self, req: agent::CreateContainerRequest) -> Result<agent::Empty> {
         containers::validate_id(&req.container_id)?;
+        if let Some(reason) = &lock(&self.sandbox).refusal {
+            return Err(AgentError::Confidential(reason.clone()));
+        }
         if self.container(&req.container_id).is_ok() {
             return Err(AgentError::ContainerExists(req.container_id));
         }
@@ -251,6 +335,7 @@ impl Agent {
             container.id,
             container.init.pid
         );
+        self.start_data_hub_once(container.init.pid);
         self.containers
             .write()
             .unwrap_or_else(|p| p.into_inner())

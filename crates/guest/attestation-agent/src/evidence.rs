@@ -40,9 +40,9 @@ impl std::str::FromStr for TeeKind {
         match s {
             "snp" | "amd-sev-snp" => Ok(TeeKind::Snp),
             "tdx" | "intel-tdx" => Ok(TeeKind::Tdx),
-            "software-tee" | "swtee" => Ok(TeeKind::SoftwareTee),
+            "software" | "software-tee" => Ok(TeeKind::SoftwareTee),
             other => Err(AttestError::NoTee(format!(
-                "unknown TEE kind {other:?} (snp, tdx, software-tee)"
+                "unknown TEE kind {other:?} (snp, tdx, software)"
             ))),
         }
     }

@@ -1,13 +1,13 @@
 //! Guest attestation agent: evidence + the KBS protocol client.
 
+use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use kabuto_jose::TeeKeyPair;
 use kbs_types::{
-    Attestation, Challenge, CompositeEvidence, HashAlgorithm, InitData, Request, Response,
-    RuntimeData, Tee,
+    Attestation, Challenge, CompositeEvidence, HashAlgorithm, InitData, Request, RuntimeData, Tee,
 };
 use zeroize::Zeroizing;
 
@@ -18,6 +18,8 @@ pub use evidence::{provider, Connector, EvidenceProvider, TeeKind};
 /// The KBS protocol version this client speaks.
 pub const PROTOCOL_VERSION: &str = "0.4.0";
 const SESSION_COOKIE: &str = "kbs-session-id";
+/// Upper bound of a resource response (a JWE around up to 8 MiB).
+const MAX_RESOURCE_RESPONSE: u64 = 12 << 20;
 /// Re-attest this long before the token's expiry.
 const TOKEN_MARGIN_SECS: u64 = 10;
 
@@ -316,14 +318,18 @@ impl KbsClient {
                 .call();
             match check("resource", result) {
                 Ok(response) => {
-                    let jwe: Response =
-                        response.into_json().map_err(|e| AttestError::Transport {
+                    let mut body = Vec::new();
+                    response
+                        .into_reader()
+                        .take(MAX_RESOURCE_RESPONSE)
+                        .read_to_end(&mut body)
+                        .map_err(|e| AttestError::Transport {
                             step: "resource",
-                            detail: format!("JWE: {e}"),
+                            detail: format!("reading the JWE: {e}"),
                         })?;
                     return attested
                         .key
-                        .decrypt(&jwe)
+                        .decrypt_json(&body)
                         .map_err(|e| AttestError::Resource(e.to_string()));
                 }
                 Err(AttestError::Kbs { status: 401, .. }) if attempt == 0 => {

@@ -72,6 +72,9 @@ enum GuestCommand {
         #[arg(long)]
         debug_console: bool,
     },
+    /// Print the launch measurement a software-TEE guest of the effective
+    /// config reports (register it as the KBS reference value `measurement`).
+    Measure,
 }
 
 /// `target/release/kabuto` → `target/release`.
@@ -116,6 +119,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             guest_image::describe(&image, std::io::stdout())?;
             Ok(())
         }
+        Command::Guest {
+            command: GuestCommand::Measure,
+        } => {
+            let config = Config::load()?;
+            let m = kabuto_runtime::sandbox::software_tee_measurement(&config)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", hex_lower(&m));
+            Ok(())
+        }
         Command::Install(args) => install::install(&args, &exe_dir()?, &default_guest_out()?),
         Command::Uninstall(args) => install::uninstall(&args),
         Command::Check => {
@@ -154,6 +166,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             exec::run(&config, &pod)
         }
     }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn main() {

@@ -44,6 +44,55 @@ pub struct Config {
     pub agent: AgentConfig,
     pub shared_fs: SharedFsConfig,
     pub runtime: RuntimeConfig,
+    pub confidential: ConfidentialConfig,
+}
+
+/// Confidential pods: the TEE their VMs launch in. A containerd runtime
+/// handler with its own config file (runtime options `ConfigPath`) makes a
+/// confidential runtime class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfidentialConfig {
+    /// `none`, `snp`, `tdx`, or `software` — the insecure software TEE for
+    /// hosts without TEE hardware (testing only; a KBS accepts its evidence
+    /// only when the owner trusts its root explicitly).
+    pub tee: TeeKind,
+    /// The software TEE's firmware key and certificates (`kabuto install`
+    /// creates them).
+    pub software_tee_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TeeKind {
+    None,
+    Snp,
+    Tdx,
+    Software,
+}
+
+impl TeeKind {
+    /// The value of the `kabuto.tee=` kernel parameter.
+    pub fn kernel_param(self) -> Option<&'static str> {
+        match self {
+            TeeKind::None => None,
+            TeeKind::Snp => Some("snp"),
+            TeeKind::Tdx => Some("tdx"),
+            TeeKind::Software => Some("software"),
+        }
+    }
+}
+
+/// Where `kabuto install` creates the software TEE's key material.
+pub const DEFAULT_SOFTWARE_TEE_DIR: &str = "/var/lib/kabuto/swtee";
+
+impl Default for ConfidentialConfig {
+    fn default() -> Self {
+        ConfidentialConfig {
+            tee: TeeKind::None,
+            software_tee_dir: PathBuf::from(DEFAULT_SOFTWARE_TEE_DIR),
+        }
+    }
 }
 
 /// Which hypervisor runs the pod VMs and how big they are.
@@ -68,6 +117,17 @@ pub struct HypervisorConfig {
     /// Keep a debug shell reachable with `kabuto exec <pod>`. Off by
     /// default: it gives whoever controls the host a shell in the guest.
     pub debug_console: bool,
+    /// `none`, or `user`: QEMU user-mode networking (NAT, no host setup) so
+    /// the guest itself reaches a KBS or registry; the host is 10.0.2.2.
+    /// Containers still get only the network their pod asks for.
+    pub guest_network: GuestNetwork,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestNetwork {
+    None,
+    User,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +162,7 @@ impl Default for HypervisorConfig {
             memory_mib: 512,
             kernel_params: String::new(),
             debug_console: false,
+            guest_network: GuestNetwork::None,
         }
     }
 }
@@ -271,6 +332,13 @@ impl Config {
         if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
             return Err("agent timeouts must be at least 1 second".into());
         }
+        if self.confidential.tee != TeeKind::None && h.debug_console {
+            return Err(
+                "hypervisor.debug_console must be off when confidential.tee is set: \
+                 it would give the host a shell in the guest"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -299,6 +367,9 @@ kernel_params = ""
 # A debug shell in the guest via `kabuto exec <pod>`. Never enable it for
 # confidential pods: whoever controls the host gets a shell in the guest.
 debug_console = false
+# "none", or "user": QEMU user-mode networking so the guest itself reaches a
+# KBS or registry (the host is 10.0.2.2 from the guest).
+guest_network = "none"
 
 [guest]
 kernel = "/usr/local/share/kabuto/guest/vmlinux"
@@ -322,6 +393,13 @@ cache = "auto"
 state_dir = "/run/kabuto"
 log_level = "info"
 agent_log_level = "info"
+
+[confidential]
+# The TEE pod VMs launch in: "none", "snp", "tdx", or "software" (an
+# insecure software TEE for hosts without TEE hardware; testing only).
+tee = "none"
+# The software TEE's firmware key and certificates (made by `kabuto install`).
+software_tee_dir = "/var/lib/kabuto/swtee"
 "#;
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtiofs",
     "vmw_vsock_virtio_transport",
+    // Loaded only when the runtime gives the guest a network (kabuto.net=user).
+    "virtio_net",
 ];
 
 #[derive(Debug, Clone, Copy)]

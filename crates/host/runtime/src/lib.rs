@@ -19,3 +19,4 @@ pub mod hypervisor;
 pub mod mount;
 pub mod sandbox;
 pub mod spec;
+pub mod swtee_service;

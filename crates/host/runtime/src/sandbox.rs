@@ -17,16 +17,22 @@ use std::{
 
 use kabuto_protocol::{
     agent::CreateSandboxRequest, AGENT_READY_MARKER, AGENT_VSOCK_PORT, GUEST_SHARED_DIR,
+    KERNEL_PARAM_NET, KERNEL_PARAM_TEE, SWTEE_VSOCK_PORT,
 };
 use thiserror::Error;
 
 use crate::{
     agent_client::{AgentAddress, AgentClient},
-    config::{AgentChannel, Config},
-    hypervisor::{self, Accel, Vm, VmSpec, VsockBackend},
+    config::{AgentChannel, Config, GuestNetwork, TeeKind},
+    hypervisor::{self, Accel, TeeLaunch, Vm, VmSpec, VsockBackend},
     mount::{self, MountSpec},
     spec::SharedBind,
+    swtee_service::FirmwareService,
 };
+
+/// Simulates a malicious host in tests: the init-data sent to the guest is
+/// altered after its digest was fixed into the launch data.
+pub const TEST_ALTER_INIT_DATA_ENV: &str = "KABUTO_TEST_ALTER_INIT_DATA";
 
 #[derive(Debug, Error)]
 #[error("sandbox {id}: {stage}: {reason}")]
@@ -49,6 +55,7 @@ pub struct Sandbox {
     dir: PathBuf,
     vm: Mutex<Box<dyn Vm>>,
     helpers: Mutex<Vec<Child>>,
+    firmware: Mutex<Option<FirmwareService>>,
     agent: AgentClient,
     pub accel: Accel,
 }
@@ -80,6 +87,7 @@ struct Partial {
     dir: PathBuf,
     vm: Option<Box<dyn Vm>>,
     helpers: Vec<Child>,
+    firmware: Option<FirmwareService>,
 }
 
 impl Drop for Partial {
@@ -90,6 +98,7 @@ impl Drop for Partial {
         if let Some(mut vm) = self.vm.take() {
             let _ = vm.stop(Duration::ZERO);
         }
+        self.firmware.take();
         stop_helpers(&mut self.helpers);
         remove_dir(&self.dir);
     }
@@ -167,6 +176,14 @@ impl Sandbox {
             dir: dir.clone(),
             vm: None,
             helpers: Vec::new(),
+            firmware: None,
+        };
+        // The init-data's digest is fixed into the TEE's launch data.
+        let host_data = match init_data {
+            Some(raw) => kabuto_initdata::InitData::parse(raw)
+                .map_err(|e| fail("checking the init-data")(e.to_string()))?
+                .digest(),
+            None => Vec::new(),
         };
         let shared = dir.join("shared");
         fs::create_dir_all(&shared)
@@ -250,18 +267,41 @@ impl Sandbox {
         // The VM.
         let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);
         log::info!("sandbox {id}: accelerator {why}");
-        let mut kernel_params = vec![format!("kabuto.log={}", config.runtime.agent_log_level)];
         if config.hypervisor.debug_console {
             log::warn!("sandbox {id}: debug console enabled (kabuto exec {id})");
-            kernel_params.push("kabuto.debug_console=1".into());
         }
-        kernel_params.extend(
-            config
-                .hypervisor
-                .kernel_params
-                .split_whitespace()
-                .map(String::from),
-        );
+        let kernel_params = guest_kernel_params(config);
+        let tee = match config.confidential.tee {
+            TeeKind::None => TeeLaunch::None,
+            TeeKind::Snp => TeeLaunch::Snp {
+                host_data: fit(&host_data),
+            },
+            TeeKind::Tdx => TeeLaunch::Tdx {
+                mrconfigid: fit(&host_data),
+            },
+            TeeKind::Software => {
+                let launch = kabuto_swtee::LaunchData {
+                    measurement: software_tee_measurement(config)
+                        .map_err(fail("preparing the software TEE"))?,
+                    host_data: fit(&host_data),
+                };
+                let VsockBackend::VhostUser { .. } = &vsock else {
+                    return Err(fail("preparing the software TEE")(
+                        "the software TEE needs agent.channel = \"vhost-user-vsock\"".into(),
+                    ));
+                };
+                let socket = PathBuf::from(format!(
+                    "{}_{SWTEE_VSOCK_PORT}",
+                    dir.join("agent.vsock").display()
+                ));
+                partial.firmware = Some(
+                    FirmwareService::start(&config.confidential.software_tee_dir, socket, launch)
+                        .map_err(fail("preparing the software TEE"))?,
+                );
+                log::warn!("sandbox {id}: software TEE (insecure, for testing)");
+                TeeLaunch::Software(launch)
+            }
+        };
         let spec = VmSpec {
             id: id.to_string(),
             dir: dir.clone(),
@@ -273,8 +313,8 @@ impl Sandbox {
             kernel_params,
             shared_fs_socket: fs_socket,
             vsock,
-            // Confidential launches come with the init-data flow.
-            tee: hypervisor::TeeLaunch::None,
+            tee,
+            user_network: config.hypervisor.guest_network == GuestNetwork::User,
         };
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             if !path.is_file() {
@@ -300,7 +340,16 @@ impl Sandbox {
                 sandbox_id: id.to_string(),
                 hostname: hostname.to_string(),
                 shared_dir: GUEST_SHARED_DIR.to_string(),
-                init_data: init_data.map(<[u8]>::to_vec).unwrap_or_default(),
+                init_data: init_data
+                    .map(|raw| {
+                        let mut raw = raw.to_vec();
+                        if std::env::var_os(TEST_ALTER_INIT_DATA_ENV).is_some() {
+                            log::warn!("sandbox {id}: altering the init-data after launch ({TEST_ALTER_INIT_DATA_ENV})");
+                            raw.extend_from_slice(b"\n# altered by the host\n");
+                        }
+                        raw
+                    })
+                    .unwrap_or_default(),
                 ..Default::default()
             })
             .map_err(|e| fail("creating the sandbox in the guest")(e.to_string()))?;
@@ -309,12 +358,14 @@ impl Sandbox {
             fail("starting the VM")("internal error: VM handle vanished".to_string())
         })?;
         let helpers = std::mem::take(&mut partial.helpers);
+        let firmware = partial.firmware.take();
         partial.armed = false;
         Ok(Sandbox {
             id: id.to_string(),
             dir,
             vm: Mutex::new(vm),
             helpers: Mutex::new(helpers),
+            firmware: Mutex::new(firmware),
             agent,
             accel,
         })
@@ -415,8 +466,59 @@ impl Sandbox {
             }
         }
         stop_helpers(&mut self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+        self.firmware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         remove_dir(&self.dir);
     }
+}
+
+/// The guest kernel parameters kabuto sets (before the driver's own), from
+/// the config alone — so the software TEE's measurement is reproducible.
+pub fn guest_kernel_params(config: &Config) -> Vec<String> {
+    let mut params = vec![format!("kabuto.log={}", config.runtime.agent_log_level)];
+    if config.hypervisor.debug_console {
+        params.push("kabuto.debug_console=1".into());
+    }
+    if let Some(tee) = config.confidential.tee.kernel_param() {
+        params.push(format!("{KERNEL_PARAM_TEE}={tee}"));
+    }
+    if config.hypervisor.guest_network == GuestNetwork::User {
+        params.push(format!("{KERNEL_PARAM_NET}=user"));
+    }
+    params.extend(
+        config
+            .hypervisor
+            .kernel_params
+            .split_whitespace()
+            .map(String::from),
+    );
+    params
+}
+
+/// MEASUREMENT a software-TEE guest of this config reports: the digest of
+/// kernel, initramfs and kabuto's kernel parameters (the owner registers it
+/// as a reference value; `kabuto guest measure` prints it).
+pub fn software_tee_measurement(config: &Config) -> Result<[u8; 48], String> {
+    let read = |what: &str, path: &Path| {
+        fs::read(path).map_err(|e| format!("reading the guest {what} {}: {e}", path.display()))
+    };
+    let kernel = read("kernel", &config.guest.kernel)?;
+    let initramfs = read("initramfs", &config.guest.initramfs)?;
+    Ok(kabuto_swtee::measurement(
+        &kernel,
+        &initramfs,
+        &guest_kernel_params(config).join(" "),
+    ))
+}
+
+/// Zero-pads (or truncates) a digest to a TEE field.
+fn fit<const N: usize>(digest: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let n = digest.len().min(N);
+    out[..n].copy_from_slice(&digest[..n]);
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -57,6 +57,9 @@ pub enum TeeLaunch {
     Snp { host_data: [u8; 32] },
     /// Intel TDX: MRCONFIGID is part of the TD report and quote.
     Tdx { mrconfigid: [u8; 48] },
+    /// The software TEE: an ordinary VM; the runtime's simulated firmware
+    /// reports this launch data (see `kabuto-swtee`). Insecure.
+    Software(kabuto_swtee::LaunchData),
 }
 
 /// Everything a driver needs to start one pod VM.
@@ -76,6 +79,8 @@ pub struct VmSpec {
     pub shared_fs_socket: PathBuf,
     pub vsock: VsockBackend,
     pub tee: TeeLaunch,
+    /// QEMU user-mode networking for the guest (virtio-net).
+    pub user_network: bool,
 }
 
 impl VmSpec {

@@ -149,6 +149,17 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
         }
     }
     args.extend(tee_args(&spec.tee));
+    if spec.user_network {
+        // restrict=off: the guest may reach the host's loopback (10.0.2.2)
+        // and beyond; no inbound ports are forwarded.
+        args.push("-netdev".into());
+        args.push("user,id=net0".into());
+        args.push("-device".into());
+        args.push(format!(
+            "{},netdev=net0",
+            device("virtio-net-device", "virtio-net-pci")
+        ));
+    }
     if mmio {
         // Modern virtio-mmio: vhost-user devices need VIRTIO 1.0.
         args.push("-global".into());
@@ -168,7 +179,7 @@ pub fn tee_args(tee: &TeeLaunch) -> Vec<String> {
     use base64::Engine as _;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     match tee {
-        TeeLaunch::None => Vec::new(),
+        TeeLaunch::None | TeeLaunch::Software(_) => Vec::new(),
         TeeLaunch::Snp { host_data } => vec![
             "-object".into(),
             format!(
@@ -319,6 +330,7 @@ mod tests {
             shared_fs_socket: PathBuf::from("/run/kabuto/sandboxes/pod1/virtiofs.sock"),
             vsock,
             tee: TeeLaunch::None,
+            user_network: false,
         }
     }
 

@@ -1,0 +1,320 @@
+//! Confidential pods: the init-data binding check against the TEE's launch
+//! data, the KBS client from init-data, and the data hub that serves KBS
+//! resources to the pod's containers.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use kabuto_attestation_agent::{evidence, EvidenceProvider, KbsClient, TeeKind};
+use kabuto_protocol::{DATA_HUB_PORT, KERNEL_PARAM_TEE, SWTEE_VSOCK_PORT};
+
+/// The host's vsock context id.
+const HOST_CID: u32 = 2;
+/// A request line and headers larger than this are refused.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// The TEE the runtime launched this guest in, from the kernel command
+/// line. The host could lie here, but only to its own loss: without
+/// evidence from the claimed TEE no KBS releases anything.
+pub fn tee_from_cmdline(cmdline: &str) -> Result<Option<TeeKind>, String> {
+    let prefix = format!("{KERNEL_PARAM_TEE}=");
+    match cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+    {
+        None => Ok(None),
+        Some(kind) => kind.parse::<TeeKind>().map(Some).map_err(|e| e.to_string()),
+    }
+}
+
+/// Connects to the software TEE's firmware on the host.
+fn software_tee_connector() -> evidence::Connector {
+    Box::new(|| {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(HOST_CID, SWTEE_VSOCK_PORT),
+        )
+        .map_err(std::io::Error::from)?;
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Box::new(stream) as Box<dyn evidence::ReadWrite>)
+    })
+}
+
+/// The evidence provider for `kind`; never another kind.
+pub fn provider(kind: TeeKind) -> Result<Box<dyn EvidenceProvider>, String> {
+    let connector = (kind == TeeKind::SoftwareTee).then(software_tee_connector);
+    kabuto_attestation_agent::provider(kind, connector).map_err(|e| e.to_string())
+}
+
+/// The launch data the TEE reports: SNP HOST_DATA (32 bytes) or TDX
+/// MRCONFIGID (48 bytes), read from fresh evidence.
+pub fn launch_data(provider: &dyn EvidenceProvider) -> Result<Vec<u8>, String> {
+    let evidence = provider
+        .evidence(&[0u8; 64])
+        .map_err(|e| format!("reading the TEE's launch data: {e}"))?;
+    if let Some(host_data) = evidence
+        .get("attestation_report")
+        .and_then(|r| r.get("host_data"))
+        .and_then(|h| h.as_array())
+    {
+        return host_data
+            .iter()
+            .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| "malformed HOST_DATA in the SNP report".to_string());
+    }
+    if let Some(quote) = evidence.get("quote").and_then(|q| q.as_str()) {
+        // Quote header (48 bytes), then the TD report body, whose
+        // MRCONFIGID sits at offset 184.
+        const MRCONFIGID: std::ops::Range<usize> = 48 + 184..48 + 232;
+        let quote = base64::engine::general_purpose::STANDARD
+            .decode(quote)
+            .map_err(|e| format!("TDX quote: {e}"))?;
+        return quote
+            .get(MRCONFIGID)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| "TDX quote too short".to_string());
+    }
+    Err("the TEE's evidence carries no launch data".into())
+}
+
+/// Refuses init-data whose digest is not what the TEE was launched with.
+pub fn check_binding(digest: &[u8], launch: &[u8]) -> Result<(), String> {
+    let field = if launch.len() == 48 {
+        "MRCONFIGID"
+    } else {
+        "HOST_DATA"
+    };
+    let mut expected = digest.to_vec();
+    expected.resize(launch.len(), 0);
+    if expected != launch {
+        return Err(format!(
+            "the init-data's digest {} does not match the TEE's {field} {}: the host changed the init-data after launch; refusing it and every container",
+            hex::encode(&expected),
+            hex::encode(launch)
+        ));
+    }
+    Ok(())
+}
+
+/// KBS settings from init-data `aa.toml`, as CoCo writes them:
+/// `[token_configs.kbs] url = "...", cert = "PEM"`.
+pub struct KbsSettings {
+    pub url: String,
+    pub cert: Option<String>,
+}
+
+pub fn kbs_settings(aa_toml: &str) -> Result<Option<KbsSettings>, String> {
+    let doc: toml::Value =
+        toml::from_str(aa_toml).map_err(|e| format!("init-data aa.toml: {e}"))?;
+    let Some(kbs) = doc.get("token_configs").and_then(|t| t.get("kbs")) else {
+        return Ok(None);
+    };
+    let url = kbs
+        .get("url")
+        .and_then(|u| u.as_str())
+        .ok_or("init-data aa.toml: token_configs.kbs has no url")?
+        .to_string();
+    let cert = kbs.get("cert").and_then(|c| c.as_str()).map(str::to_owned);
+    if url.starts_with("http://") {
+        log::warn!("the KBS at {url} is reached without TLS (resources stay JWE-encrypted)");
+    }
+    Ok(Some(KbsSettings { url, cert }))
+}
+
+pub fn kbs_client(
+    settings: &KbsSettings,
+    provider: Box<dyn EvidenceProvider>,
+    init_data: &[u8],
+) -> Result<KbsClient, String> {
+    let init_data =
+        String::from_utf8(init_data.to_vec()).map_err(|_| "init-data is not UTF-8".to_string())?;
+    KbsClient::new(
+        &settings.url,
+        settings.cert.as_deref().map(str::as_bytes),
+        provider,
+        Some(init_data),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Starts the data hub in the network namespace of process `pid` (the
+/// pod's first container): `GET /cdh/resource/<repo>/<type>/<tag>` on
+/// 127.0.0.1:8006 answers with the KBS resource, fetched after attestation.
+pub fn start_data_hub(pid: i32, kbs: Arc<KbsClient>) -> Result<(), String> {
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("the pod's network namespace: {e}"))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Threads inherit their creator's network namespace. Requests are
+    // served by threads spawned from this (the guest's) namespace, where
+    // the KBS is reachable; only the listener enters the pod's namespace.
+    let (stream_tx, stream_rx) = std::sync::mpsc::channel::<TcpStream>();
+    std::thread::Builder::new()
+        .name("data-hub-dispatch".into())
+        .spawn(move || {
+            for stream in stream_rx {
+                let kbs = kbs.clone();
+                let _ = std::thread::Builder::new()
+                    .name("data-hub-request".into())
+                    .spawn(move || serve(stream, &kbs));
+            }
+        })
+        .map_err(|e| format!("starting the data hub: {e}"))?;
+    std::thread::Builder::new()
+        .name("data-hub".into())
+        .spawn(move || {
+            // setns affects only this thread.
+            let bound = nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns: {e}"))
+                .and_then(|()| crate::net::bring_up("lo"))
+                .and_then(|()| {
+                    TcpListener::bind((Ipv4Addr::LOCALHOST, DATA_HUB_PORT))
+                        .map_err(|e| format!("binding 127.0.0.1:{DATA_HUB_PORT}: {e}"))
+                });
+            let listener = match bound {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            for stream in listener.incoming().flatten() {
+                if stream_tx.send(stream).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("starting the data hub: {e}"))?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "the data hub did not start".to_string())?
+}
+
+/// One HTTP/1.1 request. Hand-written: one GET route on loopback does not
+/// justify an HTTP server crate in the guest image.
+fn serve(stream: TcpStream, kbs: &KbsClient) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(&stream);
+    let mut head = String::new();
+    let mut request_line = String::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if request_line.is_empty() {
+            request_line = line.trim_end().to_string();
+        }
+        head.push_str(&line);
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        if head.len() > MAX_REQUEST_HEAD {
+            return respond(&stream, 431, "request head too large\n".as_bytes());
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+        return respond(&stream, 400, b"malformed request line\n");
+    };
+    if method != "GET" {
+        return respond(&stream, 405, b"only GET\n");
+    }
+    let Some(resource) = path.strip_prefix("/cdh/resource/") else {
+        return respond(
+            &stream,
+            404,
+            b"use /cdh/resource/<repository>/<type>/<tag>\n",
+        );
+    };
+    match kbs.get_resource(&format!("kbs:///{resource}")) {
+        Ok(value) => {
+            log::info!("data hub: released kbs:///{resource} to the pod");
+            respond(&stream, 200, &value)
+        }
+        Err(e) => {
+            log::warn!("data hub: kbs:///{resource}: {e}");
+            let status = match &e {
+                kabuto_attestation_agent::AttestError::Kbs { status, .. } => *status,
+                kabuto_attestation_agent::AttestError::Resource(_) => 400,
+                _ => 502,
+            };
+            respond(&stream, status, format!("{e}\n").as_bytes())
+        }
+    }
+}
+
+fn respond(mut stream: &TcpStream, status: u16, body: &[u8]) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn binding_check() {
+        assert!(check_binding(&[1; 32], &[1; 32]).is_ok());
+        assert!(check_binding(
+            &[1; 32],
+            &[1; 32].iter().chain(&[0; 16]).copied().collect::<Vec<_>>()
+        )
+        .is_ok());
+        let err = check_binding(&[1; 32], &[2; 32]).unwrap_err();
+        assert!(err.contains("HOST_DATA"), "{err}");
+        // No init-data: the launch data must be empty (all zero) too.
+        assert!(check_binding(&[], &[0; 32]).is_ok());
+        assert!(check_binding(&[], &[1; 32]).is_err());
+    }
+
+    #[test]
+    fn cmdline_and_settings() {
+        assert_eq!(
+            tee_from_cmdline("a kabuto.tee=software b"),
+            Ok(Some(TeeKind::SoftwareTee))
+        );
+        assert_eq!(tee_from_cmdline("console=hvc0"), Ok(None));
+        assert!(tee_from_cmdline("kabuto.tee=bogus").is_err());
+        let s =
+            kbs_settings("[token_configs.kbs]\nurl = \"https://10.0.2.2:8443\"\ncert = \"PEM\"\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(s.url, "https://10.0.2.2:8443");
+        assert_eq!(s.cert.as_deref(), Some("PEM"));
+        assert!(kbs_settings("[other]\n").unwrap().is_none());
+        assert!(kbs_settings("[token_configs.kbs]\n").is_err());
+    }
+}

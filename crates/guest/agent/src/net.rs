@@ -1,0 +1,134 @@
+//! Guest networking for confidential pods: QEMU user-mode networking
+//! (virtio-net, `kabuto.net=user`) gives the guest itself a path to its KBS
+//! and registries. The addresses are slirp's fixed ones. Containers keep
+//! their own network namespaces and do not get this interface.
+
+use std::net::Ipv4Addr;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use std::os::fd::AsRawFd;
+
+pub const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+/// slirp's gateway; it also forwards to the host's loopback.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const INTERFACE: &str = "eth0";
+
+/// True when the runtime asked for user-mode networking.
+pub fn requested(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w == format!("{}=user", kabuto_protocol::KERNEL_PARAM_NET))
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq, String> {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(format!("interface name {name} too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux and
+    // sockaddr is the generic view the ioctls take.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl(
+    fd: i32,
+    request: libc::c_ulong,
+    arg: *mut libc::c_void,
+    what: &str,
+) -> Result<(), String> {
+    // SAFETY: `arg` points to the structure `request` expects, alive for the call.
+    let rc = unsafe { libc::ioctl(fd, request as _, arg) };
+    if rc < 0 {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets IFF_UP on `name` in the calling thread's network namespace.
+pub fn bring_up(name: &str) -> Result<(), String> {
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let fd = sock.as_raw_fd();
+    let mut req = ifreq(name)?;
+    ioctl(
+        fd,
+        libc::SIOCGIFFLAGS,
+        &mut req as *mut _ as *mut _,
+        "SIOCGIFFLAGS",
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    ioctl(
+        fd,
+        libc::SIOCSIFFLAGS,
+        &mut req as *mut _ as *mut _,
+        &format!("bringing {name} up"),
+    )
+}
+
+/// Configures eth0 (10.0.2.15/24) and the default route via 10.0.2.2.
+pub fn setup_user_network() -> Result<(), String> {
+    bring_up("lo")?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let fd = sock.as_raw_fd();
+    let mut req = ifreq(INTERFACE)?;
+    req.ifr_ifru.ifru_addr = sockaddr(GUEST_ADDRESS);
+    ioctl(
+        fd,
+        libc::SIOCSIFADDR,
+        &mut req as *mut _ as *mut _,
+        "setting the eth0 address",
+    )?;
+    let mut req = ifreq(INTERFACE)?;
+    req.ifr_ifru.ifru_netmask = sockaddr(NETMASK);
+    ioctl(
+        fd,
+        libc::SIOCSIFNETMASK,
+        &mut req as *mut _ as *mut _,
+        "setting the eth0 netmask",
+    )?;
+    bring_up(INTERFACE)?;
+    // SAFETY: rtentry is plain old data; all-zero is a valid value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr(GATEWAY);
+    route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    ioctl(
+        fd,
+        libc::SIOCADDRT,
+        &mut route as *mut _ as *mut _,
+        "adding the default route",
+    )?;
+    Ok(())
+}

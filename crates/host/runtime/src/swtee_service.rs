@@ -1,0 +1,79 @@
+//! The software TEE's "firmware" for one pod: answers the guest's report
+//! requests on vsock port [`kabuto_protocol::SWTEE_VSOCK_PORT`] with reports
+//! carrying the launch data fixed before boot. Insecure by construction
+//! (see `kabuto-swtee`); only for hosts without TEE hardware.
+
+use std::io::ErrorKind;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kabuto_swtee::{Firmware, LaunchData};
+
+/// A guest that stalls mid-request does not block the next one for longer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct FirmwareService {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FirmwareService {
+    /// Serves on `socket`: the Unix socket a vhost-user vsock device
+    /// connects to for guest connections to the host's port
+    /// (`<uds-path>_<port>`).
+    pub fn start(key_dir: &Path, socket: PathBuf, launch: LaunchData) -> Result<Self, String> {
+        let firmware = Firmware::load(key_dir).map_err(|e| {
+            format!("{e} (create the software TEE with `kabuto install`, or set confidential.software_tee_dir)")
+        })?;
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("swtee-firmware".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut stream = match stream {
+                        Ok(s) => s,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::warn!("software TEE firmware: accept: {e}");
+                            return;
+                        }
+                    };
+                    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+                    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+                    match firmware.serve_one(&launch, &mut stream) {
+                        Ok(()) => log::info!("software TEE: issued a report"),
+                        Err(e) => log::warn!("software TEE firmware: {e}"),
+                    }
+                }
+            })
+            .map_err(|e| format!("starting the firmware thread: {e}"))?;
+        Ok(FirmwareService {
+            socket,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FirmwareService {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
