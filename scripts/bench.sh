@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, measured
-# in the same run; prints a Markdown table for docs/benchmarks.md.
+# Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, and the
+# KBS next to a plain HTTP request, each measured in the same run; prints
+# Markdown tables for docs/benchmarks.md.
 # Usage: scripts/bench.sh [--runs N] [--max-pods N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,5 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export KABUTO_E2E_BIN_DIR="$PWD/target/release"
 export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
 target/release/kabuto-bench "$@"
+# The KBS (attestation) benchmark needs no VM.
+target/release/kabuto-kbs-bench --seconds 5
