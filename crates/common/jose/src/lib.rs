@@ -61,6 +61,16 @@ pub enum TeeKeyPair {
     Rsa(Box<RsaPrivateKey>),
 }
 
+/// Never prints the private key.
+impl std::fmt::Debug for TeeKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TeeKeyPair::Ec(_) => f.write_str("TeeKeyPair::Ec(<private>)"),
+            TeeKeyPair::Rsa(_) => f.write_str("TeeKeyPair::Rsa(<private>)"),
+        }
+    }
+}
+
 impl TeeKeyPair {
     /// A fresh P-256 key (fast to generate; the default).
     pub fn generate_ec() -> Self {

@@ -28,6 +28,7 @@ struct Options {
     session_ttl: u64,
     tls: bool,
     admin_roles: &'static str,
+    accept_sample: bool,
 }
 
 impl Default for Options {
@@ -36,6 +37,7 @@ impl Default for Options {
             session_ttl: 300,
             tls: false,
             admin_roles: "\"admin\"",
+            accept_sample: false,
         }
     }
 }
@@ -74,8 +76,9 @@ impl Kbs {
             ("http", "insecure_http = true\n".to_string(), None)
         };
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\nsession_ttl_secs = {ttl}\n\n[tls]\n{tls}\n[[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [{roles}]\n",
+            "listen = \"127.0.0.1:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\nsession_ttl_secs = {ttl}\n\n[tls]\n{tls}\n[[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [{roles}]\n[attestation]\naccept_sample = {sample}\n",
             d = dir.path().display(),
+            sample = options.accept_sample,
             ttl = options.session_ttl,
             roles = options.admin_roles,
         );
@@ -557,4 +560,112 @@ fn tls_with_the_owner_ca() {
     .unwrap();
     let err = wrong.attest().unwrap_err();
     assert!(matches!(err, AttestError::Transport { .. }), "{err}");
+}
+
+/// Raw protocol: auth, then attest with `evidence` built from the challenge.
+fn handshake(
+    url: &str,
+    tee: kbs_types::Tee,
+    evidence: impl Fn(&[u8]) -> serde_json::Value,
+) -> Result<(String, kabuto_jose::TeeKeyPair), ureq::Error> {
+    let agent = ureq::Agent::new();
+    let auth = agent
+        .post(&format!("{url}/kbs/v0/auth"))
+        .send_json(kabuto_attestation_agent::request(tee))?;
+    let cookie = auth
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let key = kabuto_jose::TeeKeyPair::generate_ec();
+    let runtime = serde_json::json!({
+        "tee-pubkey": key.public_jwk(),
+        "nonce": challenge.nonce,
+        "additional-evidence": "",
+    });
+    let digest =
+        kbs_types::HashAlgorithm::Sha384.digest(&kabuto_jose::canonical_json(&runtime).unwrap());
+    let attestation = serde_json::json!({
+        "runtime-data": {"nonce": challenge.nonce, "tee-pubkey": key.public_jwk()},
+        "tee-evidence": {"primary_evidence": evidence(&digest), "additional_evidence": ""},
+    });
+    let response: serde_json::Value = agent
+        .post(&format!("{url}/kbs/v0/attest"))
+        .set("Cookie", &cookie)
+        .send_json(attestation)?
+        .into_json()
+        .unwrap();
+    Ok((response["token"].as_str().unwrap().to_string(), key))
+}
+
+/// CoCo's `sample` attester output, as existing guest tooling sends it;
+/// the token then works as a bearer credential without the cookie.
+#[test]
+fn sample_evidence_and_bearer_tokens() {
+    use base64::Engine;
+    let sample = |digest: &[u8]| {
+        serde_json::json!({
+            "svn": "1",
+            "report_data": base64::engine::general_purpose::STANDARD.encode(digest),
+        })
+    };
+    // Refused unless the KBS is configured to accept it.
+    let strict = Kbs::start(Options::default());
+    match handshake(&strict.url, kbs_types::Tee::Sample, sample) {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("sample-trust"), "{body}");
+        }
+        other => panic!("sample evidence answered {:?}", other.map(|(t, _)| t)),
+    }
+
+    let kbs = Kbs::start(Options {
+        accept_sample: true,
+        ..Default::default()
+    });
+    kbs.admin
+        .set_resource("default/key/1", b"via bearer")
+        .unwrap();
+    let (token, key) = handshake(&kbs.url, kbs_types::Tee::Sample, sample).unwrap();
+    let response = ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert_eq!(
+        key.decrypt_json(response.as_bytes()).unwrap().as_slice(),
+        b"via bearer"
+    );
+    // The token says what was attested: insecure evidence is a warning.
+    let claims = kabuto_attestation_agent::token_expiry(&token);
+    assert!(claims.is_some());
+
+    // A token with one changed character is refused.
+    let mut forged = token.into_bytes();
+    let i = forged.len() - 5;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    match ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
+        .set("Authorization", &format!("Bearer {forged}"))
+        .call()
+    {
+        Err(ureq::Error::Status(401, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("token"), "{body}");
+        }
+        other => panic!("forged token answered {other:?}"),
+    }
+    // Evidence whose report data does not bind this nonce and key.
+    let err = handshake(&kbs.url, kbs_types::Tee::Sample, |_| sample(&[0u8; 48])).unwrap_err();
+    match err {
+        ureq::Error::Status(401, r) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("report-data"), "{body}");
+        }
+        other => panic!("unbound evidence answered {other:?}"),
+    }
 }

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use ring::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_ASN1, ECDSA_P384_SHA384_FIXED};
+// aws-lc-rs: its P-384 is ~4x faster than ring's here, and one P-384
+// verification per report bounds the KBS's handshake rate.
+use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_ASN1, ECDSA_P384_SHA384_FIXED};
 use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
 use sev::firmware::guest::AttestationReport;
 use sev::firmware::host::{CertTableEntry, CertType};
@@ -320,7 +322,7 @@ fn spki_bytes(cert: &x509_cert::Certificate) -> &[u8] {
         .raw_bytes()
 }
 
-/// Whether the certificate holds an uncompressed P-384 point (ring checks
+/// Whether the certificate holds an uncompressed P-384 point (aws-lc checks
 /// that the point is on the curve when it verifies).
 fn is_p384(cert: &x509_cert::Certificate) -> bool {
     let spki = &cert.tbs_certificate.subject_public_key_info;
@@ -333,7 +335,8 @@ fn is_p384(cert: &x509_cert::Certificate) -> bool {
     curve.as_deref() == Some(OID_SECP384R1) && spki_bytes(cert).len() == 97
 }
 
-/// The report stores r and s little-endian in 72-byte fields; ring wants
+/// The report stores r and s little-endian in 72-byte fields; the FIXED
+/// encoding wants
 /// them big-endian, 48 bytes each.
 fn report_signature(raw: &[u8]) -> [u8; 96] {
     let mut out = [0u8; 96];
