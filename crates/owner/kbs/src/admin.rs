@@ -122,16 +122,7 @@ pub async fn set_attestation_policy(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let who = authorize(&kbs, &headers, Role::PolicyWriter)?;
-    let rego = policy_text(&body)?;
-    // Compile first; only a policy that compiles is stored and used.
-    kbs.attestation_policy
-        .replace(&rego)
-        .map_err(|e| Problem::bad_request("policy", e.to_string()))?;
-    kbs.store
-        .set_setting(store::ATTESTATION_POLICY, rego.as_bytes())?;
-    log::info!("admin {who}: set the attestation policy");
-    Ok(ok("attestation policy".into()))
+    set_policy(&kbs, &headers, &body, PolicyKind::Attestation)
 }
 
 pub async fn set_resource_policy(
@@ -139,15 +130,41 @@ pub async fn set_resource_policy(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let who = authorize(&kbs, &headers, Role::PolicyWriter)?;
-    let rego = policy_text(&body)?;
-    kbs.resource_policy
+    set_policy(&kbs, &headers, &body, PolicyKind::Resource)
+}
+
+enum PolicyKind {
+    Attestation,
+    Resource,
+}
+
+fn set_policy(
+    kbs: &Kbs,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: PolicyKind,
+) -> Result<Response, Problem> {
+    let who = authorize(kbs, headers, Role::PolicyWriter)?;
+    let rego = policy_text(body)?;
+    let (policy, key, name) = match kind {
+        PolicyKind::Attestation => (
+            &kbs.attestation_policy,
+            store::ATTESTATION_POLICY,
+            "attestation policy",
+        ),
+        PolicyKind::Resource => (
+            &kbs.resource_policy,
+            store::RESOURCE_POLICY,
+            "resource policy",
+        ),
+    };
+    // Compile first; only a policy that compiles is stored and used.
+    policy
         .replace(&rego)
         .map_err(|e| Problem::bad_request("policy", e.to_string()))?;
-    kbs.store
-        .set_setting(store::RESOURCE_POLICY, rego.as_bytes())?;
-    log::info!("admin {who}: set the resource policy");
-    Ok(ok("resource policy".into()))
+    kbs.store.set_setting(key, rego.as_bytes())?;
+    log::info!("admin {who}: set the {name}");
+    Ok(ok(name.into()))
 }
 
 pub async fn set_reference_values(

@@ -209,6 +209,30 @@ impl Firmware {
     }
 }
 
+/// Raw protocol step 1: `/auth`; returns the cookie and the challenge.
+fn auth(agent: &ureq::Agent, url: &str, tee: kbs_types::Tee) -> (String, kbs_types::Challenge) {
+    let response = agent
+        .post(&format!("{url}/kbs/v0/auth"))
+        .send_json(kabuto_attestation_agent::request(tee))
+        .unwrap();
+    let cookie = response
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (cookie, response.into_json().unwrap())
+}
+
+/// The body of a 401 answer, or a panic naming what came instead.
+fn unauthorized<T: std::fmt::Debug>(result: Result<T, ureq::Error>, what: &str) -> String {
+    match result {
+        Err(ureq::Error::Status(401, r)) => r.into_string().unwrap(),
+        other => panic!("{what} answered {other:?}"),
+    }
+}
+
 fn check_of(err: &AttestError) -> String {
     err.check().unwrap_or("").to_string()
 }
@@ -347,18 +371,7 @@ fn tampered_evidence_and_replays_are_refused() {
     // Replay: the same attestation twice on the same session.
     let agent = ureq::Agent::new();
     let provider = fw.provider();
-    let auth = agent
-        .post(&format!("{}/kbs/v0/auth", kbs.url))
-        .send_json(kabuto_attestation_agent::request(provider.tee()))
-        .unwrap();
-    let cookie = auth
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let (cookie, challenge) = auth(&agent, &kbs.url, provider.tee());
     let (attestation, _key) =
         kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
             .unwrap();
@@ -369,32 +382,12 @@ fn tampered_evidence_and_replays_are_refused() {
             .send_json(&attestation)
     };
     assert!(attest(&cookie).is_ok());
-    match attest(&cookie) {
-        Err(ureq::Error::Status(401, r)) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("single-use"), "{body}");
-        }
-        other => panic!("replay answered {other:?}"),
-    }
+    let body = unauthorized(attest(&cookie), "replay");
+    assert!(body.contains("single-use"), "{body}");
     // The old nonce on a fresh session.
-    let fresh = agent
-        .post(&format!("{}/kbs/v0/auth", kbs.url))
-        .send_json(kabuto_attestation_agent::request(provider.tee()))
-        .unwrap();
-    let fresh_cookie = fresh
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    match attest(&fresh_cookie) {
-        Err(ureq::Error::Status(401, r)) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("\"nonce\""), "{body}");
-        }
-        other => panic!("stale nonce answered {other:?}"),
-    }
+    let (fresh_cookie, _) = auth(&agent, &kbs.url, provider.tee());
+    let body = unauthorized(attest(&fresh_cookie), "stale nonce");
+    assert!(body.contains("\"nonce\""), "{body}");
 }
 
 #[test]
@@ -407,33 +400,17 @@ fn sessions_expire() {
     kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
     let agent = ureq::Agent::new();
     let provider = fw.provider();
-    let auth = agent
-        .post(&format!("{}/kbs/v0/auth", kbs.url))
-        .send_json(kabuto_attestation_agent::request(provider.tee()))
-        .unwrap();
-    let cookie = auth
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let (cookie, challenge) = auth(&agent, &kbs.url, provider.tee());
     let (attestation, _key) =
         kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
             .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    match agent
+    let result = agent
         .post(&format!("{}/kbs/v0/attest", kbs.url))
         .set("Cookie", &cookie)
-        .send_json(&attestation)
-    {
-        Err(ureq::Error::Status(401, r)) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("expired"), "{body}");
-        }
-        other => panic!("expired session answered {other:?}"),
-    }
+        .send_json(&attestation);
+    let body = unauthorized(result, "expired session");
+    assert!(body.contains("expired"), "{body}");
 }
 
 #[test]
@@ -569,17 +546,7 @@ fn handshake(
     evidence: impl Fn(&[u8]) -> serde_json::Value,
 ) -> Result<(String, kabuto_jose::TeeKeyPair), ureq::Error> {
     let agent = ureq::Agent::new();
-    let auth = agent
-        .post(&format!("{url}/kbs/v0/auth"))
-        .send_json(kabuto_attestation_agent::request(tee))?;
-    let cookie = auth
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let challenge: kbs_types::Challenge = auth.into_json().unwrap();
+    let (cookie, challenge) = auth(&agent, url, tee);
     let key = kabuto_jose::TeeKeyPair::generate_ec();
     let runtime = serde_json::json!({
         "tee-pubkey": key.public_jwk(),
@@ -614,13 +581,11 @@ fn sample_evidence_and_bearer_tokens() {
     };
     // Refused unless the KBS is configured to accept it.
     let strict = Kbs::start(Options::default());
-    match handshake(&strict.url, kbs_types::Tee::Sample, sample) {
-        Err(ureq::Error::Status(401, r)) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("sample-trust"), "{body}");
-        }
-        other => panic!("sample evidence answered {:?}", other.map(|(t, _)| t)),
-    }
+    let body = unauthorized(
+        handshake(&strict.url, kbs_types::Tee::Sample, sample).map(|(t, _)| t),
+        "sample evidence",
+    );
+    assert!(body.contains("sample-trust"), "{body}");
 
     let kbs = Kbs::start(Options {
         accept_sample: true,
@@ -649,23 +614,13 @@ fn sample_evidence_and_bearer_tokens() {
     let i = forged.len() - 5;
     forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
-    match ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
+    let forged_get = ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
         .set("Authorization", &format!("Bearer {forged}"))
-        .call()
-    {
-        Err(ureq::Error::Status(401, r)) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("token"), "{body}");
-        }
-        other => panic!("forged token answered {other:?}"),
-    }
+        .call();
+    let body = unauthorized(forged_get, "forged token");
+    assert!(body.contains("token"), "{body}");
     // Evidence whose report data does not bind this nonce and key.
-    let err = handshake(&kbs.url, kbs_types::Tee::Sample, |_| sample(&[0u8; 48])).unwrap_err();
-    match err {
-        ureq::Error::Status(401, r) => {
-            let body = r.into_string().unwrap();
-            assert!(body.contains("report-data"), "{body}");
-        }
-        other => panic!("unbound evidence answered {other:?}"),
-    }
+    let unbound = handshake(&kbs.url, kbs_types::Tee::Sample, |_| sample(&[0u8; 48]));
+    let body = unauthorized(unbound.map(|(t, _)| t), "unbound evidence");
+    assert!(body.contains("report-data"), "{body}");
 }
