@@ -184,15 +184,30 @@ fn snp_json(report: &[u8], vcek: &[u8], root: &[u8]) -> serde_json::Value {
     })
 }
 
+impl SoftwareTee {
+    /// CoCo-style JSON evidence of a fresh report from this TEE.
+    fn evidence(&self) -> serde_json::Value {
+        let report = self.firmware.report(&launch(), &report_data()).unwrap();
+        snp_json(
+            &report,
+            self.firmware.firmware_cert_der(),
+            self.firmware.root_cert_der(),
+        )
+    }
+
+    /// A verifier that trusts this TEE's root.
+    fn trusting_verifier(&self) -> Verifier {
+        Verifier::new(TrustAnchors {
+            software_tee_roots: vec![self.firmware.root_cert_der().to_vec()],
+            ..Default::default()
+        })
+    }
+}
+
 #[test]
 fn software_tee_needs_explicit_trust() {
     let tee = software_tee();
-    let report = tee.firmware.report(&launch(), &report_data()).unwrap();
-    let evidence = snp_json(
-        &report,
-        tee.firmware.firmware_cert_der(),
-        tee.firmware.root_cert_der(),
-    );
+    let evidence = tee.evidence();
     let now = SystemTime::now();
 
     let err = verifier()
@@ -200,10 +215,7 @@ fn software_tee_needs_explicit_trust() {
         .unwrap_err();
     assert!(matches!(err, VerifyError::SoftwareTeeNotTrusted), "{err}");
 
-    let trusted = Verifier::new(TrustAnchors {
-        software_tee_roots: vec![tee.firmware.root_cert_der().to_vec()],
-        ..Default::default()
-    });
+    let trusted = tee.trusting_verifier();
     let claims = trusted
         .verify(
             Tee::Snp,
@@ -220,13 +232,7 @@ fn software_tee_needs_explicit_trust() {
     assert_eq!(claims.measurement, hex::encode(launch().measurement));
 
     // A different software root (another host's) is not trusted either.
-    let other = software_tee();
-    let foreign = other.firmware.report(&launch(), &report_data()).unwrap();
-    let evidence = snp_json(
-        &foreign,
-        other.firmware.firmware_cert_der(),
-        other.firmware.root_cert_der(),
-    );
+    let evidence = software_tee().evidence();
     let err = trusted
         .verify(Tee::Snp, &evidence, Expected::default(), now)
         .unwrap_err();
@@ -236,16 +242,8 @@ fn software_tee_needs_explicit_trust() {
 #[test]
 fn bindings_are_checked() {
     let tee = software_tee();
-    let report = tee.firmware.report(&launch(), &report_data()).unwrap();
-    let evidence = snp_json(
-        &report,
-        tee.firmware.firmware_cert_der(),
-        tee.firmware.root_cert_der(),
-    );
-    let v = Verifier::new(TrustAnchors {
-        software_tee_roots: vec![tee.firmware.root_cert_der().to_vec()],
-        ..Default::default()
-    });
+    let evidence = tee.evidence();
+    let v = tee.trusting_verifier();
     let now = SystemTime::now();
     let err = v
         .verify(
