@@ -98,8 +98,7 @@ pub fn check_binding(digest: &[u8], launch: &[u8]) -> Result<(), String> {
     } else {
         "HOST_DATA"
     };
-    let mut expected = digest.to_vec();
-    expected.resize(launch.len(), 0);
+    let expected = kabuto_initdata::fit_digest(digest, launch.len());
     if expected != launch {
         return Err(format!(
             "the init-data's digest {} does not match the TEE's {field} {}: the host changed the init-data after launch; refusing it and every container",

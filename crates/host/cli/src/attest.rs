@@ -34,34 +34,17 @@ fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// DER from DER or PEM (every CERTIFICATE block).
+/// DER certificates from a DER file or a PEM file (every CERTIFICATE block).
 fn certificates(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    if bytes.starts_with(b"-----BEGIN") || bytes.iter().take(64).all(u8::is_ascii) {
-        if let Ok(pems) = pem_certificates(bytes) {
-            if !pems.is_empty() {
-                return Ok(pems);
-            }
-        }
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Ok(vec![bytes.to_vec()]);
     }
-    Ok(vec![bytes.to_vec()])
-}
-
-/// PEM CERTIFICATE blocks to DER (no dependency on the KBS crate).
-fn pem_certificates(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    use base64::Engine;
-    let text = std::str::from_utf8(bytes)?;
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let body = &rest[start + 27..];
-        let end = body
-            .find("-----END CERTIFICATE-----")
-            .context("PEM certificate without END line")?;
-        let b64: String = body[..end].chars().filter(|c| !c.is_whitespace()).collect();
-        out.push(base64::engine::general_purpose::STANDARD.decode(b64)?);
-        rest = &body[end..];
-    }
-    Ok(out)
+    let certs = rustls_pemfile::certs(&mut &bytes[..])
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("malformed PEM")?;
+    anyhow::ensure!(!certs.is_empty(), "the PEM file holds no CERTIFICATE block");
+    Ok(certs)
 }
 
 /// The primary evidence inside whatever JSON shape was given.

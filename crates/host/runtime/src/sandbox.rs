@@ -513,11 +513,10 @@ pub fn software_tee_measurement(config: &Config) -> Result<[u8; 48], String> {
     ))
 }
 
-/// Zero-pads (or truncates) a digest to a TEE field.
+/// A digest fitted to a TEE field of `N` bytes (see `kabuto_initdata::fit_digest`).
 fn fit<const N: usize>(digest: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
-    let n = digest.len().min(N);
-    out[..n].copy_from_slice(&digest[..n]);
+    out.copy_from_slice(&kabuto_initdata::fit_digest(digest, N));
     out
 }
 

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use kabuto_initdata::fit_digest;
 pub use kbs_types::Tee;
 use serde::Serialize;
 
@@ -214,19 +215,11 @@ impl Verifier {
     }
 }
 
-/// Zero-pads (or truncates) `value` to `len` bytes, as guests fill fixed fields.
-pub fn fit(value: &[u8], len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let n = value.len().min(len);
-    out[..n].copy_from_slice(&value[..n]);
-    out
-}
-
 fn check_bindings(claims: &Claims, expected: Expected<'_>) -> Result<()> {
     if let Some(want) = expected.report_data {
         let found = claims.report_data.clone();
         let field_len = found.len() / 2;
-        let want = hex::encode(fit(want, field_len));
+        let want = hex::encode(fit_digest(want, field_len));
         // The sample attester sends the unpadded digest.
         let matches = found == want
             || (claims.platform == Platform::Sample
@@ -247,7 +240,7 @@ fn check_bindings(claims: &Claims, expected: Expected<'_>) -> Result<()> {
             _ => "HOST_DATA",
         };
         let found = claims.init_data.clone();
-        let want = hex::encode(fit(want, found.len() / 2));
+        let want = hex::encode(fit_digest(want, found.len() / 2));
         if found != want {
             return Err(VerifyError::InitDataMismatch {
                 field,

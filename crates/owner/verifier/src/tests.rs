@@ -169,7 +169,7 @@ fn launch() -> kabuto_swtee::LaunchData {
 
 /// A SHA-384 digest zero-padded to SNP's 64-byte REPORT_DATA.
 fn report_data() -> [u8; 64] {
-    fit(&[0x22; 48], 64).try_into().unwrap()
+    fit_digest(&[0x22; 48], 64).try_into().unwrap()
 }
 
 /// The evidence a CoCo SNP attester would send, built from a report.
