@@ -493,3 +493,88 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Unpacks the busybox image archive ([`build_busybox_image`]) as an OCI
+/// image layout directory.
+pub fn busybox_layout(dir: &Path) -> std::io::Result<()> {
+    let archive = dir.with_extension("tar");
+    build_busybox_image(&archive)?;
+    tar::Archive::new(fs::File::open(&archive)?).unpack(dir)?;
+    fs::remove_file(archive)
+}
+
+/// A private OCI registry (Debian's `docker-registry`) on loopback, with its
+/// storage in a temporary directory; killed on drop.
+pub struct Registry {
+    dir: tempfile::TempDir,
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("kabuto-registry-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let host = format!("127.0.0.1:{port}");
+        fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {host}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let log = fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry (apt-get install docker-registry)");
+        let r = Registry { dir, child, host };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&r.host).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not come up");
+            thread::sleep(Duration::from_millis(100));
+        }
+        r
+    }
+
+    /// Copies `tag` of the OCI layout `layout` to `<host>/<repository>:<tag>`
+    /// with skopeo; returns the pushed reference.
+    pub fn push_layout(&self, layout: &Path, tag: &str, repository: &str) -> String {
+        let reference = format!("{}/{repository}:{tag}", self.host);
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{reference}"))
+            .output()
+            .expect("running skopeo (apt-get install skopeo)");
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reference
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

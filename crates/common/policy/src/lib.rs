@@ -96,20 +96,24 @@ impl PolicyGate {
         };
         let input = regorus::Value::from_json_str(&input.to_string())
             .map_err(|e| eval_err(e.to_string()))?;
-        let data =
-            regorus::Value::from_json_str(&serde_json::json!({ "state": self.state }).to_string())
-                .map_err(|e| eval_err(e.to_string()))?;
-        self.engine.clear_data();
-        self.engine
-            .add_data(data)
-            .map_err(|e| eval_err(e.to_string()))?;
         self.engine.set_input(input);
+        // The state goes in with `with`, not as engine data: changing
+        // regorus' data makes it re-analyse the whole policy on the next
+        // evaluation, which for a generated policy costs more than the
+        // decision itself. JSON is a Rego literal.
+        let query = format!(
+            "data.agent_policy.{request} with data.state as {}",
+            self.state
+        );
         // A rule that does not exist, or fails to evaluate, denies.
-        let result = match self
-            .engine
-            .eval_rule(format!("data.agent_policy.{request}"))
-        {
-            Ok(value) => value,
+        let result = match self.engine.eval_query(query, false) {
+            Ok(results) => results
+                .result
+                .into_iter()
+                .next()
+                .and_then(|r| r.expressions.into_iter().next())
+                .map(|e| e.value)
+                .unwrap_or(regorus::Value::Undefined),
             Err(e) => {
                 return Ok(Decision::Denied {
                     reason: Some(format!("no decision for {request}: {e}")),
@@ -295,6 +299,42 @@ mod tests {
             &json!({"created": "c1"}),
             "a denied request changes nothing"
         );
+    }
+
+    #[test]
+    fn state_with_any_characters_reaches_the_rules_intact() {
+        // The state is written into the query as a literal: host-chosen
+        // strings (container ids) must stay data, never become Rego.
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            CreateContainerRequest := {"allowed": true, "ops": [{"op": "add", "path": "/last", "value": input.container_id}]}
+            ReadStreamRequest := data.state.last == input.expect
+            "#,
+        )
+        .expect("parses");
+        for id in [
+            r#"a" } with data.x as {"y": 1"#,
+            "new\nline \\ back\u{0}slash \"quoted\"",
+            "\u{2028}\u{1F600}\t}",
+        ] {
+            assert_eq!(
+                gate.decide("CreateContainerRequest", &json!({"container_id": id}))
+                    .expect("decide"),
+                Decision::Allowed
+            );
+            assert_eq!(gate.state(), &json!({"last": id}));
+            assert_eq!(
+                gate.decide("ReadStreamRequest", &json!({"expect": id}))
+                    .expect("decide"),
+                Decision::Allowed,
+                "{id:?}"
+            );
+            assert_eq!(
+                gate.decide("ReadStreamRequest", &json!({"expect": "other"}))
+                    .expect("decide"),
+                Decision::Denied { reason: None }
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod attest;
 mod check;
 mod exec;
+mod genpolicy;
 mod install;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
         #[command(subcommand)]
         command: AttestCommand,
     },
+    /// Generate a pod's policy and init-data annotation from its manifest.
+    Genpolicy(genpolicy::GenPolicyArgs),
     /// Open the debug shell of a running pod (needs hypervisor.debug_console).
     Exec {
         /// The pod (sandbox) id.
@@ -155,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attest {
             command: AttestCommand::Verify(args),
         } => attest::verify(&args),
+        Command::Genpolicy(args) => genpolicy::run(&args),
         Command::Exec { pod } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {

@@ -1,0 +1,245 @@
+# The rules of every generated policy. `kabuto genpolicy` appends
+# `policy_data` (what every decision reads), one `policy_container`
+# definition per container (the pod's containers as the generator resolved
+# them) and one `default <Request> := <bool>` line per request the settings
+# decide.
+#
+# CreateContainerRequest: the container must be one of the pod's (found by
+# its CRI name annotation, or the sandbox's pause container) and match it in
+# image reference, args, env, working dir, user, capabilities, privileged
+# mode, root filesystem, no_new_privileges and mounts. Allowed containers
+# are recorded in the policy state so ExecProcessRequest can be checked
+# against the commands of *that* container (its probes and lifecycle hooks).
+#
+# Two paths: `container_allowed` decides, written for speed (one rule, no
+# function calls per env variable or mount: regorus' function calls cost
+# microseconds each); only when it fails are `create_errors` computed, one
+# message per failed check, for the denial's reason.
+
+annotations := object.get(input.OCI, "annotations", {})
+
+container_type := object.get(annotations, "io.kubernetes.cri.container-type", "container")
+
+container_name := annotations["io.kubernetes.cri.container-name"]
+
+# policy_container: defined after policy_data, once per container.
+
+process := object.get(input.OCI, "process", {})
+
+args := object.get(process, "args", [])
+
+env := object.get(process, "env", [])
+
+user := object.get(process, "user", {})
+
+mounts := object.get(input.OCI, "mounts", [])
+
+capabilities := object.get(process, "capabilities", {})
+
+masked_paths := object.get(object.get(input.OCI, "linux", {}), "maskedPaths", [])
+
+image_name := object.get(annotations, "io.kubernetes.cri.image-name", "")
+
+namespace := object.get(annotations, "io.kubernetes.cri.sandbox-namespace", policy_data.namespace)
+
+CreateContainerRequest := {"allowed": true, "ops": record_container} if container_allowed
+
+CreateContainerRequest := {"allowed": false, "reason": deny_reason} if not container_allowed
+
+deny_reason := concat("; ", create_errors) if count(create_errors) > 0
+else := "the container does not match the pod's policy"
+
+record_container := [{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name}] if {
+	data.state.containers
+} else := [{"op": "add", "path": "/containers", "value": {input.container_id: policy_container.name}}]
+
+# --- the decision ---
+
+container_allowed if {
+	c := policy_container
+	namespace_ok
+	image_ok
+	args_ok
+	every e in env {
+		regex.match(c.env, e)
+	}
+	object.get(process, "cwd", "") == c.cwd
+	{true: true, false: object.get(user, "uid", 0) == c.uid}[c.uid == null]
+	{true: true, false: object.get(user, "gid", 0) == c.gid}[c.gid == null]
+	{true: true, false: count(masked_paths) > 0}[c.privileged]
+	capabilities_ok
+	{true: object.get(object.get(input.OCI, "root", {}), "readonly", false), false: true}[c.read_only_root]
+	{true: object.get(process, "noNewPrivileges", false), false: true}[c.no_new_privileges]
+	defaults := policy_data.default_mounts
+	prefix := policy_data.shared_prefix
+
+	# mount_ok, inlined: a function call per mount costs more than its body.
+	every m in mounts {
+		a := object.get(c.mounts, m.destination, object.get(defaults, m.destination, null))
+		a != null
+		options := object.get(m, "options", [])
+		is_bind := count([1 | some o in options; o in {"bind", "rbind"}]) + count([1 | m.type == "bind"]) > 0
+		is_bind in a.bind
+		{true: true, false: object.get(m, "type", "") == a.type}[a.any_type]
+		every o in a.options {
+			o in options
+		}
+		{true: startswith(object.get(m, "source", ""), prefix), false: true}[is_bind]
+	}
+}
+
+namespace_ok if policy_data.namespace == ""
+
+namespace_ok if namespace == policy_data.namespace
+
+image_ok if count(policy_container.images) == 0
+
+image_ok if image_name in policy_container.images
+
+args_ok if policy_container.args_exact == args
+
+args_ok if {
+	patterns := policy_container.args_patterns
+	patterns != null
+	count(patterns) == count(args)
+	every i, p in patterns {
+		regex.match(p, args[i])
+	}
+}
+
+capabilities_ok if policy_container.capabilities == null
+
+capabilities_ok if {
+	policy_container.capabilities != null
+	allowed := {c | some c in policy_container.capabilities}
+	every set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
+		every cap in object.get(capabilities, set, []) {
+			allowed[cap]
+		}
+	}
+}
+
+# A mount is allowed by the container's own rule at its destination, else
+# the default rule there. Rules say whether it must be a bind (`bind`: the
+# allowed values of "is a bind"), its filesystem type (unless `any_type`)
+# and the options it must carry (`ro` for read-only mounts). Binds may only come from the directory
+# the runtime shares into the guest: never a guest path such as / or /dev.
+# (The same check as a function, for the denial's reasons.)
+mount_ok(m, own, defaults, prefix) if {
+	a := object.get(own, m.destination, object.get(defaults, m.destination, null))
+	a != null
+	options := object.get(m, "options", [])
+	is_bind := count([1 | some o in options; o in {"bind", "rbind"}]) + count([1 | m.type == "bind"]) > 0
+	is_bind in a.bind
+	{true: true, false: object.get(m, "type", "") == a.type}[a.any_type]
+	every o in a.options {
+		o in options
+	}
+	{true: startswith(object.get(m, "source", ""), prefix), false: true}[is_bind]
+}
+
+# --- the reasons, computed only for a denial ---
+
+create_errors contains "the container has no io.kubernetes.cri.container-name annotation, so it is not one of the pod's" if {
+	container_type != "sandbox"
+	not annotations["io.kubernetes.cri.container-name"]
+}
+
+create_errors contains sprintf("container %q is not in the pod's policy", [container_name]) if {
+	container_type != "sandbox"
+	not policy_container
+}
+
+create_errors contains sprintf("the pod's namespace is %q, not %q", [policy_data.namespace, namespace]) if {
+	policy_container
+	not namespace_ok
+}
+
+create_errors contains sprintf("image %q is not allowed for container %q (allowed: %v)", [image_name, c.name, c.images]) if {
+	c := policy_container
+	not image_ok
+}
+
+create_errors contains sprintf("args %v are not allowed for container %q", [args, c.name]) if {
+	c := policy_container
+	not args_ok
+}
+
+# Only the variable's name: its value may be a secret.
+create_errors contains sprintf("env variable %s is not allowed for container %q", [split(e, "=")[0], c.name]) if {
+	c := policy_container
+	some e in env
+	not regex.match(c.env, e)
+}
+
+create_errors contains sprintf("working directory %q is not allowed for container %q (expected %q)", [object.get(process, "cwd", ""), c.name, c.cwd]) if {
+	c := policy_container
+	object.get(process, "cwd", "") != c.cwd
+}
+
+create_errors contains sprintf("uid %v is not allowed for container %q (expected %v)", [uid, c.name, c.uid]) if {
+	c := policy_container
+	c.uid != null
+	uid := object.get(user, "uid", 0)
+	uid != c.uid
+}
+
+create_errors contains sprintf("gid %v is not allowed for container %q (expected %v)", [gid, c.name, c.gid]) if {
+	c := policy_container
+	c.gid != null
+	gid := object.get(user, "gid", 0)
+	gid != c.gid
+}
+
+# A privileged container has no masked paths (and every capability).
+create_errors contains sprintf("privileged mode is not allowed for container %q (no masked paths)", [c.name]) if {
+	c := policy_container
+	not c.privileged
+	count(masked_paths) == 0
+}
+
+create_errors contains sprintf("capability %s is not allowed for container %q", [cap, c.name]) if {
+	c := policy_container
+	c.capabilities != null
+	some set in ["bounding", "effective", "permitted", "inheritable", "ambient"]
+	some cap in object.get(capabilities, set, [])
+	not cap in c.capabilities
+}
+
+create_errors contains sprintf("container %q must have a read-only root filesystem", [c.name]) if {
+	c := policy_container
+	c.read_only_root
+	not object.get(object.get(input.OCI, "root", {}), "readonly", false)
+}
+
+create_errors contains sprintf("container %q must run with no_new_privileges (allowPrivilegeEscalation: false)", [c.name]) if {
+	c := policy_container
+	c.no_new_privileges
+	not object.get(process, "noNewPrivileges", false)
+}
+
+create_errors contains sprintf("mount %s is not allowed for container %q", [m.destination, c.name]) if {
+	c := policy_container
+	some m in mounts
+	not mount_ok(m, c.mounts, policy_data.default_mounts, policy_data.shared_prefix)
+}
+
+# --- exec ---
+
+# Only the commands the pod's manifest runs in that container (probes,
+# lifecycle hooks) and those the settings allow everywhere.
+exec_container := object.get(object.get(data.state, "containers", {}), input.container_id, "")
+
+exec_allowed if input.process.args in policy_data.exec[exec_container]
+
+exec_allowed if input.process.args in policy_data.allowed_exec
+
+ExecProcessRequest := true if exec_allowed
+
+ExecProcessRequest := {"allowed": false, "reason": sprintf("exec of %v in container %q is not in the pod's policy", [object.get(input.process, "args", []), exec_container])} if not exec_allowed
+
+RemoveContainerRequest := {"allowed": true, "ops": [{"op": "remove", "path": concat("/", ["", "containers", input.container_id])}]} if {
+	data.state.containers[input.container_id]
+}
+
+RemoveContainerRequest := true if not data.state.containers[input.container_id]

@@ -1,0 +1,872 @@
+//! The generator on a dozen real-world manifests (tests/manifests/): each
+//! generated policy is run through the real policy gate against the
+//! requests containerd's CRI plugin would send for those pods (built here
+//! independently of the generator, with concrete values), and against
+//! changed requests, which must be denied with the check that failed.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use kabuto_genpolicy::{generate, GenPolicyError, Generated, Resolver, Settings};
+use kabuto_policy::{Decision, PolicyGate};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const SHARED: &str = "/run/kabuto/shared";
+
+/// Image configs as their registries publish them (trimmed).
+fn images() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "docker.io/library/busybox:1.36",
+            json!({"Cmd": ["sh"], "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
+        ),
+        (
+            "docker.io/library/nginx:1.25",
+            json!({"Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["nginx", "-g", "daemon off;"],
+                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                           "NGINX_VERSION=1.25.3", "NJS_VERSION=0.8.2", "PKG_RELEASE=1~bookworm"],
+                   "ExposedPorts": {"80/tcp": {}}, "StopSignal": "SIGQUIT"}),
+        ),
+        (
+            "docker.io/library/redis:7.2",
+            json!({"Entrypoint": ["docker-entrypoint.sh"], "Cmd": ["redis-server"], "WorkingDir": "/data",
+                   "Volumes": {"/data": {}},
+                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                           "GOSU_VERSION=1.17", "REDIS_VERSION=7.2.4"]}),
+        ),
+        (
+            "quay.io/prometheus/node-exporter:v1.7.0",
+            json!({"Entrypoint": ["/bin/node_exporter"], "User": "nobody",
+                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
+        ),
+        (
+            "registry.example.com/team/app:v3",
+            json!({"Entrypoint": ["/app/server"], "WorkingDir": "/app", "User": "10001:10001",
+                   "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "APP_MODE=prod"]}),
+        ),
+        (
+            "registry.example.com/team/log-shipper:v2",
+            json!({"Entrypoint": ["/fluent-bit/bin/fluent-bit"], "Cmd": ["-c", "/fluent-bit/etc/fluent-bit.conf"],
+                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
+        ),
+    ]
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let hex = hex::encode(Sha256::digest(bytes));
+    std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+    format!("sha256:{hex}")
+}
+
+/// An OCI image layout holding `images()`; nginx behind a two-platform
+/// index. Returns the layout and each image's platform manifest digest.
+fn layout(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut digests = BTreeMap::new();
+    let mut index = vec![];
+    for (name, config) in images() {
+        let config = json!({"architecture": "amd64", "os": "linux", "config": config,
+                            "rootfs": {"type": "layers", "diff_ids": []}});
+        let config = serde_json::to_vec(&config).unwrap();
+        let config_digest = put_blob(dir, &config);
+        let layer_digest = put_blob(dir, format!("layer of {name}").as_bytes());
+        let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": 1}]});
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        let manifest_digest = put_blob(dir, &manifest);
+        digests.insert(name.to_string(), manifest_digest.clone());
+        let mut top = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                             "digest": manifest_digest, "size": manifest.len()});
+        if name.contains("nginx") {
+            let other = put_blob(dir, b"{\"schemaVersion\":2}");
+            let idx = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [
+                    {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": other, "size": 1,
+                     "platform": {"architecture": "arm64", "os": "linux"}},
+                    {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+                     "size": manifest.len(), "platform": {"architecture": "amd64", "os": "linux"}}]});
+            let idx = serde_json::to_vec(&idx).unwrap();
+            top = json!({"mediaType": "application/vnd.oci.image.index.v1+json",
+                         "digest": put_blob(dir, &idx), "size": idx.len()});
+        }
+        top["annotations"] = json!({"org.opencontainers.image.ref.name": name});
+        index.push(top);
+    }
+    let index = json!({"schemaVersion": 2, "manifests": index});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    digests
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    layout: PathBuf,
+    digests: BTreeMap<String, String>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let layout_dir = dir.path().join("layout");
+    let digests = layout(&layout_dir);
+    Fixture {
+        _dir: dir,
+        layout: layout_dir,
+        digests,
+    }
+}
+
+fn manifest(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/manifests")
+        .join(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn gen(f: &Fixture, yaml: &str, settings: &Settings) -> Result<Generated, GenPolicyError> {
+    generate(
+        yaml,
+        settings,
+        &mut Resolver::offline(vec![f.layout.clone()]),
+    )
+}
+
+/// The config of `image` (tagged or pinned: each repository holds one image).
+fn config_of(image: &str) -> Value {
+    let wanted = kabuto_genpolicy::normalize(image).unwrap();
+    images()
+        .into_iter()
+        .find(|(n, _)| {
+            let r = kabuto_genpolicy::normalize(n).unwrap();
+            (r.registry(), r.repository()) == (wanted.registry(), wanted.repository())
+        })
+        .map(|(_, c)| c)
+        .unwrap()
+}
+
+/// Concrete values for what is only known at run time.
+fn runtime_value(name: &str) -> String {
+    match name {
+        "DB_USER" => "admin".into(),
+        "POD_IP" => "10.244.1.7".into(),
+        "MEM_LIMIT" => "134217728".into(),
+        _ => format!("value-of-{name}"),
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Kubernetes' `$(VAR)` expansion with concrete values.
+fn expand(text: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = text.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out.replace("$$", "$")
+}
+
+/// The guest-side OCI spec containerd's CRI plugin (through the kabuto
+/// runtime) produces for `container` of `pod`.
+fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Value {
+    let image = container["image"].as_str().unwrap();
+    let config = config_of(image);
+    let mut vars = BTreeMap::new();
+    let mut env: Vec<(String, String)> = vec![];
+    for e in strings(&config["Env"]) {
+        let (k, v) = e.split_once('=').unwrap();
+        env.push((k.into(), v.into()));
+    }
+    let set = |env: &mut Vec<(String, String)>, k: &str, v: String| {
+        env.retain(|(n, _)| n != k);
+        env.push((k.into(), v));
+    };
+    for e in container["env"].as_array().cloned().unwrap_or_default() {
+        let name = e["name"].as_str().unwrap();
+        let value = match e["value"].as_str() {
+            Some(v) => expand(v, &vars),
+            None => runtime_value(name),
+        };
+        vars.insert(name.to_string(), value.clone());
+        set(&mut env, name, value);
+    }
+    for from in container["envFrom"].as_array().cloned().unwrap_or_default() {
+        let prefix = from["prefix"].as_str().unwrap_or("");
+        set(&mut env, &format!("{prefix}LOG_LEVEL"), "debug".into());
+    }
+    set(&mut env, "HOSTNAME", "web-5d8f7c9b6-x2x7q".into());
+    set(&mut env, "KUBERNETES_SERVICE_HOST", "10.96.0.1".into());
+    set(&mut env, "KUBERNETES_SERVICE_PORT", "443".into());
+    set(
+        &mut env,
+        "KUBERNETES_PORT_443_TCP",
+        "tcp://10.96.0.1:443".into(),
+    );
+    if pod["spec"]["enableServiceLinks"] != json!(false) {
+        set(&mut env, "WEB_SERVICE_HOST", "10.96.3.4".into());
+        set(&mut env, "WEB_PORT_80_TCP_PORT", "80".into());
+    }
+    if container["tty"] == json!(true) {
+        set(&mut env, "TERM", "xterm".into());
+    }
+
+    let entrypoint = strings(&config["Entrypoint"]);
+    let cmd = strings(&config["Cmd"]);
+    let command = container.get("command").map(strings);
+    let args = container.get("args").map(strings);
+    let argv: Vec<String> = match (command, args) {
+        (Some(c), Some(a)) => c.into_iter().chain(a).collect(),
+        (Some(c), None) => c,
+        (None, Some(a)) => entrypoint.into_iter().chain(a).collect(),
+        (None, None) => entrypoint.into_iter().chain(cmd).collect(),
+    };
+    let argv: Vec<String> = argv.iter().map(|a| expand(a, &vars)).collect();
+
+    let sc = &container["securityContext"];
+    let psc = &pod["spec"]["securityContext"];
+    let privileged = sc["privileged"] == json!(true);
+    let mut caps: Vec<String> = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    ]
+    .iter()
+    .map(|c| format!("CAP_{c}"))
+    .collect();
+    let drop = strings(&sc["capabilities"]["drop"]);
+    if drop.contains(&"ALL".to_string()) {
+        caps.clear();
+    }
+    caps.retain(|c| !drop.iter().any(|d| c == &format!("CAP_{d}")));
+    for a in strings(&sc["capabilities"]["add"]) {
+        caps.push(format!("CAP_{a}"));
+    }
+    if privileged {
+        caps = [
+            "CAP_SYS_ADMIN",
+            "CAP_NET_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_CHOWN",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    }
+    let (img_uid, img_gid) = match config["User"].as_str() {
+        Some("nobody") => (65534, 65534),
+        Some(u) if u.contains(':') => {
+            let (a, b) = u.split_once(':').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        }
+        _ => (0, 0),
+    };
+    let uid = sc["runAsUser"]
+        .as_i64()
+        .or(psc["runAsUser"].as_i64())
+        .unwrap_or(img_uid);
+    let gid = sc["runAsGroup"]
+        .as_i64()
+        .or(psc["runAsGroup"].as_i64())
+        .unwrap_or(img_gid);
+
+    let shared = |i: usize, name: &str| format!("{SHARED}/{cid}/mounts/{i}-{name}");
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+    ];
+    let bind = |mounts: &mut Vec<Value>, dest: &str, ro: bool| {
+        let i = mounts.len();
+        let name = dest.rsplit('/').next().unwrap().to_string();
+        let mut options = vec!["rbind", "rprivate"];
+        options.push(if ro { "ro" } else { "rw" });
+        mounts.push(json!({"destination": dest, "type": "bind", "source": shared(i, &name), "options": options}));
+    };
+    bind(&mut mounts, "/etc/hosts", false);
+    bind(&mut mounts, "/etc/hostname", false);
+    bind(&mut mounts, "/etc/resolv.conf", false);
+    bind(&mut mounts, "/dev/shm", false);
+    bind(
+        &mut mounts,
+        container["terminationMessagePath"]
+            .as_str()
+            .unwrap_or("/dev/termination-log"),
+        false,
+    );
+    let volumes = pod["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut has_sa = false;
+    for vm in container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        // Not among the volumes: a StatefulSet's volumeClaimTemplate.
+        let volume = volumes.iter().find(|v| v["name"] == vm["name"]);
+        let api = ["configMap", "secret", "projected", "downwardAPI"]
+            .iter()
+            .any(|k| volume.is_some_and(|v| v.get(*k).is_some()));
+        let dest = vm["mountPath"].as_str().unwrap();
+        has_sa |= dest == "/var/run/secrets/kubernetes.io/serviceaccount";
+        bind(&mut mounts, dest, vm["readOnly"] == json!(true) || api);
+    }
+    if pod["spec"]["automountServiceAccountToken"] != json!(false) && !has_sa {
+        bind(
+            &mut mounts,
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            true,
+        );
+    }
+    for v in config["Volumes"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        if !mounts.iter().any(|m| m["destination"] == json!(v)) {
+            bind(&mut mounts, &v, false);
+        }
+    }
+
+    let full = kabuto_genpolicy::normalize(image).unwrap();
+    let image_name = format!(
+        "{}/{}@{}",
+        full.registry(),
+        full.repository(),
+        full.digest().unwrap()
+    );
+    json!({
+        "container_id": cid,
+        "exec_id": "",
+        "sandbox_id": "pod1",
+        "OCI": {
+            "ociVersion": "1.1.0",
+            "annotations": {
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.container-name": container["name"],
+                "io.kubernetes.cri.image-name": image_name,
+                "io.kubernetes.cri.sandbox-id": "pod1",
+                "io.kubernetes.cri.sandbox-namespace": namespace,
+            },
+            "process": {
+                "terminal": container["tty"] == json!(true),
+                "user": {"uid": uid, "gid": gid},
+                "args": argv,
+                "env": env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+                "cwd": container["workingDir"].as_str().or(config["WorkingDir"].as_str()).unwrap_or("/"),
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+                "noNewPrivileges": sc["allowPrivilegeEscalation"] == json!(false),
+            },
+            "root": {"path": format!("{SHARED}/{cid}/rootfs"), "readonly": sc["readOnlyRootFilesystem"] == json!(true)},
+            "hostname": "web-5d8f7c9b6-x2x7q",
+            "mounts": mounts,
+            "linux": {
+                "maskedPaths": if privileged { json!([]) } else {
+                    json!(["/proc/acpi", "/proc/kcore", "/proc/keys", "/sys/firmware"]) },
+                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/sys"],
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
+            },
+        }
+    })
+}
+
+fn sandbox_request() -> Value {
+    json!({
+        "container_id": "pod1", "exec_id": "", "sandbox_id": "pod1",
+        "OCI": {
+            "ociVersion": "1.1.0",
+            "annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"},
+            "process": {"user": {"uid": 65535, "gid": 65535}, "args": ["/pause"],
+                        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "cwd": "/",
+                        "capabilities": {"bounding": ["CAP_CHOWN"]}, "noNewPrivileges": true},
+            "root": {"path": format!("{SHARED}/pod1/rootfs"), "readonly": true},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                       {"destination": "/dev/shm", "type": "bind", "source": format!("{SHARED}/pod1/mounts/1-shm"), "options": ["rbind", "ro"]}],
+            "linux": {"maskedPaths": ["/proc/kcore"]},
+        }
+    })
+}
+
+/// Each pod template of the output, with the manifest's pinned images.
+fn pod_templates(output: &str) -> Vec<(Value, String)> {
+    let mut out = vec![];
+    for doc in serde_yaml::Deserializer::from_str(output) {
+        let doc: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let ns = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let template = match doc["kind"].as_str().unwrap() {
+            "Pod" => doc.clone(),
+            "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"].clone(),
+            "ConfigMap" | "Service" => continue,
+            _ => doc["spec"]["template"].clone(),
+        };
+        out.push((template, ns));
+    }
+    out
+}
+
+type Gate = PolicyGate;
+
+fn decide(gate: &mut Gate, request: &str, input: &Value) -> Decision {
+    gate.decide(request, input).unwrap()
+}
+
+fn denied_reason(gate: &mut Gate, input: &Value) -> String {
+    match decide(gate, "CreateContainerRequest", input) {
+        Decision::Denied { reason } => reason.unwrap_or_default(),
+        Decision::Allowed => panic!("allowed: {input:#}"),
+    }
+}
+
+const MANIFESTS: &[&str] = &[
+    "01-pod-busybox.yaml",
+    "02-deployment-nginx.yaml",
+    "03-statefulset-redis.yaml",
+    "04-job.yaml",
+    "05-cronjob.yaml",
+    "06-daemonset-node-exporter.yaml",
+    "07-pod-init-and-sidecar.yaml",
+    "08-pod-env-sources.yaml",
+    "09-pod-restricted.yaml",
+    "10-pod-projected-no-token.yaml",
+    "11-multi-document.yaml",
+    "12-pod-lifecycle-tty.yaml",
+];
+
+#[test]
+fn every_manifest_admits_exactly_its_own_pods() {
+    let f = fixture();
+    for name in MANIFESTS {
+        let generated = gen(&f, &manifest(name), &Settings::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let templates = pod_templates(&generated.manifest);
+        assert_eq!(templates.len(), generated.pods.len(), "{name}");
+        for ((template, ns), pod) in templates.iter().zip(&generated.pods) {
+            // The annotation carries exactly this policy.
+            let annotation = template["metadata"]["annotations"][kabuto_initdata::KATA_ANNOTATION]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no init-data annotation"));
+            let init_data = kabuto_initdata::InitData::from_annotation(annotation).unwrap();
+            assert_eq!(init_data.policy(), Some(pod.rego.as_str()), "{name}");
+            assert_eq!(init_data.digest(), pod.init_data.digest(), "{name}");
+
+            let mut gate = PolicyGate::new(&pod.rego).unwrap();
+            assert_eq!(
+                decide(&mut gate, "CreateContainerRequest", &sandbox_request()),
+                Decision::Allowed,
+                "{name}: the pause container"
+            );
+            let containers: Vec<Value> = ["initContainers", "containers"]
+                .iter()
+                .flat_map(|k| template["spec"][k].as_array().cloned().unwrap_or_default())
+                .collect();
+            for (i, c) in containers.iter().enumerate() {
+                assert!(
+                    c["image"].as_str().unwrap().contains("@sha256:"),
+                    "{name}: images are pinned"
+                );
+                let cid = format!("c{i}");
+                let req = cri_request(template, ns, c, &cid);
+                assert_eq!(
+                    decide(&mut gate, "CreateContainerRequest", &req),
+                    Decision::Allowed,
+                    "{name}: container {}: {req:#}",
+                    c["name"]
+                );
+                assert_eq!(gate.state()["containers"][&cid], c["name"], "{name}");
+                // Probes and hooks may exec; nothing else.
+                for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                    if let Some(cmd) = c[probe]["exec"]["command"].as_array() {
+                        let exec =
+                            json!({"container_id": cid, "exec_id": "e", "process": {"args": cmd}});
+                        assert_eq!(
+                            decide(&mut gate, "ExecProcessRequest", &exec),
+                            Decision::Allowed,
+                            "{name}: {probe}"
+                        );
+                    }
+                }
+                let sh = json!({"container_id": cid, "exec_id": "e", "process": {"args": ["sh"]}});
+                assert!(
+                    matches!(decide(&mut gate, "ExecProcessRequest", &sh),
+                        Decision::Denied { reason: Some(r) } if r.contains("exec of [\"sh\"]")),
+                    "{name}: exec sh"
+                );
+            }
+            assert_eq!(
+                decide(&mut gate, "ReadStreamRequest", &json!({})),
+                Decision::Allowed
+            );
+            assert_eq!(
+                decide(&mut gate, "SetPolicyRequest", &json!({"policy": ""})),
+                Decision::Denied { reason: None }
+            );
+            assert_eq!(
+                decide(
+                    &mut gate,
+                    "RemoveContainerRequest",
+                    &json!({"container_id": "c0"})
+                ),
+                Decision::Allowed
+            );
+            assert!(gate.state()["containers"].get("c0").is_none(), "{name}");
+        }
+    }
+}
+
+/// The generated policy of 07 (init container + sidecar) and a valid
+/// request for its `app` container.
+fn sidecar_case(f: &Fixture) -> (Gate, Value, Value, String) {
+    let generated = gen(
+        f,
+        &manifest("07-pod-init-and-sidecar.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let app = template["spec"]["containers"][0].clone();
+    let req = cri_request(&template, &ns, &app, "c1");
+    let gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    (gate, template, req, ns)
+}
+
+#[test]
+fn changed_requests_are_denied_naming_the_check() {
+    let f = fixture();
+    let (mut gate, _template, req, _) = sidecar_case(&f);
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["annotations"]["io.kubernetes.cri.image-name"] = json!(format!(
+        "registry.example.com/team/app@sha256:{}",
+        "1".repeat(64)
+    ));
+    assert!(
+        denied_reason(&mut gate, &r).contains("image \"registry.example.com/team/app@sha256:111")
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["process"]["args"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("--debug"));
+    assert!(denied_reason(&mut gate, &r)
+        .contains("args [\"/app/server\", \"--debug\"] are not allowed for container \"app\""));
+
+    let mut r = req.clone();
+    r["OCI"]["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("LD_PRELOAD=/tmp/evil.so"));
+    let reason = denied_reason(&mut gate, &r);
+    assert!(
+        reason.contains("env variable LD_PRELOAD is not allowed"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("evil.so"),
+        "values stay out of reasons: {reason}"
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["linux"]["maskedPaths"] = json!([]);
+    r["OCI"]["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN"]);
+    let reason = denied_reason(&mut gate, &r);
+    assert!(
+        reason.contains("privileged mode is not allowed for container \"app\""),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("capability CAP_SYS_ADMIN is not allowed"),
+        "{reason}"
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/host", "type": "bind", "source": format!("{SHARED}/c1/mounts/20-host"), "options": ["rbind"]}),
+    );
+    assert!(
+        denied_reason(&mut gate, &r).contains("mount /host is not allowed for container \"app\"")
+    );
+
+    // An allowed destination, but bound from the guest's own filesystem.
+    let mut r = req.clone();
+    for m in r["OCI"]["mounts"].as_array_mut().unwrap() {
+        if m["destination"] == json!("/etc/app") {
+            m["source"] = json!("/");
+        }
+    }
+    assert!(denied_reason(&mut gate, &r).contains("mount /etc/app is not allowed"));
+
+    // A tmpfs where the pod has a volume, and /proc as a bind.
+    let mut r = req.clone();
+    for m in r["OCI"]["mounts"].as_array_mut().unwrap() {
+        if m["destination"] == json!("/proc") {
+            *m = json!({"destination": "/proc", "type": "bind", "source": format!("{SHARED}/c1/x"), "options": ["rbind"]});
+        }
+    }
+    assert!(denied_reason(&mut gate, &r).contains("mount /proc is not allowed"));
+
+    let mut r = req.clone();
+    r["OCI"]["process"]["cwd"] = json!("/tmp");
+    assert!(denied_reason(&mut gate, &r).contains("working directory \"/tmp\""));
+
+    let mut r = req.clone();
+    r["OCI"]["process"]["user"]["uid"] = json!(0);
+    assert!(denied_reason(&mut gate, &r)
+        .contains("uid 0 is not allowed for container \"app\" (expected 10001)"));
+
+    let mut r = req.clone();
+    r["OCI"]["annotations"]["io.kubernetes.cri.container-name"] = json!("intruder");
+    assert!(
+        denied_reason(&mut gate, &r).contains("container \"intruder\" is not in the pod's policy")
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("io.kubernetes.cri.container-name");
+    assert!(denied_reason(&mut gate, &r).contains("no io.kubernetes.cri.container-name annotation"));
+
+    // The init container's request under the app's name: wrong image and args.
+    let mut r = req.clone();
+    r["OCI"]["process"]["args"] = json!(["sh", "-c", "id"]);
+    assert!(denied_reason(&mut gate, &r).contains("args"));
+
+    // Only the allowed request changed the state.
+    assert_eq!(gate.state()["containers"], json!({"c1": "app"}));
+}
+
+#[test]
+fn restricted_security_context_is_enforced() {
+    let f = fixture();
+    let generated = gen(
+        &f,
+        &manifest("09-pod-restricted.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let web = template["spec"]["containers"][0].clone();
+    let req = cri_request(&template, &ns, &web, "c1");
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+
+    let mut r = req.clone();
+    r["OCI"]["root"]["readonly"] = json!(false);
+    assert!(denied_reason(&mut gate, &r).contains("must have a read-only root filesystem"));
+    let mut r = req.clone();
+    r["OCI"]["process"]["noNewPrivileges"] = json!(false);
+    assert!(denied_reason(&mut gate, &r).contains("must run with no_new_privileges"));
+    let mut r = req.clone();
+    r["OCI"]["process"]["capabilities"]["effective"] = json!(["CAP_NET_BIND_SERVICE", "CAP_CHOWN"]);
+    assert!(denied_reason(&mut gate, &r).contains("capability CAP_CHOWN is not allowed"));
+    let mut r = req.clone();
+    r["OCI"]["process"]["user"]["gid"] = json!(0);
+    assert!(denied_reason(&mut gate, &r)
+        .contains("gid 0 is not allowed for container \"web\" (expected 3000)"));
+}
+
+#[test]
+fn namespaces_and_privileged_daemonsets() {
+    let f = fixture();
+    // redis lives in namespace `cache`: a request from another namespace is not its pod.
+    let generated = gen(
+        &f,
+        &manifest("03-statefulset-redis.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    assert_eq!(ns, "cache");
+    let mut req = cri_request(
+        &template,
+        "default",
+        &template["spec"]["containers"][0],
+        "c1",
+    );
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert!(denied_reason(&mut gate, &req)
+        .contains("the pod's namespace is \"cache\", not \"default\""));
+    req["OCI"]["annotations"]["io.kubernetes.cri.sandbox-namespace"] = json!("cache");
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+
+    // The privileged node exporter is allowed to be privileged; its image
+    // user is a name, so any uid is accepted.
+    let generated = gen(
+        &f,
+        &manifest("06-daemonset-node-exporter.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    // ... but its host root stays read-only.
+    for m in req["OCI"]["mounts"].as_array_mut().unwrap() {
+        if m["destination"] == json!("/host") {
+            m["options"] = json!(["rbind", "rw"]);
+        }
+    }
+    assert!(denied_reason(&mut gate, &req).contains("mount /host is not allowed"));
+}
+
+#[test]
+fn output_keeps_other_documents_and_is_reproducible() {
+    let f = fixture();
+    let yaml = manifest("11-multi-document.yaml");
+    let a = gen(&f, &yaml, &Settings::default()).unwrap();
+    let b = gen(&f, &yaml, &Settings::default()).unwrap();
+    assert_eq!(a.manifest, b.manifest, "same input, same output");
+    assert_eq!(a.pods.len(), 1);
+    assert_eq!(a.pods[0].source, "Deployment/web");
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&a.manifest)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3);
+    assert_eq!(docs[0]["kind"], "ConfigMap");
+    assert_eq!(docs[0]["data"]["default.conf"], "server { listen 80; }\n");
+    assert_eq!(docs[1]["kind"], "Service");
+    let template = &docs[2]["spec"]["template"];
+    assert_eq!(
+        template["metadata"]["annotations"]["prometheus.io/scrape"], "true",
+        "existing annotations are kept"
+    );
+    let digest = &f.digests["docker.io/library/nginx:1.25"];
+    assert_eq!(
+        template["spec"]["containers"][0]["image"],
+        json!(format!("docker.io/library/nginx@{digest}"))
+    );
+}
+
+#[test]
+fn settings_tune_the_policy() {
+    let f = fixture();
+    let settings = Settings::from_json(
+        r#"{"request_defaults": {"ReadStreamRequest": false, "SetPolicyRequest": false},
+            "allowed_exec": [["date"]],
+            "pin_images": false,
+            "init_data": {"aa.toml": "[token_configs.kbs]\nurl = \"https://10.0.2.2:8080\"\n"}}"#,
+    )
+    .unwrap();
+    let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &settings).unwrap();
+    let pod = &generated.pods[0];
+    assert!(pod.init_data.data["aa.toml"].contains("10.0.2.2:8080"));
+    let mut gate = PolicyGate::new(&pod.rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "ReadStreamRequest", &json!({})),
+        Decision::Denied { reason: None }
+    );
+    // Requests the settings leave out have no rule: denied.
+    assert!(matches!(
+        decide(&mut gate, "GuestDetailsRequest", &json!({})),
+        Decision::Denied { .. }
+    ));
+    let exec = json!({"container_id": "x", "exec_id": "e", "process": {"args": ["date"]}});
+    assert_eq!(
+        decide(&mut gate, "ExecProcessRequest", &exec),
+        Decision::Allowed
+    );
+    // Unpinned: the image stays as written, and the policy accepts it.
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    assert_eq!(template["spec"]["containers"][0]["image"], "busybox:1.36");
+    let mut c = template["spec"]["containers"][0].clone();
+    c["image"] = json!(format!(
+        "busybox@{}",
+        f.digests["docker.io/library/busybox:1.36"]
+    ));
+    let mut req = cri_request(&template, &ns, &c, "c1");
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    req["OCI"]["annotations"]["io.kubernetes.cri.image-name"] = json!("busybox:1.36");
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+
+    for (bad, why) in [
+        (
+            r#"{"request_defaults": {"CreateContainerRequest": true}}"#,
+            "decided by the generated rules",
+        ),
+        (r#"{"no_such_setting": 1}"#, "unknown field"),
+        (
+            r#"{"init_data": {"policy.rego": "x"}}"#,
+            "what genpolicy generates",
+        ),
+        (r#"{"shared_dir": "relative"}"#, "not an absolute path"),
+    ] {
+        let e = Settings::from_json(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn bad_manifests_and_images_are_refused() {
+    let f = fixture();
+    let s = Settings::default();
+    let cases = [
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: a\n    image: busybox:1.36\n    volumeMounts: [{name: nope, mountPath: /x}]\n",
+         "volumeMount \"nope\" names no volume"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: a\n", "needs a name and an image"),
+        ("kind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n", "no containers"),
+        ("kind: Service\nmetadata: {name: s}\n", "has no Pod"),
+        ("kind: Pod\nspec: [\n", "not valid YAML"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - {name: a, image: example.org/missing:1}\n",
+         "example.org/missing:1 is in none of the OCI layouts"),
+        ("kind: Deployment\nmetadata: {name: d}\nspec: {}\n", "Deployment/d: has no spec.template"),
+    ];
+    for (yaml, why) in cases {
+        let e = gen(&f, yaml, &s).unwrap_err().to_string();
+        assert!(e.contains(why), "{yaml}: {e}");
+    }
+
+    // A layout whose blob was changed after it was written.
+    let digest = &f.digests["docker.io/library/busybox:1.36"];
+    let path = f.layout.join("blobs/sha256").join(&digest[7..]);
+    std::fs::write(&path, b"{}").unwrap();
+    let e = gen(&f, &manifest("01-pod-busybox.yaml"), &s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not match its digest"), "{e}");
+}
