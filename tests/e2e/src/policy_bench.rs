@@ -95,22 +95,7 @@ pub fn input(i: usize) -> serde_json::Value {
             "source": format!("{shared}/c{i}/mounts/{n}"),
             "options": ["rbind", if *ro { "ro" } else { "rw" }]}));
     }
-    let caps = [
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FSETID",
-        "CAP_FOWNER",
-        "CAP_MKNOD",
-        "CAP_NET_RAW",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT",
-        "CAP_KILL",
-        "CAP_AUDIT_WRITE",
-    ];
+    let caps = Settings::default().default_capabilities;
     json!({
         "container_id": format!("c{i}"),
         "exec_id": "",

@@ -172,11 +172,7 @@ fn confidential_pod_gets_its_secret_only_after_attestation() {
         stderr(&out),
         stdout(&out)
     );
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]
@@ -201,9 +197,5 @@ fn init_data_altered_after_launch_is_refused_by_the_guest() {
         "{}",
         stderr(&out)
     );
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }

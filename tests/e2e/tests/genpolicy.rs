@@ -8,7 +8,7 @@
 //! the CRI annotations a kubelet-driven containerd would set, and its
 //! settings add the one mount ctr makes that CRI does not (`/run`).
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
 use kabuto_e2e::{paths, stderr, stdout, Containerd, Registry, IMAGE};
 use kabuto_genpolicy::{MountRule, Settings};
@@ -285,11 +285,7 @@ fn a_generated_policy_runs_its_pod_and_blocks_changes() {
         stderr(&out)
     );
     c.kill_and_delete("waiter");
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
 
 #[test]
@@ -334,9 +330,5 @@ fn output_is_withheld_when_the_policy_denies_reading_it() {
         c.log().contains("ReadStreamRequest is blocked by policy"),
         "the shim reports the denial"
     );
-    assert!(
-        c.eventually(Duration::from_secs(10), || c.residue().is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }

@@ -147,11 +147,5 @@ default WriteStreamRequest := true
         "{}",
         stderr(&out)
     );
-    assert!(
-        c.eventually(std::time::Duration::from_secs(10), || c
-            .residue()
-            .is_empty()),
-        "{:?}",
-        c.residue()
-    );
+    c.assert_no_residue();
 }
