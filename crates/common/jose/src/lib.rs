@@ -1,8 +1,10 @@
-//! JOSE for the KBS protocol: public JWKs, flattened JWE, canonical JSON.
+//! JOSE for the KBS protocol and OCI image encryption: public JWKs, JWE
+//! (flattened and general JSON serialization), canonical JSON.
 //!
 //! Hand-written on RustCrypto primitives because no maintained pure-Rust JWE
-//! crate supports ECDH-ES+A256KW and RSA-OAEP-256 in the flattened form that
-//! `kbs_types::Response` carries.
+//! crate supports ECDH-ES+A256KW and RSA-OAEP(-256) in the flattened form that
+//! `kbs_types::Response` carries and the multi-recipient general form that
+//! ocicrypt (`org.opencontainers.image.enc.keys.jwe`) writes.
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -21,6 +23,8 @@ use zeroize::Zeroizing;
 pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 /// Key management algorithm for RSA recipient keys.
 pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// RSA-OAEP with SHA-1, what ocicrypt (go-jose `RSA_OAEP`) writes for RSA keys.
+pub const ALG_RSA_OAEP: &str = "RSA-OAEP";
 /// The only content encryption we produce or accept.
 pub const ENC_A256GCM: &str = "A256GCM";
 
@@ -89,6 +93,166 @@ impl TeeKeyPair {
             .map_err(|e| JoseError::InvalidKey(e.to_string()))
     }
 
+    /// A private key from PEM: RSA (PKCS#1 or PKCS#8) or P-256 (SEC1 or
+    /// PKCS#8), as `openssl genrsa` / `openssl ecparam -genkey` write them —
+    /// the image-decryption keys an owner stores in the KBS.
+    pub fn from_pem(pem: &str) -> Result<Self> {
+        use p256::pkcs8::DecodePrivateKey as _;
+        use rsa::pkcs1::DecodeRsaPrivateKey as _;
+        if let Ok(key) = RsaPrivateKey::from_pkcs1_pem(pem) {
+            return TeeKeyPair::checked_rsa(key);
+        }
+        if let Ok(key) = RsaPrivateKey::from_pkcs8_pem(pem) {
+            return TeeKeyPair::checked_rsa(key);
+        }
+        if let Ok(key) = p256::SecretKey::from_sec1_pem(pem) {
+            return Ok(TeeKeyPair::Ec(key));
+        }
+        if let Ok(key) = p256::SecretKey::from_pkcs8_pem(pem) {
+            return Ok(TeeKeyPair::Ec(key));
+        }
+        Err(JoseError::UnsupportedKey(
+            "not a PEM RSA or P-256 private key (PKCS#1, SEC1 or PKCS#8)".into(),
+        ))
+    }
+
+    fn checked_rsa(key: RsaPrivateKey) -> Result<Self> {
+        let bits = key.n().bits();
+        if bits < MIN_RSA_BITS {
+            return Err(JoseError::UnsupportedKey(format!(
+                "RSA keys need at least {MIN_RSA_BITS} bits, this one has {bits}"
+            )));
+        }
+        Ok(TeeKeyPair::Rsa(Box::new(key)))
+    }
+
+    /// Decrypts a JWE in JSON serialization, general (several recipients,
+    /// each with its own `header`) or flattened, as ocicrypt writes it:
+    /// tries each recipient whose algorithm fits this key. The
+    /// authenticated data is the `protected` member as sent (plus `aad`).
+    pub fn decrypt_general_json(&self, body: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let raw: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| JoseError::Malformed(format!("JWE JSON: {e}")))?;
+        let member = |name: &str| raw.get(name).and_then(|v| v.as_str());
+        let protected_b64 = member("protected").unwrap_or("");
+        let protected: serde_json::Map<String, serde_json::Value> = if protected_b64.is_empty() {
+            serde_json::Map::new()
+        } else {
+            serde_json::from_slice(&decode_b64url_field("protected", protected_b64)?)
+                .map_err(|e| JoseError::Malformed(format!("protected header: {e}")))?
+        };
+        let unprotected = raw
+            .get("unprotected")
+            .and_then(|v| v.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let recipients: Vec<serde_json::Value> = match raw.get("recipients") {
+            Some(r) => r
+                .as_array()
+                .cloned()
+                .ok_or_else(|| JoseError::Malformed("recipients is not an array".into()))?,
+            None => vec![serde_json::json!({
+                "header": raw.get("header").cloned().unwrap_or(serde_json::json!({})),
+                "encrypted_key": raw.get("encrypted_key").cloned().unwrap_or_default(),
+            })],
+        };
+        let field = |name: &'static str| -> Result<Vec<u8>> {
+            decode_b64url_field(name, member(name).unwrap_or(""))
+        };
+        let iv = field("iv")?;
+        let ciphertext = field("ciphertext")?;
+        let tag = field("tag")?;
+        let mut aad = protected_b64.as_bytes().to_vec();
+        if let Some(extra) = member("aad") {
+            aad.push(b'.');
+            aad.extend_from_slice(extra.as_bytes());
+        }
+        let mut last_error = JoseError::Malformed("no recipients".into());
+        for recipient in &recipients {
+            // Header = protected ∪ unprotected ∪ per-recipient (RFC 7516 §7.2.1).
+            let mut header = protected.clone();
+            header.extend(unprotected.clone());
+            if let Some(h) = recipient.get("header").and_then(|h| h.as_object()) {
+                header.extend(h.clone());
+            }
+            let text = |name: &str| header.get(name).and_then(|v| v.as_str()).unwrap_or("");
+            if text("enc") != ENC_A256GCM {
+                return Err(JoseError::UnsupportedAlgorithm {
+                    field: "enc",
+                    value: text("enc").into(),
+                });
+            }
+            let encrypted_key = decode_b64url_field(
+                "encrypted_key",
+                recipient
+                    .get("encrypted_key")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or(""),
+            )?;
+            let cek = match self.unwrap_cek(text("alg"), header.get("epk"), &encrypted_key) {
+                Ok(cek) => cek,
+                Err(e) => {
+                    last_error = e;
+                    continue;
+                }
+            };
+            return decrypt_a256gcm(&cek, &iv, &ciphertext, &tag, &aad);
+        }
+        Err(last_error)
+    }
+
+    /// The content-encryption key from one recipient's `encrypted_key`.
+    fn unwrap_cek(
+        &self,
+        alg: &str,
+        epk: Option<&serde_json::Value>,
+        encrypted_key: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let cek = match (self, alg) {
+            (TeeKeyPair::Ec(secret), ALG_ECDH_ES_A256KW) => {
+                let epk =
+                    epk.ok_or_else(|| JoseError::Malformed("ECDH-ES header has no epk".into()))?;
+                // An epk need not carry `alg` (go-jose's does not), which
+                // kbs_types' JWK type requires: read the point's fields.
+                let member = |name: &str| epk.get(name).and_then(|v| v.as_str()).unwrap_or("");
+                if member("kty") != "EC" {
+                    return Err(JoseError::Malformed("epk is not an EC key".into()));
+                }
+                let epk = ec_public_key(&TeePubKey::EC {
+                    crv: member("crv").into(),
+                    alg: String::new(),
+                    x: member("x").into(),
+                    y: member("y").into(),
+                })?;
+                let shared =
+                    p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
+                Zeroizing::new(
+                    ecdh_kek(&shared)?
+                        .unwrap_vec(encrypted_key)
+                        .map_err(|_| JoseError::Decrypt)?,
+                )
+            }
+            (TeeKeyPair::Rsa(key), ALG_RSA_OAEP_256) => Zeroizing::new(
+                key.decrypt(Oaep::new::<Sha256>(), encrypted_key)
+                    .map_err(|_| JoseError::Decrypt)?,
+            ),
+            (TeeKeyPair::Rsa(key), ALG_RSA_OAEP) => Zeroizing::new(
+                key.decrypt(Oaep::new::<sha1::Sha1>(), encrypted_key)
+                    .map_err(|_| JoseError::Decrypt)?,
+            ),
+            (_, other) => {
+                return Err(JoseError::UnsupportedAlgorithm {
+                    field: "alg",
+                    value: format!("{other} for this key type"),
+                })
+            }
+        };
+        if cek.len() != 32 {
+            return Err(JoseError::Decrypt);
+        }
+        Ok(cek)
+    }
+
     /// The public JWK, as the `tee-pubkey` of the KBS protocol.
     pub fn public_jwk(&self) -> TeePubKey {
         match self {
@@ -137,57 +301,41 @@ impl TeeKeyPair {
                 value: jwe.protected.enc.clone(),
             });
         }
-        let cek = match (self, jwe.protected.alg.as_str()) {
-            (TeeKeyPair::Ec(secret), ALG_ECDH_ES_A256KW) => {
-                let epk = jwe
-                    .protected
-                    .other_fields
-                    .get("epk")
-                    .ok_or_else(|| JoseError::Malformed("ECDH-ES header has no epk".into()))?;
-                let epk: TeePubKey = serde_json::from_value(epk.clone())
-                    .map_err(|e| JoseError::Malformed(format!("epk: {e}")))?;
-                let epk = ec_public_key(&epk)?;
-                let shared =
-                    p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
-                Zeroizing::new(
-                    ecdh_kek(&shared)?
-                        .unwrap_vec(&jwe.encrypted_key)
-                        .map_err(|_| JoseError::Decrypt)?,
-                )
-            }
-            (TeeKeyPair::Rsa(key), ALG_RSA_OAEP_256) => Zeroizing::new(
-                key.decrypt(Oaep::new::<Sha256>(), &jwe.encrypted_key)
-                    .map_err(|_| JoseError::Decrypt)?,
-            ),
-            (_, other) => {
-                return Err(JoseError::UnsupportedAlgorithm {
-                    field: "alg",
-                    value: format!("{other} for this key type"),
-                })
-            }
-        };
-        if cek.len() != 32 {
-            return Err(JoseError::Decrypt);
-        }
-        if jwe.iv.len() != GCM_IV_LEN || jwe.tag.len() != GCM_TAG_LEN {
-            return Err(JoseError::Malformed(format!(
-                "A256GCM needs a {GCM_IV_LEN}-byte iv and a {GCM_TAG_LEN}-byte tag, got {} and {}",
-                jwe.iv.len(),
-                jwe.tag.len()
-            )));
-        }
-        let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| JoseError::Decrypt)?;
-        let mut plaintext = Zeroizing::new(jwe.ciphertext.clone());
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&jwe.iv),
-                aad,
-                &mut plaintext,
-                aes_gcm::Tag::from_slice(&jwe.tag),
-            )
-            .map_err(|_| JoseError::Decrypt)?;
-        Ok(plaintext)
+        let cek = self.unwrap_cek(
+            &jwe.protected.alg,
+            jwe.protected.other_fields.get("epk"),
+            &jwe.encrypted_key,
+        )?;
+        decrypt_a256gcm(&cek, &jwe.iv, &jwe.ciphertext, &jwe.tag, aad)
     }
+}
+
+/// A256GCM content decryption.
+fn decrypt_a256gcm(
+    cek: &[u8],
+    iv: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>> {
+    if iv.len() != GCM_IV_LEN || tag.len() != GCM_TAG_LEN {
+        return Err(JoseError::Malformed(format!(
+            "A256GCM needs a {GCM_IV_LEN}-byte iv and a {GCM_TAG_LEN}-byte tag, got {} and {}",
+            iv.len(),
+            tag.len()
+        )));
+    }
+    let cipher = Aes256Gcm::new_from_slice(cek).map_err(|_| JoseError::Decrypt)?;
+    let mut plaintext = Zeroizing::new(ciphertext.to_vec());
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(iv),
+            aad,
+            &mut plaintext,
+            aes_gcm::Tag::from_slice(tag),
+        )
+        .map_err(|_| JoseError::Decrypt)?;
+    Ok(plaintext)
 }
 
 /// Encrypts `plaintext` to `recipient` (A256GCM content; ECDH-ES+A256KW for
@@ -306,6 +454,12 @@ pub fn ec_public_key(jwk: &TeePubKey) -> Result<p256::PublicKey> {
     );
     Option::from(p256::PublicKey::from_encoded_point(&point))
         .ok_or_else(|| JoseError::InvalidKey("point is not on P-256".into()))
+}
+
+fn decode_b64url_field(field: &str, value: &str) -> Result<Vec<u8>> {
+    B64URL
+        .decode(value.trim_end_matches('='))
+        .map_err(|e| JoseError::Malformed(format!("{field}: not base64url: {e}")))
 }
 
 fn decode_b64url(field: &str, value: &str) -> Result<Vec<u8>> {

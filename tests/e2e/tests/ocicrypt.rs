@@ -1,0 +1,158 @@
+//! Interop with the Go ocicrypt implementation: images encrypted by Debian's
+//! skopeo (`--encryption-key jwe:…`) with keys made by openssl — RSA alone,
+//! and EC + RSA recipients on one image — decrypt with `kabuto-image` to the
+//! exact plain layers; another key opens nothing; an altered blob is
+//! refused before decryption.
+
+use std::{io::Read, path::Path, process::Command};
+
+use kabuto_image::{decrypt_layer, DecryptError, LayerDescriptor};
+use kabuto_jose::TeeKeyPair;
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
+}
+
+/// The layer descriptors of the image tagged `latest` in `layout`.
+fn layers(layout: &Path) -> Vec<serde_json::Value> {
+    let index = json(&layout.join("index.json"));
+    let digest = index["manifests"][0]["digest"].as_str().expect("digest");
+    let manifest = json(&layout.join("blobs/sha256").join(&digest[7..]));
+    manifest["layers"].as_array().cloned().expect("layers")
+}
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(layout.join("blobs/sha256").join(&digest[7..])).expect("blob")
+}
+
+fn key(dir: &Path, name: &str) -> TeeKeyPair {
+    TeeKeyPair::from_pem(&std::fs::read_to_string(dir.join(name)).expect("pem")).expect("key")
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn layers_encrypted_by_skopeo_decrypt_to_the_plain_layers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let plain = d.join("plain");
+    kabuto_e2e::busybox_layout(&plain).expect("layout");
+    let path = |name: &str| d.join(name).to_str().expect("utf-8").to_string();
+    run("openssl", &["genrsa", "-out", &path("rsa.pem"), "2048"]);
+    run(
+        "openssl",
+        &[
+            "rsa",
+            "-in",
+            &path("rsa.pem"),
+            "-pubout",
+            "-out",
+            &path("rsa.pub"),
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &path("ec.pem"),
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "ec",
+            "-in",
+            &path("ec.pem"),
+            "-pubout",
+            "-out",
+            &path("ec.pub"),
+        ],
+    );
+    run("openssl", &["genrsa", "-out", &path("other.pem"), "2048"]);
+    let src = format!("oci:{}:latest", plain.display());
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--encryption-key",
+            &format!("jwe:{}", path("rsa.pub")),
+            &src,
+            &format!("oci:{}:latest", path("enc-rsa")),
+        ],
+    );
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--encryption-key",
+            &format!("jwe:{}", path("ec.pub")),
+            "--encryption-key",
+            &format!("jwe:{}", path("rsa.pub")),
+            &src,
+            &format!("oci:{}:latest", path("enc-multi")),
+        ],
+    );
+
+    let plain_layers = layers(&plain);
+    for (image, keys) in [
+        ("enc-rsa", vec!["rsa.pem"]),
+        ("enc-multi", vec!["ec.pem", "rsa.pem"]),
+    ] {
+        let layout = d.join(image);
+        let encrypted = layers(&layout);
+        assert_eq!(encrypted.len(), plain_layers.len());
+        for (enc, plain_desc) in encrypted.iter().zip(&plain_layers) {
+            let descriptor: LayerDescriptor =
+                serde_json::from_value(enc.clone()).expect("descriptor");
+            assert!(
+                descriptor.is_encrypted(),
+                "{image}: {}",
+                descriptor.media_type
+            );
+            // skopeo compresses an uncompressed layer before encrypting it.
+            assert_eq!(
+                descriptor.decrypted_media_type(),
+                "application/vnd.oci.image.layer.v1.tar+gzip"
+            );
+            let ciphertext = blob(&layout, &descriptor.digest);
+            let expected = blob(&plain, plain_desc["digest"].as_str().expect("digest"));
+            // Each recipient's key alone opens the layer.
+            for k in &keys {
+                let plaintext = decrypt_layer(&descriptor, &ciphertext, &[key(d, k)])
+                    .unwrap_or_else(|e| panic!("{image} with {k}: {e}"));
+                let mut tar = Vec::new();
+                flate2::read::GzDecoder::new(plaintext.as_slice())
+                    .read_to_end(&mut tar)
+                    .expect("the decrypted layer is gzip");
+                assert!(tar == expected, "{image} with {k}: not the plain layer");
+            }
+            let e = decrypt_layer(&descriptor, &ciphertext, &[key(d, "other.pem")])
+                .expect_err("another key");
+            assert!(matches!(e, DecryptError::NoKey { .. }), "{e}");
+            let mut altered = ciphertext.clone();
+            let last = altered.len() - 1;
+            altered[last] ^= 0x80;
+            let e =
+                decrypt_layer(&descriptor, &altered, &[key(d, keys[0])]).expect_err("altered blob");
+            assert!(matches!(e, DecryptError::Hmac { .. }), "{e}");
+        }
+    }
+}
