@@ -1,9 +1,14 @@
 //! The guest's side of confidential images. So far: decrypting layers
-//! encrypted in ocicrypt's format ([`ocicrypt`]).
+//! encrypted in ocicrypt's format ([`ocicrypt`]) and unpacking layers into
+//! a root filesystem without writing outside it ([`unpack`]).
 
 pub mod ocicrypt;
+pub mod unpack;
 
 pub use ocicrypt::{decrypt_layer, DecryptError, KeyProvider, LayerDescriptor};
+pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod unpack_tests;
