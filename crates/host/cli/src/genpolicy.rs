@@ -1,7 +1,7 @@
 //! `kabuto genpolicy`: a pod manifest in, the same manifest with each pod's
 //! init-data annotation (its generated policy) out.
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -37,7 +37,7 @@ pub struct GenPolicyArgs {
 
 pub fn run(args: &GenPolicyArgs) -> anyhow::Result<()> {
     if args.print_settings {
-        println!("{}", Settings::default_json());
+        writeln!(std::io::stdout(), "{}", Settings::default_json()).context("writing to stdout")?;
         return Ok(());
     }
     let manifest_path = args
@@ -71,15 +71,19 @@ pub fn run(args: &GenPolicyArgs) -> anyhow::Result<()> {
             hex::encode(pod.init_data.digest())
         );
     }
+    // Written, not print!ed: a closed pipe (`| head`) is an error, not a panic.
+    let mut stdout = std::io::stdout().lock();
     if args.raw_out {
         for pod in &generated.pods {
-            println!("# {}\n{}", pod.source, pod.rego);
+            writeln!(stdout, "# {}\n{}", pod.source, pod.rego).context("writing to stdout")?;
         }
     }
     match &args.output {
         Some(path) => std::fs::write(path, &generated.manifest)
             .with_context(|| format!("writing {}", path.display()))?,
-        None if !args.raw_out => print!("{}", generated.manifest),
+        None if !args.raw_out => stdout
+            .write_all(generated.manifest.as_bytes())
+            .context("writing to stdout")?,
         None => {}
     }
     Ok(())
