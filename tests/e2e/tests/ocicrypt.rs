@@ -156,3 +156,115 @@ fn layers_encrypted_by_skopeo_decrypt_to_the_plain_layers() {
         }
     }
 }
+
+/// The guest's pull path end to end, on the host: pull from a real registry
+/// (docker-registry, images pushed by skopeo), decrypt, unpack; a corrupted
+/// blob in the registry's storage is refused by its digest.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn pull_decrypt_and_unpack_from_a_registry() {
+    use kabuto_image::{unpack_layers, ImageReference, Layer, RegistryClient, UnpackOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let plain = d.join("plain");
+    kabuto_e2e::busybox_layout(&plain).expect("layout");
+    let path = |name: &str| d.join(name).to_str().expect("utf-8").to_string();
+    run("openssl", &["genrsa", "-out", &path("rsa.pem"), "2048"]);
+    run(
+        "openssl",
+        &[
+            "rsa",
+            "-in",
+            &path("rsa.pem"),
+            "-pubout",
+            "-out",
+            &path("rsa.pub"),
+        ],
+    );
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--encryption-key",
+            &format!("jwe:{}", path("rsa.pub")),
+            &format!("oci:{}:latest", plain.display()),
+            &format!("oci:{}:latest", path("enc")),
+        ],
+    );
+    let registry = kabuto_e2e::Registry::start();
+    let plain_ref = registry.push_layout(&plain, "latest", "kabuto/plain");
+    let enc_ref = registry.push_layout(&d.join("enc"), "latest", "kabuto/encrypted");
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox");
+
+    let mut client = RegistryClient::new(vec![registry.host.clone()], None);
+    for (reference, keys) in [(&plain_ref, vec![]), (&enc_ref, vec![key(d, "rsa.pem")])] {
+        let image = ImageReference::parse(reference).expect("reference");
+        let pulled = client.pull(&image).expect("pull");
+        let mut blobs = Vec::new();
+        for (descriptor, blob) in &pulled.layers {
+            if descriptor.is_encrypted() {
+                let plaintext = kabuto_image::decrypt_layer(descriptor, blob, &keys)
+                    .unwrap_or_else(|e| panic!("{reference}: {e}"));
+                blobs.push((
+                    descriptor.decrypted_media_type().to_string(),
+                    descriptor.digest.clone(),
+                    plaintext,
+                ));
+            } else {
+                blobs.push((
+                    descriptor.media_type.clone(),
+                    descriptor.digest.clone(),
+                    blob.clone(),
+                ));
+            }
+        }
+        let layers: Vec<Layer<'_>> = blobs
+            .iter()
+            .map(|(media_type, digest, data)| Layer {
+                digest,
+                media_type,
+                data,
+            })
+            .collect();
+        let root = d.join(format!("rootfs-{}", image.repository.replace('/', "-")));
+        unpack_layers(&layers, &root, UnpackOptions::default()).expect("unpack");
+        assert!(
+            std::fs::read(root.join("bin/busybox")).expect("bin/busybox") == busybox,
+            "{reference}: the unpacked busybox is the original"
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("bin/sh")).expect("bin/sh"),
+            Path::new("busybox")
+        );
+    }
+
+    // A digest the registry does not have.
+    let missing = ImageReference::parse(&format!(
+        "{}/kabuto/plain@sha256:{}",
+        registry.host,
+        "0".repeat(64)
+    ))
+    .expect("reference");
+    let e = client.pull(&missing).expect_err("unknown manifest");
+    assert!(e.to_string().contains("404"), "{e}");
+
+    // A layer corrupted in the registry's storage: refused by its digest.
+    let image = ImageReference::parse(&plain_ref).expect("reference");
+    let (_, manifest) = client.manifest(&image).expect("manifest");
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest")
+        .to_string();
+    let stored = registry.blob_path(&layer);
+    let mut bytes = std::fs::read(&stored).expect("stored blob");
+    bytes[100] ^= 0xff;
+    std::fs::write(&stored, bytes).expect("corrupt");
+    let e = client.pull(&image).expect_err("corrupted layer");
+    assert!(
+        e.to_string().contains(&format!(
+            "layer {layer}: the registry sent content with digest"
+        )),
+        "{e}"
+    );
+}

@@ -3,9 +3,11 @@
 //! a root filesystem without writing outside it ([`unpack`]).
 
 pub mod ocicrypt;
+pub mod registry;
 pub mod unpack;
 
 pub use ocicrypt::{decrypt_layer, DecryptError, KeyProvider, LayerDescriptor};
+pub use registry::{ImageReference, PulledImage, RegistryClient, RegistryError};
 pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
 
 #[cfg(test)]

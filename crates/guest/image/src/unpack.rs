@@ -354,8 +354,19 @@ fn apply_metadata<R: Read>(
     mode: u32,
 ) -> Result<(), String> {
     let header = entry.header();
-    let uid = header.uid().map_err(|e| e.to_string())?;
-    let gid = header.gid().map_err(|e| e.to_string())?;
+    // An empty owner field means 0 (as GNU tar reads it); garbage is an error.
+    let blank = |field: &[u8]| field.iter().all(|b| *b == 0 || *b == b' ');
+    let old = header.as_old();
+    let uid = match header.uid() {
+        Ok(uid) => uid,
+        Err(_) if blank(&old.uid) => 0,
+        Err(e) => return Err(e.to_string()),
+    };
+    let gid = match header.gid() {
+        Ok(gid) => gid,
+        Err(_) if blank(&old.gid) => 0,
+        Err(e) => return Err(e.to_string()),
+    };
     let mtime = header.mtime().unwrap_or(0);
     nix::unistd::fchownat(
         None,

@@ -1,0 +1,381 @@
+//! A small OCI distribution client for the guest: manifests (indexes and
+//! Docker manifest lists resolved to linux/amd64), configs and layer blobs,
+//! every one checked against its digest; anonymous, basic and bearer-token
+//! auth. Hand-written on `ureq` (blocking, rustls) because the guest agent
+//! is not async and `oci-client` would bring an async runtime into the
+//! guest image.
+
+use std::{collections::HashMap, io::Read, time::Duration};
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use sha2::{Digest, Sha256};
+
+use crate::ocicrypt::LayerDescriptor;
+
+/// Largest manifest or config accepted.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest layer blob accepted.
+const MAX_BLOB_BYTES: u64 = 8 << 30;
+
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+const INDEX_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0:?} is not an image reference")]
+    Reference(String),
+    #[error("{url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("{what} {digest}: the registry sent content with digest {actual}")]
+    Digest {
+        what: &'static str,
+        digest: String,
+        actual: String,
+    },
+    #[error("{0}")]
+    Manifest(String),
+}
+
+/// `registry/repository` with a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageReference {
+    pub registry: String,
+    pub repository: String,
+    /// `sha256:…` or a tag.
+    pub reference: String,
+}
+
+impl ImageReference {
+    pub fn parse(text: &str) -> Result<ImageReference, RegistryError> {
+        let bad = || RegistryError::Reference(text.into());
+        let (name, reference) = match text.split_once('@') {
+            Some((n, d)) => (n, d.to_string()),
+            None => {
+                let slash = text.rfind('/').map(|i| i + 1).unwrap_or(0);
+                match text[slash..].rfind(':') {
+                    Some(c) => (&text[..slash + c], text[slash + c + 1..].to_string()),
+                    None => (text, "latest".to_string()),
+                }
+            }
+        };
+        let (registry, repository) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), rest.to_string())
+            }
+            _ if name.contains('/') => ("docker.io".to_string(), name.to_string()),
+            _ => ("docker.io".to_string(), format!("library/{name}")),
+        };
+        let valid = |s: &str| {
+            s.split('/').all(|part| !part.is_empty())
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
+        };
+        if !valid(&repository) || reference.is_empty() || reference.contains('/') {
+            return Err(bad());
+        }
+        Ok(ImageReference {
+            registry,
+            repository,
+            reference,
+        })
+    }
+
+    fn api_host(&self) -> &str {
+        if self.registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+}
+
+/// An image pulled from a registry, checked against its digests.
+#[derive(Debug)]
+pub struct PulledImage {
+    /// Digest of the platform's image manifest.
+    pub manifest_digest: String,
+    pub config: Vec<u8>,
+    /// Layer descriptors and blobs, in order.
+    pub layers: Vec<(LayerDescriptor, Vec<u8>)>,
+}
+
+pub struct RegistryClient {
+    agent: ureq::Agent,
+    /// `host:port`s reached over plain HTTP.
+    insecure: Vec<String>,
+    credentials: Option<(String, String)>,
+    /// Bearer tokens by `registry/repository`.
+    tokens: HashMap<String, String>,
+}
+
+impl RegistryClient {
+    pub fn new(insecure: Vec<String>, credentials: Option<(String, String)>) -> RegistryClient {
+        RegistryClient {
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(10))
+                .timeout_read(Duration::from_secs(60))
+                .build(),
+            insecure,
+            credentials,
+            tokens: HashMap::new(),
+        }
+    }
+
+    fn url(&self, image: &ImageReference, path: &str) -> String {
+        let host = image.api_host();
+        let scheme = if self.insecure.iter().any(|h| h == host) {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{host}/v2/{}/{path}", image.repository)
+    }
+
+    /// GET with the auth the registry asks for; returns the response.
+    fn get(
+        &mut self,
+        image: &ImageReference,
+        path: &str,
+        accept: &str,
+    ) -> Result<ureq::Response, RegistryError> {
+        let url = self.url(image, path);
+        let key = format!("{}/{}", image.registry, image.repository);
+        let http = |reason: String| RegistryError::Http {
+            url: url.clone(),
+            reason,
+        };
+        for attempt in 0..2 {
+            let mut request = self.agent.get(&url).set("Accept", accept);
+            if let Some(token) = self.tokens.get(&key) {
+                request = request.set("Authorization", &format!("Bearer {token}"));
+            } else if let Some((user, pass)) = &self.credentials {
+                let basic = STANDARD.encode(format!("{user}:{pass}"));
+                request = request.set("Authorization", &format!("Basic {basic}"));
+            }
+            match request.call() {
+                Ok(response) => return Ok(response),
+                Err(ureq::Error::Status(401, response)) if attempt == 0 => {
+                    let challenge = response
+                        .header("WWW-Authenticate")
+                        .unwrap_or("")
+                        .to_string();
+                    match challenge.split_once(' ') {
+                        Some((scheme, params)) if scheme.eq_ignore_ascii_case("bearer") => {
+                            let token = self.token(params).map_err(http)?;
+                            self.tokens.insert(key.clone(), token);
+                        }
+                        _ if self.credentials.is_some() => {
+                            return Err(http("401: the credentials were refused".into()))
+                        }
+                        _ => return Err(http("401: the registry wants credentials".into())),
+                    }
+                }
+                Err(ureq::Error::Status(code, response)) => {
+                    let body = response.into_string().unwrap_or_default();
+                    let body: String = body.chars().take(300).collect();
+                    return Err(http(format!("{code}: {body}")));
+                }
+                Err(e) => return Err(http(e.to_string())),
+            }
+        }
+        Err(http("401 after authenticating".into()))
+    }
+
+    /// A bearer token from the realm a `WWW-Authenticate: Bearer` names.
+    fn token(&self, params: &str) -> Result<String, String> {
+        let mut fields = HashMap::new();
+        for part in params.split(',') {
+            if let Some((k, v)) = part.trim().split_once('=') {
+                fields.insert(k.to_string(), v.trim_matches('"').to_string());
+            }
+        }
+        let realm = fields
+            .get("realm")
+            .ok_or("the bearer challenge has no realm")?;
+        let mut request = self.agent.get(realm);
+        for name in ["service", "scope"] {
+            if let Some(v) = fields.get(name) {
+                request = request.query(name, v);
+            }
+        }
+        if let Some((user, pass)) = &self.credentials {
+            let basic = STANDARD.encode(format!("{user}:{pass}"));
+            request = request.set("Authorization", &format!("Basic {basic}"));
+        }
+        let body: serde_json::Value = request
+            .call()
+            .map_err(|e| format!("token from {realm}: {e}"))?
+            .into_json()
+            .map_err(|e| format!("token from {realm}: {e}"))?;
+        body.get("token")
+            .or_else(|| body.get("access_token"))
+            .and_then(|t| t.as_str())
+            .map(String::from)
+            .ok_or_else(|| format!("token from {realm}: no token in the answer"))
+    }
+
+    fn read_limited(
+        response: ureq::Response,
+        limit: u64,
+        url: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut body = Vec::new();
+        response
+            .into_reader()
+            .take(limit + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| RegistryError::Http {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+        if body.len() as u64 > limit {
+            return Err(RegistryError::Http {
+                url: url.into(),
+                reason: format!("larger than {limit} bytes"),
+            });
+        }
+        Ok(body)
+    }
+
+    /// The manifest `reference` names, followed through indexes to
+    /// linux/amd64: (digest, manifest JSON).
+    pub fn manifest(
+        &mut self,
+        image: &ImageReference,
+    ) -> Result<(String, serde_json::Value), RegistryError> {
+        let mut reference = image.reference.clone();
+        for _ in 0..3 {
+            let accept = [MANIFEST_TYPES, INDEX_TYPES].concat().join(", ");
+            let url = self.url(image, &format!("manifests/{reference}"));
+            let response = self.get(image, &format!("manifests/{reference}"), &accept)?;
+            let body = Self::read_limited(response, MAX_MANIFEST_BYTES, &url)?;
+            let digest = sha256(&body);
+            if reference.starts_with("sha256:") && digest != reference {
+                return Err(RegistryError::Digest {
+                    what: "manifest",
+                    digest: reference,
+                    actual: digest,
+                });
+            }
+            let manifest: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| RegistryError::Manifest(format!("manifest {digest}: {e}")))?;
+            let media_type = manifest["mediaType"].as_str().unwrap_or("");
+            if INDEX_TYPES.contains(&media_type) || manifest.get("manifests").is_some() {
+                let entries = manifest["manifests"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let entry = entries
+                    .iter()
+                    .find(|m| {
+                        m["platform"]["os"].as_str() == Some("linux")
+                            && m["platform"]["architecture"].as_str() == Some("amd64")
+                    })
+                    .ok_or_else(|| {
+                        RegistryError::Manifest(format!("index {digest} has no linux/amd64 image"))
+                    })?;
+                reference = entry["digest"]
+                    .as_str()
+                    .ok_or_else(|| RegistryError::Manifest("an index entry has no digest".into()))?
+                    .to_string();
+                continue;
+            }
+            return Ok((digest, manifest));
+        }
+        Err(RegistryError::Manifest("indexes nested too deep".into()))
+    }
+
+    /// A blob, checked against its digest.
+    pub fn blob(
+        &mut self,
+        image: &ImageReference,
+        digest: &str,
+        what: &'static str,
+        limit: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        if !digest.starts_with("sha256:") {
+            return Err(RegistryError::Manifest(format!(
+                "{what} digest {digest:?} is not sha256"
+            )));
+        }
+        let url = self.url(image, &format!("blobs/{digest}"));
+        let response = self.get(image, &format!("blobs/{digest}"), "*/*")?;
+        let body = Self::read_limited(response, limit, &url)?;
+        let actual = sha256(&body);
+        if actual != digest {
+            return Err(RegistryError::Digest {
+                what,
+                digest: digest.into(),
+                actual,
+            });
+        }
+        Ok(body)
+    }
+
+    /// Manifest, config and every layer of `image`.
+    pub fn pull(&mut self, image: &ImageReference) -> Result<PulledImage, RegistryError> {
+        let (manifest_digest, manifest) = self.manifest(image)?;
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .ok_or_else(|| RegistryError::Manifest("the manifest has no config".into()))?
+            .to_string();
+        let config = self.blob(image, &config_digest, "config", MAX_MANIFEST_BYTES)?;
+        let mut layers = Vec::new();
+        for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
+            let descriptor: LayerDescriptor = serde_json::from_value(layer)
+                .map_err(|e| RegistryError::Manifest(format!("a layer descriptor: {e}")))?;
+            let blob = self.blob(image, &descriptor.digest, "layer", MAX_BLOB_BYTES)?;
+            layers.push((descriptor, blob));
+        }
+        Ok(PulledImage {
+            manifest_digest,
+            config,
+            layers,
+        })
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_like_docker() {
+        let r = |s: &str| ImageReference::parse(s).expect(s);
+        assert_eq!(
+            r("busybox"),
+            ImageReference {
+                registry: "docker.io".into(),
+                repository: "library/busybox".into(),
+                reference: "latest".into()
+            }
+        );
+        assert_eq!(r("team/app:v1").repository, "team/app");
+        let local = r("127.0.0.1:5000/kabuto/busybox:1");
+        assert_eq!(
+            (
+                local.registry.as_str(),
+                local.repository.as_str(),
+                local.reference.as_str()
+            ),
+            ("127.0.0.1:5000", "kabuto/busybox", "1")
+        );
+        let pinned = r("localhost/app@sha256:ab");
+        assert_eq!(pinned.reference, "sha256:ab");
+        assert_eq!(r("busybox").api_host(), "registry-1.docker.io");
+        assert!(ImageReference::parse("UPPER/case").is_err());
+        assert!(ImageReference::parse("").is_err());
+    }
+}
