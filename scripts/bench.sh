@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, and the
-# KBS next to a plain HTTP request, each measured in the same run; prints
+# KBS next to a plain HTTP request, image pull+decrypt+unpack next to skopeo,
+# each measured in the same run; prints
 # Markdown tables for docs/benchmarks.md.
 # Usage: scripts/bench.sh [--runs N] [--max-pods N]
 set -euo pipefail
@@ -12,3 +13,5 @@ export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
 target/release/kabuto-bench "$@"
 # The KBS (attestation) benchmark needs no VM.
 target/release/kabuto-kbs-bench --seconds 5
+# Confidential-image pull path (library on the host, against skopeo).
+target/release/kabuto-image-bench --runs 3
