@@ -1,0 +1,128 @@
+//! Cosign-format signatures in a real registry (docker-registry; images and
+//! signature images pushed by skopeo) checked by the guest's signature
+//! policy: a signed image passes, an unsigned one, one signed by another
+//! key, and a signature moved to another image are refused, each naming
+//! why; scopes and reject / insecureAcceptAnything behave as in
+//! containers-policy.json.
+
+use base64::Engine as _;
+use kabuto_image::{
+    signature::{signature_tag, write_signature_layout},
+    ImageReference, RegistryClient, SignaturePolicy,
+};
+use p256::pkcs8::EncodePublicKey as _;
+
+fn skopeo_push(layout: &std::path::Path, tag: &str, target: &str) {
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{target}"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn sigstore_signatures_are_checked_against_the_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = dir.path().join("plain");
+    kabuto_e2e::busybox_layout(&plain).expect("layout");
+    let registry = kabuto_e2e::Registry::start();
+    let signed = registry.push_layout(&plain, "latest", "kabuto/signed");
+    let unsigned = registry.push_layout(&plain, "latest", "kabuto/unsigned");
+    let wrong_key = registry.push_layout(&plain, "latest", "kabuto/wrongkey");
+    let mut client = RegistryClient::new(vec![registry.host.clone()], None);
+
+    let owner = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+    let stranger = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
+    let sign = |reference: &str, key: &p256::ecdsa::SigningKey, name: &str| {
+        let image = ImageReference::parse(reference).expect("reference");
+        let (digest, _) = RegistryClient::new(vec![registry.host.clone()], None)
+            .manifest(&image)
+            .expect("manifest");
+        let layout = dir.path().join(name);
+        let repo = format!("{}/{}", image.registry, image.repository);
+        write_signature_layout(&layout, &repo, &digest, key).expect("signature layout");
+        skopeo_push(
+            &layout,
+            "sig",
+            &format!("{repo}:{}", signature_tag(&digest)),
+        );
+        digest
+    };
+    sign(&signed, &owner, "sig-owner");
+    sign(&wrong_key, &stranger, "sig-stranger");
+
+    let key_data = base64::engine::general_purpose::STANDARD.encode(
+        owner
+            .verifying_key()
+            .to_public_key_pem(Default::default())
+            .expect("pem"),
+    );
+    let policy = SignaturePolicy::from_json(
+        serde_json::json!({
+            "default": [{"type": "reject"}],
+            "transports": {"docker": {
+                format!("{}/kabuto", registry.host): [{"type": "sigstoreSigned", "keyData": key_data}],
+                format!("{}/kabuto/open", registry.host): [{"type": "insecureAcceptAnything"}],
+            }}
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("policy");
+    let check = |reference: &str, client: &mut RegistryClient| {
+        let image = ImageReference::parse(reference).expect("reference");
+        let (digest, _) = client.manifest(&image).expect("manifest");
+        policy.check(&image, &digest, client)
+    };
+
+    check(&signed, &mut client).expect("signed by the owner");
+    let e = check(&unsigned, &mut client)
+        .expect_err("unsigned")
+        .to_string();
+    assert!(
+        e.contains("no valid signature") && e.contains("no signatures at sha256-"),
+        "{e}"
+    );
+    let e = check(&wrong_key, &mut client)
+        .expect_err("stranger's key")
+        .to_string();
+    assert!(e.contains("does not verify with the policy's key"), "{e}");
+
+    // The owner's signature of `signed`, copied onto another repository.
+    let moved = registry.push_layout(&plain, "latest", "kabuto/moved");
+    let image = ImageReference::parse(&moved).expect("reference");
+    let (digest, _) = client.manifest(&image).expect("manifest");
+    skopeo_push(
+        &dir.path().join("sig-owner"),
+        "sig",
+        &format!(
+            "{}/{}:{}",
+            image.registry,
+            image.repository,
+            signature_tag(&digest)
+        ),
+    );
+    let e = check(&moved, &mut client)
+        .expect_err("moved signature")
+        .to_string();
+    assert!(e.contains("kabuto/signed") && e.contains("not "), "{e}");
+
+    // Scopes: an open repository, and the default.
+    let open = registry.push_layout(&plain, "latest", "kabuto/open");
+    check(&open, &mut client).expect("insecureAcceptAnything");
+    let elsewhere = registry.push_layout(&plain, "latest", "other/img");
+    let e = check(&elsewhere, &mut client)
+        .expect_err("default reject")
+        .to_string();
+    assert!(
+        e.contains("rejected by the signature policy (scope default)"),
+        "{e}"
+    );
+}
