@@ -553,17 +553,7 @@ impl Registry {
     /// with skopeo; returns the pushed reference.
     pub fn push_layout(&self, layout: &Path, tag: &str, repository: &str) -> String {
         let reference = format!("{}/{repository}:{tag}", self.host);
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{reference}"))
-            .output()
-            .expect("running skopeo (apt-get install skopeo)");
-        assert!(
-            out.status.success(),
-            "skopeo copy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        skopeo_push(layout, tag, &reference);
         reference
     }
 
@@ -588,4 +578,78 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `skopeo copy` of `tag` of the OCI layout `layout` to `target` (a
+/// registry reference reached over plain HTTP).
+pub fn skopeo_push(layout: &Path, tag: &str, target: &str) {
+    run_tool(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{target}"),
+        ],
+    );
+}
+
+/// Runs `program args`; panics with its stderr unless it succeeds.
+pub fn run_tool(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} (scripts/setup.sh installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `<dir>/<name>.pem` (private) and `<dir>/<name>.pub` made by openssl:
+/// RSA 2048 as `openssl genrsa` writes it, or P-256 (SEC1) when `ec`.
+pub fn openssl_key_pair(dir: &Path, name: &str, ec: bool) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub"));
+    let (p, q) = (private.to_string_lossy(), public.to_string_lossy());
+    if ec {
+        run_tool(
+            "openssl",
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &p,
+            ],
+        );
+        run_tool("openssl", &["ec", "-in", &p, "-pubout", "-out", &q]);
+    } else {
+        run_tool("openssl", &["genrsa", "-out", &p, "2048"]);
+        run_tool("openssl", &["rsa", "-in", &p, "-pubout", "-out", &q]);
+    }
+    (private, public)
+}
+
+/// `skopeo copy` of `src:latest` to `dst:latest` (OCI layouts), encrypted
+/// to each public key (ocicrypt's JWE recipients).
+pub fn skopeo_encrypt(src: &Path, dst: &Path, recipients: &[&Path]) {
+    let keys: Vec<String> = recipients
+        .iter()
+        .map(|k| format!("jwe:{}", k.display()))
+        .collect();
+    let mut args = vec!["copy", "--quiet"];
+    for k in &keys {
+        args.extend(["--encryption-key", k.as_str()]);
+    }
+    let (s, d) = (
+        format!("oci:{}:latest", src.display()),
+        format!("oci:{}:latest", dst.display()),
+    );
+    args.extend([s.as_str(), d.as_str()]);
+    run_tool("skopeo", &args);
 }

@@ -6,25 +6,12 @@
 //! containers-policy.json.
 
 use base64::Engine as _;
+use kabuto_e2e::skopeo_push;
 use kabuto_image::{
     signature::{signature_tag, write_signature_layout},
     ImageReference, RegistryClient, SignaturePolicy,
 };
 use p256::pkcs8::EncodePublicKey as _;
-
-fn skopeo_push(layout: &std::path::Path, tag: &str, target: &str) {
-    let out = std::process::Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(format!("docker://{target}"))
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]

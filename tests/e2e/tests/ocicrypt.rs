@@ -4,22 +4,12 @@
 //! exact plain layers; another key opens nothing; an altered blob is
 //! refused before decryption.
 
-use std::{io::Read, path::Path, process::Command};
+use std::{io::Read, path::Path};
+
+use kabuto_e2e::{openssl_key_pair, skopeo_encrypt};
 
 use kabuto_image::{decrypt_layer, DecryptError, LayerDescriptor};
 use kabuto_jose::TeeKeyPair;
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
@@ -48,68 +38,11 @@ fn layers_encrypted_by_skopeo_decrypt_to_the_plain_layers() {
     let d = dir.path();
     let plain = d.join("plain");
     kabuto_e2e::busybox_layout(&plain).expect("layout");
-    let path = |name: &str| d.join(name).to_str().expect("utf-8").to_string();
-    run("openssl", &["genrsa", "-out", &path("rsa.pem"), "2048"]);
-    run(
-        "openssl",
-        &[
-            "rsa",
-            "-in",
-            &path("rsa.pem"),
-            "-pubout",
-            "-out",
-            &path("rsa.pub"),
-        ],
-    );
-    run(
-        "openssl",
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &path("ec.pem"),
-        ],
-    );
-    run(
-        "openssl",
-        &[
-            "ec",
-            "-in",
-            &path("ec.pem"),
-            "-pubout",
-            "-out",
-            &path("ec.pub"),
-        ],
-    );
-    run("openssl", &["genrsa", "-out", &path("other.pem"), "2048"]);
-    let src = format!("oci:{}:latest", plain.display());
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--encryption-key",
-            &format!("jwe:{}", path("rsa.pub")),
-            &src,
-            &format!("oci:{}:latest", path("enc-rsa")),
-        ],
-    );
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--encryption-key",
-            &format!("jwe:{}", path("ec.pub")),
-            "--encryption-key",
-            &format!("jwe:{}", path("rsa.pub")),
-            &src,
-            &format!("oci:{}:latest", path("enc-multi")),
-        ],
-    );
+    let (_, rsa) = openssl_key_pair(d, "rsa", false);
+    let (_, ec) = openssl_key_pair(d, "ec", true);
+    openssl_key_pair(d, "other", false);
+    skopeo_encrypt(&plain, &d.join("enc-rsa"), &[&rsa]);
+    skopeo_encrypt(&plain, &d.join("enc-multi"), &[&ec, &rsa]);
 
     let plain_layers = layers(&plain);
     for (image, keys) in [
@@ -168,30 +101,8 @@ fn pull_decrypt_and_unpack_from_a_registry() {
     let d = dir.path();
     let plain = d.join("plain");
     kabuto_e2e::busybox_layout(&plain).expect("layout");
-    let path = |name: &str| d.join(name).to_str().expect("utf-8").to_string();
-    run("openssl", &["genrsa", "-out", &path("rsa.pem"), "2048"]);
-    run(
-        "openssl",
-        &[
-            "rsa",
-            "-in",
-            &path("rsa.pem"),
-            "-pubout",
-            "-out",
-            &path("rsa.pub"),
-        ],
-    );
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--encryption-key",
-            &format!("jwe:{}", path("rsa.pub")),
-            &format!("oci:{}:latest", plain.display()),
-            &format!("oci:{}:latest", path("enc")),
-        ],
-    );
+    let (_, rsa) = openssl_key_pair(d, "rsa", false);
+    skopeo_encrypt(&plain, &d.join("enc"), &[&rsa]);
     let registry = kabuto_e2e::Registry::start();
     let plain_ref = registry.push_layout(&plain, "latest", "kabuto/plain");
     let enc_ref = registry.push_layout(&d.join("enc"), "latest", "kabuto/encrypted");
@@ -201,32 +112,14 @@ fn pull_decrypt_and_unpack_from_a_registry() {
     for (reference, keys) in [(&plain_ref, vec![]), (&enc_ref, vec![key(d, "rsa.pem")])] {
         let image = ImageReference::parse(reference).expect("reference");
         let pulled = client.pull(&image).expect("pull");
-        let mut blobs = Vec::new();
-        for (descriptor, blob) in &pulled.layers {
-            if descriptor.is_encrypted() {
-                let plaintext = kabuto_image::decrypt_layer(descriptor, blob, &keys)
-                    .unwrap_or_else(|e| panic!("{reference}: {e}"));
-                blobs.push((
-                    descriptor.decrypted_media_type().to_string(),
-                    descriptor.digest.clone(),
-                    plaintext,
-                ));
-            } else {
-                blobs.push((
-                    descriptor.media_type.clone(),
-                    descriptor.digest.clone(),
-                    blob.clone(),
-                ));
-            }
-        }
-        let layers: Vec<Layer<'_>> = blobs
-            .iter()
-            .map(|(media_type, digest, data)| Layer {
-                digest,
-                media_type,
-                data,
-            })
-            .collect();
+        assert_eq!(
+            pulled.layers.iter().any(|(d, _)| d.is_encrypted()),
+            !keys.is_empty()
+        );
+        let plain_layers = pulled
+            .plain_layers(&keys)
+            .unwrap_or_else(|e| panic!("{reference}: {e}"));
+        let layers: Vec<Layer<'_>> = plain_layers.iter().map(|l| l.as_layer()).collect();
         let root = d.join(format!("rootfs-{}", image.repository.replace('/', "-")));
         unpack_layers(&layers, &root, UnpackOptions::default()).expect("unpack");
         assert!(

@@ -8,7 +8,7 @@ pub mod signature;
 pub mod unpack;
 
 pub use ocicrypt::{decrypt_layer, DecryptError, KeyProvider, LayerDescriptor};
-pub use registry::{ImageReference, PulledImage, RegistryClient, RegistryError};
+pub use registry::{ImageReference, PlainLayer, PulledImage, RegistryClient, RegistryError};
 pub use signature::{SignatureError, SignaturePolicy};
 pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
 

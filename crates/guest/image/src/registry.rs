@@ -379,3 +379,49 @@ mod tests {
         assert!(ImageReference::parse("").is_err());
     }
 }
+
+/// A layer ready to unpack: decrypted where it was encrypted.
+#[derive(Debug)]
+pub struct PlainLayer {
+    pub media_type: String,
+    pub digest: String,
+    pub data: Vec<u8>,
+}
+
+impl PlainLayer {
+    pub fn as_layer(&self) -> crate::unpack::Layer<'_> {
+        crate::unpack::Layer {
+            digest: &self.digest,
+            media_type: &self.media_type,
+            data: &self.data,
+        }
+    }
+}
+
+impl PulledImage {
+    /// The layers in order, encrypted ones decrypted with `keys` (HMAC and
+    /// digest checked); a plain layer is taken as pulled.
+    pub fn plain_layers(
+        self,
+        keys: &[kabuto_jose::TeeKeyPair],
+    ) -> Result<Vec<PlainLayer>, crate::ocicrypt::DecryptError> {
+        self.layers
+            .into_iter()
+            .map(|(descriptor, blob)| {
+                Ok(if descriptor.is_encrypted() {
+                    PlainLayer {
+                        data: crate::ocicrypt::decrypt_layer(&descriptor, &blob, keys)?,
+                        media_type: descriptor.decrypted_media_type().to_string(),
+                        digest: descriptor.digest,
+                    }
+                } else {
+                    PlainLayer {
+                        media_type: descriptor.media_type,
+                        digest: descriptor.digest,
+                        data: blob,
+                    }
+                })
+            })
+            .collect()
+    }
+}

@@ -9,24 +9,11 @@
 use std::{
     io::Write as _,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use kabuto_image::{decrypt_layer, unpack_layers, ImageReference, Layer, RegistryClient};
+use kabuto_image::{unpack_layers, ImageReference, Layer, RegistryClient};
 use sha2::{Digest, Sha256};
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// An OCI layout with one gzip layer holding `size` bytes of pseudo-random
 /// (incompressible) data in `data/blob`.
@@ -93,23 +80,9 @@ fn main() {
         .unwrap_or(3usize);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let path = |name: &str| d.join(name).to_str().expect("utf-8").to_string();
-    run("openssl", &["genrsa", "-out", &path("key.pem"), "2048"]);
-    run(
-        "openssl",
-        &[
-            "rsa",
-            "-in",
-            &path("key.pem"),
-            "-pubout",
-            "-out",
-            &path("key.pub"),
-        ],
-    );
-    let key = kabuto_jose::TeeKeyPair::from_pem(
-        &std::fs::read_to_string(d.join("key.pem")).expect("key"),
-    )
-    .expect("key");
+    let (private, public) = kabuto_e2e::openssl_key_pair(d, "key", false);
+    let key = kabuto_jose::TeeKeyPair::from_pem(&std::fs::read_to_string(&private).expect("key"))
+        .expect("key");
     let registry = kabuto_e2e::Registry::start();
 
     println!("| image (encrypted, 1 gzip layer) | skopeo copy --decryption-key to an OCI dir (baseline) | kabuto: pull + decrypt + unpack | pull | decrypt (HMAC, AES-CTR, digest) | unpack (gunzip, tar) | ratio |");
@@ -118,17 +91,7 @@ fn main() {
         let plain = d.join(format!("plain-{size}"));
         make_image(&plain, size);
         let enc = d.join(format!("enc-{size}"));
-        run(
-            "skopeo",
-            &[
-                "copy",
-                "--quiet",
-                "--encryption-key",
-                &format!("jwe:{}", path("key.pub")),
-                &format!("oci:{}:latest", plain.display()),
-                &format!("oci:{}:latest", enc.display()),
-            ],
-        );
+        kabuto_e2e::skopeo_encrypt(&plain, &enc, &[&public]);
         let reference = registry.push_layout(&enc, "latest", &format!("bench/img{size}"));
 
         let mut skopeo = Vec::new();
@@ -136,14 +99,14 @@ fn main() {
         for r in 0..runs {
             let out = d.join(format!("skopeo-out-{size}-{r}"));
             let started = Instant::now();
-            run(
+            kabuto_e2e::run_tool(
                 "skopeo",
                 &[
                     "copy",
                     "--quiet",
                     "--src-tls-verify=false",
                     "--decryption-key",
-                    &path("key.pem"),
+                    &private.to_string_lossy(),
                     &format!("docker://{reference}"),
                     &format!("oci:{}:latest", out.display()),
                 ],
@@ -157,25 +120,11 @@ fn main() {
                 .pull(&ImageReference::parse(&reference).expect("reference"))
                 .expect("pull");
             let pulled_at = started.elapsed();
-            let mut blobs = Vec::new();
-            for (descriptor, blob) in &pulled.layers {
-                let plaintext =
-                    decrypt_layer(descriptor, blob, std::slice::from_ref(&key)).expect("decrypt");
-                blobs.push((
-                    descriptor.decrypted_media_type().to_string(),
-                    descriptor.digest.clone(),
-                    plaintext,
-                ));
-            }
+            let plain_layers = pulled
+                .plain_layers(std::slice::from_ref(&key))
+                .expect("decrypt");
             let decrypted_at = started.elapsed();
-            let layers: Vec<Layer<'_>> = blobs
-                .iter()
-                .map(|(media_type, digest, data)| Layer {
-                    digest,
-                    media_type,
-                    data,
-                })
-                .collect();
+            let layers: Vec<Layer<'_>> = plain_layers.iter().map(|l| l.as_layer()).collect();
             let root = d.join(format!("rootfs-{size}-{r}"));
             unpack_layers(&layers, &root, Default::default()).expect("unpack");
             let done = started.elapsed();
