@@ -12,6 +12,12 @@ pub use registry::{ImageReference, PlainLayer, PulledImage, RegistryClient, Regi
 pub use signature::{SignatureError, SignaturePolicy};
 pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
 
+/// `sha256:<hex>`, the OCI digest of `data`.
+pub(crate) fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -207,7 +207,7 @@ pub fn decrypt_layer(
     // decrypted blob itself, or — when the tool compressed the layer on the
     // fly before encrypting it, as skopeo does with uncompressed layers —
     // its uncompressed content.
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&plaintext)));
+    let actual = crate::sha256_digest(&plaintext);
     if actual == private.digest {
         return Ok(plaintext);
     }
@@ -230,19 +230,10 @@ pub fn decrypt_layer(
 
 /// The digest of gzip data's uncompressed content, hashed as it streams.
 fn gunzip_digest(data: &[u8]) -> Option<String> {
-    struct HashWriter(Sha256);
-    impl std::io::Write for HashWriter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hasher = HashWriter(Sha256::new());
+    // Sha256 is an io::Write: the content is hashed as it is decompressed.
+    let mut hasher = Sha256::new();
     std::io::copy(&mut flate2::read::GzDecoder::new(data), &mut hasher).ok()?;
-    Some(format!("sha256:{}", hex::encode(hasher.0.finalize())))
+    Some(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
 /// The private options from the keys annotation: each comma-separated JWE,

@@ -8,7 +8,6 @@
 use std::{collections::HashMap, io::Read, time::Duration};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use sha2::{Digest, Sha256};
 
 use crate::ocicrypt::LayerDescriptor;
 
@@ -257,7 +256,7 @@ impl RegistryClient {
             let url = self.url(image, &format!("manifests/{reference}"));
             let response = self.get(image, &format!("manifests/{reference}"), &accept)?;
             let body = Self::read_limited(response, MAX_MANIFEST_BYTES, &url)?;
-            let digest = sha256(&body);
+            let digest = crate::sha256_digest(&body);
             if reference.starts_with("sha256:") && digest != reference {
                 return Err(RegistryError::Digest {
                     what: "manifest",
@@ -309,7 +308,7 @@ impl RegistryClient {
         let url = self.url(image, &format!("blobs/{digest}"));
         let response = self.get(image, &format!("blobs/{digest}"), "*/*")?;
         let body = Self::read_limited(response, limit, &url)?;
-        let actual = sha256(&body);
+        let actual = crate::sha256_digest(&body);
         if actual != digest {
             return Err(RegistryError::Digest {
                 what,
@@ -341,10 +340,6 @@ impl RegistryClient {
             layers,
         })
     }
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
 #[cfg(test)]

@@ -311,8 +311,7 @@ pub fn write_signature_layout(
     manifest_digest: &str,
     key: &p256::ecdsa::SigningKey,
 ) -> std::io::Result<()> {
-    use sha2::{Digest as _, Sha256};
-    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let digest = crate::sha256_digest;
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     let put = |b: &[u8]| -> std::io::Result<String> {
         let d = digest(b);
