@@ -18,6 +18,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
+pub mod confidential;
 pub mod policy_bench;
 
 pub const RUNTIME: &str = "io.containerd.kabuto.v2";
@@ -503,6 +504,107 @@ pub fn busybox_layout(dir: &Path) -> std::io::Result<()> {
     fs::remove_file(archive)
 }
 
+/// The image of an OCI layout directory (its first manifest), to change
+/// before pushing: add layers, edit the config or the manifest itself.
+pub struct LayoutImage {
+    dir: PathBuf,
+    pub manifest: serde_json::Value,
+    pub config: serde_json::Value,
+}
+
+impl LayoutImage {
+    fn read(dir: &Path, digest: &str) -> std::io::Result<Vec<u8>> {
+        fs::read(
+            dir.join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+    }
+
+    pub fn open(dir: &Path) -> std::io::Result<LayoutImage> {
+        let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
+        let digest = index["manifests"][0]["digest"].as_str().unwrap_or_default();
+        let manifest: serde_json::Value = serde_json::from_slice(&Self::read(dir, digest)?)?;
+        let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
+        let config = serde_json::from_slice(&Self::read(dir, config_digest)?)?;
+        Ok(LayoutImage {
+            dir: dir.to_path_buf(),
+            manifest,
+            config,
+        })
+    }
+
+    /// Stores `data` as a blob; returns its digest.
+    pub fn write_blob(&self, data: &[u8]) -> std::io::Result<String> {
+        let hex = hex::encode(Sha256::digest(data));
+        fs::write(self.dir.join("blobs/sha256").join(&hex), data)?;
+        Ok(format!("sha256:{hex}"))
+    }
+
+    /// Appends an uncompressed tar layer.
+    pub fn append_layer(&mut self, tar: &[u8]) -> std::io::Result<()> {
+        let digest = self.write_blob(tar)?;
+        if let Some(layers) = self.manifest["layers"].as_array_mut() {
+            layers.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest, "size": tar.len()}));
+        }
+        if let Some(diff_ids) = self.config["rootfs"]["diff_ids"].as_array_mut() {
+            diff_ids.push(serde_json::json!(digest));
+        }
+        Ok(())
+    }
+
+    /// Writes config and manifest and points the index at the manifest.
+    pub fn save(mut self) -> std::io::Result<()> {
+        let config = serde_json::to_vec(&self.config)?;
+        self.manifest["config"]["digest"] = serde_json::json!(self.write_blob(&config)?);
+        self.manifest["config"]["size"] = serde_json::json!(config.len());
+        let manifest = serde_json::to_vec(&self.manifest)?;
+        let digest = self.write_blob(&manifest)?;
+        let path = self.dir.join("index.json");
+        let mut index: serde_json::Value = serde_json::from_slice(&fs::read(&path)?)?;
+        index["manifests"][0]["digest"] = serde_json::json!(digest);
+        index["manifests"][0]["size"] = serde_json::json!(manifest.len());
+        fs::write(path, serde_json::to_vec(&index)?)
+    }
+}
+
+/// An uncompressed tar of `files` (path, mode, contents) with their parent
+/// directories, fixed times and root ownership. Paths are written into the
+/// header as given (`../x` included: for malicious layers).
+pub fn tar_of(files: &[(&str, u32, &[u8])]) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = BTreeSet::new();
+    for (path, _, _) in files {
+        let mut parent = Path::new(path).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.ends_with("..")) {
+            dirs.insert(p.to_path_buf());
+            parent = p.parent();
+        }
+    }
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, &d, std::io::empty())?;
+    }
+    for (path, mode, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(*mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        // Straight into the header: `append_data` refuses `..`.
+        let name = &mut h.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data)?;
+    }
+    b.into_inner()
+}
+
 /// A private OCI registry (Debian's `docker-registry`) on loopback, with its
 /// storage in a temporary directory; killed on drop.
 pub struct Registry {
@@ -559,6 +661,11 @@ impl Registry {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// The registry's storage directory.
+    pub fn storage(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Where the registry keeps the blob `sha256:<hex>` (to corrupt it).

@@ -44,8 +44,22 @@ pub const SHARED_FS_TAG: &str = "kabuto";
 /// Guest path where the shared directory is mounted.
 pub const GUEST_SHARED_DIR: &str = "/run/kabuto/shared";
 
+/// `Storage.driver` of a rootfs the guest pulls itself.
+pub const STORAGE_IMAGE_GUEST_PULL: &str = "image_guest_pull";
+
+/// Guest directory under which pulled images are unpacked, one tmpfs per
+/// container (guest memory: the host cannot read it).
+pub const GUEST_IMAGES_DIR: &str = "/run/kabuto/images";
+
+/// Annotation naming the image a guest-pull container runs (`ctr run
+/// --annotation io.kabuto.image=REF`); CRI's image-name annotation also
+/// serves.
+pub const IMAGE_ANNOTATION: &str = "io.kabuto.image";
+
 /// Annotation keys containerd's CRI plugin sets on pod containers.
 pub mod cri {
+    /// The image a container was created from (`repo:tag` or `repo@digest`).
+    pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
     /// `sandbox` for the pod's pause container, `container` for the others.
     pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
     /// The pod (sandbox) id a container belongs to.

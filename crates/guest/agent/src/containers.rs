@@ -86,13 +86,17 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
+/// The spec the host sent, parsed.
+pub fn parse_spec(raw: &[u8]) -> Result<Spec> {
+    serde_json::from_slice(raw)
+        .map_err(|e| AgentError::InvalidArgument(format!("OCI spec is not valid: {e}")))
+}
+
 /// Turns the spec the host sent into the one the agent applies.
 ///
 /// `sandbox_init_pid` is the pid of the pod's sandbox container, whose
 /// network, IPC and UTS namespaces the other containers of the pod join.
-pub fn prepare_spec(raw: &[u8], id: &str, sandbox_init_pid: Option<i32>) -> Result<Spec> {
-    let mut spec: Spec = serde_json::from_slice(raw)
-        .map_err(|e| AgentError::InvalidArgument(format!("OCI spec is not valid: {e}")))?;
+pub fn prepare_spec(mut spec: Spec, id: &str, sandbox_init_pid: Option<i32>) -> Result<Spec> {
     if spec.process().is_none() {
         return Err(AgentError::InvalidArgument(
             "OCI spec has no process".into(),
@@ -398,18 +402,24 @@ mod tests {
 
     #[test]
     fn rejects_relative_or_missing_rootfs() {
-        let err = prepare_spec(&spec_json("rootfs"), "c", None).expect_err("relative root");
+        let err = parse_spec(&spec_json("rootfs"))
+            .and_then(|s| prepare_spec(s, "c", None))
+            .expect_err("relative root");
         assert!(err.to_string().contains("absolute"), "{err}");
-        let err = prepare_spec(&spec_json("/does/not/exist"), "c", None).expect_err("missing");
+        let err = parse_spec(&spec_json("/does/not/exist"))
+            .and_then(|s| prepare_spec(s, "c", None))
+            .expect_err("missing");
         assert!(err.to_string().contains("does not exist"), "{err}");
-        let err = prepare_spec(b"{not json", "c", None).expect_err("bad json");
+        let err = parse_spec(b"{not json").expect_err("bad json");
         assert!(err.to_string().contains("OCI spec is not valid"), "{err}");
     }
 
     #[test]
     fn pod_containers_join_the_sandbox_namespaces() {
         let dir = std::env::temp_dir();
-        let spec = prepare_spec(&spec_json(&dir.to_string_lossy()), "c1", Some(42)).expect("spec");
+        let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
+            .and_then(|s| prepare_spec(s, "c1", Some(42)))
+            .expect("spec");
         let linux = spec.linux().as_ref().expect("linux");
         assert_eq!(
             linux.cgroups_path().as_deref(),

@@ -20,6 +20,10 @@ pub enum AgentError {
     /// A confidential pod's guarantees would not hold (TEE binding, attestation).
     #[error("confidential pod: {0}")]
     Confidential(String),
+    /// A guest pull was refused or failed (registry, signature, decryption,
+    /// unpacking).
+    #[error("guest image pull: {0}")]
+    Image(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,7 +70,7 @@ impl AgentError {
             }
             AgentError::ContainerExists(_) => Code::ALREADY_EXISTS,
             AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            AgentError::Confidential(_) => Code::FAILED_PRECONDITION,
+            AgentError::Confidential(_) | AgentError::Image(_) => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         };
         // Print the whole chain once, so the host shows the root cause.

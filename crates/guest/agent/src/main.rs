@@ -8,6 +8,7 @@ mod confidential;
 mod containers;
 mod debug_console;
 mod error;
+mod images;
 mod init;
 mod logger;
 mod net;

@@ -21,6 +21,7 @@ use crate::{
     confidential,
     containers::{self, Container, Runtime},
     error::{AgentError, Result},
+    images,
     process::Stream,
     reaper::Reaper,
     stats,
@@ -39,6 +40,8 @@ struct Sandbox {
     /// The KBS client of a confidential pod whose init-data names a KBS.
     kbs: Option<Arc<kabuto_attestation_agent::KbsClient>>,
     data_hub_started: bool,
+    /// Where guest pulls come from and what they must satisfy.
+    images: Option<Arc<images::PodImages>>,
 }
 
 pub struct Agent {
@@ -257,6 +260,8 @@ impl Agent {
             *lock(&self.gate) = gate;
             log::info!("pod policy applied");
         }
+        let pod_images = images::PodImages::new(init_data.as_ref(), kbs.clone())
+            .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?;
         let digest = init_data
             .as_ref()
             .map(|d| hex::encode(d.digest()))
@@ -268,6 +273,7 @@ impl Agent {
         sandbox.id = req.sandbox_id;
         sandbox.init_data_digest = digest;
         sandbox.kbs = kbs;
+        sandbox.images = Some(Arc::new(pod_images));
         Ok(agent::Empty::new())
     }
 
@@ -305,6 +311,7 @@ impl Agent {
             if let Err(e) = self.runtime.remove(&c) {
                 log::warn!("removing container {}: {e}", c.id);
             }
+            images::release(&c.id);
         }
         // Answer first; the main thread powers off once told.
         *lock(&self.shutdown) = true;
@@ -326,10 +333,37 @@ impl Agent {
         } else {
             Some(self.container(&req.sandbox_id)?.init.pid)
         };
-        let spec = containers::prepare_spec(&req.oci_spec, &req.container_id, sandbox_pid)?;
-        let container = self
-            .runtime
-            .create(&req.container_id, &req.sandbox_id, &spec)?;
+        let mut spec = containers::parse_spec(&req.oci_spec)?;
+        let pulled = match images::guest_pull_source(&req.storages)? {
+            None => false,
+            Some(reference) => {
+                let pod_images = lock(&self.sandbox).images.clone().ok_or_else(|| {
+                    AgentError::InvalidArgument("CreateSandbox must come first".into())
+                })?;
+                let (rootfs, config) = images::pull(&req.container_id, reference, &pod_images)?;
+                if let Err(e) = images::merge_config(&mut spec, &config, &rootfs) {
+                    images::release(&req.container_id);
+                    return Err(AgentError::InvalidArgument(format!(
+                        "image {reference}: {e}"
+                    )));
+                }
+                true
+            }
+        };
+        let created =
+            containers::prepare_spec(spec, &req.container_id, sandbox_pid).and_then(|spec| {
+                self.runtime
+                    .create(&req.container_id, &req.sandbox_id, &spec)
+            });
+        let container = match created {
+            Ok(c) => c,
+            Err(e) => {
+                if pulled {
+                    images::release(&req.container_id);
+                }
+                return Err(e);
+            }
+        };
         log::info!(
             "container {} created, init pid {}",
             container.id,
@@ -373,7 +407,9 @@ impl Agent {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.container_id);
-        self.runtime.remove(&c)?;
+        let removed = self.runtime.remove(&c);
+        images::release(&c.id);
+        removed?;
         Ok(agent::Empty::new())
     }
 

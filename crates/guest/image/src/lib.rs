@@ -1,13 +1,19 @@
-//! The guest's side of confidential images. So far: decrypting layers
-//! encrypted in ocicrypt's format ([`ocicrypt`]) and unpacking layers into
-//! a root filesystem without writing outside it ([`unpack`]).
+//! The guest's side of confidential images: a registry client
+//! ([`registry`]), signature policies ([`signature`]), layers encrypted in
+//! ocicrypt's format ([`ocicrypt`]), unpacking without writing outside the
+//! root ([`unpack`]), and one pull put together from them ([`pull`]).
 
 pub mod ocicrypt;
+pub mod pull;
 pub mod registry;
 pub mod signature;
 pub mod unpack;
 
 pub use ocicrypt::{decrypt_layer, DecryptError, KeyProvider, LayerDescriptor};
+pub use pull::{
+    pull_and_unpack, Credentials, ImageConfig, PullError, PullSettings, PulledRootfs,
+    RegistriesConf,
+};
 pub use registry::{ImageReference, PlainLayer, PulledImage, RegistryClient, RegistryError};
 pub use signature::{SignatureError, SignaturePolicy};
 pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};

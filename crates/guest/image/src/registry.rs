@@ -322,6 +322,16 @@ impl RegistryClient {
     /// Manifest, config and every layer of `image`.
     pub fn pull(&mut self, image: &ImageReference) -> Result<PulledImage, RegistryError> {
         let (manifest_digest, manifest) = self.manifest(image)?;
+        self.fetch(image, manifest_digest, &manifest)
+    }
+
+    /// Config and layers of a manifest [`RegistryClient::manifest`] returned.
+    pub fn fetch(
+        &mut self,
+        image: &ImageReference,
+        manifest_digest: String,
+        manifest: &serde_json::Value,
+    ) -> Result<PulledImage, RegistryError> {
         let config_digest = manifest["config"]["digest"]
             .as_str()
             .ok_or_else(|| RegistryError::Manifest("the manifest has no config".into()))?

@@ -150,6 +150,19 @@ impl SignaturePolicy {
         manifest_digest: &str,
         client: &mut RegistryClient,
     ) -> Result<(), SignatureError> {
+        self.check_at(image, image, manifest_digest, client)
+    }
+
+    /// As [`SignaturePolicy::check`] for an image pulled from `source` (a
+    /// mirror): scopes and signed identities are `image`'s, signatures are
+    /// fetched from `source`.
+    pub fn check_at(
+        &self,
+        image: &ImageReference,
+        source: &ImageReference,
+        manifest_digest: &str,
+        client: &mut RegistryClient,
+    ) -> Result<(), SignatureError> {
         let (scope, requirements) = self.requirements(image);
         let name = format!("{}/{}", image.registry, image.repository);
         if requirements.is_empty() {
@@ -164,13 +177,13 @@ impl SignaturePolicy {
                 Requirement::SigstoreSigned { key_data, .. } => {
                     let key = verifying_key(key_data.as_deref().unwrap_or(""))
                         .map_err(SignatureError::Policy)?;
-                    verify_sigstore(image, manifest_digest, &key, client).map_err(|reason| {
-                        SignatureError::Unsigned {
+                    verify_sigstore(image, source, manifest_digest, &key, client).map_err(
+                        |reason| SignatureError::Unsigned {
                             image: name.clone(),
                             scope: scope.clone(),
                             reason,
-                        }
-                    })?;
+                        },
+                    )?;
                 }
             }
         }
@@ -210,13 +223,14 @@ pub fn simple_signing_payload(docker_reference: &str, manifest_digest: &str) -> 
 /// `manifest_digest` and this repository.
 fn verify_sigstore(
     image: &ImageReference,
+    source: &ImageReference,
     manifest_digest: &str,
     key: &VerifyingKey,
     client: &mut RegistryClient,
 ) -> Result<(), String> {
     let signatures = ImageReference {
         reference: signature_tag(manifest_digest),
-        ..image.clone()
+        ..source.clone()
     };
     let (_, manifest) = client
         .manifest(&signatures)

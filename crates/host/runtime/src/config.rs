@@ -60,6 +60,19 @@ pub struct ConfidentialConfig {
     /// The software TEE's firmware key and certificates (`kabuto install`
     /// creates them).
     pub software_tee_dir: PathBuf,
+    /// Where container images are pulled: `host` (containerd's snapshots,
+    /// shared into the guest) or `guest` (the agent pulls, verifies,
+    /// decrypts and unpacks the image itself; the host passes only its
+    /// reference and never sees the plaintext). `guest` needs
+    /// `hypervisor.guest_network = "user"`.
+    pub image_pull: ImagePull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImagePull {
+    Host,
+    Guest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +104,7 @@ impl Default for ConfidentialConfig {
         ConfidentialConfig {
             tee: TeeKind::None,
             software_tee_dir: PathBuf::from(DEFAULT_SOFTWARE_TEE_DIR),
+            image_pull: ImagePull::Host,
         }
     }
 }
@@ -332,6 +346,10 @@ impl Config {
         if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
             return Err("agent timeouts must be at least 1 second".into());
         }
+        if self.confidential.image_pull == ImagePull::Guest && h.guest_network != GuestNetwork::User
+        {
+            return Err("confidential.image_pull = \"guest\" needs hypervisor.guest_network = \"user\": the guest reaches the registry itself".into());
+        }
         if self.confidential.tee != TeeKind::None && h.debug_console {
             return Err(
                 "hypervisor.debug_console must be off when confidential.tee is set: \
@@ -400,6 +418,13 @@ agent_log_level = "info"
 tee = "none"
 # The software TEE's firmware key and certificates (made by `kabuto install`).
 software_tee_dir = "/var/lib/kabuto/swtee"
+# "host": containerd pulls and unpacks images; their snapshots are shared
+# into the guest. "guest": the agent pulls the image named by the
+# container's io.kabuto.image (or CRI's io.kubernetes.cri.image-name)
+# annotation, checks its signatures, decrypts and unpacks it in guest
+# memory, with settings from the pod's init-data; the host never sees the
+# plaintext. Needs guest_network = "user".
+image_pull = "host"
 "#;
 
 #[cfg(test)]
@@ -438,6 +463,7 @@ mod tests {
             ("[hypervisor]\nmemory_mib = 8\n", "memory_mib"),
             ("[hypervisor]\naccelerator = \"hvf\"\n", "accelerator"),
             ("[shared_fs]\ncache = \"sometimes\"\n", "cache"),
+            ("[confidential]\nimage_pull = \"guest\"\n", "guest_network"),
         ] {
             let err = Config::parse(toml, Path::new("c.toml")).expect_err(toml);
             let text = format!("{err} {:?}", std::error::Error::source(&err));

@@ -58,6 +58,8 @@ pub struct Sandbox {
     firmware: Mutex<Option<FirmwareService>>,
     agent: AgentClient,
     pub accel: Accel,
+    /// Whether the guest pulls container images itself.
+    pub image_pull: crate::config::ImagePull,
 }
 
 /// vsock port of the guest's debug console (see `kabuto exec`).
@@ -368,6 +370,7 @@ impl Sandbox {
             firmware: Mutex::new(firmware),
             agent,
             accel,
+            image_pull: config.confidential.image_pull,
         })
     }
 
@@ -416,20 +419,20 @@ impl Sandbox {
     }
 
     /// Mounts a container's rootfs (containerd's mounts, or the bundle's
-    /// already-mounted rootfs) and its bind mounts into the shared directory.
+    /// already-mounted rootfs; `None` when the guest pulls the image) and its
+    /// bind mounts into the shared directory.
     pub fn share_container(
         &self,
         container_id: &str,
-        rootfs: &[MountSpec],
-        bundle_rootfs: &Path,
+        rootfs: Option<(&[MountSpec], &Path)>,
         binds: &[SharedBind],
     ) -> Result<(), mount::MountError> {
         let target = self.shared_dir().join(container_id).join("rootfs");
         let result = (|| {
-            if rootfs.is_empty() {
-                mount::bind(bundle_rootfs, &target, false)?;
-            } else {
-                mount::mount_rootfs(rootfs, &target)?;
+            match rootfs {
+                None => {}
+                Some(([], bundle_rootfs)) => mount::bind(bundle_rootfs, &target, false)?,
+                Some((mounts, _)) => mount::mount_rootfs(mounts, &target)?,
             }
             for b in binds {
                 mount::bind(

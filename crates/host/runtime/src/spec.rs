@@ -40,18 +40,20 @@ pub struct GuestSpec {
 }
 
 /// Reads and checks `config.json` from a bundle.
-pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+/// `image_supplies_args`: the guest pulls the image and fills empty args
+/// from its Entrypoint and Cmd.
+pub fn load(bundle: &Path, image_supplies_args: bool) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let spec = Spec::load(&path).map_err(|e| SpecError::Read {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    validate(&spec)?;
+    validate(&spec, image_supplies_args)?;
     Ok(spec)
 }
 
 /// Refuses specs the guest could never run, before any VM work is done.
-pub fn validate(spec: &Spec) -> Result<(), SpecError> {
+pub fn validate(spec: &Spec, image_supplies_args: bool) -> Result<(), SpecError> {
     if !spec.version().starts_with("1.") {
         return Err(SpecError::Invalid(format!(
             "ociVersion {:?} is not supported (need 1.x)",
@@ -62,7 +64,7 @@ pub fn validate(spec: &Spec) -> Result<(), SpecError> {
         .process()
         .as_ref()
         .ok_or_else(|| SpecError::Invalid("no process".into()))?;
-    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+    if !image_supplies_args && process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::Invalid("process.args is empty".into()));
     }
     if spec.root().is_none() {
@@ -93,8 +95,9 @@ pub fn to_guest(
     host: &Spec,
     container_id: &str,
     guest_shared_dir: &Path,
+    image_supplies_args: bool,
 ) -> Result<GuestSpec, SpecError> {
-    validate(host)?;
+    validate(host, image_supplies_args)?;
     let mut spec = host.clone();
     let mut dropped = Vec::new();
     let guest_container_dir = guest_shared_dir.join(container_id);
@@ -189,7 +192,8 @@ mod tests {
 
     #[test]
     fn rewrites_root_and_binds() {
-        let g = to_guest(&host_spec(), "c1", Path::new("/run/kabuto/shared")).expect("guest spec");
+        let g = to_guest(&host_spec(), "c1", Path::new("/run/kabuto/shared"), false)
+            .expect("guest spec");
         assert_eq!(
             g.spec.root().as_ref().map(|r| r.path().clone()),
             Some(PathBuf::from("/run/kabuto/shared/c1/rootfs"))
@@ -208,7 +212,7 @@ mod tests {
 
     #[test]
     fn drops_host_only_settings() {
-        let g = to_guest(&host_spec(), "c1", Path::new("/s")).expect("guest spec");
+        let g = to_guest(&host_spec(), "c1", Path::new("/s"), false).expect("guest spec");
         assert!(g.spec.hooks().is_none());
         let process = g.spec.process().as_ref().expect("process");
         assert!(process.apparmor_profile().is_none());
@@ -226,17 +230,19 @@ mod tests {
     fn refuses_invalid_specs() {
         let mut spec = host_spec();
         spec.set_version("2.0.0".into());
-        assert!(to_guest(&spec, "c", Path::new("/s")).is_err());
+        assert!(to_guest(&spec, "c", Path::new("/s"), false).is_err());
 
         let mut spec = host_spec();
         if let Some(p) = spec.process_mut() {
             p.set_args(Some(vec![]));
         }
-        let err = to_guest(&spec, "c", Path::new("/s")).expect_err("empty args");
+        let err = to_guest(&spec, "c", Path::new("/s"), false).expect_err("empty args");
         assert!(err.to_string().contains("process.args"), "{err}");
+        // Unless the guest pulls the image, whose Entrypoint/Cmd fill them.
+        assert!(to_guest(&spec, "c", Path::new("/s"), true).is_ok());
 
         let mut spec = host_spec();
         spec.set_process(None);
-        assert!(to_guest(&spec, "c", Path::new("/s")).is_err());
+        assert!(to_guest(&spec, "c", Path::new("/s"), false).is_err());
     }
 }

@@ -29,9 +29,11 @@ use containerd_shim::{
     synchronous::publisher::RemotePublisher,
     Config as ShimConfig, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use kabuto_protocol::{agent::ExecProcessRequest, cri, GUEST_SHARED_DIR};
+use kabuto_protocol::{
+    agent::ExecProcessRequest, cri, GUEST_SHARED_DIR, IMAGE_ANNOTATION, STORAGE_IMAGE_GUEST_PULL,
+};
 use kabuto_runtime::{
-    config::Config,
+    config::{Config, ImagePull},
     mount::MountSpec,
     sandbox::{self, Sandbox},
     spec,
@@ -450,9 +452,28 @@ impl Service {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let host_spec =
-            spec::load(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let guest = spec::to_guest(&host_spec, &req.id, Path::new(GUEST_SHARED_DIR))
+        let guest_pull =
+            self.config(req.options.as_ref())?.confidential.image_pull == ImagePull::Guest;
+        let host_spec = spec::load(&bundle, guest_pull)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // The pause container is not pulled in the guest: it runs no code of
+        // the workload's owner and carries no secrets.
+        let guest_image = if guest_pull && !is_pod_sandbox(&host_spec) {
+            Some(image_reference(&host_spec).ok_or_else(|| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "container {}: the guest pulls images here (confidential.image_pull = \"guest\"), \
+                         but the spec names no image: add the annotation {IMAGE_ANNOTATION}=<reference> \
+                         (ctr run --annotation), or run it through CRI",
+                        req.id
+                    ),
+                )
+            })?)
+        } else {
+            None
+        };
+        let guest = spec::to_guest(&host_spec, &req.id, Path::new(GUEST_SHARED_DIR), guest_pull)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         for d in &guest.dropped {
             log::info!("container {}: not applied in the guest: {d}", req.id);
@@ -470,7 +491,7 @@ impl Service {
             .as_ref()
             .map(|r| bundle.join(r.path()))
             .unwrap_or_else(|| bundle.join("rootfs"));
-        if req.rootfs.is_empty() && !spec_root.is_dir() {
+        if guest_image.is_none() && req.rootfs.is_empty() && !spec_root.is_dir() {
             return Err(err(
                 Code::INVALID_ARGUMENT,
                 format!(
@@ -503,7 +524,14 @@ impl Service {
                 options: m.options.clone(),
             })
             .collect();
-        if let Err(e) = sandbox.share_container(&req.id, &rootfs, &spec_root, &guest.binds) {
+        let shared_rootfs = match &guest_image {
+            Some(image) => {
+                log::info!("container {}: the guest pulls {image}", req.id);
+                None
+            }
+            None => Some((rootfs.as_slice(), spec_root.as_path())),
+        };
+        if let Err(e) = sandbox.share_container(&req.id, shared_rootfs, &guest.binds) {
             rollback(&sandbox);
             return Err(err(
                 Code::INVALID_ARGUMENT,
@@ -518,6 +546,14 @@ impl Service {
             } else {
                 pod_id
             },
+            storages: guest_image
+                .iter()
+                .map(|image| kabuto_protocol::agent::Storage {
+                    driver: STORAGE_IMAGE_GUEST_PULL.into(),
+                    source: image.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         if let Err(e) = sandbox.agent().create_container(&create) {
@@ -574,6 +610,14 @@ fn runtime_options_config_path(any: &Any) -> Option<String> {
     None
 }
 
+/// The image a guest-pull container runs: our annotation, else CRI's.
+fn image_reference(spec: &oci_spec::runtime::Spec) -> Option<String> {
+    let annotations = spec.annotations().as_ref()?;
+    [IMAGE_ANNOTATION, cri::IMAGE_NAME]
+        .iter()
+        .find_map(|k| annotations.get(*k).filter(|v| !v.is_empty()).cloned())
+}
+
 fn is_pod_sandbox(spec: &oci_spec::runtime::Spec) -> bool {
     spec.annotations()
         .as_ref()
@@ -600,7 +644,7 @@ impl containerd_shim::Shim for Service {
         // Containers of one pod share one shim (and VM): group by pod id.
         let grouping = std::env::current_dir()
             .ok()
-            .and_then(|bundle| spec::load(&bundle).ok())
+            .and_then(|bundle| spec::load(&bundle, true).ok())
             .and_then(|s| pod_of(&s))
             .unwrap_or_else(|| opts.id.clone());
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
@@ -615,7 +659,7 @@ impl containerd_shim::Shim for Service {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            match spec::load(&bundle).ok().and_then(|s| pod_of(&s)) {
+            match spec::load(&bundle, true).ok().and_then(|s| pod_of(&s)) {
                 Some(pod) => {
                     let dir = sandbox::sandbox_dir(&config, &pod).join("shared").join(&id);
                     let _ = kabuto_runtime::mount::unmount_all_under(&dir);

@@ -40,6 +40,10 @@ masked_paths := object.get(object.get(input.OCI, "linux", {}), "maskedPaths", []
 
 image_name := object.get(annotations, "io.kubernetes.cri.image-name", "")
 
+# Guest pull: the image the agent will pull is the storage's source, not
+# the annotation; both must be allowed.
+storages := object.get(input, "storages", [])
+
 namespace := object.get(annotations, "io.kubernetes.cri.sandbox-namespace", policy_data.namespace)
 
 CreateContainerRequest := {"allowed": true, "ops": record_container} if container_allowed
@@ -59,6 +63,7 @@ container_allowed if {
 	c := policy_container
 	namespace_ok
 	image_ok
+	storages_ok
 	args_ok
 	every e in env {
 		regex.match(c.env, e)
@@ -95,6 +100,13 @@ namespace_ok if namespace == policy_data.namespace
 image_ok if count(policy_container.images) == 0
 
 image_ok if image_name in policy_container.images
+
+storages_ok if {
+	every s in storages {
+		s.driver == "image_guest_pull"
+		{true: true, false: object.get(s, "source", "") in policy_container.images}[count(policy_container.images) == 0]
+	}
+}
 
 args_ok if policy_container.args_exact == args
 
@@ -158,6 +170,19 @@ create_errors contains sprintf("the pod's namespace is %q, not %q", [policy_data
 create_errors contains sprintf("image %q is not allowed for container %q (allowed: %v)", [image_name, c.name, c.images]) if {
 	c := policy_container
 	not image_ok
+}
+
+create_errors contains sprintf("guest pull of %q (storage driver %q) is not allowed for container %q (allowed: %v)", [object.get(s, "source", ""), object.get(s, "driver", ""), c.name, c.images]) if {
+	c := policy_container
+	not storages_ok
+	some s in storages
+	not {true: true, false: object.get(s, "source", "") in c.images}[count(c.images) == 0]
+}
+
+create_errors contains sprintf("storage driver %q is not allowed for container %q", [object.get(s, "driver", ""), c.name]) if {
+	c := policy_container
+	some s in storages
+	s.driver != "image_guest_pull"
 }
 
 create_errors contains sprintf("args %v are not allowed for container %q", [args, c.name]) if {

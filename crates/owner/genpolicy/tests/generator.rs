@@ -572,6 +572,25 @@ fn changed_requests_are_denied_naming_the_check() {
         denied_reason(&mut gate, &r).contains("image \"registry.example.com/team/app@sha256:111")
     );
 
+    // Guest pull: the storage names what the agent pulls; an allowed
+    // annotation does not cover another image there.
+    let image = req["OCI"]["annotations"]["io.kubernetes.cri.image-name"].clone();
+    let mut r = req.clone();
+    r["storages"] = json!([{"driver": "image_guest_pull", "source": image}]);
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &r),
+        Decision::Allowed
+    );
+    r["storages"][0]["source"] = json!("registry.example.com/team/other:latest");
+    let reason = denied_reason(&mut gate, &r);
+    assert!(
+        reason.contains("guest pull of \"registry.example.com/team/other:latest\""),
+        "{reason}"
+    );
+    r["storages"][0] = json!({"driver": "blk", "source": image});
+    let reason = denied_reason(&mut gate, &r);
+    assert!(reason.contains("storage driver \"blk\""), "{reason}");
+
     let mut r = req.clone();
     r["OCI"]["process"]["args"]
         .as_array_mut()
