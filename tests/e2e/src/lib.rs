@@ -687,6 +687,79 @@ impl Drop for Registry {
     }
 }
 
+/// A read-only HTTP server for the files under a directory (a lookaside
+/// signature store, say) on loopback; a thread per connection, GET only.
+pub struct FileServer {
+    pub port: u16,
+}
+
+impl FileServer {
+    pub fn start(root: &Path) -> FileServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let root = root.to_path_buf();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let root = root.clone();
+                thread::spawn(move || Self::serve(stream, &root));
+            }
+        });
+        FileServer { port }
+    }
+
+    fn serve(mut stream: std::net::TcpStream, root: &Path) {
+        use std::io::{BufRead, BufReader};
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut request = String::new();
+        if reader.read_line(&mut request).is_err() {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            match reader.read_line(&mut header) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if header.trim().is_empty() => break,
+                Ok(_) => {}
+            }
+        }
+        let path = request.split_whitespace().nth(1).unwrap_or("/");
+        let mut decoded = Vec::new();
+        let bytes = path.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let Ok(b) = u8::from_str_radix(&path[i + 1..i + 3], 16) {
+                    decoded.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+        let relative = String::from_utf8_lossy(&decoded)
+            .trim_start_matches('/')
+            .to_string();
+        let body = (!relative.split('/').any(|c| c == ".."))
+            .then(|| fs::read(root.join(&relative)).ok())
+            .flatten();
+        let _ = match body {
+            Some(body) => stream
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .and_then(|_| stream.write_all(&body)),
+            None => stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            ),
+        };
+    }
+}
+
 /// `skopeo copy` of `tag` of the OCI layout `layout` to `target` (a
 /// registry reference reached over plain HTTP).
 pub fn skopeo_push(layout: &Path, tag: &str, target: &str) {

@@ -4,7 +4,9 @@
 //! attestation; the host passes only the image reference (`ctr run
 //! --rootfs` with an empty directory: containerd fetches nothing).
 //! Images encrypted by skopeo (RSA recipient; several recipients), a
-//! cosign-format signed image, and refused ones: unsigned, path escape,
+//! GPG-signed image (skopeo `--sign-by`, lookaside store), a cosign-format
+//! signed image, and refused ones: unsigned (both kinds), signed by a
+//! stranger's GPG key, path escape,
 //! corrupted layer, manifest that is not its digest, tampered HMAC, no
 //! key for any recipient. Nothing partial remains in the guest (the same
 //! container id pulls again), and the plaintext of the encrypted layer
@@ -76,6 +78,75 @@ fn image_with(
     layout
 }
 
+/// A GPG key pair (RSA, sign only, no passphrase) in a new `gnupg` home;
+/// returns the armored public key.
+fn gpg_key(gnupg: &Path, user: &str) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir(gnupg).expect("gnupg home");
+    std::fs::set_permissions(gnupg, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let gpg = |args: &[&str]| {
+        let out = std::process::Command::new("gpg")
+            .env("GNUPGHOME", gnupg)
+            .args(["--batch", "--quiet"])
+            .args(args)
+            .output()
+            .expect("gpg (scripts/setup.sh installs gnupg)");
+        assert!(out.status.success(), "gpg {args:?}: {}", stderr(&out));
+        out.stdout
+    };
+    gpg(&[
+        "--passphrase",
+        "",
+        "--quick-gen-key",
+        user,
+        "rsa2048",
+        "sign",
+        "never",
+    ]);
+    gpg(&["--armor", "--export"])
+}
+
+/// `skopeo copy --sign-by` of `layout` to `target`, with the key of
+/// `gnupg`, the signature written to the lookaside store `lookaside`.
+fn skopeo_sign_push(gnupg: &Path, lookaside: &Path, layout: &Path, target: &str) -> String {
+    let listing = std::process::Command::new("gpg")
+        .env("GNUPGHOME", gnupg)
+        .args(["--batch", "--with-colons", "--list-secret-keys"])
+        .output()
+        .expect("gpg");
+    let fingerprint = stdout(&listing)
+        .lines()
+        .find_map(|l| l.strip_prefix("fpr:"))
+        .map(|l| l.trim_matches(':').to_string())
+        .expect("a fingerprint");
+    let registries_d = gnupg.with_extension("registries.d");
+    std::fs::create_dir_all(&registries_d).expect("registries.d");
+    std::fs::write(
+        registries_d.join("default.yaml"),
+        format!(
+            "default-docker:\n  lookaside-staging: file://{}\n",
+            lookaside.display()
+        ),
+    )
+    .expect("registries.d");
+    let out = std::process::Command::new("skopeo")
+        .env("GNUPGHOME", gnupg)
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--registries.d",
+        ])
+        .arg(&registries_d)
+        .args(["--sign-by", &fingerprint])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker://{target}"))
+        .output()
+        .expect("skopeo");
+    assert!(out.status.success(), "skopeo --sign-by: {}", stderr(&out));
+    target.to_string()
+}
+
 /// Every regular file under `dirs` that contains `needle`.
 fn files_containing(dirs: &[&Path], needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -105,10 +176,15 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     let work = tempfile::tempdir().expect("tempdir");
     let d = work.path();
     let registry = Registry::start();
-    // The guest reaches the host's loopback registry as 10.0.2.2.
+    // Images keep the names they were pushed and signed under; the pod's
+    // registries.conf sends the guest to 10.0.2.2 (the host's loopback
+    // from QEMU's user network), after a mirror that is down.
     let port = registry.host.rsplit(':').next().expect("port").to_string();
-    let guest_registry = format!("10.0.2.2:{port}");
-    let in_guest = |reference: &str| reference.replace(&registry.host, &guest_registry);
+    let dead_mirror = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let host = registry.host.clone();
 
     // Images.
     let app = image_with(
@@ -153,7 +229,7 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     }
     tampered.save().expect("save");
 
-    let push = |layout: &Path, repo: &str| in_guest(&registry.push_layout(layout, "latest", repo));
+    let push = |layout: &Path, repo: &str| registry.push_layout(layout, "latest", repo);
     let plain = push(&app, "open/plain");
     let cosigned = push(&app, "signed/app");
     let unsigned = push(&app, "signed/unsigned");
@@ -163,21 +239,18 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     let enc_hmac = push(&d.join("enc-hmac"), "open/enc-hmac");
     let escaped = push(&escape, "open/escape");
 
-    // The owner signs signed/app (cosign format, identity as the guest names it).
+    // The owner signs signed/app (cosign format).
     let owner = p256::ecdsa::SigningKey::random(&mut rand::thread_rng());
     let host_client = || kabuto_image::RegistryClient::new(vec![registry.host.clone()], None);
     let manifest_digest = |reference: &str| {
-        let image = kabuto_image::ImageReference::parse(
-            &reference.replace(&guest_registry, &registry.host),
-        )
-        .expect("reference");
+        let image = kabuto_image::ImageReference::parse(reference).expect("reference");
         host_client().manifest(&image).expect("manifest")
     };
     let (app_digest, _) = manifest_digest(&cosigned);
     let sig_layout = d.join("sig");
     write_signature_layout(
         &sig_layout,
-        &format!("{guest_registry}/signed/app"),
+        &format!("{host}/signed/app"),
         &app_digest,
         &owner,
     )
@@ -225,7 +298,30 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     let mut manifest = std::fs::read(&stored).expect("manifest blob");
     manifest.push(b'\n');
     std::fs::write(&stored, manifest).expect("alter manifest");
-    let wrong_digest = format!("{guest_registry}/open/wrong-digest@{wd_digest}");
+    let wrong_digest = format!("{host}/open/wrong-digest@{wd_digest}");
+
+    // GPG simple signing by skopeo --sign-by (signatures to a lookaside
+    // store served over HTTP): the owner's key, and a stranger's.
+    let gpg_owner_key = gpg_key(&d.join("gnupg-owner"), "Owner <owner@kabuto.invalid>");
+    gpg_key(
+        &d.join("gnupg-stranger"),
+        "Stranger <stranger@kabuto.invalid>",
+    );
+    let lookaside = d.join("lookaside");
+    let gpg_app = skopeo_sign_push(
+        &d.join("gnupg-owner"),
+        &lookaside,
+        &app,
+        &format!("{host}/gpg/app:latest"),
+    );
+    let gpg_stranger = skopeo_sign_push(
+        &d.join("gnupg-stranger"),
+        &lookaside,
+        &app,
+        &format!("{host}/gpg/stranger:latest"),
+    );
+    let gpg_unsigned = push(&app, "gpg/unsigned");
+    let lookaside_server = kabuto_e2e::FileServer::start(&lookaside);
 
     // The KBS: the decryption key and the signature policy, released only
     // to this attested pod.
@@ -241,8 +337,12 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     let policy = serde_json::json!({
         "default": [{"type": "reject"}],
         "transports": {"docker": {
-            format!("{guest_registry}/signed"): [{"type": "sigstoreSigned", "keyData": key_data}],
-            format!("{guest_registry}/open"): [{"type": "insecureAcceptAnything"}],
+            // cosign signs the repository, not a tag: podman's advice.
+            format!("{host}/signed"): [{"type": "sigstoreSigned", "keyData": key_data,
+                                        "signedIdentity": {"type": "matchRepository"}}],
+            format!("{host}/gpg"): [{"type": "signedBy", "keyType": "GPGKeys",
+                                     "keyPath": "kbs:///default/gpg-key/1"}],
+            format!("{host}/open"): [{"type": "insecureAcceptAnything"}],
         }}
     });
     kbs.admin
@@ -254,11 +354,18 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
             &std::fs::read(d.join("rsa.pem")).expect("rsa.pem"),
         )
         .expect("key");
+    kbs.admin
+        .set_resource("default/gpg-key/1", &gpg_owner_key)
+        .expect("gpg key");
     let extra = format!(
         "\"cdh.toml\" = '''\n[image]\nimage_security_policy_uri = \"kbs:///default/image-policy/1\"\n\
          registry_configuration_uri = \"initdata:///registries.conf\"\n\
+         sigstore_config_uri = \"initdata:///sigstore.yaml\"\n\
          image_decryption_key_uris = [\"kbs:///default/image-key/rsa\"]\n'''\n\
-         \"registries.conf\" = '''\n[[registry]]\nlocation = \"{guest_registry}\"\ninsecure = true\n'''\n"
+         \"registries.conf\" = '''\n[[registry]]\nprefix = \"{host}\"\nlocation = \"10.0.2.2:{port}\"\ninsecure = true\n\
+         [[registry.mirror]]\nlocation = \"10.0.2.2:{dead_mirror}\"\ninsecure = true\n'''\n\
+         \"sigstore.yaml\" = '''\ndocker:\n  {host}/gpg:\n    lookaside: http://10.0.2.2:{}\n'''\n",
+        lookaside_server.port
     );
     let doc = kbs.init_data(kabuto_policy::ALLOW_ALL, &extra);
     let swtee = d.join("swtee");
@@ -302,6 +409,11 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
         ok("cosigned", &cosigned, &["cat", "/srv/hello.txt"]),
         "hello from a plain image\n"
     );
+    // GPG-signed by the owner (skopeo --sign-by), read from the lookaside.
+    assert_eq!(
+        ok("gpg", &gpg_app, &["cat", "/srv/hello.txt"]),
+        "hello from a plain image\n"
+    );
     // Encrypted by skopeo: to our RSA key; to a stranger and to us.
     assert_eq!(ok("enc-rsa", &enc_rsa, &[]), MARKER);
     assert_eq!(ok("enc-multi", &enc_multi, &[]), MARKER);
@@ -312,7 +424,17 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
         (
             "unsigned",
             unsigned.as_str(),
-            "no valid signature (scope 10.0.2.2",
+            "no valid signature (scope 127.0.0.1",
+        ),
+        (
+            "gpg-unsigned",
+            gpg_unsigned.as_str(),
+            "no signatures at http://10.0.2.2",
+        ),
+        (
+            "gpg-stranger",
+            gpg_stranger.as_str(),
+            "not signed by a key of the policy",
         ),
         (
             "stranger",

@@ -55,7 +55,9 @@ fn sigstore_signatures_are_checked_against_the_policy() {
         serde_json::json!({
             "default": [{"type": "reject"}],
             "transports": {"docker": {
-                format!("{}/kabuto", registry.host): [{"type": "sigstoreSigned", "keyData": key_data}],
+                // cosign signs the repository, not a tag: podman's advice.
+                format!("{}/kabuto", registry.host): [{"type": "sigstoreSigned", "keyData": key_data,
+                                                         "signedIdentity": {"type": "matchRepository"}}],
                 format!("{}/kabuto/open", registry.host): [{"type": "insecureAcceptAnything"}],
             }}
         })

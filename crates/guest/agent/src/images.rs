@@ -29,9 +29,13 @@ const DEFAULT_PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/u
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSettings {
-    /// A `containers-policy.json`. When set, images must satisfy it.
+    /// A `containers-policy.json`. When set, images must satisfy it. Its
+    /// `keyPath`s are resource URIs like these.
     #[serde(default)]
     pub image_security_policy_uri: Option<String>,
+    /// A `registries.d` YAML naming the lookaside stores of GPG signatures.
+    #[serde(default)]
+    pub sigstore_config_uri: Option<String>,
     /// A `containers-registries.conf` (mirrors, insecure, blocked).
     #[serde(default)]
     pub registry_configuration_uri: Option<String>,
@@ -77,34 +81,31 @@ impl PodImages {
             .image_security_policy_uri
             .iter()
             .chain(&settings.registry_configuration_uri)
+            .chain(&settings.sigstore_config_uri)
             .chain(&settings.authenticated_registry_credentials_uri)
             .chain(&settings.image_decryption_key_uris);
-        for uri in uris {
-            match uri.split_once(":///") {
-                Some(("kbs", _)) if kbs.is_none() => {
-                    return Err(format!(
-                        "init-data cdh.toml [image] names {uri} but aa.toml names no KBS"
-                    ))
-                }
-                Some(("kbs", _)) => {}
-                Some(("initdata", name)) if files.contains_key(name) => {}
-                Some(("initdata", name)) => {
-                    return Err(format!(
-                        "init-data cdh.toml [image] names {uri}, but the init-data has no {name:?}"
-                    ))
-                }
-                _ => {
-                    return Err(format!(
-                        "init-data cdh.toml [image]: {uri:?} is neither kbs:/// nor initdata:///"
-                    ))
-                }
-            }
-        }
-        Ok(PodImages {
-            settings,
+        let images = PodImages {
+            settings: settings.clone(),
             init_data: files,
             kbs,
-        })
+        };
+        for uri in uris {
+            images
+                .check_uri(uri)
+                .map_err(|e| format!("init-data cdh.toml [image]: {e}"))?;
+        }
+        Ok(images)
+    }
+
+    /// Refuses a resource URI this pod cannot read.
+    fn check_uri(&self, uri: &str) -> std::result::Result<(), String> {
+        match uri.split_once(":///") {
+            Some(("kbs", _)) if self.kbs.is_none() => Err(format!("{uri}: aa.toml names no KBS")),
+            Some(("kbs", _)) => Ok(()),
+            Some(("initdata", name)) if self.init_data.contains_key(name) => Ok(()),
+            Some(("initdata", name)) => Err(format!("{uri}: the init-data has no {name:?}")),
+            _ => Err(format!("{uri:?} is neither kbs:/// nor initdata:///")),
+        }
     }
 
     fn resource(&self, uri: &str) -> std::result::Result<zeroize::Zeroizing<Vec<u8>>, String> {
@@ -140,10 +141,20 @@ impl PodImages {
                 Credentials::parse(&self.resource(uri)?).map_err(|e| format!("{uri}: {e}"))?;
         }
         if let Some(uri) = &s.image_security_policy_uri {
+            let resolve = |path: &str| -> std::result::Result<Vec<u8>, String> {
+                self.check_uri(path)?;
+                Ok(self.resource(path)?.to_vec())
+            };
             pull.signature_policy = Some(
-                SignaturePolicy::from_json(&self.resource(uri)?)
+                SignaturePolicy::from_json_with(&self.resource(uri)?, &resolve)
                     .map_err(|e| format!("{uri}: {e}"))?,
             );
+        }
+        if let Some(uri) = &s.sigstore_config_uri {
+            let text = self.resource(uri)?;
+            let text = std::str::from_utf8(&text).map_err(|_| format!("{uri}: not UTF-8"))?;
+            pull.lookaside = kabuto_image::signature::Lookaside::parse(text)
+                .map_err(|e| format!("{uri}: {e}"))?;
         }
         for uri in &s.image_decryption_key_uris {
             let pem = self.resource(uri)?;

@@ -247,6 +247,8 @@ pub struct PullSettings {
     pub credentials: Credentials,
     /// `None`: no policy set, any image is accepted.
     pub signature_policy: Option<SignaturePolicy>,
+    /// Where `signedBy` (GPG) signatures are read from.
+    pub lookaside: crate::signature::Lookaside,
     pub keys: Vec<kabuto_jose::TeeKeyPair>,
     pub unpack: UnpackOptions,
 }
@@ -337,7 +339,13 @@ pub fn pull_and_unpack(
         });
     };
     if let Some(policy) = &settings.signature_policy {
-        policy.check_at(&image, &source.image, &manifest_digest, &mut client)?;
+        policy.check_at(
+            &image,
+            &source.image,
+            &manifest_digest,
+            &settings.lookaside,
+            &mut client,
+        )?;
     }
     let registry_err = |source| PullError::Registry {
         image: name.clone(),

@@ -244,6 +244,20 @@ impl RegistryClient {
         Ok(body)
     }
 
+    /// A plain GET of `url` (a lookaside signature store): `None` on 404.
+    pub fn get_url(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, RegistryError> {
+        let http = |reason: String| RegistryError::Http {
+            url: url.into(),
+            reason,
+        };
+        match self.agent.get(url).call() {
+            Ok(response) => Self::read_limited(response, limit, url).map(Some),
+            Err(ureq::Error::Status(404, _)) => Ok(None),
+            Err(ureq::Error::Status(code, _)) => Err(http(format!("status {code}"))),
+            Err(e) => Err(http(e.to_string())),
+        }
+    }
+
     /// The manifest `reference` names, followed through indexes to
     /// linux/amd64: (digest, manifest JSON).
     pub fn manifest(
