@@ -14,4 +14,4 @@ target/release/kabuto-bench "$@"
 # The KBS (attestation) benchmark needs no VM.
 target/release/kabuto-kbs-bench --seconds 5
 # Confidential-image pull path (library on the host, against skopeo).
-target/release/kabuto-image-bench --runs 3
+target/release/kabuto-image-bench --runs 3 --in-guest

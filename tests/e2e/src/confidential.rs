@@ -150,10 +150,21 @@ pub fn confidential_containerd(
     extra: &str,
     env: Vec<(String, String)>,
 ) -> Containerd {
+    confidential_containerd_with(swtee, "", extra, env)
+}
+
+/// As [`confidential_containerd`], with `hypervisor` appended to
+/// `[hypervisor]` (memory, say).
+pub fn confidential_containerd_with(
+    swtee: &Path,
+    hypervisor: &str,
+    confidential: &str,
+    env: Vec<(String, String)>,
+) -> Containerd {
     kabuto_swtee::init(swtee).expect("software TEE");
     Containerd::start_with(Options {
         kabuto_config: format!(
-            "[hypervisor]\nguest_network = \"user\"\n[confidential]\ntee = \"software\"\nsoftware_tee_dir = \"{}\"\n{extra}",
+            "[hypervisor]\nguest_network = \"user\"\n{hypervisor}[confidential]\ntee = \"software\"\nsoftware_tee_dir = \"{}\"\n{confidential}",
             swtee.display()
         ),
         env,

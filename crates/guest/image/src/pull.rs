@@ -282,6 +282,33 @@ impl ImageConfig {
     }
 }
 
+/// Where a pull's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PullTimings {
+    /// Manifest (mirrors tried in order) and the signature policy.
+    pub manifest_and_signatures: std::time::Duration,
+    /// Config and layer blobs, each checked against its digest.
+    pub fetch: std::time::Duration,
+    /// HMAC, AES-CTR and digest of encrypted layers.
+    pub decrypt: std::time::Duration,
+    /// Decompression and tar extraction.
+    pub unpack: std::time::Duration,
+}
+
+impl std::fmt::Display for PullTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: std::time::Duration| d.as_millis();
+        write!(
+            f,
+            "manifest+signatures {} ms, fetch {} ms, decrypt {} ms, unpack {} ms",
+            ms(self.manifest_and_signatures),
+            ms(self.fetch),
+            ms(self.decrypt),
+            ms(self.unpack)
+        )
+    }
+}
+
 /// What a pull produced.
 #[derive(Debug)]
 pub struct PulledRootfs {
@@ -290,6 +317,7 @@ pub struct PulledRootfs {
     /// Where it came from (a mirror, or the image's own registry).
     pub source: String,
     pub config: ImageConfig,
+    pub timings: PullTimings,
 }
 
 /// Pulls `reference` and unpacks it into `rootfs` (which must not exist):
@@ -307,6 +335,12 @@ pub fn pull_and_unpack(
         source,
     })?;
     let name = format!("{}/{}", image.registry, image.repository);
+    let mut timings = PullTimings::default();
+    let mut phase = std::time::Instant::now();
+    let mut lap = |slot: &mut std::time::Duration| {
+        *slot = phase.elapsed();
+        phase = std::time::Instant::now();
+    };
     let sources = settings.registries.sources(&image)?;
     let mut failures = Vec::new();
     let mut found = None;
@@ -347,6 +381,7 @@ pub fn pull_and_unpack(
             &mut client,
         )?;
     }
+    lap(&mut timings.manifest_and_signatures);
     let registry_err = |source| PullError::Registry {
         image: name.clone(),
         source,
@@ -354,6 +389,7 @@ pub fn pull_and_unpack(
     let pulled = client
         .fetch(&source.image, manifest_digest.clone(), &manifest)
         .map_err(registry_err)?;
+    lap(&mut timings.fetch);
     let config = ImageConfig::parse(&pulled.config).map_err(|reason| PullError::Config {
         image: name.clone(),
         reason,
@@ -364,15 +400,18 @@ pub fn pull_and_unpack(
             image: name.clone(),
             source,
         })?;
+    lap(&mut timings.decrypt);
     let layers: Vec<_> = layers.iter().map(|l| l.as_layer()).collect();
     crate::unpack_layers(&layers, rootfs, settings.unpack).map_err(|source| PullError::Unpack {
         image: name.clone(),
         source,
     })?;
+    lap(&mut timings.unpack);
     Ok(PulledRootfs {
         pinned: format!("{name}@{manifest_digest}"),
         source: format!("{}/{}", source.image.registry, source.image.repository),
         config,
+        timings,
     })
 }
 
