@@ -115,3 +115,114 @@ fn sigstore_signatures_are_checked_against_the_policy() {
         "{e}"
     );
 }
+
+/// `kabuto image sign` (the owner's tool) pushes a signature in cosign's
+/// format (SIGNATURE_SPEC: OCI manifest at `sha256-<hex>.sig`, one
+/// `application/vnd.dev.cosign.simplesigning.v1+json` layer whose
+/// `dev.cosignproject.cosign/signature` annotation is the base64 ECDSA
+/// signature of the payload) that the guest's policy accepts; `kabuto image
+/// inspect` sees it and an image's encrypted layers.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn kabuto_image_sign_makes_cosign_signatures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let plain = d.join("plain");
+    kabuto_e2e::busybox_layout(&plain).expect("layout");
+    let registry = kabuto_e2e::Registry::start();
+    let reference = registry.push_layout(&plain, "latest", "owner/app");
+    let (private, public) = kabuto_e2e::openssl_key_pair(d, "cosign", true);
+    let kabuto = |args: &[&str]| {
+        let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto"))
+            .args(args)
+            .output()
+            .expect("kabuto");
+        assert!(
+            out.status.success(),
+            "kabuto {args:?}: {}",
+            kabuto_e2e::stderr(&out)
+        );
+        kabuto_e2e::stdout(&out)
+    };
+    let key = private.to_string_lossy();
+    let insecure = ["--insecure-registry", registry.host.as_str()];
+    let mut sign = vec!["image", "sign", "--key", &key];
+    sign.extend(insecure);
+    sign.push(&reference);
+    let out = kabuto(&sign);
+    assert!(out.contains("signed "), "{out}");
+
+    // The pushed signature, read as cosign's spec describes it.
+    let image = ImageReference::parse(&reference).expect("reference");
+    let mut client = RegistryClient::new(vec![registry.host.clone()], None);
+    let (digest, _) = client.manifest(&image).expect("manifest");
+    let sig = ImageReference {
+        reference: signature_tag(&digest),
+        ..image.clone()
+    };
+    let (_, manifest) = client.manifest(&sig).expect("signature manifest");
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let layer = &manifest["layers"][0];
+    assert_eq!(
+        layer["mediaType"],
+        "application/vnd.dev.cosign.simplesigning.v1+json"
+    );
+    let payload = client
+        .blob(
+            &sig,
+            layer["digest"].as_str().expect("digest"),
+            "payload",
+            1 << 20,
+        )
+        .expect("payload");
+    let payload: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+    assert_eq!(
+        payload["critical"]["type"],
+        "cosign container image signature"
+    );
+    assert_eq!(
+        payload["critical"]["image"]["docker-manifest-digest"],
+        digest
+    );
+    assert_eq!(
+        payload["critical"]["identity"]["docker-reference"],
+        format!("{}/owner/app", registry.host)
+    );
+    assert!(layer["annotations"]["dev.cosignproject.cosign/signature"].is_string());
+
+    let key_data = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(&public).expect("public key"));
+    let policy = SignaturePolicy::from_json(
+        serde_json::json!({"default": [{"type": "sigstoreSigned", "keyData": key_data,
+                            "signedIdentity": {"type": "matchRepository"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("policy");
+    policy
+        .check(&image, &digest, &mut client)
+        .expect("signed by kabuto image sign");
+
+    let mut inspect = vec!["image", "inspect"];
+    inspect.extend(insecure);
+    inspect.push(&reference);
+    let report: serde_json::Value = serde_json::from_str(&kabuto(&inspect)).expect("json");
+    assert_eq!(report["manifest_digest"], digest);
+    assert_eq!(report["cosign_signature"], sig.reference);
+    assert_eq!(report["layers"][0]["encrypted"], false);
+
+    let (_, rsa) = kabuto_e2e::openssl_key_pair(d, "rsa", false);
+    let (_, ec) = kabuto_e2e::openssl_key_pair(d, "ec", true);
+    kabuto_e2e::skopeo_encrypt(&plain, &d.join("enc"), &[&rsa, &ec]);
+    let encrypted = registry.push_layout(&d.join("enc"), "latest", "owner/secret");
+    let mut inspect = vec!["image", "inspect"];
+    inspect.extend(insecure);
+    inspect.push(&encrypted);
+    let report: serde_json::Value = serde_json::from_str(&kabuto(&inspect)).expect("json");
+    assert_eq!(report["layers"][0]["encrypted"], true);
+    assert_eq!(report["layers"][0]["jwe_recipients"], 2);
+    assert!(report["cosign_signature"].is_null());
+}

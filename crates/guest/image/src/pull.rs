@@ -229,7 +229,7 @@ impl Credentials {
         Ok(Credentials { by_registry })
     }
 
-    fn for_registry(&self, registry: &str) -> Option<(String, String)> {
+    pub fn for_registry(&self, registry: &str) -> Option<(String, String)> {
         let hub = ["docker.io", "index.docker.io", "registry-1.docker.io"];
         self.by_registry.get(registry).cloned().or_else(|| {
             hub.contains(&registry)

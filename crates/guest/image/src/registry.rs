@@ -146,20 +146,41 @@ impl RegistryClient {
         accept: &str,
     ) -> Result<ureq::Response, RegistryError> {
         let url = self.url(image, path);
+        self.send(image, "GET", &url, accept, None)
+    }
+
+    /// One request with the auth the registry asks for (a bearer token for
+    /// the scope its challenge names, or basic credentials). `body`:
+    /// content type and bytes.
+    fn send(
+        &mut self,
+        image: &ImageReference,
+        method: &str,
+        url: &str,
+        accept: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<ureq::Response, RegistryError> {
+        let url = url.to_string();
         let key = format!("{}/{}", image.registry, image.repository);
         let http = |reason: String| RegistryError::Http {
             url: url.clone(),
             reason,
         };
         for attempt in 0..2 {
-            let mut request = self.agent.get(&url).set("Accept", accept);
+            let mut request = self.agent.request(method, &url).set("Accept", accept);
             if let Some(token) = self.tokens.get(&key) {
                 request = request.set("Authorization", &format!("Bearer {token}"));
             } else if let Some((user, pass)) = &self.credentials {
                 let basic = STANDARD.encode(format!("{user}:{pass}"));
                 request = request.set("Authorization", &format!("Basic {basic}"));
             }
-            match request.call() {
+            let sent = match body {
+                Some((content_type, bytes)) => {
+                    request.set("Content-Type", content_type).send_bytes(bytes)
+                }
+                None => request.call(),
+            };
+            match sent {
                 Ok(response) => return Ok(response),
                 Err(ureq::Error::Status(401, response)) if attempt == 0 => {
                     let challenge = response
@@ -242,6 +263,61 @@ impl RegistryClient {
             });
         }
         Ok(body)
+    }
+
+    /// Uploads `data` as a blob of `image`'s repository (monolithic
+    /// upload: POST, then PUT with the digest); returns its digest.
+    pub fn push_blob(
+        &mut self,
+        image: &ImageReference,
+        data: &[u8],
+    ) -> Result<String, RegistryError> {
+        let digest = crate::sha256_digest(data);
+        let start = self.url(image, "blobs/uploads/");
+        let response = self.send(
+            image,
+            "POST",
+            &start,
+            "*/*",
+            Some(("application/octet-stream", &[])),
+        )?;
+        let location = response
+            .header("Location")
+            .ok_or_else(|| RegistryError::Http {
+                url: start.clone(),
+                reason: "the upload has no Location".into(),
+            })?
+            .to_string();
+        let location = if location.starts_with("http://") || location.starts_with("https://") {
+            location
+        } else {
+            // Relative to the registry's root.
+            let root = start.split("/v2/").next().unwrap_or_default();
+            format!("{root}{location}")
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{separator}digest={digest}");
+        self.send(
+            image,
+            "PUT",
+            &put,
+            "*/*",
+            Some(("application/octet-stream", data)),
+        )?;
+        Ok(digest)
+    }
+
+    /// Uploads a manifest under `tag`; returns its digest.
+    pub fn push_manifest(
+        &mut self,
+        image: &ImageReference,
+        tag: &str,
+        media_type: &str,
+        manifest: &[u8],
+    ) -> Result<String, RegistryError> {
+        let url = self.url(image, &format!("manifests/{tag}"));
+        self.send(image, "PUT", &url, "*/*", Some((media_type, manifest)))?;
+        Ok(crate::sha256_digest(manifest))
     }
 
     /// A plain GET of `url` (a lookaside signature store): `None` on 404.

@@ -651,6 +651,82 @@ pub fn sign_payload(key: &p256::ecdsa::SigningKey, payload: &[u8]) -> String {
     STANDARD.encode(signature.to_der().as_bytes())
 }
 
+/// A cosign signature image (cosign's SIGNATURE_SPEC): a simple-signing
+/// payload layer with the signature in its annotation, and a config.
+pub struct CosignSignatureImage {
+    pub config: Vec<u8>,
+    pub payload: Vec<u8>,
+    /// The OCI image manifest referring to both.
+    pub manifest: Vec<u8>,
+}
+
+impl CosignSignatureImage {
+    /// Signs `manifest_digest` for `docker_reference` (the repository).
+    pub fn new(
+        docker_reference: &str,
+        manifest_digest: &str,
+        key: &p256::ecdsa::SigningKey,
+    ) -> CosignSignatureImage {
+        let digest = crate::sha256_digest;
+        let payload = simple_signing_payload(docker_reference, manifest_digest);
+        let config = serde_json::json!({
+            "architecture": "", "os": "", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [digest(&payload)]},
+        })
+        .to_string()
+        .into_bytes();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST_MEDIA_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": digest(&config), "size": config.len()},
+            "layers": [{"mediaType": SIMPLE_SIGNING_MEDIA_TYPE, "digest": digest(&payload),
+                        "size": payload.len(),
+                        "annotations": {SIGNATURE_ANNOTATION: sign_payload(key, &payload)}}],
+        })
+        .to_string()
+        .into_bytes();
+        CosignSignatureImage {
+            config,
+            payload,
+            manifest,
+        }
+    }
+
+    /// Pushes it to `repository` (of `image`) at the tag cosign uses for
+    /// `manifest_digest`; returns the tag.
+    pub fn push(
+        &self,
+        image: &ImageReference,
+        manifest_digest: &str,
+        client: &mut RegistryClient,
+    ) -> Result<String, crate::RegistryError> {
+        client.push_blob(image, &self.config)?;
+        client.push_blob(image, &self.payload)?;
+        let tag = signature_tag(manifest_digest);
+        client.push_manifest(image, &tag, OCI_MANIFEST_MEDIA_TYPE, &self.manifest)?;
+        Ok(tag)
+    }
+}
+
+const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A P-256 signing key from PEM: PKCS#8 (`openssl genpkey`) or SEC1
+/// (`openssl ecparam -genkey`, whose EC PARAMETERS block is skipped).
+pub fn signing_key_from_pem(pem: &str) -> Result<p256::ecdsa::SigningKey, String> {
+    use p256::pkcs8::DecodePrivateKey as _;
+    if let Ok(key) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+        return Ok(key);
+    }
+    let sec1 = pem
+        .find("-----BEGIN EC PRIVATE KEY-----")
+        .map(|start| &pem[start..])
+        .ok_or("not a P-256 private key in PEM (PKCS#8 or SEC1)")?;
+    p256::SecretKey::from_sec1_pem(sec1)
+        .map(p256::ecdsa::SigningKey::from)
+        .map_err(|e| format!("not a P-256 private key: {e}"))
+}
+
 /// Writes an OCI layout (tag `sig`) holding the cosign signature image for
 /// `docker_reference` at `manifest_digest`, ready for
 /// `skopeo copy oci:DIR:sig docker://REPO:<signature_tag>`.
@@ -660,30 +736,18 @@ pub fn write_signature_layout(
     manifest_digest: &str,
     key: &p256::ecdsa::SigningKey,
 ) -> std::io::Result<()> {
-    let digest = crate::sha256_digest;
+    let image = CosignSignatureImage::new(docker_reference, manifest_digest, key);
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     let put = |b: &[u8]| -> std::io::Result<String> {
-        let d = digest(b);
+        let d = crate::sha256_digest(b);
         std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b)?;
         Ok(d)
     };
-    let payload = simple_signing_payload(docker_reference, manifest_digest);
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "", "os": "", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [digest(&payload)]},
-    }))?;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": put(&config)?, "size": config.len()},
-        "layers": [{"mediaType": SIMPLE_SIGNING_MEDIA_TYPE, "digest": put(&payload)?,
-                    "size": payload.len(),
-                    "annotations": {SIGNATURE_ANNOTATION: sign_payload(key, &payload)}}],
-    }))?;
+    put(&image.config)?;
+    put(&image.payload)?;
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(&manifest)?,
-        "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "sig"}}]});
+        "mediaType": OCI_MANIFEST_MEDIA_TYPE, "digest": put(&image.manifest)?,
+        "size": image.manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "sig"}}]});
     std::fs::write(dir.join("index.json"), index.to_string())?;
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
 }

@@ -6,6 +6,7 @@ mod attest;
 mod check;
 mod exec;
 mod genpolicy;
+mod image;
 mod install;
 
 use std::path::PathBuf;
@@ -43,6 +44,11 @@ enum Command {
     },
     /// Generate a pod's policy and init-data annotation from its manifest.
     Genpolicy(genpolicy::GenPolicyArgs),
+    /// The image owner's tools: cosign-format signing, inspection.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
     /// Open the debug shell of a running pod (needs hypervisor.debug_console).
     Exec {
         /// The pod (sandbox) id.
@@ -159,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: AttestCommand::Verify(args),
         } => attest::verify(&args),
         Command::Genpolicy(args) => genpolicy::run(&args),
+        Command::Image { command } => image::run(&command),
         Command::Exec { pod } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {
