@@ -234,21 +234,13 @@ impl SignaturePolicy {
                     })
                 }
                 Requirement::Sigstore { key, identity } => {
-                    let expected = Expected {
-                        image,
-                        manifest_digest,
-                        identity,
-                        payload_type: COSIGN_SIGNATURE_TYPE,
-                    };
+                    let expected =
+                        Expected::new(image, manifest_digest, identity, COSIGN_SIGNATURE_TYPE);
                     verify_sigstore(&expected, source, key, client).map_err(unsigned)?;
                 }
                 Requirement::Gpg { keys, identity } => {
-                    let expected = Expected {
-                        image,
-                        manifest_digest,
-                        identity,
-                        payload_type: GPG_SIGNATURE_TYPE,
-                    };
+                    let expected =
+                        Expected::new(image, manifest_digest, identity, GPG_SIGNATURE_TYPE);
                     verify_gpg(&expected, keys, lookaside, client).map_err(unsigned)?;
                 }
             }
@@ -437,6 +429,22 @@ struct Expected<'a> {
     manifest_digest: &'a str,
     identity: &'a SignedIdentity,
     payload_type: &'static str,
+}
+
+impl<'a> Expected<'a> {
+    fn new(
+        image: &'a ImageReference,
+        manifest_digest: &'a str,
+        identity: &'a SignedIdentity,
+        payload_type: &'static str,
+    ) -> Expected<'a> {
+        Expected {
+            image,
+            manifest_digest,
+            identity,
+            payload_type,
+        }
+    }
 }
 
 /// Some signature at `sha256-<hex>.sig` verifies with `key` and names
@@ -866,12 +874,7 @@ mod tests {
         digest: &'a str,
         identity: &'a SignedIdentity,
     ) -> Expected<'a> {
-        Expected {
-            image,
-            manifest_digest: digest,
-            identity,
-            payload_type: COSIGN_SIGNATURE_TYPE,
-        }
+        Expected::new(image, digest, identity, COSIGN_SIGNATURE_TYPE)
     }
 
     #[test]
