@@ -226,3 +226,97 @@ fn kabuto_image_sign_makes_cosign_signatures() {
     assert_eq!(report["layers"][0]["jwe_recipients"], 2);
     assert!(report["cosign_signature"].is_null());
 }
+
+/// A multi-platform image (an index): the signature covers the index
+/// digest — what the reference names, as cosign signs it — and a guest pull
+/// accepts it, then pulls the linux/amd64 manifest the index pins.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn signatures_of_an_index_cover_its_platform_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let layout = d.join("multi");
+    kabuto_e2e::busybox_layout(&layout).expect("layout");
+    // index.json → an image index → the linux/amd64 manifest.
+    let index_path = layout.join("index.json");
+    let mut outer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("index")).expect("json");
+    let platform = outer["manifests"][0].clone();
+    assert_ne!(
+        platform["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let inner = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": platform["mediaType"], "digest": platform["digest"],
+                       "size": platform["size"],
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    })
+    .to_string();
+    let image_tool = kabuto_e2e::LayoutImage::open(&layout).expect("open");
+    let inner_digest = image_tool.write_blob(inner.as_bytes()).expect("blob");
+    outer["manifests"][0] = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": inner_digest, "size": inner.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}});
+    std::fs::write(&index_path, outer.to_string()).expect("index");
+    let registry = kabuto_e2e::Registry::start();
+    let reference = format!("{}/owner/multi:latest", registry.host);
+    kabuto_e2e::run_tool(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--all",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:latest", layout.display()),
+            &format!("docker://{reference}"),
+        ],
+    );
+
+    let (private, public) = kabuto_e2e::openssl_key_pair(d, "cosign", true);
+    let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto"))
+        .args(["image", "sign", "--key"])
+        .arg(&private)
+        .args(["--insecure-registry", &registry.host, &reference])
+        .output()
+        .expect("kabuto");
+    assert!(out.status.success(), "{}", kabuto_e2e::stderr(&out));
+
+    let image = ImageReference::parse(&reference).expect("reference");
+    let mut client = RegistryClient::new(vec![registry.host.clone()], None);
+    let resolved = client.resolve(&image).expect("resolve");
+    // skopeo rewrites both on push (it compresses the layer): compare shapes.
+    assert_ne!(
+        resolved.top_digest, resolved.digest,
+        "the tag names an index"
+    );
+    assert_eq!(
+        resolved.manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let key_data = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(&public).expect("public key"));
+    let policy = SignaturePolicy::from_json(
+        serde_json::json!({"default": [{"type": "sigstoreSigned", "keyData": key_data,
+                            "signedIdentity": {"type": "matchRepository"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("policy");
+    // The platform manifest itself carries no signature of its own.
+    assert!(policy.check(&image, &resolved.digest, &mut client).is_err());
+    let settings = kabuto_image::PullSettings {
+        registries: kabuto_image::RegistriesConf::insecure(&[registry.host.as_str()]),
+        signature_policy: Some(policy),
+        ..Default::default()
+    };
+    let rootfs = d.join("rootfs");
+    let pulled = kabuto_image::pull_and_unpack(&reference, &settings, &rootfs).expect("pull");
+    assert_eq!(
+        pulled.pinned,
+        format!("{}/owner/multi@{}", registry.host, resolved.top_digest)
+    );
+    assert!(rootfs.join("bin/busybox").is_file());
+}

@@ -14,7 +14,9 @@ pub use pull::{
     pull_and_unpack, Credentials, ImageConfig, PullError, PullSettings, PulledRootfs,
     RegistriesConf,
 };
-pub use registry::{ImageReference, PlainLayer, PulledImage, RegistryClient, RegistryError};
+pub use registry::{
+    ImageReference, PlainLayer, PulledImage, RegistryClient, RegistryError, ResolvedManifest,
+};
 pub use signature::{SignatureError, SignaturePolicy};
 pub use unpack::{unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
 

@@ -312,7 +312,7 @@ impl std::fmt::Display for PullTimings {
 /// What a pull produced.
 #[derive(Debug)]
 pub struct PulledRootfs {
-    /// `registry/repository@sha256:…` of the platform manifest pulled.
+    /// `registry/repository@sha256:…` of what the reference named.
     pub pinned: String,
     /// Where it came from (a mirror, or the image's own registry).
     pub source: String,
@@ -352,9 +352,9 @@ pub fn pull_and_unpack(
             Vec::new()
         };
         let mut client = RegistryClient::new(insecure, settings.credentials.for_registry(&host));
-        match client.manifest(&source.image) {
-            Ok((digest, manifest)) => {
-                found = Some((source, client, digest, manifest));
+        match client.resolve(&source.image) {
+            Ok(resolved) => {
+                found = Some((source, client, resolved));
                 break;
             }
             Err(e) => {
@@ -363,7 +363,7 @@ pub fn pull_and_unpack(
             }
         }
     }
-    let Some((source, mut client, manifest_digest, manifest)) = found else {
+    let Some((source, mut client, resolved)) = found else {
         let source = failures
             .pop()
             .unwrap_or_else(|| RegistryError::Manifest("no registry to pull from".to_string()));
@@ -373,10 +373,12 @@ pub fn pull_and_unpack(
         });
     };
     if let Some(policy) = &settings.signature_policy {
+        // Signatures sign what the reference names (an index, for a
+        // multi-platform image), whose digests pin the platform manifest.
         policy.check_at(
             &image,
             &source.image,
-            &manifest_digest,
+            &resolved.top_digest,
             &settings.lookaside,
             &mut client,
         )?;
@@ -387,7 +389,7 @@ pub fn pull_and_unpack(
         source,
     };
     let pulled = client
-        .fetch(&source.image, manifest_digest.clone(), &manifest)
+        .fetch(&source.image, resolved.digest.clone(), &resolved.manifest)
         .map_err(registry_err)?;
     lap(&mut timings.fetch);
     let config = ImageConfig::parse(&pulled.config).map_err(|reason| PullError::Config {
@@ -408,7 +410,7 @@ pub fn pull_and_unpack(
     })?;
     lap(&mut timings.unpack);
     Ok(PulledRootfs {
-        pinned: format!("{name}@{manifest_digest}"),
+        pinned: format!("{name}@{}", resolved.top_digest),
         source: format!("{}/{}", source.image.registry, source.image.repository),
         config,
         timings,

@@ -96,6 +96,17 @@ impl ImageReference {
     }
 }
 
+/// A reference resolved to its platform's image manifest.
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    /// Digest of what the reference names — an index for multi-platform
+    /// images: what signatures sign (as cosign and containers/image do).
+    pub top_digest: String,
+    /// Digest of the linux/amd64 image manifest.
+    pub digest: String,
+    pub manifest: serde_json::Value,
+}
+
 /// An image pulled from a registry, checked against its digests.
 #[derive(Debug)]
 pub struct PulledImage {
@@ -340,7 +351,15 @@ impl RegistryClient {
         &mut self,
         image: &ImageReference,
     ) -> Result<(String, serde_json::Value), RegistryError> {
+        let resolved = self.resolve(image)?;
+        Ok((resolved.digest, resolved.manifest))
+    }
+
+    /// The reference resolved through indexes to the linux/amd64 image
+    /// manifest, remembering what the reference itself named.
+    pub fn resolve(&mut self, image: &ImageReference) -> Result<ResolvedManifest, RegistryError> {
         let mut reference = image.reference.clone();
+        let mut top_digest = None;
         for _ in 0..3 {
             let accept = [MANIFEST_TYPES, INDEX_TYPES].concat().join(", ");
             let url = self.url(image, &format!("manifests/{reference}"));
@@ -354,6 +373,7 @@ impl RegistryClient {
                     actual: digest,
                 });
             }
+            let top_digest = top_digest.get_or_insert_with(|| digest.clone()).clone();
             let manifest: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| RegistryError::Manifest(format!("manifest {digest}: {e}")))?;
             let media_type = manifest["mediaType"].as_str().unwrap_or("");
@@ -377,7 +397,11 @@ impl RegistryClient {
                     .to_string();
                 continue;
             }
-            return Ok((digest, manifest));
+            return Ok(ResolvedManifest {
+                top_digest,
+                digest,
+                manifest,
+            });
         }
         Err(RegistryError::Manifest("indexes nested too deep".into()))
     }

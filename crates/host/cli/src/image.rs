@@ -78,7 +78,9 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.key.display()))?;
     let image = ImageReference::parse(&args.image)?;
     let mut client = client(&args.registry, &image)?;
-    let (digest, _) = client.manifest(&image)?;
+    // What the reference names (an index for multi-platform images), as
+    // cosign signs and the guest verifies.
+    let digest = client.resolve(&image)?.top_digest;
     let identity = args
         .identity
         .clone()
@@ -114,7 +116,8 @@ fn jwe_recipients(annotation: &str) -> usize {
 fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let image = ImageReference::parse(&args.image)?;
     let mut client = client(&args.registry, &image)?;
-    let (digest, manifest) = client.manifest(&image)?;
+    let resolved = client.resolve(&image)?;
+    let (digest, manifest) = (&resolved.top_digest, &resolved.manifest);
     let layers: Vec<serde_json::Value> = manifest["layers"]
         .as_array()
         .cloned()
@@ -136,13 +139,14 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
         })
         .collect();
     let signature = ImageReference {
-        reference: kabuto_image::signature::signature_tag(&digest),
+        reference: kabuto_image::signature::signature_tag(digest),
         ..image.clone()
     };
     let signed = client.manifest(&signature).is_ok();
     let report = serde_json::json!({
         "image": format!("{}/{}", image.registry, image.repository),
         "manifest_digest": digest,
+        "platform_manifest_digest": resolved.digest,
         "config_digest": manifest["config"]["digest"],
         "layers": layers,
         "cosign_signature": signed.then(|| signature.reference.clone()),
