@@ -15,6 +15,10 @@ use crate::ocicrypt::LayerDescriptor;
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Largest layer blob accepted.
 const MAX_BLOB_BYTES: u64 = 8 << 30;
+/// Layers fetched at once (CoCo's default is 3 too).
+const PARALLEL_LAYER_FETCHES: usize = 3;
+/// How often one blob download resumes (`Range`) after a dropped connection.
+const MAX_RESUMES: usize = 3;
 
 const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
@@ -117,6 +121,7 @@ pub struct PulledImage {
     pub layers: Vec<(LayerDescriptor, Vec<u8>)>,
 }
 
+#[derive(Clone)]
 pub struct RegistryClient {
     agent: ureq::Agent,
     /// `host:port`s reached over plain HTTP.
@@ -157,7 +162,7 @@ impl RegistryClient {
         accept: &str,
     ) -> Result<ureq::Response, RegistryError> {
         let url = self.url(image, path);
-        self.send(image, "GET", &url, accept, None)
+        self.send(image, "GET", &url, accept, None, None)
     }
 
     /// One request with the auth the registry asks for (a bearer token for
@@ -170,6 +175,7 @@ impl RegistryClient {
         url: &str,
         accept: &str,
         body: Option<(&str, &[u8])>,
+        range: Option<&str>,
     ) -> Result<ureq::Response, RegistryError> {
         let url = url.to_string();
         let key = format!("{}/{}", image.registry, image.repository);
@@ -179,6 +185,9 @@ impl RegistryClient {
         };
         for attempt in 0..2 {
             let mut request = self.agent.request(method, &url).set("Accept", accept);
+            if let Some(range) = range {
+                request = request.set("Range", range);
+            }
             if let Some(token) = self.tokens.get(&key) {
                 request = request.set("Authorization", &format!("Bearer {token}"));
             } else if let Some((user, pass)) = &self.credentials {
@@ -291,6 +300,7 @@ impl RegistryClient {
             &start,
             "*/*",
             Some(("application/octet-stream", &[])),
+            None,
         )?;
         let location = response
             .header("Location")
@@ -314,6 +324,7 @@ impl RegistryClient {
             &put,
             "*/*",
             Some(("application/octet-stream", data)),
+            None,
         )?;
         Ok(digest)
     }
@@ -327,7 +338,14 @@ impl RegistryClient {
         manifest: &[u8],
     ) -> Result<String, RegistryError> {
         let url = self.url(image, &format!("manifests/{tag}"));
-        self.send(image, "PUT", &url, "*/*", Some((media_type, manifest)))?;
+        self.send(
+            image,
+            "PUT",
+            &url,
+            "*/*",
+            Some((media_type, manifest)),
+            None,
+        )?;
         Ok(crate::sha256_digest(manifest))
     }
 
@@ -420,8 +438,39 @@ impl RegistryClient {
             )));
         }
         let url = self.url(image, &format!("blobs/{digest}"));
-        let response = self.get(image, &format!("blobs/{digest}"), "*/*")?;
-        let body = Self::read_limited(response, limit, &url)?;
+        let mut body = Vec::new();
+        let mut resumes = 0;
+        loop {
+            // After a dropped connection, ask for the rest only.
+            let range = (!body.is_empty()).then(|| format!("bytes={}-", body.len()));
+            let response = self.send(image, "GET", &url, "*/*", None, range.as_deref())?;
+            if response.status() != 206 {
+                body.clear();
+            }
+            let mut reader = response.into_reader().take(limit + 1 - body.len() as u64);
+            match reader.read_to_end(&mut body) {
+                Ok(_) => break,
+                Err(e) if resumes < MAX_RESUMES => {
+                    resumes += 1;
+                    log::warn!(
+                        "{url}: {e} after {} bytes; resuming ({resumes}/{MAX_RESUMES})",
+                        body.len()
+                    );
+                }
+                Err(e) => {
+                    return Err(RegistryError::Http {
+                        url,
+                        reason: format!("{e} (after {MAX_RESUMES} resumed attempts)"),
+                    })
+                }
+            }
+        }
+        if body.len() as u64 > limit {
+            return Err(RegistryError::Http {
+                url,
+                reason: format!("larger than {limit} bytes"),
+            });
+        }
         let actual = crate::sha256_digest(&body);
         if actual != digest {
             return Err(RegistryError::Digest {
@@ -451,24 +500,175 @@ impl RegistryClient {
             .ok_or_else(|| RegistryError::Manifest("the manifest has no config".into()))?
             .to_string();
         let config = self.blob(image, &config_digest, "config", MAX_MANIFEST_BYTES)?;
-        let mut layers = Vec::new();
-        for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
-            let descriptor: LayerDescriptor = serde_json::from_value(layer)
-                .map_err(|e| RegistryError::Manifest(format!("a layer descriptor: {e}")))?;
-            let blob = self.blob(image, &descriptor.digest, "layer", MAX_BLOB_BYTES)?;
-            layers.push((descriptor, blob));
-        }
+        let descriptors = manifest["layers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|layer| {
+                serde_json::from_value::<LayerDescriptor>(layer)
+                    .map_err(|e| RegistryError::Manifest(format!("a layer descriptor: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let blobs = self.fetch_layers(image, &descriptors)?;
         Ok(PulledImage {
             manifest_digest,
             config,
-            layers,
+            layers: descriptors.into_iter().zip(blobs).collect(),
         })
+    }
+
+    /// Layer blobs, up to [`PARALLEL_LAYER_FETCHES`] at a time, in order.
+    fn fetch_layers(
+        &mut self,
+        image: &ImageReference,
+        descriptors: &[LayerDescriptor],
+    ) -> Result<Vec<Vec<u8>>, RegistryError> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        type Slot = Option<Result<Vec<u8>, RegistryError>>;
+        let results: std::sync::Mutex<Vec<Slot>> =
+            std::sync::Mutex::new((0..descriptors.len()).map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for _ in 0..PARALLEL_LAYER_FETCHES.min(descriptors.len()) {
+                // Clones share the connection pool and the tokens so far.
+                let mut client = self.clone();
+                let (next, failed, results) = (&next, &failed, &results);
+                scope.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= descriptors.len() || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let blob = client.blob(image, &descriptors[i].digest, "layer", MAX_BLOB_BYTES);
+                    failed.fetch_or(blob.is_err(), Ordering::SeqCst);
+                    if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i)
+                    {
+                        *slot = Some(blob);
+                    }
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut blobs = Vec::with_capacity(results.len());
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Some(Ok(blob)) => blobs.push(blob),
+                Some(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                None => {}
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None if blobs.len() == descriptors.len() => Ok(blobs),
+            None => Err(RegistryError::Manifest("a layer was not fetched".into())),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry stand-in serving one blob: the first `drops` responses
+    /// send half of it and close the connection; later ones honour Range.
+    /// Returns its address and the request heads it saw.
+    fn flaky_blob_server(
+        blob: Vec<u8>,
+        drops: usize,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let from = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("range: bytes=")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+                log.lock().expect("log").push(head);
+                let _ = if n < drops {
+                    let half = blob.len() / 2;
+                    stream
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len())
+                                .as_bytes(),
+                        )
+                        .and_then(|_| stream.write_all(&blob[..half]))
+                } else if let Some(from) = from {
+                    stream
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
+                                blob.len() - from,
+                                blob.len() - 1,
+                                blob.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .and_then(|_| stream.write_all(&blob[from..]))
+                } else {
+                    stream
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len())
+                                .as_bytes(),
+                        )
+                        .and_then(|_| stream.write_all(&blob))
+                };
+            }
+        });
+        (address, seen)
+    }
+
+    #[test]
+    fn a_dropped_download_resumes_where_it_stopped() {
+        let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = crate::sha256_digest(&blob);
+        let (address, seen) = flaky_blob_server(blob.clone(), 1);
+        let image = ImageReference::parse(&format!("{address}/r/x:1")).expect("reference");
+        let mut client = RegistryClient::new(vec![address.clone()], None);
+        let got = client
+            .blob(&image, &digest, "layer", 1 << 30)
+            .expect("resumed download");
+        assert!(got == blob, "the resumed blob is the blob");
+        let heads = seen.lock().expect("log").clone();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        assert!(
+            heads[1]
+                .to_ascii_lowercase()
+                .contains("range: bytes=150000-"),
+            "{}",
+            heads[1]
+        );
+
+        // A server that always drops: an error once the resumes are spent.
+        let (address, _) = flaky_blob_server(blob, usize::MAX);
+        let image = ImageReference::parse(&format!("{address}/r/x:1")).expect("reference");
+        let mut client = RegistryClient::new(vec![address], None);
+        let e = client
+            .blob(&image, &digest, "layer", 1 << 30)
+            .expect_err("never completes");
+        assert!(e.to_string().contains("resumed attempts"), "{e}");
+    }
 
     #[test]
     fn references_parse_like_docker() {
