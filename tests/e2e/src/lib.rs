@@ -612,10 +612,18 @@ pub struct Registry {
     child: Child,
     /// `127.0.0.1:<port>`.
     pub host: String,
+    /// `user:password` when the registry wants them.
+    credentials: Option<String>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// With `credentials`, the registry wants HTTP basic auth (htpasswd,
+    /// bcrypt) for every request, pushes included.
+    pub fn start_with(credentials: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("kabuto-registry-")
             .tempdir_in("/tmp")
@@ -625,11 +633,23 @@ impl Registry {
             .map(|a| a.port())
             .expect("a free port");
         let host = format!("127.0.0.1:{port}");
+        let auth = match credentials {
+            None => String::new(),
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt");
+                let path = dir.path().join("htpasswd");
+                fs::write(&path, format!("{user}:{hash}\n")).expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: kabuto-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+        };
         fs::write(
             dir.path().join("config.yml"),
             format!(
                 "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {host}\n",
+                 http:\n  addr: {host}\n{auth}",
                 dir.path().join("data").display()
             ),
         )
@@ -642,7 +662,12 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("starting docker-registry (apt-get install docker-registry)");
-        let r = Registry { dir, child, host };
+        let r = Registry {
+            dir,
+            child,
+            host,
+            credentials: credentials.map(|(u, p)| format!("{u}:{p}")),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&r.host).is_err() {
             assert!(Instant::now() < deadline, "docker-registry did not come up");
@@ -655,7 +680,14 @@ impl Registry {
     /// with skopeo; returns the pushed reference.
     pub fn push_layout(&self, layout: &Path, tag: &str, repository: &str) -> String {
         let reference = format!("{}/{repository}:{tag}", self.host);
-        skopeo_push(layout, tag, &reference);
+        let source = format!("oci:{}:{tag}", layout.display());
+        let target = format!("docker://{reference}");
+        let mut args = vec!["copy", "--quiet", "--dest-tls-verify=false"];
+        if let Some(credentials) = &self.credentials {
+            args.extend(["--dest-creds", credentials.as_str()]);
+        }
+        args.extend([source.as_str(), target.as_str()]);
+        run_tool("skopeo", &args);
         reference
     }
 

@@ -323,6 +323,19 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     let gpg_unsigned = push(&app, "gpg/unsigned");
     let lookaside_server = kabuto_e2e::FileServer::start(&lookaside);
 
+    // A registry that wants credentials; the guest gets them (auth.json)
+    // from the KBS. Named `localhost:…`, the same registry gets wrong ones.
+    let private_registry = Registry::start_with(Some(("owner", "s3cret")));
+    let private_host = private_registry.host.clone();
+    let private_port = private_host.rsplit(':').next().expect("port").to_string();
+    let private_app = private_registry.push_layout(&app, "latest", "private/app");
+    let wrong_name = private_app.replace("127.0.0.1", "localhost");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let auth_json = serde_json::json!({"auths": {
+        private_host.clone(): {"auth": b64("owner:s3cret")},
+        format!("localhost:{private_port}"): {"auth": b64("owner:not-the-password")},
+    }});
+
     // The KBS: the decryption key and the signature policy, released only
     // to this attested pod.
     let kbs_dir = d.join("kbs");
@@ -343,6 +356,8 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
             format!("{host}/gpg"): [{"type": "signedBy", "keyType": "GPGKeys",
                                      "keyPath": "kbs:///default/gpg-key/1"}],
             format!("{host}/open"): [{"type": "insecureAcceptAnything"}],
+            private_host.clone(): [{"type": "insecureAcceptAnything"}],
+            format!("localhost:{private_port}"): [{"type": "insecureAcceptAnything"}],
         }}
     });
     kbs.admin
@@ -357,13 +372,19 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     kbs.admin
         .set_resource("default/gpg-key/1", &gpg_owner_key)
         .expect("gpg key");
+    kbs.admin
+        .set_resource("default/registry-auth/1", auth_json.to_string().as_bytes())
+        .expect("credentials");
     let extra = format!(
         "\"cdh.toml\" = '''\n[image]\nimage_security_policy_uri = \"kbs:///default/image-policy/1\"\n\
          registry_configuration_uri = \"initdata:///registries.conf\"\n\
          sigstore_config_uri = \"initdata:///sigstore.yaml\"\n\
+         authenticated_registry_credentials_uri = \"kbs:///default/registry-auth/1\"\n\
          image_decryption_key_uris = [\"kbs:///default/image-key/rsa\"]\n'''\n\
          \"registries.conf\" = '''\n[[registry]]\nprefix = \"{host}\"\nlocation = \"10.0.2.2:{port}\"\ninsecure = true\n\
-         [[registry.mirror]]\nlocation = \"10.0.2.2:{dead_mirror}\"\ninsecure = true\n'''\n\
+         [[registry.mirror]]\nlocation = \"10.0.2.2:{dead_mirror}\"\ninsecure = true\n\
+         [[registry]]\nprefix = \"{private_host}\"\nlocation = \"10.0.2.2:{private_port}\"\ninsecure = true\n\
+         [[registry]]\nprefix = \"localhost:{private_port}\"\nlocation = \"10.0.2.2:{private_port}\"\ninsecure = true\n'''\n\
          \"sigstore.yaml\" = '''\ndocker:\n  {host}/gpg:\n    lookaside: http://10.0.2.2:{}\n'''\n",
         lookaside_server.port
     );
@@ -409,6 +430,11 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
         ok("cosigned", &cosigned, &["cat", "/srv/hello.txt"]),
         "hello from a plain image\n"
     );
+    // From a registry that wants credentials (they came from the KBS).
+    assert_eq!(
+        ok("private", &private_app, &["cat", "/srv/hello.txt"]),
+        "hello from a plain image\n"
+    );
     // GPG-signed by the owner (skopeo --sign-by), read from the lookaside.
     assert_eq!(
         ok("gpg", &gpg_app, &["cat", "/srv/hello.txt"]),
@@ -435,6 +461,11 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
             "gpg-stranger",
             gpg_stranger.as_str(),
             "not signed by a key of the policy",
+        ),
+        (
+            "wrong-credentials",
+            wrong_name.as_str(),
+            "401: the credentials were refused",
         ),
         (
             "stranger",

@@ -351,7 +351,12 @@ pub fn pull_and_unpack(
         } else {
             Vec::new()
         };
-        let mut client = RegistryClient::new(insecure, settings.credentials.for_registry(&host));
+        // Credentials of the endpoint, else of the name the image was given.
+        let credentials = settings
+            .credentials
+            .for_registry(&host)
+            .or_else(|| settings.credentials.for_registry(&image.registry));
+        let mut client = RegistryClient::new(insecure, credentials);
         match client.resolve(&source.image) {
             Ok(resolved) => {
                 found = Some((source, client, resolved));
