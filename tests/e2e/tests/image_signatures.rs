@@ -116,6 +116,20 @@ fn sigstore_signatures_are_checked_against_the_policy() {
     );
 }
 
+/// A policy accepting any image whose repository the PEM key at `public`
+/// signed in cosign's format.
+fn repository_policy(public: &std::path::Path) -> SignaturePolicy {
+    let key_data = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(public).expect("public key"));
+    SignaturePolicy::from_json(
+        serde_json::json!({"default": [{"type": "sigstoreSigned", "keyData": key_data,
+                            "signedIdentity": {"type": "matchRepository"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("policy")
+}
+
 /// `kabuto image sign` (the owner's tool) pushes a signature in cosign's
 /// format (SIGNATURE_SPEC: OCI manifest at `sha256-<hex>.sig`, one
 /// `application/vnd.dev.cosign.simplesigning.v1+json` layer whose
@@ -193,15 +207,7 @@ fn kabuto_image_sign_makes_cosign_signatures() {
     );
     assert!(layer["annotations"]["dev.cosignproject.cosign/signature"].is_string());
 
-    let key_data = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(&public).expect("public key"));
-    let policy = SignaturePolicy::from_json(
-        serde_json::json!({"default": [{"type": "sigstoreSigned", "keyData": key_data,
-                            "signedIdentity": {"type": "matchRepository"}}]})
-        .to_string()
-        .as_bytes(),
-    )
-    .expect("policy");
+    let policy = repository_policy(&public);
     policy
         .check(&image, &digest, &mut client)
         .expect("signed by kabuto image sign");
@@ -296,15 +302,7 @@ fn signatures_of_an_index_cover_its_platform_image() {
         resolved.manifest["mediaType"],
         "application/vnd.oci.image.manifest.v1+json"
     );
-    let key_data = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(&public).expect("public key"));
-    let policy = SignaturePolicy::from_json(
-        serde_json::json!({"default": [{"type": "sigstoreSigned", "keyData": key_data,
-                            "signedIdentity": {"type": "matchRepository"}}]})
-        .to_string()
-        .as_bytes(),
-    )
-    .expect("policy");
+    let policy = repository_policy(&public);
     // The platform manifest itself carries no signature of its own.
     assert!(policy.check(&image, &resolved.digest, &mut client).is_err());
     let settings = kabuto_image::PullSettings {
