@@ -213,9 +213,20 @@ impl AgentClient {
     }
 
     pub fn create_container(&self, req: &CreateContainerRequest) -> Result<(), AgentClientError> {
+        self.create_container_within(req, self.timeout)
+    }
+
+    /// CreateContainer with its own deadline: a guest pull takes as long as
+    /// the image needs, not a short request's time.
+    pub fn create_container_within(
+        &self,
+        req: &CreateContainerRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentClientError> {
         rpc(
             "CreateContainer",
-            self.agent.create_container(self.ctx(), req),
+            self.agent
+                .create_container(ttrpc::context::with_timeout(timeout.as_nanos() as i64), req),
         )
         .map(|_| ())
     }

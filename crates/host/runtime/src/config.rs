@@ -66,6 +66,9 @@ pub struct ConfidentialConfig {
     /// reference and never sees the plaintext). `guest` needs
     /// `hypervisor.guest_network = "user"`.
     pub image_pull: ImagePull,
+    /// How long a CreateContainer that pulls its image in the guest may
+    /// take (pull, verify, decrypt, unpack).
+    pub image_pull_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +108,7 @@ impl Default for ConfidentialConfig {
             tee: TeeKind::None,
             software_tee_dir: PathBuf::from(DEFAULT_SOFTWARE_TEE_DIR),
             image_pull: ImagePull::Host,
+            image_pull_timeout_secs: 1200,
         }
     }
 }
@@ -343,7 +347,10 @@ impl Config {
                 self.shared_fs.cache
             ));
         }
-        if self.agent.boot_timeout_secs == 0 || self.agent.request_timeout_secs == 0 {
+        if self.agent.boot_timeout_secs == 0
+            || self.agent.request_timeout_secs == 0
+            || self.confidential.image_pull_timeout_secs == 0
+        {
             return Err("agent timeouts must be at least 1 second".into());
         }
         if self.confidential.image_pull == ImagePull::Guest && h.guest_network != GuestNetwork::User
@@ -425,6 +432,8 @@ software_tee_dir = "/var/lib/kabuto/swtee"
 # memory, with settings from the pod's init-data; the host never sees the
 # plaintext. Needs guest_network = "user".
 image_pull = "host"
+# How long creating a container whose image the guest pulls may take.
+image_pull_timeout_secs = 1200
 "#;
 
 #[cfg(test)]

@@ -556,7 +556,16 @@ impl Service {
                 .collect(),
             ..Default::default()
         };
-        if let Err(e) = sandbox.agent().create_container(&create) {
+        let config = self.config(req.options.as_ref())?;
+        let created = if guest_image.is_some() {
+            sandbox.agent().create_container_within(
+                &create,
+                Duration::from_secs(config.confidential.image_pull_timeout_secs),
+            )
+        } else {
+            sandbox.agent().create_container(&create)
+        };
+        if let Err(e) = created {
             rollback(&sandbox);
             return Err(agent_error(e));
         }
