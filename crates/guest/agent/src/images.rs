@@ -77,18 +77,19 @@ impl PodImages {
                 }
             }
         };
-        let uris = settings
-            .image_security_policy_uri
-            .iter()
-            .chain(&settings.registry_configuration_uri)
-            .chain(&settings.sigstore_config_uri)
-            .chain(&settings.authenticated_registry_credentials_uri)
-            .chain(&settings.image_decryption_key_uris);
         let images = PodImages {
-            settings: settings.clone(),
+            settings,
             init_data: files,
             kbs,
         };
+        let s = &images.settings;
+        let uris = s
+            .image_security_policy_uri
+            .iter()
+            .chain(&s.registry_configuration_uri)
+            .chain(&s.sigstore_config_uri)
+            .chain(&s.authenticated_registry_credentials_uri)
+            .chain(&s.image_decryption_key_uris);
         for uri in uris {
             images
                 .check_uri(uri)

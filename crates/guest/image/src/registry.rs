@@ -100,6 +100,14 @@ impl ImageReference {
     }
 }
 
+/// The linux/amd64 entry of an image index (or Docker manifest list).
+pub fn platform_entry(index: &serde_json::Value) -> Option<&serde_json::Value> {
+    index["manifests"].as_array()?.iter().find(|m| {
+        m["platform"]["os"].as_str() == Some("linux")
+            && m["platform"]["architecture"].as_str() == Some("amd64")
+    })
+}
+
 /// A reference resolved to its platform's image manifest.
 #[derive(Debug, Clone)]
 pub struct ResolvedManifest {
@@ -396,19 +404,9 @@ impl RegistryClient {
                 .map_err(|e| RegistryError::Manifest(format!("manifest {digest}: {e}")))?;
             let media_type = manifest["mediaType"].as_str().unwrap_or("");
             if INDEX_TYPES.contains(&media_type) || manifest.get("manifests").is_some() {
-                let entries = manifest["manifests"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                let entry = entries
-                    .iter()
-                    .find(|m| {
-                        m["platform"]["os"].as_str() == Some("linux")
-                            && m["platform"]["architecture"].as_str() == Some("amd64")
-                    })
-                    .ok_or_else(|| {
-                        RegistryError::Manifest(format!("index {digest} has no linux/amd64 image"))
-                    })?;
+                let entry = platform_entry(&manifest).ok_or_else(|| {
+                    RegistryError::Manifest(format!("index {digest} has no linux/amd64 image"))
+                })?;
                 reference = entry["digest"]
                     .as_str()
                     .ok_or_else(|| RegistryError::Manifest("an index entry has no digest".into()))?

@@ -452,8 +452,8 @@ impl Service {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let guest_pull =
-            self.config(req.options.as_ref())?.confidential.image_pull == ImagePull::Guest;
+        let config = self.config(req.options.as_ref())?;
+        let guest_pull = config.confidential.image_pull == ImagePull::Guest;
         let host_spec = spec::load(&bundle, guest_pull)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         // The pause container is not pulled in the guest: it runs no code of
@@ -556,7 +556,6 @@ impl Service {
                 .collect(),
             ..Default::default()
         };
-        let config = self.config(req.options.as_ref())?;
         let created = if guest_image.is_some() {
             sandbox.agent().create_container_within(
                 &create,

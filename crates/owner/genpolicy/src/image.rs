@@ -292,16 +292,7 @@ impl OciLayout {
         if !INDEX_TYPES.contains(&media_type) && manifest.get("manifests").is_none() {
             return Ok((digest, manifest));
         }
-        let entries = manifest["manifests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let entry = entries
-            .iter()
-            .find(|m| {
-                m["platform"]["os"].as_str() == Some("linux")
-                    && m["platform"]["architecture"].as_str() == Some("amd64")
-            })
+        let entry = kabuto_image::registry::platform_entry(&manifest)
             .ok_or_else(|| format!("index {digest} has no linux/amd64 image"))?;
         self.platform_manifest(entry, depth + 1)
     }
