@@ -161,13 +161,24 @@ pub fn confidential_containerd_with(
     confidential: &str,
     env: Vec<(String, String)>,
 ) -> Containerd {
+    Containerd::start_with(confidential_options(swtee, hypervisor, confidential, env))
+}
+
+/// The [`Options`] of [`confidential_containerd_with`], for tests that add
+/// their own (makes the software TEE's key material in `swtee`).
+pub fn confidential_options(
+    swtee: &Path,
+    hypervisor: &str,
+    confidential: &str,
+    env: Vec<(String, String)>,
+) -> Options {
     kabuto_swtee::init(swtee).expect("software TEE");
-    Containerd::start_with(Options {
+    Options {
         kabuto_config: format!(
             "[hypervisor]\nguest_network = \"user\"\n{hypervisor}[confidential]\ntee = \"software\"\nsoftware_tee_dir = \"{}\"\n{confidential}",
             swtee.display()
         ),
         env,
         ..Default::default()
-    })
+    }
 }

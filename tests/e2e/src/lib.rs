@@ -19,6 +19,7 @@ use std::{
 use sha2::{Digest, Sha256};
 
 pub mod confidential;
+pub mod cri;
 pub mod policy_bench;
 
 pub const RUNTIME: &str = "io.containerd.kabuto.v2";
@@ -71,6 +72,9 @@ pub struct Options {
     pub guest_dir: Option<PathBuf>,
     /// Extra environment for containerd and so for the shim.
     pub env: Vec<(String, String)>,
+    /// Appended to containerd's config right after the CRI plugin's
+    /// `disable_apparmor` key: keys land in that table, tables follow.
+    pub containerd_config: String,
 }
 
 impl Containerd {
@@ -91,8 +95,9 @@ impl Containerd {
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
                  [grpc]\n  address = \"{0}/containerd.sock\"\n\
                  [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_apparmor = true\n",
-                d.display()
+                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_apparmor = true\n{1}",
+                d.display(),
+                options.containerd_config
             ),
         )
         .expect("containerd config");
@@ -864,4 +869,49 @@ pub fn skopeo_encrypt(src: &Path, dst: &Path, recipients: &[&Path]) {
     );
     args.extend([s.as_str(), d.as_str()]);
     run_tool("skopeo", &args);
+}
+
+/// The busybox image plus one layer, with `config` fields set.
+pub fn image_with(
+    dir: &Path,
+    name: &str,
+    files: &[(&str, u32, &[u8])],
+    config: serde_json::Value,
+) -> PathBuf {
+    let layout = dir.join(name);
+    busybox_layout(&layout).expect("layout");
+    let mut image = LayoutImage::open(&layout).expect("open layout");
+    image
+        .append_layer(&tar_of(files).expect("tar"))
+        .expect("layer");
+    if let Some(fields) = config.as_object() {
+        for (k, v) in fields {
+            image.config["config"][k] = v.clone();
+        }
+    }
+    image.save().expect("save layout");
+    layout
+}
+
+/// Every regular file under `dirs` that contains `needle`.
+pub fn files_containing(dirs: &[&Path], needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| d.to_path_buf()).collect();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                stack.push(entry.path());
+            }
+        } else if meta.is_file() {
+            if let Ok(data) = std::fs::read(&path) {
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
 }

@@ -12,12 +12,12 @@
 //! container id pulls again), and the plaintext of the encrypted layer
 //! never reaches a file the host can read.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine as _;
 use kabuto_e2e::confidential::{confidential_containerd, init_data_annotation, Kbs};
 use kabuto_e2e::{
-    busybox_layout, openssl_key_pair, skopeo_encrypt, skopeo_push, stderr, stdout, tar_of,
+    files_containing, image_with, openssl_key_pair, skopeo_encrypt, skopeo_push, stderr, stdout,
     Containerd, LayoutImage, Registry, RUNTIME,
 };
 use kabuto_image::signature::{signature_tag, write_signature_layout};
@@ -54,28 +54,6 @@ fn run_pulled(
     all.push(id);
     all.extend_from_slice(args);
     c.ctr(&all)
-}
-
-/// The busybox image plus one layer, with `config` fields set.
-fn image_with(
-    dir: &Path,
-    name: &str,
-    files: &[(&str, u32, &[u8])],
-    config: serde_json::Value,
-) -> PathBuf {
-    let layout = dir.join(name);
-    busybox_layout(&layout).expect("layout");
-    let mut image = LayoutImage::open(&layout).expect("open layout");
-    image
-        .append_layer(&tar_of(files).expect("tar"))
-        .expect("layer");
-    if let Some(fields) = config.as_object() {
-        for (k, v) in fields {
-            image.config["config"][k] = v.clone();
-        }
-    }
-    image.save().expect("save layout");
-    layout
 }
 
 /// A GPG key pair (RSA, sign only, no passphrase) in a new `gnupg` home;
@@ -145,29 +123,6 @@ fn skopeo_sign_push(gnupg: &Path, lookaside: &Path, layout: &Path, target: &str)
         .expect("skopeo");
     assert!(out.status.success(), "skopeo --sign-by: {}", stderr(&out));
     target.to_string()
-}
-
-/// Every regular file under `dirs` that contains `needle`.
-fn files_containing(dirs: &[&Path], needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| d.to_path_buf()).collect();
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                stack.push(entry.path());
-            }
-        } else if meta.is_file() {
-            if let Ok(data) = std::fs::read(&path) {
-                if data.windows(needle.len()).any(|w| w == needle) {
-                    found.push(path);
-                }
-            }
-        }
-    }
-    found
 }
 
 #[test]

@@ -50,6 +50,8 @@ fn uninstall_removes_exactly_what_install_added() {
     let installed = tree(root.path());
     for expected in [
         "usr/local/bin/containerd-shim-kabuto-v2",
+        "usr/local/bin/kabuto-snapshotter",
+        "etc/systemd/system/kabuto-snapshotter.service",
         "usr/local/share/kabuto/guest/vmlinux",
         "usr/local/share/kabuto/guest/initramfs.cpio",
         "etc/kabuto/config.toml",

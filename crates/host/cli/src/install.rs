@@ -1,6 +1,7 @@
 //! `kabuto install` / `kabuto uninstall`.
 //!
-//! Install copies the shim (and the vhost-user vsock device, if found) onto
+//! Install copies the shim, the CLI, `kabuto-snapshotter` with a systemd
+//! unit (not enabled), and the vhost-user vsock device, if found, onto
 //! PATH, the guest image under `<prefix>/share/kabuto/guest`, and writes the
 //! default config if none exists. It records every file it wrote, with its
 //! digest, in [`MANIFEST`]; uninstall removes exactly those files (leaving
@@ -16,6 +17,7 @@ use kabuto_runtime::{config::Config, guest_image::sha256_hex};
 use serde_json::json;
 
 const MANIFEST: &str = "/var/lib/kabuto/installed.json";
+const SNAPSHOTTER_UNIT: &str = "/etc/systemd/system/kabuto-snapshotter.service";
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
@@ -128,6 +130,24 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
     let bin = under(root, &args.prefix.join("bin"));
     rec.copy(&shim, &bin.join("containerd-shim-kabuto-v2"), 0o755)?;
     rec.copy(&exe_dir.join("kabuto"), &bin.join("kabuto"), 0o755)?;
+    // The CRI snapshotter for images the guest pulls: a systemd unit, not
+    // started here (containerd's config must name it; see its README).
+    let snapshotter = exe_dir.join("kabuto-snapshotter");
+    if snapshotter.is_file() {
+        let target = bin.join("kabuto-snapshotter");
+        rec.copy(&snapshotter, &target, 0o755)?;
+        let unit = format!(
+            "[Unit]\nDescription=kabuto-snapshotter: containerd snapshotter for images kabuto guests pull\n\
+             Before=containerd.service\n\n[Service]\nExecStart={}\nRestart=always\n\n\
+             [Install]\nWantedBy=multi-user.target\n",
+            args.prefix.join("bin/kabuto-snapshotter").display()
+        );
+        rec.write(
+            &under(root, Path::new(SNAPSHOTTER_UNIT)),
+            unit.as_bytes(),
+            0o644,
+        )?;
+    }
     let vsock_target = bin.join("vhost-device-vsock");
     match find_vhost_user_vsock() {
         Some(p) if p != vsock_target => rec.copy(&p, &vsock_target, 0o755)?,

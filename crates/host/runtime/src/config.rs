@@ -45,6 +45,40 @@ pub struct Config {
     pub shared_fs: SharedFsConfig,
     pub runtime: RuntimeConfig,
     pub confidential: ConfidentialConfig,
+    pub snapshotter: SnapshotterConfig,
+}
+
+/// `kabuto-snapshotter`, the containerd proxy snapshotter for CRI pulls of
+/// images the guest pulls itself (containerd 1.6 has one CRI snapshotter
+/// for all runtimes, so it must decide per image).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    /// Snapshot directories and the metadata database.
+    pub root: PathBuf,
+    /// The gRPC socket containerd's `proxy_plugins` entry names.
+    pub address: PathBuf,
+    /// containerd's `root`: the snapshotter reads image manifests from its
+    /// content store to see whether layers are encrypted.
+    pub containerd_root: PathBuf,
+    /// Images whose layers are never unpacked on the host (the guest pulls
+    /// them): `*` for all, `PREFIX*`, a repository (`host/repo`) or an
+    /// exact reference. Matched against CRI's image reference.
+    pub guest_pull_images: Vec<String>,
+    /// Also leave every image with an encrypted layer to the guest.
+    pub guest_pull_encrypted: bool,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        SnapshotterConfig {
+            root: PathBuf::from("/var/lib/kabuto/snapshotter"),
+            address: PathBuf::from("/run/kabuto/snapshotter.sock"),
+            containerd_root: PathBuf::from("/var/lib/containerd"),
+            guest_pull_images: Vec::new(),
+            guest_pull_encrypted: true,
+        }
+    }
 }
 
 /// Confidential pods: the TEE their VMs launch in. A containerd runtime
@@ -357,6 +391,14 @@ impl Config {
         {
             return Err("confidential.image_pull = \"guest\" needs hypervisor.guest_network = \"user\": the guest reaches the registry itself".into());
         }
+        for pattern in &self.snapshotter.guest_pull_images {
+            let head = pattern.strip_suffix('*').unwrap_or(pattern);
+            if pattern.is_empty() || head.contains('*') {
+                return Err(format!(
+                    "snapshotter.guest_pull_images: {pattern:?} is not \"*\", \"PREFIX*\", a repository or a reference"
+                ));
+            }
+        }
         if self.confidential.tee != TeeKind::None && h.debug_console {
             return Err(
                 "hypervisor.debug_console must be off when confidential.tee is set: \
@@ -434,6 +476,24 @@ software_tee_dir = "/var/lib/kabuto/swtee"
 image_pull = "host"
 # How long creating a container whose image the guest pulls may take.
 image_pull_timeout_secs = 1200
+
+[snapshotter]
+# kabuto-snapshotter: a containerd proxy snapshotter ("kabuto") that unpacks
+# images like containerd's overlayfs snapshotter, except the images below,
+# whose layers it marks as present without fetching them: CRI then runs
+# containers of those images and the guest pulls them (image_pull = "guest").
+# containerd 1.6 has one snapshotter for all CRI runtimes, hence the choice
+# per image. Needs disable_snapshot_annotations = false in containerd's CRI
+# config (the image reference reaches the snapshotter as a label).
+root = "/var/lib/kabuto/snapshotter"
+address = "/run/kabuto/snapshotter.sock"
+# containerd's root, for reading image manifests from its content store.
+containerd_root = "/var/lib/containerd"
+# "*" for all images, "PREFIX*", a repository ("registry.example/app") or
+# an exact reference.
+guest_pull_images = []
+# Also every image with an encrypted layer (the host could not decrypt it).
+guest_pull_encrypted = true
 "#;
 
 #[cfg(test)]

@@ -80,7 +80,27 @@ pub fn guest_address(config: &Config, id: &str, port: u32) -> AgentAddress {
 
 /// Directory holding a sandbox's sockets, logs and shared directory.
 pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
-    config.runtime.state_dir.join("sandboxes").join(id)
+    config
+        .runtime
+        .state_dir
+        .join("sandboxes")
+        .join(sandbox_dir_name(id))
+}
+
+/// Longest sandbox id used as its directory name unchanged.
+const MAX_DIR_NAME: usize = 32;
+
+/// The id itself, or for longer ids (CRI's are 64 hex digits) a prefix
+/// plus a digest of the whole id: Unix socket paths in the directory must
+/// stay under the kernel's 108 bytes even below a long `state_dir`.
+fn sandbox_dir_name(id: &str) -> String {
+    if id.len() <= MAX_DIR_NAME {
+        return id.to_string();
+    }
+    use sha2::Digest as _;
+    let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    let prefix: String = id.chars().take(15).collect();
+    format!("{prefix}-{}", &digest[..16])
 }
 
 /// What `create` has started so far; dropped (and so undone) on failure.
@@ -690,6 +710,22 @@ mod tests {
             assert_eq!(cid, guest_cid(id));
         }
         assert_ne!(guest_cid("a"), guest_cid("b"));
+    }
+
+    #[test]
+    fn long_sandbox_ids_get_short_distinct_directories() {
+        let mut config = Config::default();
+        // As long as the e2e tests' state directories.
+        config.runtime.state_dir = PathBuf::from("/tmp/kabuto-e2e-AbCdEf/kabuto");
+        assert!(sandbox_dir(&config, "pod-1").ends_with("sandboxes/pod-1"));
+        let cri = "562fe45dc616ef0b7ddde3f278e0d31079e099f12546d29b9e77f7df2788652f";
+        let other = "562fe45dc616ef0b7ddde3f278e0d31079e099f12546d29b9e77f7df2788652e";
+        let dir = sandbox_dir(&config, cri);
+        assert_eq!(dir, sandbox_dir(&config, cri), "stable");
+        assert_ne!(dir, sandbox_dir(&config, other));
+        assert!(dir.to_string_lossy().contains("/562fe45dc616ef0-"));
+        let socket = dir.join("vhost-vsock.sock_1024");
+        assert!(socket.as_os_str().len() < 108, "{}", socket.display());
     }
 
     #[test]
