@@ -6,7 +6,7 @@
 //! Images encrypted by skopeo (RSA recipient; several recipients), a
 //! GPG-signed image (skopeo `--sign-by`, lookaside store), a cosign-format
 //! signed image, and refused ones: unsigned (both kinds), signed by a
-//! stranger's GPG key, path escape,
+//! stranger's GPG key, by a GPG key that later expired or was revoked, path escape,
 //! corrupted layer, manifest that is not its digest, tampered HMAC, no
 //! key for any recipient. Nothing partial remains in the guest (the same
 //! container id pulls again), and the plaintext of the encrypted layer
@@ -62,16 +62,7 @@ fn gpg_key(gnupg: &Path, user: &str) -> Vec<u8> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir(gnupg).expect("gnupg home");
     std::fs::set_permissions(gnupg, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    let gpg = |args: &[&str]| {
-        let out = std::process::Command::new("gpg")
-            .env("GNUPGHOME", gnupg)
-            .args(["--batch", "--quiet"])
-            .args(args)
-            .output()
-            .expect("gpg (scripts/setup.sh installs gnupg)");
-        assert!(out.status.success(), "gpg {args:?}: {}", stderr(&out));
-        out.stdout
-    };
+    let gpg = |args: &[&str]| gpg_in(gnupg, args);
     gpg(&[
         "--passphrase",
         "",
@@ -84,19 +75,36 @@ fn gpg_key(gnupg: &Path, user: &str) -> Vec<u8> {
     gpg(&["--armor", "--export"])
 }
 
-/// `skopeo copy --sign-by` of `layout` to `target`, with the key of
-/// `gnupg`, the signature written to the lookaside store `lookaside`.
-fn skopeo_sign_push(gnupg: &Path, lookaside: &Path, layout: &Path, target: &str) -> String {
+/// The fingerprint of the (only) key in `gnupg`.
+fn gpg_fingerprint(gnupg: &Path) -> String {
     let listing = std::process::Command::new("gpg")
         .env("GNUPGHOME", gnupg)
         .args(["--batch", "--with-colons", "--list-secret-keys"])
         .output()
         .expect("gpg");
-    let fingerprint = stdout(&listing)
+    stdout(&listing)
         .lines()
         .find_map(|l| l.strip_prefix("fpr:"))
         .map(|l| l.trim_matches(':').to_string())
-        .expect("a fingerprint");
+        .expect("a fingerprint")
+}
+
+/// Runs gpg on `gnupg`, returning its output.
+fn gpg_in(gnupg: &Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("gpg")
+        .env("GNUPGHOME", gnupg)
+        .args(["--batch", "--quiet", "--yes"])
+        .args(args)
+        .output()
+        .expect("gpg");
+    assert!(out.status.success(), "gpg {args:?}: {}", stderr(&out));
+    out.stdout
+}
+
+/// `skopeo copy --sign-by` of `layout` to `target`, with the key of
+/// `gnupg`, the signature written to the lookaside store `lookaside`.
+fn skopeo_sign_push(gnupg: &Path, lookaside: &Path, layout: &Path, target: &str) -> String {
+    let fingerprint = gpg_fingerprint(gnupg);
     let registries_d = gnupg.with_extension("registries.d");
     std::fs::create_dir_all(&registries_d).expect("registries.d");
     std::fs::write(
@@ -276,6 +284,38 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
         &format!("{host}/gpg/stranger:latest"),
     );
     let gpg_unsigned = push(&app, "gpg/unsigned");
+    // Keys that signed while valid, then expired / were revoked (the
+    // revocation certificate gpg made at key generation, imported).
+    let mut gpg_later_invalid = Vec::new();
+    for name in ["expired", "revoked"] {
+        let home = d.join(format!("gnupg-{name}"));
+        gpg_key(&home, &format!("{name} <{name}@kabuto.invalid>"));
+        let image = skopeo_sign_push(
+            &home,
+            &lookaside,
+            &app,
+            &format!("{host}/gpg/{name}:latest"),
+        );
+        let fpr = gpg_fingerprint(&home);
+        if name == "expired" {
+            gpg_in(&home, &["--quick-set-expire", &fpr, "seconds=1"]);
+        } else {
+            let cert = std::fs::read_to_string(home.join(format!("openpgp-revocs.d/{fpr}.rev")))
+                .expect("revocation certificate");
+            // gpg guards the certificate against accidental import with ':'.
+            let cert = cert.replace(
+                ":-----BEGIN PGP PUBLIC KEY BLOCK-----",
+                "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+            );
+            std::fs::write(home.join("revoke.asc"), cert).expect("write");
+            gpg_in(
+                &home,
+                &["--import", home.join("revoke.asc").to_str().expect("utf-8")],
+            );
+        }
+        gpg_later_invalid.push((name, image, gpg_in(&home, &["--armor", "--export"])));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
     let lookaside_server = kabuto_e2e::FileServer::start(&lookaside);
 
     // A registry that wants credentials; the guest gets them (auth.json)
@@ -310,6 +350,10 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
                                         "signedIdentity": {"type": "matchRepository"}}],
             format!("{host}/gpg"): [{"type": "signedBy", "keyType": "GPGKeys",
                                      "keyPath": "kbs:///default/gpg-key/1"}],
+            format!("{host}/gpg/expired"): [{"type": "signedBy", "keyType": "GPGKeys",
+                                     "keyPath": "kbs:///default/gpg-key/expired"}],
+            format!("{host}/gpg/revoked"): [{"type": "signedBy", "keyType": "GPGKeys",
+                                     "keyPath": "kbs:///default/gpg-key/revoked"}],
             format!("{host}/open"): [{"type": "insecureAcceptAnything"}],
             private_host.clone(): [{"type": "insecureAcceptAnything"}],
             format!("localhost:{private_port}"): [{"type": "insecureAcceptAnything"}],
@@ -327,6 +371,11 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     kbs.admin
         .set_resource("default/gpg-key/1", &gpg_owner_key)
         .expect("gpg key");
+    for (name, _, key) in &gpg_later_invalid {
+        kbs.admin
+            .set_resource(&format!("default/gpg-key/{name}"), key)
+            .expect("gpg key");
+    }
     kbs.admin
         .set_resource("default/registry-auth/1", auth_json.to_string().as_bytes())
         .expect("credentials");
@@ -417,6 +466,8 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
             gpg_stranger.as_str(),
             "not signed by a key of the policy",
         ),
+        ("gpg-expired", gpg_later_invalid[0].1.as_str(), "expired at"),
+        ("gpg-revoked", gpg_later_invalid[1].1.as_str(), "is revoked"),
         (
             "wrong-credentials",
             wrong_name.as_str(),

@@ -507,8 +507,8 @@ const MAX_LOOKASIDE_SIGNATURES: usize = 16;
 
 /// Some `signature-<n>` in the lookaside store is an OpenPGP message
 /// signed by one of `keys` whose payload names the manifest and an
-/// identity the policy accepts. (Key expiry and revocation are not
-/// evaluated: the policy's keyring is taken as the owner's current trust.)
+/// identity the policy accepts, by a key that is neither revoked nor
+/// expired (see [`gpg_signature_valid_at`]).
 fn verify_gpg(
     expected: &Expected<'_>,
     keys: &[pgp::composed::SignedPublicKey],
@@ -561,17 +561,143 @@ fn check_gpg_signature(
     let payload = message
         .as_data_vec()
         .map_err(|e| format!("reading the OpenPGP message: {e}"))?;
-    let verified = keys.iter().any(|key| {
-        message.verify(key).is_ok()
-            || key
-                .public_subkeys
+    let now = std::time::SystemTime::now();
+    let mut refusals = Vec::new();
+    for key in keys {
+        let by_primary = message.verify(key).ok().map(|sig| (sig, None));
+        let by_subkey = || {
+            key.public_subkeys
                 .iter()
-                .any(|subkey| message.verify(subkey).is_ok())
-    });
-    if !verified {
+                .find_map(|sub| message.verify(sub).ok().map(|sig| (sig, Some(sub))))
+        };
+        if let Some((sig, subkey)) = by_primary.or_else(by_subkey) {
+            match gpg_signature_valid_at(key, subkey, sig, now) {
+                Ok(()) => return check_verified_payload(&payload, expected),
+                Err(reason) => refusals.push(reason),
+            }
+        }
+    }
+    if refusals.is_empty() {
         return Err("not signed by a key of the policy".into());
     }
-    check_verified_payload(&payload, expected)
+    Err(refusals.join("; "))
+}
+
+/// What gpgme (and so containers/image) also refuses: a signature by a
+/// revoked or expired key or subkey, or an expired signature. `now` is the
+/// guest's clock, which the host sets: a host could roll it back, so
+/// expiry limits an old key's use only as far as the guest's time is
+/// right (revocation does not depend on it).
+fn gpg_signature_valid_at(
+    key: &pgp::composed::SignedPublicKey,
+    subkey: Option<&pgp::composed::SignedPublicSubKey>,
+    sig: &pgp::packet::Signature,
+    now: std::time::SystemTime,
+) -> Result<(), String> {
+    use pgp::packet::{Signature, SignatureType};
+    use pgp::types::{KeyDetails as _, Tag};
+    let primary = &key.primary_key;
+    let id = hex::encode(primary.fingerprint().as_bytes());
+    // Only signatures the key made itself count (keys may carry others'
+    // certifications).
+    if key
+        .details
+        .revocation_signatures
+        .iter()
+        .any(|r| r.verify_key(primary).is_ok())
+    {
+        return Err(format!("key {id} is revoked"));
+    }
+    let newest_validity = |sigs: Vec<&Signature>| {
+        sigs.into_iter()
+            .max_by_key(|s| s.created().map_or(0, |t| t.as_secs()))
+            .and_then(|s| s.key_expiration_time())
+    };
+    let self_signatures: Vec<&Signature> = key
+        .details
+        .users
+        .iter()
+        .flat_map(|u| {
+            u.signatures
+                .iter()
+                .filter(|s| s.verify_certification(primary, Tag::UserId, &u.id).is_ok())
+        })
+        .chain(
+            key.details
+                .direct_signatures
+                .iter()
+                .filter(|s| s.verify_key(primary).is_ok()),
+        )
+        .collect();
+    if self_signatures.is_empty() {
+        return Err(format!("key {id} has no valid self-signature"));
+    }
+    not_expired(
+        primary.created_at().as_secs(),
+        newest_validity(self_signatures),
+        now,
+        &format!("key {id}"),
+    )?;
+    if let Some(sub) = subkey {
+        let sub_id = hex::encode(sub.key.fingerprint().as_bytes());
+        let own: Vec<&Signature> = sub
+            .signatures
+            .iter()
+            .filter(|s| s.verify_subkey_binding(primary, &sub.key).is_ok())
+            .collect();
+        if own
+            .iter()
+            .any(|s| s.typ() == Some(SignatureType::SubkeyRevocation))
+        {
+            return Err(format!("subkey {sub_id} of key {id} is revoked"));
+        }
+        let bindings: Vec<&Signature> = own
+            .into_iter()
+            .filter(|s| s.typ() == Some(SignatureType::SubkeyBinding))
+            .collect();
+        if bindings.is_empty() {
+            return Err(format!("subkey {sub_id} of key {id} has no valid binding"));
+        }
+        not_expired(
+            sub.key.created_at().as_secs(),
+            newest_validity(bindings),
+            now,
+            &format!("subkey {sub_id} of key {id}"),
+        )?;
+    }
+    if let Some(created) = sig.created() {
+        not_expired(
+            created.as_secs(),
+            sig.signature_expiration_time(),
+            now,
+            "the signature",
+        )?;
+    }
+    Ok(())
+}
+
+/// `what`, made at `created` (Unix seconds) and valid for `validity`
+/// (none or zero: forever), has not expired at `now`.
+fn not_expired(
+    created: u32,
+    validity: Option<pgp::types::Duration>,
+    now: std::time::SystemTime,
+    what: &str,
+) -> Result<(), String> {
+    let Some(secs) = validity.map(|v| v.as_secs()).filter(|&s| s > 0) else {
+        return Ok(());
+    };
+    let expiry = u64::from(created) + u64::from(secs);
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now >= expiry {
+        return Err(format!(
+            "{what} expired at {expiry} (Unix time; {} s ago)",
+            now - expiry
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a payload whose signature verified: type, manifest digest and
@@ -764,6 +890,17 @@ pub fn write_signature_layout(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn expiry_counts_from_creation_and_zero_means_never() {
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let days = |d: u32| Some(pgp::types::Duration::from_secs(d * 86_400));
+        assert!(not_expired(1_000, days(1), at(1_000 + 86_399), "key").is_ok());
+        let err = not_expired(1_000, days(1), at(1_000 + 86_400 + 5), "key").unwrap_err();
+        assert_eq!(err, "key expired at 87400 (Unix time; 5 s ago)");
+        assert!(not_expired(1_000, None, at(u64::from(u32::MAX)), "key").is_ok());
+        assert!(not_expired(1_000, days(0), at(u64::from(u32::MAX)), "key").is_ok());
+    }
 
     fn key_data(key: &p256::ecdsa::SigningKey) -> String {
         use p256::pkcs8::EncodePublicKey as _;
