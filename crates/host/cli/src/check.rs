@@ -3,9 +3,12 @@
 use std::{io::Write, path::Path};
 
 use kabuto_runtime::{
-    config::{AgentChannel, Config},
+    config::{AgentChannel, Config, ImagePull},
     hypervisor,
 };
+
+/// Where containerd reads its config by default.
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 
 struct Finding {
     ok: bool,
@@ -89,7 +92,72 @@ fn findings(config: &Config) -> Vec<Finding> {
         what: "containerd-shim-kabuto-v2 on PATH".into(),
         fix: "target/release/kabuto install".into(),
     });
+    if config.confidential.image_pull == ImagePull::Guest {
+        out.extend(cri_guest_pull_findings(
+            config,
+            Path::new(CONTAINERD_CONFIG),
+        ));
+    }
     out
+}
+
+/// Whether containerd's CRI plugin (config at `containerd_config`) unpacks
+/// with kabuto-snapshotter, as Kubernetes pods of guest-pulled encrypted
+/// images need. Not using it is no failure (ctr needs none of it).
+fn cri_guest_pull_findings(config: &Config, containerd_config: &Path) -> Vec<Finding> {
+    let doc: toml::Table = std::fs::read_to_string(containerd_config)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    let get = |path: &[&str]| {
+        path.iter()
+            .try_fold(None::<&toml::Value>, |v, k| {
+                Some(match v {
+                    None => doc.get(*k),
+                    Some(v) => v.get(*k),
+                })
+            })
+            .flatten()
+    };
+    let cri = ["plugins", "io.containerd.grpc.v1.cri", "containerd"];
+    let snapshotter = get(&[&cri[..], &["snapshotter"]].concat()).and_then(|v| v.as_str());
+    if snapshotter != Some("kabuto") {
+        return vec![Finding {
+            ok: true,
+            what: format!(
+                "CRI unpacks with {:?}, not kabuto-snapshotter: Kubernetes pods cannot run \
+                 encrypted images (ctr can); see crates/host/snapshotter/README.md",
+                snapshotter.unwrap_or("overlayfs")
+            ),
+            fix: String::new(),
+        }];
+    }
+    let annotations = get(&[&cri[..], &["disable_snapshot_annotations"]].concat())
+        .and_then(|v| v.as_bool())
+        == Some(false);
+    let proxy = get(&["proxy_plugins", "kabuto", "address"]).and_then(|v| v.as_str());
+    let socket = &config.snapshotter.address;
+    vec![
+        Finding {
+            ok: annotations,
+            what: "CRI passes image references to snapshotters".into(),
+            fix: format!("set disable_snapshot_annotations = false under [plugins.\"io.containerd.grpc.v1.cri\".containerd] in {}", containerd_config.display()),
+        },
+        Finding {
+            ok: proxy == Some(&*socket.to_string_lossy()),
+            what: format!("containerd's proxy plugin kabuto at {}", socket.display()),
+            fix: format!(
+                "[proxy_plugins.kabuto] type = \"snapshot\", address = \"{}\" in {}",
+                socket.display(),
+                containerd_config.display()
+            ),
+        },
+        Finding {
+            ok: socket.exists(),
+            what: format!("kabuto-snapshotter serving at {}", socket.display()),
+            fix: "systemctl enable --now kabuto-snapshotter".into(),
+        },
+    ]
 }
 
 /// Prints the findings; true when nothing blocks running pods.
@@ -104,4 +172,53 @@ pub fn run(config: &Config, out: &mut impl Write) -> std::io::Result<bool> {
         }
     }
     Ok(all_ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn findings_for(containerd_toml: &str, socket: &Path) -> Vec<(bool, String)> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, containerd_toml).expect("write");
+        let mut config = Config::default();
+        config.snapshotter.address = socket.to_path_buf();
+        cri_guest_pull_findings(&config, &path)
+            .into_iter()
+            .map(|f| (f.ok, f.what))
+            .collect()
+    }
+
+    #[test]
+    fn cri_setup_for_guest_pulls_is_checked_against_containerds_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("snapshotter.sock");
+        let not_used = findings_for("version = 2\n", &socket);
+        assert_eq!(not_used.len(), 1);
+        assert!(not_used[0].0 && not_used[0].1.contains("\"overlayfs\""));
+
+        let good = format!(
+            "version = 2\n[proxy_plugins.kabuto]\ntype = \"snapshot\"\naddress = \"{}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"kabuto\"\n\
+             disable_snapshot_annotations = false\n",
+            socket.display()
+        );
+        std::fs::write(&socket, b"").expect("socket stand-in");
+        assert!(findings_for(&good, &socket).iter().all(|(ok, _)| *ok));
+        std::fs::remove_file(&socket).expect("remove");
+        let down = findings_for(&good, &socket);
+        assert_eq!(down.iter().filter(|(ok, _)| !ok).count(), 1);
+        assert!(down.iter().any(|(ok, w)| !ok && w.contains("serving at")));
+
+        let no_annotations = good.replace("disable_snapshot_annotations = false\n", "");
+        let found = findings_for(&no_annotations, &socket);
+        assert!(found
+            .iter()
+            .any(|(ok, w)| !ok && w.contains("image references")));
+        let wrong_socket = good.replace(&socket.display().to_string(), "/elsewhere.sock");
+        assert!(findings_for(&wrong_socket, &socket)
+            .iter()
+            .any(|(ok, w)| !ok && w.contains("proxy plugin")));
+    }
 }
