@@ -162,6 +162,9 @@ impl Drop for TsmEntry {
     }
 }
 
+/// The ACPI CCEL table's data: the TD's event log.
+const CCEL_PATH: &str = "/sys/firmware/acpi/tables/data/CCEL";
+
 /// SNP or TDX through configfs-tsm.
 struct Tsm {
     tee: Tee,
@@ -180,11 +183,17 @@ impl EvidenceProvider for Tsm {
         std::fs::write(entry.0.join("inblob"), data).map_err(|e| io("inblob", e))?;
         let out = std::fs::read(entry.0.join("outblob")).map_err(|e| io("outblob", e))?;
         match self.tee {
-            Tee::Tdx => Ok(serde_json::json!({
-                "cc_eventlog": null,
-                "quote": base64::engine::general_purpose::STANDARD.encode(out),
-                "aa_eventlog": null,
-            })),
+            Tee::Tdx => {
+                // The firmware's event log, for the verifier to replay
+                // against the quote's RTMRs (absent without UEFI firmware).
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let ccel = std::fs::read(CCEL_PATH).ok().map(|log| b64.encode(log));
+                Ok(serde_json::json!({
+                    "cc_eventlog": ccel,
+                    "quote": b64.encode(out),
+                    "aa_eventlog": null,
+                }))
+            }
             _ => {
                 let certs = std::fs::read(entry.0.join("auxblob"))
                     .ok()

@@ -22,6 +22,10 @@ pub struct VerifyArgs {
     /// DCAP collateral for a TDX quote (JSON).
     #[arg(long)]
     collateral: Option<PathBuf>,
+    /// The TD's event log (the ACPI CCEL table's data) to replay against a
+    /// raw quote's RTMRs. (JSON evidence carries it as `cc_eventlog`.)
+    #[arg(long)]
+    event_log: Option<PathBuf>,
     /// Verify as of this time (RFC 3339), e.g. inside the collateral's window.
     #[arg(long)]
     at: Option<String>,
@@ -106,7 +110,12 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
             .tdx_collateral
             .as_ref()
             .context("a raw TDX quote needs --collateral (this tool works offline)")?;
-        verifier.verify_tdx_quote(&evidence, collateral, now)
+        match &args.event_log {
+            Some(path) => {
+                verifier.verify_tdx_quote_with_log(&evidence, &read(path)?, collateral, now)
+            }
+            None => verifier.verify_tdx_quote(&evidence, collateral, now),
+        }
     };
     match result {
         Ok(claims) => {

@@ -10,6 +10,7 @@ use kabuto_initdata::fit_digest;
 pub use kbs_types::Tee;
 use serde::Serialize;
 
+pub mod eventlog;
 pub mod snp;
 pub mod tdx;
 
@@ -45,6 +46,8 @@ pub enum VerifyError {
     },
     #[error("TDX quote: {0}")]
     Tdx(String),
+    #[error("TDX event log: {0}")]
+    EventLog(String),
     #[error("software TEE evidence refused: its root is not among the trusted software-TEE roots (it is insecure by construction; trust it explicitly to use it)")]
     SoftwareTeeNotTrusted,
     #[error("sample evidence refused: accept it explicitly (insecure, for testing)")]
@@ -67,6 +70,7 @@ impl VerifyError {
             VerifyError::ReportDataMismatch { .. } => "report-data",
             VerifyError::InitDataMismatch { .. } => "init-data",
             VerifyError::Tdx(_) => "tdx-quote",
+            VerifyError::EventLog(_) => "tdx-eventlog",
             VerifyError::SoftwareTeeNotTrusted => "software-tee-trust",
             VerifyError::SampleNotAccepted => "sample-trust",
             VerifyError::UnsupportedTee(_) => "tee",
@@ -175,7 +179,19 @@ impl Verifier {
         collateral: &QuoteCollateralV3,
         now: SystemTime,
     ) -> Result<Claims> {
-        tdx::verify_raw(quote, collateral, now)
+        tdx::verify_raw(quote, None, collateral, now)
+    }
+
+    /// As [`Verifier::verify_tdx_quote`], replaying `event_log` (the CCEL
+    /// log area) against the quote's RTMRs.
+    pub fn verify_tdx_quote_with_log(
+        &self,
+        quote: &[u8],
+        event_log: &[u8],
+        collateral: &QuoteCollateralV3,
+        now: SystemTime,
+    ) -> Result<Claims> {
+        tdx::verify_raw(quote, Some(event_log), collateral, now)
     }
 
     fn verify_sample(&self, evidence: &serde_json::Value) -> Result<Claims> {

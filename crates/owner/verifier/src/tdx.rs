@@ -16,6 +16,8 @@ const TD_ATTRIBUTE_DEBUG: u8 = 0x01;
 #[derive(serde::Deserialize)]
 struct TdxEvidence {
     quote: String,
+    #[serde(default)]
+    cc_eventlog: Option<String>,
 }
 
 pub(crate) fn verify_json(
@@ -28,14 +30,24 @@ pub(crate) fn verify_json(
     let quote = B64
         .decode(evidence.quote.trim())
         .map_err(|e| VerifyError::Malformed(format!("TDX quote is not base64: {e}")))?;
+    let event_log = match evidence.cc_eventlog.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(
+            B64.decode(text)
+                .map_err(|e| VerifyError::Malformed(format!("cc_eventlog is not base64: {e}")))?,
+        ),
+    };
     let collateral = anchors.tdx_collateral.as_ref().ok_or_else(|| {
         VerifyError::Tdx("no DCAP collateral is configured (this verifier works offline)".into())
     })?;
-    verify_raw(&quote, collateral, now)
+    verify_raw(&quote, event_log.as_deref(), collateral, now)
 }
 
+/// Verifies `quote`, then, when given, replays `event_log` against its
+/// RTMRs; the claims list the log's events (`details.event_log`).
 pub(crate) fn verify_raw(
     quote: &[u8],
+    event_log: Option<&[u8]>,
     collateral: &QuoteCollateralV3,
     now: SystemTime,
 ) -> Result<Claims> {
@@ -72,7 +84,28 @@ pub(crate) fn verify_raw(
             ))
         }
     };
-    Ok(claims(td, &verified, version, extra))
+    let mut claims = claims(td, &verified, version, extra);
+    claims.details["event_log"] = match event_log {
+        None => serde_json::Value::Null,
+        Some(log) => {
+            let events = crate::eventlog::parse(log).map_err(VerifyError::EventLog)?;
+            crate::eventlog::check(&events, [&td.rt_mr0, &td.rt_mr1, &td.rt_mr2, &td.rt_mr3])
+                .map_err(VerifyError::EventLog)?;
+            serde_json::Value::Array(
+                events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "rtmr": e.rtmr,
+                            "type": e.event_type,
+                            "digest": hex::encode(e.sha384),
+                        })
+                    })
+                    .collect(),
+            )
+        }
+    };
+    Ok(claims)
 }
 
 fn claims(

@@ -145,6 +145,41 @@ fn tampered_or_expired_tdx_quotes_fail() {
     assert_eq!(err.check(), "tdx-quote");
 }
 
+#[test]
+fn tdx_event_logs_must_replay_to_the_quotes_rtmrs() {
+    let (Some(quote), Some(collateral)) = (testdata("tdx/quote-v4.bin"), tdx_collateral()) else {
+        return;
+    };
+    let v = verifier();
+    let claims = v.verify_tdx_quote(&quote, &collateral, tdx_time()).unwrap();
+    assert!(claims.details["event_log"].is_null());
+    // This public quote comes without its log: any log we make replays to
+    // other RTMRs, and the quote, valid on its own, is refused with it.
+    let log = crate::eventlog::tests::build_log(&[(1, 0xD, b"not this td's boot")]);
+    let err = v
+        .verify_tdx_quote_with_log(&quote, &log, &collateral, tdx_time())
+        .unwrap_err();
+    assert_eq!(err.check(), "tdx-eventlog");
+    assert!(err.to_string().contains("RTMR0 is 44c0197b"), "{err}");
+    // The same through KBS-protocol evidence, and a malformed log.
+    let anchors = TrustAnchors {
+        tdx_collateral: Some(collateral.clone()),
+        ..Default::default()
+    };
+    let json_verifier = Verifier::new(anchors);
+    for (cc_eventlog, needle) in [
+        (B64.encode(&log), "RTMR0 is"),
+        (B64.encode(&log[..40]), "truncated"),
+    ] {
+        let evidence = serde_json::json!({"quote": B64.encode(&quote), "cc_eventlog": cc_eventlog});
+        let err = json_verifier
+            .verify(Tee::Tdx, &evidence, Expected::default(), tdx_time())
+            .unwrap_err();
+        assert_eq!(err.check(), "tdx-eventlog");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}
+
 struct SoftwareTee {
     _dir: tempfile::TempDir,
     firmware: kabuto_swtee::Firmware,
