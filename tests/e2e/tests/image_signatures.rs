@@ -190,6 +190,7 @@ fn kabuto_image_sign_makes_cosign_signatures() {
             layer["digest"].as_str().expect("digest"),
             "payload",
             1 << 20,
+            None,
         )
         .expect("payload");
     let payload: serde_json::Value = serde_json::from_slice(&payload).expect("json");

@@ -69,7 +69,7 @@ fn layers_encrypted_by_skopeo_decrypt_to_the_plain_layers() {
             let expected = blob(&plain, plain_desc["digest"].as_str().expect("digest"));
             // Each recipient's key alone opens the layer.
             for k in &keys {
-                let plaintext = decrypt_layer(&descriptor, &ciphertext, &[key(d, k)])
+                let plaintext = decrypt_layer(&descriptor, ciphertext.clone(), &[key(d, k)])
                     .unwrap_or_else(|e| panic!("{image} with {k}: {e}"));
                 let mut tar = Vec::new();
                 flate2::read::GzDecoder::new(plaintext.as_slice())
@@ -77,14 +77,14 @@ fn layers_encrypted_by_skopeo_decrypt_to_the_plain_layers() {
                     .expect("the decrypted layer is gzip");
                 assert!(tar == expected, "{image} with {k}: not the plain layer");
             }
-            let e = decrypt_layer(&descriptor, &ciphertext, &[key(d, "other.pem")])
+            let e = decrypt_layer(&descriptor, ciphertext.clone(), &[key(d, "other.pem")])
                 .expect_err("another key");
             assert!(matches!(e, DecryptError::NoKey { .. }), "{e}");
             let mut altered = ciphertext.clone();
             let last = altered.len() - 1;
             altered[last] ^= 0x80;
             let e =
-                decrypt_layer(&descriptor, &altered, &[key(d, keys[0])]).expect_err("altered blob");
+                decrypt_layer(&descriptor, altered, &[key(d, keys[0])]).expect_err("altered blob");
             assert!(matches!(e, DecryptError::Hmac { .. }), "{e}");
         }
     }

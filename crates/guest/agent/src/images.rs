@@ -194,6 +194,19 @@ fn image_dir(container_id: &str) -> PathBuf {
     Path::new(GUEST_IMAGES_DIR).join(container_id)
 }
 
+/// Starts a new peak-RSS measurement (Linux: `5` to `clear_refs`); the
+/// unpacked rootfs is tmpfs, so the peak is the blobs the pull held.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// VmHWM of this process, in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Pulls `reference` into a fresh tmpfs for `container_id`; returns the
 /// rootfs path and the image config. On error nothing remains.
 pub fn pull(
@@ -226,16 +239,18 @@ pub fn pull(
         ))(e));
     }
     let rootfs = dir.join("rootfs");
+    reset_peak_rss();
     match kabuto_image::pull_and_unpack(reference, &settings, &rootfs) {
         Ok(pulled) => {
             // Benchmarks read this line (kabuto-image-bench --in-guest).
             log::info!(
-                "container {container_id}: pulled {} from {} in {} ms (settings+keys {} ms, {}){}",
+                "container {container_id}: pulled {} from {} in {} ms (settings+keys {} ms, {}; peak agent RSS {} MiB){}",
                 pulled.pinned,
                 pulled.source,
                 started.elapsed().as_millis(),
                 settings_time.as_millis(),
                 pulled.timings,
+                peak_rss_kib().unwrap_or(0) / 1024,
                 if settings.signature_policy.is_some() {
                     ", signature policy satisfied"
                 } else {

@@ -73,6 +73,9 @@ pub enum DecryptError {
 pub struct LayerDescriptor {
     pub media_type: String,
     pub digest: String,
+    /// Bytes, as the manifest states (0 when it does not).
+    #[serde(default)]
+    pub size: u64,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
 }
@@ -111,11 +114,12 @@ struct PrivateOptions {
 }
 
 /// Decrypts one encrypted layer blob with the first of `keys` that opens
-/// it. The HMAC is checked before decrypting, the plaintext digest after;
-/// nothing is returned unless both hold.
+/// it, in place (a layer is never held twice). The HMAC is checked before
+/// decrypting, the plaintext digest after; nothing is returned unless both
+/// hold.
 pub fn decrypt_layer(
     descriptor: &LayerDescriptor,
-    ciphertext: &[u8],
+    mut blob: Vec<u8>,
     keys: &[TeeKeyPair],
 ) -> Result<Vec<u8>, DecryptError> {
     let digest = descriptor.digest.clone();
@@ -192,16 +196,16 @@ pub fn decrypt_layer(
 
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&symkey)
         .map_err(|e| malformed("symkey", e.to_string()))?;
-    mac.update(ciphertext);
+    mac.update(&blob);
     let actual_hmac = mac.finalize().into_bytes();
     if !bool::from(actual_hmac.as_slice().ct_eq(&expected_hmac)) {
         return Err(DecryptError::Hmac { digest });
     }
 
-    let mut plaintext = ciphertext.to_vec();
     let mut cipher = Aes256Ctr::new_from_slices(&symkey, &nonce)
         .map_err(|e| malformed("private options", e.to_string()))?;
-    cipher.apply_keystream(&mut plaintext);
+    cipher.apply_keystream(&mut blob);
+    let plaintext = blob;
 
     // The private digest names the layer as handed to the encrypter: the
     // decrypted blob itself, or — when the tool compressed the layer on the

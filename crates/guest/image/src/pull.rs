@@ -10,8 +10,8 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde::Deserialize;
 
 use crate::{
-    DecryptError, ImageReference, RegistryClient, RegistryError, SignatureError, SignaturePolicy,
-    UnpackError, UnpackOptions,
+    DecryptError, ImageReference, PlainLayer, RegistryClient, RegistryError, SignatureError,
+    SignaturePolicy, UnpackError, UnpackOptions,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -401,19 +401,49 @@ pub fn pull_and_unpack(
         image: name.clone(),
         reason,
     })?;
-    let layers = pulled
-        .plain_layers(&settings.keys)
-        .map_err(|source| PullError::Decrypt {
+    // One layer at a time: decrypted in place, applied, dropped — the
+    // memory a layer held is free before the next one is decrypted.
+    if rootfs.exists() {
+        return Err(PullError::Unpack {
+            image: name,
+            source: UnpackError::Layer {
+                layer: "(rootfs)".into(),
+                reason: format!("{} already exists", rootfs.display()),
+            },
+        });
+    }
+    let applied = (|| -> Result<(), PullError> {
+        std::fs::create_dir_all(rootfs).map_err(|e| PullError::Unpack {
             image: name.clone(),
-            source,
+            source: UnpackError::Layer {
+                layer: "(rootfs)".into(),
+                reason: format!("creating {}: {e}", rootfs.display()),
+            },
         })?;
-    lap(&mut timings.decrypt);
-    let layers: Vec<_> = layers.iter().map(|l| l.as_layer()).collect();
-    crate::unpack_layers(&layers, rootfs, settings.unpack).map_err(|source| PullError::Unpack {
-        image: name.clone(),
-        source,
-    })?;
-    lap(&mut timings.unpack);
+        for (descriptor, blob) in pulled.layers {
+            let started = std::time::Instant::now();
+            let layer = PlainLayer::new(descriptor, blob, &settings.keys).map_err(|source| {
+                PullError::Decrypt {
+                    image: name.clone(),
+                    source,
+                }
+            })?;
+            timings.decrypt += started.elapsed();
+            let started = std::time::Instant::now();
+            crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack).map_err(|source| {
+                PullError::Unpack {
+                    image: name.clone(),
+                    source,
+                }
+            })?;
+            timings.unpack += started.elapsed();
+        }
+        Ok(())
+    })();
+    if applied.is_err() {
+        let _ = std::fs::remove_dir_all(rootfs);
+    }
+    applied?;
     Ok(PulledRootfs {
         pinned: format!("{name}@{}", resolved.top_digest),
         source: format!("{}/{}", source.image.registry, source.image.repository),

@@ -422,13 +422,16 @@ impl RegistryClient {
         Err(RegistryError::Manifest("indexes nested too deep".into()))
     }
 
-    /// A blob, checked against its digest.
+    /// A blob of at most `limit` bytes, checked against its digest. With
+    /// `size` (the descriptor's), the buffer is allocated once: a layer is
+    /// never copied while it grows.
     pub fn blob(
         &mut self,
         image: &ImageReference,
         digest: &str,
         what: &'static str,
         limit: u64,
+        size: Option<u64>,
     ) -> Result<Vec<u8>, RegistryError> {
         if !digest.starts_with("sha256:") {
             return Err(RegistryError::Manifest(format!(
@@ -437,6 +440,14 @@ impl RegistryClient {
         }
         let url = self.url(image, &format!("blobs/{digest}"));
         let mut body = Vec::new();
+        if let Some(size) = size.filter(|&s| s <= limit) {
+            let bytes = usize::try_from(size + 1).unwrap_or(usize::MAX);
+            body.try_reserve_exact(bytes)
+                .map_err(|_| RegistryError::Http {
+                    url: url.clone(),
+                    reason: format!("no memory for {size} bytes"),
+                })?;
+        }
         let mut resumes = 0;
         loop {
             // After a dropped connection, ask for the rest only.
@@ -497,7 +508,7 @@ impl RegistryClient {
             .as_str()
             .ok_or_else(|| RegistryError::Manifest("the manifest has no config".into()))?
             .to_string();
-        let config = self.blob(image, &config_digest, "config", MAX_MANIFEST_BYTES)?;
+        let config = self.blob(image, &config_digest, "config", MAX_MANIFEST_BYTES, None)?;
         let descriptors = manifest["layers"]
             .as_array()
             .cloned()
@@ -538,7 +549,10 @@ impl RegistryClient {
                     if i >= descriptors.len() || failed.load(Ordering::SeqCst) {
                         break;
                     }
-                    let blob = client.blob(image, &descriptors[i].digest, "layer", MAX_BLOB_BYTES);
+                    // The manifest's size bounds what the registry may send.
+                    let size = Some(descriptors[i].size).filter(|&s| s > 0);
+                    let limit = size.map_or(MAX_BLOB_BYTES, |s| s.min(MAX_BLOB_BYTES));
+                    let blob = client.blob(image, &descriptors[i].digest, "layer", limit, size);
                     failed.fetch_or(blob.is_err(), Ordering::SeqCst);
                     if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i)
                     {
@@ -645,7 +659,7 @@ mod tests {
         let image = ImageReference::parse(&format!("{address}/r/x:1")).expect("reference");
         let mut client = RegistryClient::new(vec![address.clone()], None);
         let got = client
-            .blob(&image, &digest, "layer", 1 << 30)
+            .blob(&image, &digest, "layer", 1 << 30, None)
             .expect("resumed download");
         assert!(got == blob, "the resumed blob is the blob");
         let heads = seen.lock().expect("log").clone();
@@ -663,7 +677,7 @@ mod tests {
         let image = ImageReference::parse(&format!("{address}/r/x:1")).expect("reference");
         let mut client = RegistryClient::new(vec![address], None);
         let e = client
-            .blob(&image, &digest, "layer", 1 << 30)
+            .blob(&image, &digest, "layer", 1 << 30, None)
             .expect_err("never completes");
         assert!(e.to_string().contains("resumed attempts"), "{e}");
     }
@@ -706,6 +720,28 @@ pub struct PlainLayer {
 }
 
 impl PlainLayer {
+    /// The pulled `blob` of `descriptor`, decrypted in place with `keys` if
+    /// it is encrypted (HMAC and digest checked).
+    pub fn new(
+        descriptor: LayerDescriptor,
+        blob: Vec<u8>,
+        keys: &[kabuto_jose::TeeKeyPair],
+    ) -> Result<PlainLayer, crate::ocicrypt::DecryptError> {
+        Ok(if descriptor.is_encrypted() {
+            PlainLayer {
+                media_type: descriptor.decrypted_media_type().to_string(),
+                data: crate::ocicrypt::decrypt_layer(&descriptor, blob, keys)?,
+                digest: descriptor.digest,
+            }
+        } else {
+            PlainLayer {
+                media_type: descriptor.media_type,
+                digest: descriptor.digest,
+                data: blob,
+            }
+        })
+    }
+
     pub fn as_layer(&self) -> crate::unpack::Layer<'_> {
         crate::unpack::Layer {
             digest: &self.digest,
@@ -724,21 +760,7 @@ impl PulledImage {
     ) -> Result<Vec<PlainLayer>, crate::ocicrypt::DecryptError> {
         self.layers
             .into_iter()
-            .map(|(descriptor, blob)| {
-                Ok(if descriptor.is_encrypted() {
-                    PlainLayer {
-                        data: crate::ocicrypt::decrypt_layer(&descriptor, &blob, keys)?,
-                        media_type: descriptor.decrypted_media_type().to_string(),
-                        digest: descriptor.digest,
-                    }
-                } else {
-                    PlainLayer {
-                        media_type: descriptor.media_type,
-                        digest: descriptor.digest,
-                        data: blob,
-                    }
-                })
-            })
+            .map(|(descriptor, blob)| PlainLayer::new(descriptor, blob, keys))
             .collect()
     }
 }

@@ -474,7 +474,7 @@ fn verify_sigstore(
         };
         let digest = layer["digest"].as_str().unwrap_or("");
         let payload = client
-            .blob(&signatures, digest, "signature payload", 1 << 20)
+            .blob(&signatures, digest, "signature payload", 1 << 20, None)
             .map_err(|e| e.to_string())?;
         match check_payload(&payload, signature, key, expected) {
             Ok(()) => return Ok(()),

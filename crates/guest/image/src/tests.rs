@@ -49,6 +49,7 @@ fn encrypt_naming(
     let descriptor = LayerDescriptor {
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip+encrypted".into(),
         digest: format!("sha256:{}", hex::encode(Sha256::digest(&blob))),
+        size: blob.len() as u64,
         annotations: [
             (
                 KEYS_JWE_ANNOTATION.to_string(),
@@ -82,7 +83,10 @@ fn decrypts_what_it_was_given_the_key_for() {
             "application/vnd.oci.image.layer.v1.tar+gzip"
         );
         let other = TeeKeyPair::generate_ec();
-        assert_eq!(decrypt_layer(&d, &blob, &[other, key]).unwrap(), layer());
+        assert_eq!(
+            decrypt_layer(&d, blob.clone(), &[other, key]).unwrap(),
+            layer()
+        );
     }
 }
 
@@ -91,7 +95,7 @@ fn an_altered_ciphertext_is_refused_before_decryption() {
     let key = TeeKeyPair::generate_ec();
     let (d, mut blob) = encrypt(&layer(), &key);
     blob[1234] ^= 1;
-    let e = decrypt_layer(&d, &blob, &[key]).unwrap_err();
+    let e = decrypt_layer(&d, blob.clone(), &[key]).unwrap_err();
     assert!(matches!(e, DecryptError::Hmac { .. }), "{e}");
     assert!(e.to_string().contains("the layer was altered"), "{e}");
 }
@@ -99,9 +103,9 @@ fn an_altered_ciphertext_is_refused_before_decryption() {
 #[test]
 fn the_wrong_key_opens_nothing() {
     let (d, blob) = encrypt(&layer(), &TeeKeyPair::generate_ec());
-    let e = decrypt_layer(&d, &blob, &[TeeKeyPair::generate_ec()]).unwrap_err();
+    let e = decrypt_layer(&d, blob.clone(), &[TeeKeyPair::generate_ec()]).unwrap_err();
     assert!(matches!(e, DecryptError::NoKey { keys: 1, .. }), "{e}");
-    let e = decrypt_layer(&d, &blob, &[]).unwrap_err();
+    let e = decrypt_layer(&d, blob.clone(), &[]).unwrap_err();
     assert!(e.to_string().contains("no keys were provided"), "{e}");
 }
 
@@ -111,7 +115,7 @@ fn the_private_digest_is_checked() {
     // Names some other content: refused, though key and HMAC are right.
     let other = format!("sha256:{}", "ab".repeat(32));
     let (d, blob) = encrypt_naming(&layer(), &other, &key);
-    let e = decrypt_layer(&d, &blob, &[key]).unwrap_err();
+    let e = decrypt_layer(&d, blob.clone(), &[key]).unwrap_err();
     assert!(matches!(e, DecryptError::Digest { .. }), "{e}");
     assert!(e.to_string().contains(&other), "{e}");
 }
@@ -128,14 +132,14 @@ fn a_layer_compressed_before_encryption_may_name_its_uncompressed_digest() {
     let gzipped = gz.finish().unwrap();
     let tar_digest = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
     let (d, blob) = encrypt_naming(&gzipped, &tar_digest, &key);
-    assert_eq!(decrypt_layer(&d, &blob, &[key]).unwrap(), gzipped);
+    assert_eq!(decrypt_layer(&d, blob.clone(), &[key]).unwrap(), gzipped);
 
     // Not for a layer that says it is uncompressed.
     let key = TeeKeyPair::generate_ec();
     let (mut d, blob) = encrypt_naming(&gzipped, &tar_digest, &key);
     d.media_type = "application/vnd.oci.image.layer.v1.tar+encrypted".into();
     assert!(matches!(
-        decrypt_layer(&d, &blob, &[key]).unwrap_err(),
+        decrypt_layer(&d, blob.clone(), &[key]).unwrap_err(),
         DecryptError::Digest { .. }
     ));
 }
@@ -151,7 +155,7 @@ fn another_layers_key_does_not_open_this_one() {
         KEYS_JWE_ANNOTATION.into(),
         d2.annotations[KEYS_JWE_ANNOTATION].clone(),
     );
-    let e = decrypt_layer(&swapped, &blob, &[key]).unwrap_err();
+    let e = decrypt_layer(&swapped, blob.clone(), &[key]).unwrap_err();
     assert!(matches!(e, DecryptError::Hmac { .. }), "{e}");
 }
 
@@ -163,13 +167,13 @@ fn malformed_descriptors_name_the_problem() {
     let mut plain = d.clone();
     plain.media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
     assert!(matches!(
-        decrypt_layer(&plain, &blob, &[]).unwrap_err(),
+        decrypt_layer(&plain, blob.clone(), &[]).unwrap_err(),
         DecryptError::NotEncrypted { .. }
     ));
 
     let mut missing = d.clone();
     missing.annotations.remove(PUBOPTS_ANNOTATION);
-    let e = decrypt_layer(&missing, &blob, &[]).unwrap_err();
+    let e = decrypt_layer(&missing, blob.clone(), &[]).unwrap_err();
     assert!(e.to_string().contains(PUBOPTS_ANNOTATION), "{e}");
 
     let mut cipher = d.clone();
@@ -177,7 +181,7 @@ fn malformed_descriptors_name_the_problem() {
         PUBOPTS_ANNOTATION.into(),
         STANDARD.encode(br#"{"cipher":"AES_128_CBC","hmac":""}"#),
     );
-    let e = decrypt_layer(&cipher, &blob, &[]).unwrap_err();
+    let e = decrypt_layer(&cipher, blob.clone(), &[]).unwrap_err();
     assert!(
         e.to_string()
             .contains("cipher AES_128_CBC is not supported"),
@@ -188,7 +192,7 @@ fn malformed_descriptors_name_the_problem() {
     garbage
         .annotations
         .insert(KEYS_JWE_ANNOTATION.into(), "!!!".into());
-    let e = decrypt_layer(&garbage, &blob, &[key]).unwrap_err();
+    let e = decrypt_layer(&garbage, blob.clone(), &[key]).unwrap_err();
     assert!(e.to_string().contains("not base64"), "{e}");
 }
 

@@ -136,9 +136,11 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
             // MRTD is built by the TDX module, not extended from the log.
             0 => continue,
             1..=4 => (index - 1) as usize,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "event at byte {at} names measurement register {other} (TDX has MRTD and RTMR 0-3)"
-            )),
+            ))
+            }
         };
         let sha384 = sha384.ok_or_else(|| {
             format!("event at byte {at} extends RTMR{rtmr} without a SHA-384 digest")

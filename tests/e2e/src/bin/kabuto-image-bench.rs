@@ -186,14 +186,16 @@ fn agent_timings(console: &str, container: &str) -> Option<Vec<u64>> {
         .lines()
         .rev()
         .find(|l| l.contains(&format!("container {container}: pulled ")))?;
-    let numbers: Vec<u64> = line
+    // "… in T ms (settings+keys S ms, manifest+signatures M ms, fetch F ms,
+    // decrypt D ms, unpack U ms; peak agent RSS R MiB)": the seven numbers
+    // after the last " in " (the reference before it has digits too).
+    let tail = &line[line.rfind(" in ")? + 4..];
+    let numbers: Vec<u64> = tail
         .split(|c: char| !c.is_ascii_digit())
         .filter(|w| !w.is_empty())
         .map(|w| w.parse().unwrap_or(0))
         .collect();
-    // … in T ms (settings+keys S ms, manifest+signatures M ms, fetch F ms,
-    // decrypt D ms, unpack U ms): the last six numbers.
-    (numbers.len() >= 6).then(|| numbers[numbers.len() - 6..].to_vec())
+    (numbers.len() >= 7).then(|| numbers[..7].to_vec())
 }
 
 /// The same encrypted images pulled by the agent of a confidential pod.
@@ -207,6 +209,19 @@ fn in_guest(
     let work = tempfile::tempdir().expect("tempdir");
     let d = work.path();
     let port = registry.host.rsplit(':').next().expect("port");
+    // The layers' size in the registry (encrypted, compressed).
+    let blob_mib = |reference: &str| -> u64 {
+        let image = kabuto_image::ImageReference::parse(reference).expect("reference");
+        let (_, manifest) = RegistryClient::new(vec![registry.host.clone()], None)
+            .manifest(&image)
+            .expect("manifest");
+        manifest["layers"].as_array().map_or(0, |layers| {
+            layers
+                .iter()
+                .filter_map(|l| l["size"].as_u64())
+                .sum::<u64>()
+        }) >> 20
+    };
     let kbs_dir = d.join("kbs");
     std::fs::create_dir(&kbs_dir).expect("kbs dir");
     let kbs = Kbs::start(&kbs_dir);
@@ -253,8 +268,8 @@ fn in_guest(
         .join(pod)
         .join("console.log");
 
-    println!("\n| image (encrypted, 1 gzip layer) | host: skopeo copy --decryption-key (baseline) | guest: pull + decrypt + unpack (agent) | settings + key from KBS | manifest | fetch (user-mode net) | decrypt | unpack | ctr run, total | ratio to host |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("\n| image (encrypted, 1 gzip layer) | host: skopeo copy --decryption-key (baseline) | guest: pull + decrypt + unpack (agent) | settings + key from KBS | manifest | fetch (user-mode net) | decrypt | unpack | ctr run, total | ratio to host | peak agent RSS during the pull (blob size) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (label, reference, host) in images {
         let mut rows: Vec<Vec<u64>> = Vec::new();
         let mut totals = Vec::new();
@@ -295,7 +310,7 @@ fn in_guest(
         };
         let total = median_of(0);
         println!(
-            "| {label} | {} | {total} ms | {} ms | {} ms | {} ms | {} ms | {} ms | {} | {:.2}× |",
+            "| {label} | {} | {total} ms | {} ms | {} ms | {} ms | {} ms | {} ms | {} | {:.2}× | {} MiB ({} MiB) |",
             ms(*host),
             median_of(1),
             median_of(2),
@@ -303,7 +318,9 @@ fn in_guest(
             median_of(4),
             median_of(5),
             ms(median(totals)),
-            total as f64 / (host.as_secs_f64() * 1e3)
+            total as f64 / (host.as_secs_f64() * 1e3),
+            median_of(6),
+            blob_mib(reference)
         );
     }
     println!(
