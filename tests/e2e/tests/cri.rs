@@ -4,8 +4,11 @@
 //! encrypted: CRI's PullImage succeeds although the host cannot decrypt
 //! it — the snapshotter leaves its layers to the guest, so containerd
 //! never even fetches them — and the guest pulls and decrypts it with a
-//! key from the KBS. A runc pod on the same containerd runs a plain image
-//! the snapshotter unpacked on the host (its overlay path).
+//! key from the KBS. An image encrypted to someone else is refused by the
+//! guest; a plain image sharing the encrypted one's layers is refused by
+//! the snapshotter (its rootfs would have holes). A runc pod on the same
+//! containerd runs a plain image the snapshotter unpacked on the host (its
+//! overlay path), and containerd's GC removes what the pods left.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,8 +16,8 @@ use std::time::Duration;
 use kabuto_e2e::confidential::{confidential_options, Kbs};
 use kabuto_e2e::cri::{Cri, Snapshotter};
 use kabuto_e2e::{
-    files_containing, image_with, openssl_key_pair, skopeo_encrypt, Containerd, LayoutImage,
-    Registry, NEEDS_ENV,
+    files_containing, image_with, openssl_key_pair, skopeo_encrypt, tar_of, Containerd,
+    LayoutImage, Registry, NEEDS_ENV,
 };
 
 const MARKER: &str = "kabuto-cri-plaintext-marker-9a41c3";
@@ -155,6 +158,32 @@ fn cri_runs_encrypted_images_in_the_guest_and_plain_ones_from_the_host() {
         .start_container(&pod, "stranger", &stranger_ref, &[])
         .expect_err("an image nobody gave us the key of ran");
     assert!(err.contains("decryption key"), "{err}");
+
+    // A plain image that shares the encrypted one's layers (encryption
+    // keeps diff ids) and adds one: the host cannot unpack that layer onto
+    // the guest-pulled, empty ones, and says which layer is shared.
+    let twin = d.join("twin");
+    kabuto_e2e::run_tool(
+        "cp",
+        &[
+            "-a",
+            secret.to_str().expect("utf-8"),
+            twin.to_str().expect("utf-8"),
+        ],
+    );
+    let mut image = LayoutImage::open(&twin).expect("layout");
+    image
+        .append_layer(&tar_of(&[("extra.txt", 0o644, b"one more layer\n")]).expect("tar"))
+        .expect("layer");
+    image.save().expect("save");
+    let twin_ref = registry.push_layout(&twin, "latest", "open/twin");
+    let err = cri
+        .pull(&twin_ref, &pod)
+        .expect_err("unpacked onto guest-pulled layers");
+    assert!(
+        err.contains("shares layer sha256:") && err.contains("open/twin"),
+        "{err}"
+    );
 
     // A runc pod runs a plain image the snapshotter unpacked on the host.
     let runc_pod = cri

@@ -490,7 +490,7 @@ address = "/run/kabuto/snapshotter.sock"
 # containerd's root, for reading image manifests from its content store.
 containerd_root = "/var/lib/containerd"
 # "*" for all images, "PREFIX*", a repository ("registry.example/app") or
-# an exact reference.
+# an exact reference. Not the pause image: it keeps a host rootfs.
 guest_pull_images = []
 # Also every image with an encrypted layer (the host could not decrypt it).
 guest_pull_encrypted = true

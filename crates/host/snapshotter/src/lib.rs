@@ -81,8 +81,19 @@ impl KabutoSnapshotter {
     /// mid-remove).
     pub fn open(root: &Path, guest_pull: GuestPullPolicy) -> Result<Self, SnapshotError> {
         let snapshots_dir = root.join("snapshots");
-        std::fs::create_dir_all(&snapshots_dir)
-            .map_err(io(format!("creating {}", snapshots_dir.display())))?;
+        // Image contents (setuid binaries included) are for root only, as
+        // containerd keeps its own (CVE-2021-41103).
+        for dir in [root, snapshots_dir.as_path()] {
+            use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(io(format!("creating {}", dir.display())))?;
+        }
         let store = Store::open(&root.join("metadata.redb"))?;
         let known: std::collections::HashSet<String> = store
             .all()?
@@ -96,8 +107,16 @@ impl KabutoSnapshotter {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
                 log::info!("removing orphaned snapshot directory {name}");
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(io(format!("removing {}", entry.path().display())))?;
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                // Not fatal: a leftover must not stop every later pull.
+                if let Err(e) = removed {
+                    log::warn!("cannot remove {}: {e}", path.display());
+                }
             }
         }
         Ok(KabutoSnapshotter {
@@ -131,6 +150,25 @@ impl KabutoSnapshotter {
         self.store
             .get(key)?
             .ok_or_else(|| SnapshotError::NotFound(key.to_string()))
+    }
+
+    /// The chain id (snapshot.ref) of the first guest-pulled snapshot among
+    /// `parent` and its ancestors.
+    fn guest_pulled_ancestor(&self, parent: &str) -> Result<Option<String>, SnapshotError> {
+        let mut key = parent.to_string();
+        while !key.is_empty() {
+            let r = self.get(&key)?;
+            if r.guest_pulled {
+                return Ok(Some(
+                    r.labels
+                        .get(guest_pull::SNAPSHOT_REF)
+                        .cloned()
+                        .unwrap_or(key),
+                ));
+            }
+            key = r.parent;
+        }
+        Ok(None)
     }
 
     /// Directory ids of `parent` and its ancestors, nearest first.
@@ -199,9 +237,28 @@ impl KabutoSnapshotter {
             Some(_) if kind == Kind::Active => self.guest_pull.reason(&labels)?,
             _ => None,
         };
+        // containerd names layer snapshots by chain id, so an image sharing
+        // layers with a guest-pulled one finds them present (and empty):
+        // unpacking more layers on top would make a rootfs with holes.
+        if target.is_some() && guest_pulled.is_none() && !parent.is_empty() {
+            if let Some(shared) = self.guest_pulled_ancestor(&parent)? {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "{} shares layer {shared} with an image whose layers only its guests pull \
+                     (never unpacked here); unpack it with another snapshotter or namespace \
+                     (containerd >= 1.7: per-runtime snapshotters)",
+                    labels
+                        .get(guest_pull::CRI_IMAGE_REF)
+                        .map_or("this image", String::as_str)
+                )));
+            }
+        }
+        let owner = match parent.as_str() {
+            "" => None,
+            p => Some(self.get(p).map(|r| self.dir(r.id).join("fs"))?),
+        };
         let id = self.store.next_id()?;
         let dir = self.dir(id);
-        let made = std::fs::create_dir_all(dir.join("fs")).and_then(|()| match kind {
+        let made = make_fs_dir(&dir.join("fs"), owner.as_deref()).and_then(|()| match kind {
             Kind::Active if guest_pulled.is_none() => std::fs::create_dir(dir.join("work")),
             _ => Ok(()),
         });
@@ -244,6 +301,19 @@ impl KabutoSnapshotter {
     }
 }
 
+/// A snapshot's `fs` directory: mode 0755 whatever the umask, owned as its
+/// parent's root (as containerd's overlay snapshotter makes it).
+fn make_fs_dir(fs: &Path, parent_fs: Option<&Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    std::fs::create_dir_all(fs)?;
+    std::fs::set_permissions(fs, std::fs::Permissions::from_mode(0o755))?;
+    if let Some(parent) = parent_fs {
+        let meta = std::fs::metadata(parent)?;
+        std::os::unix::fs::lchown(fs, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    Ok(())
+}
+
 fn overlay(options: Vec<String>) -> Mount {
     Mount {
         r#type: "overlay".into(),
@@ -253,8 +323,8 @@ fn overlay(options: Vec<String>) -> Mount {
     }
 }
 
-/// Bytes and inodes under `dir` (hard links counted once per link, as
-/// containerd's fs.DiskUsage does not; close enough for usage reports).
+/// Bytes and inodes under `dir`, each inode counted once (as containerd's
+/// fs.DiskUsage).
 fn disk_usage(dir: &Path) -> Result<(i64, i64), SnapshotError> {
     use std::os::unix::fs::MetadataExt as _;
     let mut bytes = 0i64;
@@ -354,7 +424,7 @@ fn clause_holds(clause: &Clause, info: &Info) -> bool {
     };
     let value = match clause.field.as_str() {
         "name" => Some(info.name.as_str()),
-        "parent" => Some(info.parent.as_str()).filter(|p| !p.is_empty()),
+        "parent" => Some(info.parent.as_str()),
         "kind" => Some(kind),
         f => f
             .strip_prefix("labels.")
@@ -362,7 +432,7 @@ fn clause_holds(clause: &Clause, info: &Info) -> bool {
     };
     match (&clause.op, value) {
         (None, v) => v.is_some(),
-        (Some((true, want)), v) => v.unwrap_or_default() == want,
+        (Some((true, want)), v) => v == Some(want.as_str()),
         (Some((false, want)), v) => v.unwrap_or_default() != want,
     }
 }
@@ -394,15 +464,22 @@ impl containerd_snapshots::Snapshotter for KabutoSnapshotter {
         let paths = fieldpaths.unwrap_or_default();
         let key = info.name.clone();
         let r = self.store.update(&key, |r| {
+            // containerd drops labels set to "".
+            let given = || {
+                info.labels
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<HashMap<_, _>>()
+            };
             if paths.is_empty() {
-                r.labels = info.labels.clone();
-                return Ok(());
+                r.labels = given();
             }
             for path in &paths {
                 if path == "labels" {
-                    r.labels = info.labels.clone();
+                    r.labels = given();
                 } else if let Some(label) = path.strip_prefix("labels.") {
-                    match info.labels.get(label) {
+                    match info.labels.get(label).filter(|v| !v.is_empty()) {
                         Some(v) => r.labels.insert(label.to_string(), v.clone()),
                         None => r.labels.remove(label),
                     };
@@ -411,6 +488,9 @@ impl containerd_snapshots::Snapshotter for KabutoSnapshotter {
                         "cannot update {path:?} of snapshot {key:?}: only labels change"
                     )));
                 }
+            }
+            if r.guest_pulled {
+                r.labels.insert(GUEST_PULLED_LABEL.into(), "true".into());
             }
             Ok(())
         })?;
@@ -462,7 +542,8 @@ impl containerd_snapshots::Snapshotter for KabutoSnapshotter {
             )));
         }
         let usage = disk_usage(&self.dir(r.id).join("fs"))?;
-        self.store.commit(&name, &key, labels, usage)?;
+        let labels = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        self.store.commit(&name, &key, r.id, labels, usage)?;
         // The work directory is only for the mounted overlay.
         let _ = std::fs::remove_dir_all(self.dir(r.id).join("work"));
         Ok(())

@@ -133,7 +133,7 @@ impl Store {
                 match get(table, &record.parent)? {
                     Some(p) if p.kind == Kind::Committed => {}
                     Some(_) => {
-                        return Err(SnapshotError::FailedPrecondition(format!(
+                        return Err(SnapshotError::InvalidArgument(format!(
                             "parent {:?} of {key:?} is not committed",
                             record.parent
                         )))
@@ -148,16 +148,23 @@ impl Store {
         })
     }
 
-    /// Turns active `key` into committed `name` with `labels`.
+    /// Turns active `key` (directory `id`, whose usage was measured) into
+    /// committed `name` with `labels`.
     pub fn commit(
         &self,
         name: &str,
         key: &str,
+        id: u64,
         labels: HashMap<String, String>,
         usage: (i64, i64),
     ) -> Result<(), SnapshotError> {
         self.write(|table, _| {
             let mut record = get(table, key)?.ok_or_else(|| SnapshotError::NotFound(key.into()))?;
+            if record.id != id {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key:?} was replaced while it was being committed"
+                )));
+            }
             if record.kind != Kind::Active {
                 return Err(SnapshotError::FailedPrecondition(format!(
                     "snapshot {key:?} is not active"

@@ -106,7 +106,7 @@ async fn overlay_lifecycle_matches_containerds_overlayfs_snapshotter() {
     ));
     assert!(matches!(
         s.prepare("x".into(), "ctr".into(), HashMap::new()).await,
-        Err(SnapshotError::FailedPrecondition(_))
+        Err(SnapshotError::InvalidArgument(_))
     ));
     assert!(matches!(
         s.prepare("x".into(), "nope".into(), HashMap::new()).await,
@@ -140,6 +140,26 @@ async fn overlay_lifecycle_matches_containerds_overlayfs_snapshotter() {
         s.update(info, Some(vec!["parent".into()])).await,
         Err(SnapshotError::InvalidArgument(_))
     ));
+
+    // Empty values remove labels, as in containerd.
+    let mut info = s.stat("l1".into()).await.expect("stat");
+    info.labels = labels(&[("c", "")]);
+    let updated = s
+        .update(info, Some(vec!["labels.c".into()]))
+        .await
+        .expect("update");
+    assert_eq!(updated.labels, labels(&[("a", "b")]));
+    // containerd's filter semantics: `==` needs the field; every snapshot
+    // has a parent field (empty for a base layer).
+    assert_eq!(names(&s, &[r#"parent=="""#]).await, ["l1"]);
+    assert!(names(&s, &[r#"labels.nope=="""#]).await.is_empty());
+    assert_eq!(names(&s, &["labels.a==b"]).await, ["l1"]);
+    // Image contents are root's only; each layer's root is 0755.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("root")), 0o700);
+    assert_eq!(mode(&s.snapshots_dir), 0o700);
+    assert_eq!(mode(&upper), 0o755);
 
     for key in ["ctr", "v1", "v2", "l2", "l1"] {
         let id = s.get(key).expect("record").id;
@@ -197,6 +217,29 @@ async fn layers_of_guest_pulled_images_are_committed_empty_and_reported_as_exist
         .await
         .expect("container snapshot");
     assert_eq!(m[0].r#type, "overlay");
+
+    // An image sharing those layers cannot be unpacked on top of them:
+    // its rootfs would have holes.
+    let err = s
+        .prepare(
+            "ns/4/extract-4".into(),
+            "ns/2/extract-2".into(),
+            layer("sha256:c4", "reg/open/twin:1"),
+        )
+        .await
+        .expect_err("unpacking onto guest-pulled layers");
+    assert!(
+        matches!(&err, SnapshotError::FailedPrecondition(m) if m.contains("reg/open/twin:1") && m.contains("sha256:c2")),
+        "{err}"
+    );
+    // Replacing all labels keeps the guest-pulled mark.
+    let mut info = s.stat("ns/1/extract-1".into()).await.expect("stat");
+    info.labels = HashMap::new();
+    let kept = s.update(info, None).await.expect("update");
+    assert_eq!(
+        kept.labels.get(GUEST_PULLED_LABEL).map(String::as_str),
+        Some("true")
+    );
 
     // Other images' layers are unpacked here as usual.
     let m = s
