@@ -18,7 +18,9 @@ pub use registry::{
     ImageReference, PlainLayer, PulledImage, RegistryClient, RegistryError, ResolvedManifest,
 };
 pub use signature::{SignatureError, SignaturePolicy};
-pub use unpack::{unpack_layer, unpack_layers, Compression, Layer, UnpackError, UnpackOptions};
+pub use unpack::{
+    into_new_root, unpack_layer, unpack_layers, Compression, Layer, UnpackError, UnpackOptions,
+};
 
 /// `sha256:<hex>`, the OCI digest of `data`.
 pub(crate) fn sha256_digest(data: &[u8]) -> String {

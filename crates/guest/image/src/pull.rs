@@ -403,23 +403,11 @@ pub fn pull_and_unpack(
     })?;
     // One layer at a time: decrypted in place, applied, dropped — the
     // memory a layer held is free before the next one is decrypted.
-    if rootfs.exists() {
-        return Err(PullError::Unpack {
-            image: name,
-            source: UnpackError::Layer {
-                layer: "(rootfs)".into(),
-                reason: format!("{} already exists", rootfs.display()),
-            },
-        });
-    }
-    let applied = (|| -> Result<(), PullError> {
-        std::fs::create_dir_all(rootfs).map_err(|e| PullError::Unpack {
-            image: name.clone(),
-            source: UnpackError::Layer {
-                layer: "(rootfs)".into(),
-                reason: format!("creating {}: {e}", rootfs.display()),
-            },
-        })?;
+    let unpack_err = |source| PullError::Unpack {
+        image: name.clone(),
+        source,
+    };
+    crate::into_new_root(rootfs, unpack_err, || {
         for (descriptor, blob) in pulled.layers {
             let started = std::time::Instant::now();
             let layer = PlainLayer::new(descriptor, blob, &settings.keys).map_err(|source| {
@@ -430,20 +418,11 @@ pub fn pull_and_unpack(
             })?;
             timings.decrypt += started.elapsed();
             let started = std::time::Instant::now();
-            crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack).map_err(|source| {
-                PullError::Unpack {
-                    image: name.clone(),
-                    source,
-                }
-            })?;
+            crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack).map_err(unpack_err)?;
             timings.unpack += started.elapsed();
         }
         Ok(())
-    })();
-    if applied.is_err() {
-        let _ = std::fs::remove_dir_all(rootfs);
-    }
-    applied?;
+    })?;
     Ok(PulledRootfs {
         pinned: format!("{name}@{}", resolved.top_digest),
         source: format!("{}/{}", source.image.registry, source.image.repository),

@@ -11,7 +11,7 @@
 //! an entry's path that climb above the root (`evil -> ../../..` then
 //! `evil/x`), hard links to paths outside the root or to directories, and
 //! device nodes unless allowed. The caller unpacks into a fresh directory
-//! and removes it when any layer fails ([`unpack_layers`] does).
+//! and removes it when any layer fails ([`into_new_root`] does).
 
 use std::{
     collections::HashSet,
@@ -98,17 +98,42 @@ pub fn unpack_layers(
     root: &Path,
     options: UnpackOptions,
 ) -> Result<(), UnpackError> {
+    into_new_root(
+        root,
+        |e| e,
+        || {
+            layers
+                .iter()
+                .try_for_each(|layer| unpack_layer(layer, root, options))
+        },
+    )
+}
+
+/// Creates `root`, which must not exist yet, and runs `fill`; if either
+/// fails, `root` is removed: nothing half-unpacked remains. `root_error`
+/// turns a failure to create it into the caller's error type.
+pub fn into_new_root<E>(
+    root: &Path,
+    root_error: impl FnOnce(UnpackError) -> E,
+    fill: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
     let layer_err = |reason: String| UnpackError::Layer {
         layer: "(rootfs)".into(),
         reason,
     };
     if root.exists() {
-        return Err(layer_err(format!("{} already exists", root.display())));
+        return Err(root_error(layer_err(format!(
+            "{} already exists",
+            root.display()
+        ))));
     }
-    fs::create_dir_all(root).map_err(|e| layer_err(format!("creating {}: {e}", root.display())))?;
-    let result = layers
-        .iter()
-        .try_for_each(|layer| unpack_layer(layer, root, options));
+    if let Err(e) = fs::create_dir_all(root) {
+        return Err(root_error(layer_err(format!(
+            "creating {}: {e}",
+            root.display()
+        ))));
+    }
+    let result = fill();
     if result.is_err() {
         let _ = fs::remove_dir_all(root);
     }

@@ -110,12 +110,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
             .tdx_collateral
             .as_ref()
             .context("a raw TDX quote needs --collateral (this tool works offline)")?;
-        match &args.event_log {
-            Some(path) => {
-                verifier.verify_tdx_quote_with_log(&evidence, &read(path)?, collateral, now)
-            }
-            None => verifier.verify_tdx_quote(&evidence, collateral, now),
-        }
+        let event_log = args.event_log.as_ref().map(read).transpose()?;
+        verifier.verify_tdx_quote(&evidence, event_log.as_deref(), collateral, now)
     };
     match result {
         Ok(claims) => {

@@ -110,14 +110,8 @@ fn cri_guest_pull_findings(config: &Config, containerd_config: &Path) -> Vec<Fin
         .and_then(|t| t.parse().ok())
         .unwrap_or_default();
     let get = |path: &[&str]| {
-        path.iter()
-            .try_fold(None::<&toml::Value>, |v, k| {
-                Some(match v {
-                    None => doc.get(*k),
-                    Some(v) => v.get(*k),
-                })
-            })
-            .flatten()
+        let (first, rest) = path.split_first()?;
+        rest.iter().try_fold(doc.get(*first)?, |v, k| v.get(*k))
     };
     let cri = ["plugins", "io.containerd.grpc.v1.cri", "containerd"];
     let snapshotter = get(&[&cri[..], &["snapshotter"]].concat()).and_then(|v| v.as_str());

@@ -152,38 +152,26 @@ impl KabutoSnapshotter {
             .ok_or_else(|| SnapshotError::NotFound(key.to_string()))
     }
 
-    /// The chain id (snapshot.ref) of the first guest-pulled snapshot among
-    /// `parent` and its ancestors.
-    fn guest_pulled_ancestor(&self, parent: &str) -> Result<Option<String>, SnapshotError> {
-        let mut key = parent.to_string();
-        while !key.is_empty() {
-            let r = self.get(&key)?;
-            if r.guest_pulled {
-                return Ok(Some(
-                    r.labels
-                        .get(guest_pull::SNAPSHOT_REF)
-                        .cloned()
-                        .unwrap_or(key),
-                ));
-            }
-            key = r.parent;
-        }
-        Ok(None)
-    }
-
-    /// Directory ids of `parent` and its ancestors, nearest first.
-    fn chain(&self, mut parent: String) -> Result<Vec<u64>, SnapshotError> {
-        let mut ids = Vec::new();
+    /// Keys and records of `parent` and its ancestors, nearest first.
+    fn ancestors(&self, mut parent: String) -> Result<Vec<(String, Record)>, SnapshotError> {
+        let mut records = Vec::new();
         while !parent.is_empty() {
             let r = self.get(&parent)?;
-            ids.push(r.id);
-            parent = r.parent;
+            let next = r.parent.clone();
+            records.push((parent, r));
+            parent = next;
         }
-        Ok(ids)
+        Ok(records)
     }
 
-    fn mounts_of(&self, key: &str, r: &Record) -> Result<Vec<Mount>, SnapshotError> {
-        let parents = self.chain(r.parent.clone())?;
+    /// The mounts of `r`, whose ancestors are `ancestors` (nearest first).
+    fn mounts_of(
+        &self,
+        key: &str,
+        r: &Record,
+        ancestors: &[(String, Record)],
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let parents: Vec<u64> = ancestors.iter().map(|(_, a)| a.id).collect();
         let fs = |id: u64| self.dir(id).join("fs").display().to_string();
         let bind = |id: u64, mode: &str| Mount {
             r#type: "bind".into(),
@@ -237,25 +225,24 @@ impl KabutoSnapshotter {
             Some(_) if kind == Kind::Active => self.guest_pull.reason(&labels)?,
             _ => None,
         };
+        let ancestors = self.ancestors(parent.clone())?;
         // containerd names layer snapshots by chain id, so an image sharing
         // layers with a guest-pulled one finds them present (and empty):
         // unpacking more layers on top would make a rootfs with holes.
-        if target.is_some() && guest_pulled.is_none() && !parent.is_empty() {
-            if let Some(shared) = self.guest_pulled_ancestor(&parent)? {
+        if target.is_some() && guest_pulled.is_none() {
+            if let Some((key, shared)) = ancestors.iter().find(|(_, a)| a.guest_pulled) {
                 return Err(SnapshotError::FailedPrecondition(format!(
-                    "{} shares layer {shared} with an image whose layers only its guests pull \
+                    "{} shares layer {} with an image whose layers only its guests pull \
                      (never unpacked here); unpack it with another snapshotter or namespace \
                      (containerd >= 1.7: per-runtime snapshotters)",
                     labels
                         .get(guest_pull::CRI_IMAGE_REF)
-                        .map_or("this image", String::as_str)
+                        .map_or("this image", String::as_str),
+                    shared.labels.get(guest_pull::SNAPSHOT_REF).unwrap_or(key)
                 )));
             }
         }
-        let owner = match parent.as_str() {
-            "" => None,
-            p => Some(self.get(p).map(|r| self.dir(r.id).join("fs"))?),
-        };
+        let owner = ancestors.first().map(|(_, p)| self.dir(p.id).join("fs"));
         let id = self.store.next_id()?;
         let dir = self.dir(id);
         let made = make_fs_dir(&dir.join("fs"), owner.as_deref()).and_then(|()| match kind {
@@ -297,7 +284,7 @@ impl KabutoSnapshotter {
         if guest_pulled.is_some() {
             return Err(SnapshotError::AlreadyExists(target.unwrap_or_default()));
         }
-        self.mounts_of(&key, &record)
+        self.mounts_of(&key, &record, &ancestors)
     }
 }
 
@@ -508,7 +495,8 @@ impl containerd_snapshots::Snapshotter for KabutoSnapshotter {
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
         let r = self.get(&key)?;
-        self.mounts_of(&key, &r)
+        let ancestors = self.ancestors(r.parent.clone())?;
+        self.mounts_of(&key, &r, &ancestors)
     }
 
     async fn prepare(

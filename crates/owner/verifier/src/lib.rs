@@ -172,26 +172,17 @@ impl Verifier {
         snp::verify_raw(&self.anchors, &self.chains, report, certs)
     }
 
-    /// Verifies a raw TDX quote against `collateral` at time `now`.
+    /// Verifies a raw TDX quote against `collateral` at time `now`; with
+    /// `event_log` (the CCEL log area), its replay must equal the quote's
+    /// RTMRs.
     pub fn verify_tdx_quote(
         &self,
         quote: &[u8],
+        event_log: Option<&[u8]>,
         collateral: &QuoteCollateralV3,
         now: SystemTime,
     ) -> Result<Claims> {
-        tdx::verify_raw(quote, None, collateral, now)
-    }
-
-    /// As [`Verifier::verify_tdx_quote`], replaying `event_log` (the CCEL
-    /// log area) against the quote's RTMRs.
-    pub fn verify_tdx_quote_with_log(
-        &self,
-        quote: &[u8],
-        event_log: &[u8],
-        collateral: &QuoteCollateralV3,
-        now: SystemTime,
-    ) -> Result<Claims> {
-        tdx::verify_raw(quote, Some(event_log), collateral, now)
+        tdx::verify_raw(quote, event_log, collateral, now)
     }
 
     fn verify_sample(&self, evidence: &serde_json::Value) -> Result<Claims> {

@@ -111,7 +111,7 @@ fn real_tdx_quote_verifies_with_offline_collateral() {
         return;
     };
     let claims = verifier()
-        .verify_tdx_quote(&quote, &collateral, tdx_time())
+        .verify_tdx_quote(&quote, None, &collateral, tdx_time())
         .unwrap();
     assert_eq!(claims.platform, Platform::IntelTdx);
     assert_eq!(claims.details["quote_version"], 4);
@@ -130,7 +130,8 @@ fn tampered_or_expired_tdx_quotes_fail() {
         let mut bad = quote.clone();
         bad[offset] ^= 0x01;
         assert!(
-            v.verify_tdx_quote(&bad, &collateral, tdx_time()).is_err(),
+            v.verify_tdx_quote(&bad, None, &collateral, tdx_time())
+                .is_err(),
             "flipping byte {offset} went unnoticed"
         );
     }
@@ -138,6 +139,7 @@ fn tampered_or_expired_tdx_quotes_fail() {
     let err = v
         .verify_tdx_quote(
             &quote,
+            None,
             &collateral,
             UNIX_EPOCH + Duration::from_secs(1_900_000_000),
         )
@@ -151,13 +153,15 @@ fn tdx_event_logs_must_replay_to_the_quotes_rtmrs() {
         return;
     };
     let v = verifier();
-    let claims = v.verify_tdx_quote(&quote, &collateral, tdx_time()).unwrap();
+    let claims = v
+        .verify_tdx_quote(&quote, None, &collateral, tdx_time())
+        .unwrap();
     assert!(claims.details["event_log"].is_null());
     // This public quote comes without its log: any log we make replays to
     // other RTMRs, and the quote, valid on its own, is refused with it.
     let log = crate::eventlog::tests::build_log(&[(1, 0xD, b"not this td's boot")]);
     let err = v
-        .verify_tdx_quote_with_log(&quote, &log, &collateral, tdx_time())
+        .verify_tdx_quote(&quote, Some(&log), &collateral, tdx_time())
         .unwrap_err();
     assert_eq!(err.check(), "tdx-eventlog");
     assert!(err.to_string().contains("RTMR0 is 44c0197b"), "{err}");
