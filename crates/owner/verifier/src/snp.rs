@@ -64,7 +64,7 @@ type PinnedCert = fn() -> std::io::Result<Certificate>;
 
 /// Which endorsement key signed the report.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum SigningKey {
+pub(crate) enum SigningKey {
     Vcek,
     Vlek,
 }
@@ -236,7 +236,7 @@ fn is_endorsement_key(cert: &x509_cert::Certificate) -> bool {
 
 /// Tries the pinned AMD roots. `Ok(Some(product))` when the leaf chains to
 /// one, `Ok(None)` when it is not an AMD chain at all.
-fn amd_chain(
+pub(crate) fn amd_chain(
     leaf: &x509_cert::Certificate,
     intermediates: &[&x509_cert::Certificate],
     signing_key: SigningKey,

@@ -76,6 +76,8 @@ pub(crate) fn verify_raw(
             serde_json::json!({
                 "tee_tcb_svn2": hex::encode(r.base.tee_tcb_svn2),
                 "mr_service_td": hex::encode(r.base.mr_service_td),
+                "vmid": r.vmid,
+                "td_id": hex::encode(r.td_id),
             }),
         ),
         Report::SgxEnclave(_) => {

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sev::firmware::guest::AttestationReport;
 use sev::firmware::host::{CertTableEntry, CertType};
 use sev::parser::ByteParser;
+use x509_cert::der::Decode;
 
 use super::*;
 
@@ -344,4 +345,195 @@ fn sample_evidence_only_when_accepted() {
         .unwrap();
     assert!(claims.insecure);
     assert_eq!(claims.platform, Platform::Sample);
+}
+
+/// Samples that dependencies ship in their crates.io packages — dcap-qvl's
+/// Intel TDX v5 quotes with collateral, sev's AMD reports and certificates —
+/// read in place from the package sources `cargo metadata` names.
+fn crate_sample(package: &str, rel: &str) -> Option<Vec<u8>> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static SOURCES: OnceLock<HashMap<String, Vec<PathBuf>>> = OnceLock::new();
+    let sources = SOURCES.get_or_init(|| {
+        let output = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--offline"])
+            // Offline, only this platform's dependencies are on disk.
+            .arg("--filter-platform")
+            .arg(format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
+            .arg("--manifest-path")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .output();
+        let mut map: HashMap<String, Vec<PathBuf>> = HashMap::new();
+        let Ok(output) = output else { return map };
+        let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+            return map;
+        };
+        for pkg in meta["packages"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(manifest)) =
+                (pkg["name"].as_str(), pkg["manifest_path"].as_str())
+            {
+                if let Some(dir) = std::path::Path::new(manifest).parent() {
+                    map.entry(name.to_string())
+                        .or_default()
+                        .push(dir.to_path_buf());
+                }
+            }
+        }
+        map
+    });
+    let found = sources
+        .get(package)
+        .into_iter()
+        .flatten()
+        .find_map(|dir| std::fs::read(dir.join(rel)).ok());
+    if found.is_none() {
+        eprintln!("SKIPPED: {rel} of the {package} package not found (cargo metadata)");
+    }
+    found
+}
+
+fn dcap_sample(quote: &str) -> Option<(Vec<u8>, QuoteCollateralV3)> {
+    let quote_bytes = crate_sample("dcap-qvl", &format!("sample/{quote}"))?;
+    let collateral = crate_sample("dcap-qvl", &format!("sample/{quote}_collateral.json"))?;
+    let collateral = tdx::collateral_from_json(std::str::from_utf8(&collateral).unwrap()).unwrap();
+    Some((quote_bytes, collateral))
+}
+
+#[test]
+fn real_tdx_v5_quotes_verify_and_any_flipped_signed_byte_fails() {
+    // TDX 1.5 with the "ex" body (type 4): valid 2026-10-08 .. 2026-11-06.
+    let Some((quote, collateral)) = dcap_sample("tdx_quote_td15ex") else {
+        return;
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(1_792_454_400); // 2026-10-20
+    let v = verifier();
+    let claims = v.verify_tdx_quote(&quote, None, &collateral, at).unwrap();
+    assert_eq!(claims.details["quote_version"], 5);
+    assert_eq!(claims.tcb["status"], "UpToDate");
+    let td15 = &claims.details["td15"];
+    assert_eq!(td15["td_id"].as_str().unwrap().len(), 64);
+    assert_ne!(td15["td_id"], "0".repeat(64));
+    assert_eq!(td15["mr_service_td"].as_str().unwrap().len(), 96);
+    // v5 header, body type/size, TD report (MRTD, MRCONFIGID, REPORT_DATA,
+    // the 1.5 and 1.5ex fields), signature and attestation key.
+    let body = 48 + 6;
+    for offset in [
+        8,
+        48,
+        50,
+        body + 136,
+        body + 184,
+        body + 520,
+        body + 600,
+        body + 649,
+        body + 884,
+        // After the signed 939 bytes and the 4-byte length: the quote's
+        // ECDSA signature, then the attestation key.
+        body + 885 + 4 + 10,
+        body + 885 + 4 + 64 + 10,
+    ] {
+        let mut bad = quote.clone();
+        bad[offset] ^= 0x01;
+        assert!(
+            v.verify_tdx_quote(&bad, None, &collateral, at).is_err(),
+            "flipping byte {offset} of the v5 quote went unnoticed"
+        );
+    }
+    // Before the collateral was issued.
+    let err = v
+        .verify_tdx_quote(&quote, None, &collateral, tdx_time())
+        .unwrap_err();
+    assert_eq!(err.check(), "tdx-quote");
+
+    // A v5 quote from a platform whose TCB matches none of the collateral's
+    // levels (dcap-qvl's "outdated" sample): refused, naming why.
+    let Some((quote, collateral)) = dcap_sample("tdx_quote_outdated") else {
+        return;
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(1_772_323_200); // 2026-03-01
+    let err = v
+        .verify_tdx_quote(&quote, None, &collateral, at)
+        .unwrap_err();
+    assert_eq!(err.check(), "tdx-quote");
+    assert!(err.to_string().contains("TCB level"), "{err}");
+}
+
+#[test]
+fn second_real_milan_report_and_a_turin_vcek_chain_to_the_pinned_roots() {
+    let (Some(report_hex), Some(vcek)) = (
+        crate_sample("sev", "tests/certs_data/report_milan.hex"),
+        crate_sample("sev", "tests/certs_data/vcek_milan.der"),
+    ) else {
+        return;
+    };
+    let report = hex::decode(String::from_utf8(report_hex).unwrap().trim()).unwrap();
+    let v = verifier();
+    let claims = v
+        .verify_snp_report(&report, std::slice::from_ref(&vcek))
+        .unwrap();
+    assert_eq!(claims.tcb["product"], "milan");
+    let mut bad = report.clone();
+    bad[0x90] ^= 0x01; // measurement
+    assert_eq!(
+        v.verify_snp_report(&bad, &[vcek]).unwrap_err().check(),
+        "signature"
+    );
+
+    let Some(turin) = crate_sample("sev", "tests/certs_data/vcek_turin.der") else {
+        return;
+    };
+    let cert = x509_cert::Certificate::from_der(&turin).unwrap();
+    let product = snp::amd_chain(&cert, &[], snp::SigningKey::Vcek).unwrap();
+    assert_eq!(product, Some("turin"));
+    // The same certificate with another serial number chains nowhere.
+    let mut forged = cert.clone();
+    forged.tbs_certificate.serial_number =
+        x509_cert::serial_number::SerialNumber::new(&[0x01, 0x02, 0x03]).unwrap();
+    assert_eq!(
+        snp::amd_chain(&forged, &[], snp::SigningKey::Vcek).unwrap(),
+        None
+    );
+}
+
+#[test]
+fn vlek_signatures_need_an_asvk_that_signed_the_key() {
+    let (Some(vcek), Some(pem)) = (
+        testdata("snp/report-v2.vcek.der"),
+        testdata("snp/amd-milan-ask-ark-asvk.pem"),
+    ) else {
+        return;
+    };
+    let pem = String::from_utf8(pem).unwrap();
+    let certs: Vec<x509_cert::Certificate> = pem
+        .split("-----END CERTIFICATE-----")
+        .filter(|block| block.contains("BEGIN CERTIFICATE"))
+        .map(|block| {
+            let b64: String = block
+                .lines()
+                .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
+                .collect();
+            x509_cert::Certificate::from_der(&B64.decode(b64.trim()).unwrap()).unwrap()
+        })
+        .collect();
+    let subject = |c: &x509_cert::Certificate| c.tbs_certificate.subject.to_string();
+    let asvk = certs
+        .iter()
+        .find(|c| subject(c).contains("SEV-VLEK-Milan"))
+        .unwrap();
+    let leaf = x509_cert::Certificate::from_der(&vcek).unwrap();
+    // The VCEK chains through the pinned ASK ...
+    assert_eq!(
+        snp::amd_chain(&leaf, &[], snp::SigningKey::Vcek).unwrap(),
+        Some("milan")
+    );
+    // ... but a report claiming a VLEK signature gets no pinned ASK: the
+    // real ASVK (signed by the pinned ARK) did not sign this key.
+    assert_eq!(
+        snp::amd_chain(&leaf, &[asvk], snp::SigningKey::Vlek).unwrap(),
+        None
+    );
+    assert_eq!(
+        snp::amd_chain(&leaf, &[], snp::SigningKey::Vlek).unwrap(),
+        None
+    );
 }
