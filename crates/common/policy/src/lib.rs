@@ -38,6 +38,42 @@ pub enum Decision {
     Denied { reason: Option<String> },
 }
 
+/// The input key that carries the policy state to the query (not a field
+/// of any request: those are the protobuf messages' snake_case names).
+const STATE_INPUT_KEY: &str = "__kabuto_policy_state";
+
+/// Fills what the OCI spec leaves implicit in each of `input.OCI.mounts`
+/// (`type` and `source` "", `options` []), as Kata's protobuf-derived input
+/// has them: rules read the fields directly, cheaper than `object.get` in
+/// a per-mount loop. Nothing present is changed.
+fn fill_mount_defaults(input: &mut regorus::Value) {
+    let Some(mounts) = input
+        .as_object_mut()
+        .ok()
+        .and_then(|request| request.get_mut(&regorus::Value::from("OCI")))
+        .and_then(|oci| oci.as_object_mut().ok())
+        .and_then(|oci| oci.get_mut(&regorus::Value::from("mounts")))
+        .and_then(|mounts| mounts.as_array_mut().ok())
+    else {
+        return;
+    };
+    for mount in mounts.iter_mut() {
+        let Ok(mount) = mount.as_object_mut() else {
+            continue;
+        };
+        for (key, default) in [
+            ("type", regorus::Value::from("")),
+            ("source", regorus::Value::from("")),
+            ("options", regorus::Value::new_array()),
+        ] {
+            let key = regorus::Value::from(key);
+            if !mount.contains_key(&key) {
+                mount.insert(key, default);
+            }
+        }
+    }
+}
+
 pub struct PolicyGate {
     engine: regorus::Engine,
     state: serde_json::Value,
@@ -94,17 +130,24 @@ impl PolicyGate {
             request: request.into(),
             reason,
         };
-        let input = regorus::Value::from_json_str(&input.to_string())
+        let mut input = <regorus::Value as serde::Deserialize>::deserialize(input)
             .map_err(|e| eval_err(e.to_string()))?;
+        // The state reaches the rules as `data.state`, through `with` from
+        // a reserved input key rather than as engine data: changing regorus'
+        // data makes it re-analyse the whole policy on the next evaluation,
+        // which for a generated policy costs more than the decision itself;
+        // and a constant query is cheaper to parse than one carrying the
+        // state as a literal.
+        fill_mount_defaults(&mut input);
+        let state = <regorus::Value as serde::Deserialize>::deserialize(&self.state)
+            .map_err(|e| eval_err(e.to_string()))?;
+        input
+            .as_object_mut()
+            .map_err(|_| eval_err("the request is not a JSON object".into()))?
+            .insert(regorus::Value::from(STATE_INPUT_KEY), state);
         self.engine.set_input(input);
-        // The state goes in with `with`, not as engine data: changing
-        // regorus' data makes it re-analyse the whole policy on the next
-        // evaluation, which for a generated policy costs more than the
-        // decision itself. JSON is a Rego literal.
-        let query = format!(
-            "data.agent_policy.{request} with data.state as {}",
-            self.state
-        );
+        let query =
+            format!("data.agent_policy.{request} with data.state as input.{STATE_INPUT_KEY}");
         // A rule that does not exist, or fails to evaluate, denies.
         let result = match self.engine.eval_query(query, false) {
             Ok(results) => results
@@ -267,6 +310,39 @@ mod tests {
                 reason: Some("only echo may run".into())
             }
         );
+    }
+
+    #[test]
+    fn mounts_carry_type_source_and_options() {
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            CreateContainerRequest if {
+                every m in input.OCI.mounts {
+                    is_string(m.type)
+                    is_string(m.source)
+                    is_array(m.options)
+                }
+                input.OCI.mounts[0] == {"destination": "/proc", "type": "", "source": "", "options": []}
+                input.OCI.mounts[1] == {"destination": "/x", "type": "bind", "source": "/s", "options": ["ro"]}
+                not input.__kabuto_policy_state.mounts
+            }
+            "#,
+        )
+        .expect("parses");
+        let input = json!({"OCI": {"mounts": [
+            {"destination": "/proc"},
+            {"destination": "/x", "type": "bind", "source": "/s", "options": ["ro"]},
+        ]}});
+        assert_eq!(
+            gate.decide("CreateContainerRequest", &input)
+                .expect("decide"),
+            Decision::Allowed
+        );
+        // Requests without mounts (or without a spec) pass as they are.
+        assert!(gate.decide("CreateContainerRequest", &json!({})).is_ok());
+        assert!(gate
+            .decide("CreateContainerRequest", &json!({"OCI": {"mounts": "x"}}))
+            .is_ok());
     }
 
     #[test]

@@ -188,7 +188,6 @@ fn annotate_document(
     let data = policy::PolicyData {
         namespace,
         shared_prefix: format!("{}/", settings.shared_dir.trim_end_matches('/')),
-        default_mounts: policy::by_destination(&settings.default_mounts),
         sandbox: policy::sandbox_rule(settings, &spec),
         containers: containers
             .into_iter()

@@ -29,6 +29,14 @@ pub struct ContainerRule {
     /// patterns of those only known at run time, and what Kubernetes and the
     /// container manager inject — one alternation, so one match per variable.
     pub env: String,
+    /// Fast paths through `env` (it decides; each of these accepts a subset
+    /// of it): the literal variables, looked up instead of matched ...
+    pub env_exact: BTreeMap<String, bool>,
+    /// ... and, by variable name, the alternation of the parts of `env`
+    /// that name the variable literally. regorus hands every `regex.match`
+    /// a regex with an empty lazy-DFA cache, so a small regex is much
+    /// cheaper than the whole alternation.
+    pub env_by_name: BTreeMap<String, String>,
     pub cwd: String,
     /// None: not known before the image is unpacked (a user name).
     pub uid: Option<i64>,
@@ -38,9 +46,12 @@ pub struct ContainerRule {
     pub privileged: bool,
     pub read_only_root: bool,
     pub no_new_privileges: bool,
-    /// By destination.
+    /// By destination: the settings' default mounts, then the container's
+    /// own (which replace a default at the same destination).
     pub mounts: BTreeMap<String, PolicyMount>,
-    /// Commands exec may run in this container, exactly.
+    /// Commands exec may run in this container, exactly (written to
+    /// `policy_data.exec`, which exec decisions read).
+    #[serde(skip)]
     pub exec: Vec<Vec<String>>,
 }
 
@@ -49,8 +60,6 @@ pub struct PolicyData {
     pub namespace: String,
     /// The shared directory with a trailing `/`: bind sources start with it.
     pub shared_prefix: String,
-    /// By destination.
-    pub default_mounts: BTreeMap<String, PolicyMount>,
     pub sandbox: ContainerRule,
     /// By container name.
     pub containers: BTreeMap<String, ContainerRule>,
@@ -95,6 +104,43 @@ pub fn by_destination(mounts: &[MountRule]) -> BTreeMap<String, PolicyMount> {
         .iter()
         .map(|m| (m.destination.clone(), PolicyMount::from(m)))
         .collect()
+}
+
+/// A container's env rule: `env` (the alternation of `parts`, which
+/// decides) and its fast paths.
+struct EnvRule {
+    env: String,
+    env_exact: BTreeMap<String, bool>,
+    env_by_name: BTreeMap<String, String>,
+}
+
+/// The env rule from its parts (regexes) and the literal variables among
+/// them.
+fn env_rule(parts: &[String], exact: &[String]) -> EnvRule {
+    let mut by_name: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for part in parts {
+        if let Some(name) = literal_name(part) {
+            by_name.entry(name).or_default().push(part.clone());
+        }
+    }
+    EnvRule {
+        env: alternation(parts),
+        env_exact: exact.iter().map(|e| (e.clone(), true)).collect(),
+        env_by_name: by_name
+            .into_iter()
+            .map(|(name, parts)| (name.to_string(), alternation(&parts)))
+            .collect(),
+    }
+}
+
+/// The variable name a pattern part spells out literally before its `=`
+/// (`^TOKEN=.*$` → `TOKEN`); None when the name is itself a pattern.
+/// Only speed depends on this: a part filed under a name it does not match
+/// just makes that fast path miss.
+fn literal_name(part: &str) -> Option<&str> {
+    let (name, _) = part.strip_prefix('^').unwrap_or(part).split_once('=')?;
+    let literal = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    literal.then_some(name)
 }
 
 /// One anchored regex matching any of `parts` (each a regex).
@@ -299,10 +345,15 @@ pub fn container_rule(
     if container.tty {
         env.insert("TERM".into(), Allowed::Exact("TERM=xterm".into()));
     }
+    let mut env_exact = Vec::new();
     let mut env_parts: Vec<String> = env
         .into_values()
         .map(|allowed| match allowed {
-            Allowed::Exact(e) => escape(&e),
+            Allowed::Exact(e) => {
+                let part = escape(&e);
+                env_exact.push(e);
+                part
+            }
             Allowed::Pattern(p) => p,
         })
         .collect();
@@ -313,6 +364,7 @@ pub fn container_rule(
         ));
     }
     env_parts.extend(common_env(settings, pod));
+    let env = env_rule(&env_parts, &env_exact);
 
     // Args: Kubernetes' rules for command/args over ENTRYPOINT/CMD.
     let entrypoint = config.entrypoint.clone().unwrap_or_default();
@@ -407,7 +459,9 @@ pub fn container_rule(
         images,
         args_exact,
         args_patterns,
-        env: alternation(&env_parts),
+        env: env.env,
+        env_exact: env.env_exact,
+        env_by_name: env.env_by_name,
         cwd,
         uid,
         gid,
@@ -421,7 +475,7 @@ pub fn container_rule(
             .and_then(|s| s.read_only_root_filesystem)
             .unwrap_or(false),
         no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
-        mounts: by_destination(&mounts),
+        mounts: by_destination(&[settings.default_mounts.as_slice(), &mounts].concat()),
         exec: container.exec_commands(),
     })
 }
@@ -430,12 +484,15 @@ pub fn container_rule(
 pub fn sandbox_rule(settings: &Settings, pod: &PodSpec) -> ContainerRule {
     let mut env = settings.sandbox.env.clone();
     env.extend(common_env(settings, pod));
+    let env = env_rule(&env, &[]);
     ContainerRule {
         name: "(sandbox)".into(),
         images: settings.sandbox.images.clone(),
         args_exact: Some(settings.sandbox.args.clone()),
         args_patterns: None,
-        env: alternation(&env),
+        env: env.env,
+        env_exact: env.env_exact,
+        env_by_name: env.env_by_name,
         cwd: "/".into(),
         uid: None,
         gid: None,
@@ -443,41 +500,46 @@ pub fn sandbox_rule(settings: &Settings, pod: &PodSpec) -> ContainerRule {
         privileged: false,
         read_only_root: false,
         no_new_privileges: false,
-        mounts: BTreeMap::new(),
+        mounts: by_destination(&settings.default_mounts),
         exec: vec![],
     }
 }
 
-/// The complete Rego policy for `data`: the rules, `policy_data` (what
-/// every decision reads), and one `policy_container` definition per
-/// container, so a decision builds only the container it is about.
+/// The complete Rego policy for `data`: the rules, the pod-wide values
+/// (each its own rule, so a decision builds only those it reads), and
+/// `policy_container`: the sandbox's, then the containers as an `else`
+/// chain by name, so a decision builds only the container it is about.
 pub fn rego(data: &PolicyData, settings: &Settings) -> Result<String, GenPolicyError> {
     let exec: BTreeMap<&str, &Vec<Vec<String>>> = data
         .containers
         .values()
         .map(|c| (c.name.as_str(), &c.exec))
         .collect();
-    let common = serde_json::json!({
-        "namespace": data.namespace,
-        "shared_prefix": data.shared_prefix,
-        "default_mounts": data.default_mounts,
+    let exec_data = serde_json::json!({
         "allowed_exec": data.allowed_exec,
         "exec": exec,
     });
     let mut out = String::from("package agent_policy\n\n");
     out.push_str(RULES);
-    out.push_str("\n# The pod, as genpolicy resolved it.\npolicy_data := ");
-    out.push_str(&json(&common)?);
-    out.push_str("\n\n# Its containers, one definition each.\npolicy_container := ");
+    out.push_str("\n# The pod, as genpolicy resolved it.\npolicy_namespace := ");
+    out.push_str(&json(&data.namespace)?);
+    out.push_str("\n\npolicy_shared_prefix := ");
+    out.push_str(&json(&data.shared_prefix)?);
+    out.push_str(
+        "\n\n# What exec may run: by container name, and in any container.\npolicy_data := ",
+    );
+    out.push_str(&json(&exec_data)?);
+    out.push_str("\n\n# Its containers: the sandbox's, and one `else` chain by name (evaluated\n# until one matches).\npolicy_container := ");
     out.push_str(&json(&data.sandbox)?);
     out.push_str(" if container_type == \"sandbox\"\n");
-    for c in data.containers.values() {
-        out.push_str("\npolicy_container := ");
+    for (i, c) in data.containers.values().enumerate() {
+        out.push_str(if i == 0 {
+            "\npolicy_container := "
+        } else {
+            "\nelse := "
+        });
         out.push_str(&json(c)?);
-        out.push_str(&format!(
-            " if {{\n\tcontainer_type != \"sandbox\"\n\tcontainer_name == {}\n}}\n",
-            json(c.name.as_str())?
-        ));
+        out.push_str(&format!(" if container_name == {}", json(c.name.as_str())?));
     }
     out.push_str("\n# Requests the rules above do not decide (settings.request_defaults).\n");
     for (name, allowed) in &settings.request_defaults {

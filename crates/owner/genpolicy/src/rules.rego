@@ -1,8 +1,12 @@
 # The rules of every generated policy. `kabuto genpolicy` appends
-# `policy_data` (what every decision reads), one `policy_container`
-# definition per container (the pod's containers as the generator resolved
-# them) and one `default <Request> := <bool>` line per request the settings
-# decide.
+# `policy_namespace`, `policy_shared_prefix`, `policy_data` (what exec
+# decisions read), `policy_container` (the sandbox's definition, then the
+# pod's containers as the generator resolved them, each with the default
+# mounts merged in, as one `else` chain by name, evaluated until one
+# matches) and one `default <Request> := <bool>` line per request
+# the settings decide. Each is its own rule because regorus builds a rule's
+# value anew in every decision that reads it: a decision builds only what
+# it reads.
 #
 # CreateContainerRequest: the container must be one of the pod's (found by
 # its CRI name annotation, or the sandbox's pause container) and match it in
@@ -15,6 +19,17 @@
 # function calls per env variable or mount: regorus' function calls cost
 # microseconds each); only when it fails are `create_errors` computed, one
 # message per failed check, for the denial's reason.
+#
+# A container's rule is selected by its name alone; should a request also
+# claim to be the sandbox, two definitions match and the conflict denies.
+#
+# The gate fills each mount's `type`, `source` and `options` when the spec
+# leaves them out, so rules read them directly.
+#
+# Conditional checks index a local object (`t := {true: …, false: …}` then
+# `t[condition]`), never a literal or a call result directly: for those,
+# regorus builds (and discards) an error with a formatted message and, when
+# RUST_BACKTRACE is set, a captured backtrace — most of a decision's time.
 
 annotations := object.get(input.OCI, "annotations", {})
 
@@ -22,7 +37,7 @@ container_type := object.get(annotations, "io.kubernetes.cri.container-type", "c
 
 container_name := annotations["io.kubernetes.cri.container-name"]
 
-# policy_container: defined after policy_data, once per container.
+# policy_container: defined after policy_data, the containers as one else chain.
 
 process := object.get(input.OCI, "process", {})
 
@@ -44,7 +59,7 @@ image_name := object.get(annotations, "io.kubernetes.cri.image-name", "")
 # the annotation; both must be allowed.
 storages := object.get(input, "storages", [])
 
-namespace := object.get(annotations, "io.kubernetes.cri.sandbox-namespace", policy_data.namespace)
+namespace := object.get(annotations, "io.kubernetes.cri.sandbox-namespace", policy_namespace)
 
 CreateContainerRequest := {"allowed": true, "ops": record_container} if container_allowed
 
@@ -65,37 +80,64 @@ container_allowed if {
 	image_ok
 	storages_ok
 	args_ok
-	every e in env {
+	# c.env decides; env_fast finds most variables without it.
+	env_slow := {e | some e in env; not env_fast[e]}
+	every e in env_slow {
 		regex.match(c.env, e)
 	}
 	object.get(process, "cwd", "") == c.cwd
-	{true: true, false: object.get(user, "uid", 0) == c.uid}[c.uid == null]
-	{true: true, false: object.get(user, "gid", 0) == c.gid}[c.gid == null]
-	{true: true, false: count(masked_paths) > 0}[c.privileged]
+	uid_ok := {true: true, false: object.get(user, "uid", 0) == c.uid}
+	uid_ok[c.uid == null]
+	gid_ok := {true: true, false: object.get(user, "gid", 0) == c.gid}
+	gid_ok[c.gid == null]
+	masks_ok := {true: true, false: count(masked_paths) > 0}
+	masks_ok[c.privileged]
 	capabilities_ok
-	{true: object.get(object.get(input.OCI, "root", {}), "readonly", false), false: true}[c.read_only_root]
-	{true: object.get(process, "noNewPrivileges", false), false: true}[c.no_new_privileges]
-	defaults := policy_data.default_mounts
-	prefix := policy_data.shared_prefix
+	root_ok := {true: object.get(object.get(input.OCI, "root", {}), "readonly", false), false: true}
+	root_ok[c.read_only_root]
+	nnp_ok := {true: object.get(process, "noNewPrivileges", false), false: true}
+	nnp_ok[c.no_new_privileges]
+	prefix := policy_shared_prefix
 
 	# mount_ok, inlined: a function call per mount costs more than its body.
 	every m in mounts {
-		a := object.get(c.mounts, m.destination, object.get(defaults, m.destination, null))
-		a != null
-		options := object.get(m, "options", [])
-		is_bind := count([1 | some o in options; o in {"bind", "rbind"}]) + count([1 | m.type == "bind"]) > 0
+		a := c.mounts[m.destination]
+		options := m.options
+		kind := m.type
+		by_option := {true: true, false: "bind" in options}
+		by_type := {true: true, false: by_option["rbind" in options]}
+		is_bind := by_type[kind == "bind"]
 		is_bind in a.bind
-		{true: true, false: object.get(m, "type", "") == a.type}[a.any_type]
+		type_ok := {true: true, false: kind == a.type}
+		type_ok[a.any_type]
 		every o in a.options {
 			o in options
 		}
-		{true: startswith(object.get(m, "source", ""), prefix), false: true}[is_bind]
+		source_ok := {true: startswith(m.source, prefix), false: true}
+		source_ok[is_bind]
 	}
 }
 
-namespace_ok if policy_data.namespace == ""
+# Variables `c.env` accepts, found cheaply: literal ones by lookup, others
+# by the small regex of the parts of c.env that name them (each a subset
+# of c.env).
+env_fast contains e if {
+	c := policy_container
+	some e in env
+	c.env_exact[e]
+}
 
-namespace_ok if namespace == policy_data.namespace
+env_fast contains e if {
+	c := policy_container
+	some e in env
+	not c.env_exact[e]
+	parts := split(e, "=")
+	regex.match(c.env_by_name[parts[0]], e)
+}
+
+namespace_ok if policy_namespace == ""
+
+namespace_ok if namespace == policy_namespace
 
 image_ok if count(policy_container.images) == 0
 
@@ -104,7 +146,8 @@ image_ok if image_name in policy_container.images
 storages_ok if {
 	every s in storages {
 		s.driver == "image_guest_pull"
-		{true: true, false: object.get(s, "source", "") in policy_container.images}[count(policy_container.images) == 0]
+		source_ok := {true: true, false: object.get(s, "source", "") in policy_container.images}
+		source_ok[count(policy_container.images) == 0]
 	}
 }
 
@@ -122,32 +165,43 @@ args_ok if {
 capabilities_ok if policy_container.capabilities == null
 
 capabilities_ok if {
-	policy_container.capabilities != null
-	allowed := {c | some c in policy_container.capabilities}
-	every set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
-		every cap in object.get(capabilities, set, []) {
+	allowed_list := policy_container.capabilities
+	allowed_list != null
+
+	# Bounding, effective and permitted are usually one list, the allowed
+	# one in its order: only other (non-empty) lists are checked by member.
+	lists := {object.get(capabilities, set, []) | some set in ["bounding", "effective", "permitted", "inheritable", "ambient"]}
+	others := {l | some l in lists; l != allowed_list; count(l) > 0}
+	every l in others {
+		allowed := {c | some c in allowed_list}
+		every cap in l {
 			allowed[cap]
 		}
 	}
 }
 
-# A mount is allowed by the container's own rule at its destination, else
-# the default rule there. Rules say whether it must be a bind (`bind`: the
-# allowed values of "is a bind"), its filesystem type (unless `any_type`)
-# and the options it must carry (`ro` for read-only mounts). Binds may only come from the directory
-# the runtime shares into the guest: never a guest path such as / or /dev.
+# A mount is allowed by the container's rule at its destination (its own
+# mounts and the defaults). Rules say whether it must be a bind (`bind`:
+# the allowed values of "is a bind"), its filesystem type (unless
+# `any_type`) and the options it must carry (`ro` for read-only mounts).
+# Binds may only come from the directory the runtime shares into the
+# guest: never a guest path such as / or /dev.
 # (The same check as a function, for the denial's reasons.)
-mount_ok(m, own, defaults, prefix) if {
-	a := object.get(own, m.destination, object.get(defaults, m.destination, null))
-	a != null
-	options := object.get(m, "options", [])
-	is_bind := count([1 | some o in options; o in {"bind", "rbind"}]) + count([1 | m.type == "bind"]) > 0
+mount_ok(m, rules, prefix) if {
+	a := rules[m.destination]
+	options := m.options
+	kind := m.type
+	by_option := {true: true, false: "bind" in options}
+	by_type := {true: true, false: by_option["rbind" in options]}
+	is_bind := by_type[kind == "bind"]
 	is_bind in a.bind
-	{true: true, false: object.get(m, "type", "") == a.type}[a.any_type]
+	type_ok := {true: true, false: kind == a.type}
+	type_ok[a.any_type]
 	every o in a.options {
 		o in options
 	}
-	{true: startswith(object.get(m, "source", ""), prefix), false: true}[is_bind]
+	source_ok := {true: startswith(m.source, prefix), false: true}
+	source_ok[is_bind]
 }
 
 # --- the reasons, computed only for a denial ---
@@ -162,7 +216,7 @@ create_errors contains sprintf("container %q is not in the pod's policy", [conta
 	not policy_container
 }
 
-create_errors contains sprintf("the pod's namespace is %q, not %q", [policy_data.namespace, namespace]) if {
+create_errors contains sprintf("the pod's namespace is %q, not %q", [policy_namespace, namespace]) if {
 	policy_container
 	not namespace_ok
 }
@@ -246,7 +300,7 @@ create_errors contains sprintf("container %q must run with no_new_privileges (al
 create_errors contains sprintf("mount %s is not allowed for container %q", [m.destination, c.name]) if {
 	c := policy_container
 	some m in mounts
-	not mount_ok(m, c.mounts, policy_data.default_mounts, policy_data.shared_prefix)
+	not mount_ok(m, c.mounts, policy_shared_prefix)
 }
 
 # --- exec ---

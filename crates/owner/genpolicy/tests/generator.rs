@@ -653,6 +653,36 @@ fn changed_requests_are_denied_naming_the_check() {
     }
     assert!(denied_reason(&mut gate, &r).contains("mount /proc is not allowed"));
 
+    // A bind by its options alone (no type) from a guest path; the
+    // read-only service account token mounted writable; /proc with no type.
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount";
+    for (dest, change) in [
+        (
+            "/etc/app",
+            json!({"type": null, "source": "/etc", "options": ["rbind", "ro"]}),
+        ),
+        (token, json!({"options": ["rbind", "rw"]})),
+        ("/proc", json!({"type": null})),
+    ] {
+        let mut r = req.clone();
+        for m in r["OCI"]["mounts"].as_array_mut().unwrap() {
+            if m["destination"] == json!(dest) {
+                for (k, v) in change.as_object().unwrap() {
+                    if v.is_null() {
+                        m.as_object_mut().unwrap().remove(k);
+                    } else {
+                        m[k] = v.clone();
+                    }
+                }
+            }
+        }
+        let reason = denied_reason(&mut gate, &r);
+        assert!(
+            reason.contains(&format!("mount {dest} is not allowed")),
+            "{change}: {reason}"
+        );
+    }
+
     let mut r = req.clone();
     r["OCI"]["process"]["cwd"] = json!("/tmp");
     assert!(denied_reason(&mut gate, &r).contains("working directory \"/tmp\""));
@@ -888,4 +918,76 @@ fn bad_manifests_and_images_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not match its digest"), "{e}");
+}
+
+/// The rule the policy holds for `container` (its JSON literal).
+fn container_rule(rego: &str, container: &str) -> Value {
+    let tail = format!("}} if container_name == \"{container}\"");
+    let end = rego.find(&tail).unwrap() + 1;
+    let head = &rego[..end];
+    let start = ["policy_container := {", "else := {"]
+        .iter()
+        .filter_map(|marker| head.rfind(marker).map(|at| at + marker.len() - 1))
+        .max()
+        .unwrap();
+    serde_json::from_str(&rego[start..end]).unwrap()
+}
+
+/// The env check's fast paths (literal values, any-value names, per-name
+/// regexes) must decide exactly as the full alternation `env` does, which
+/// is matched here with the regex crate itself.
+#[test]
+fn env_fast_paths_decide_as_the_full_regex() {
+    let f = fixture();
+    for name in ["07-pod-init-and-sidecar.yaml", "08-pod-env-sources.yaml"] {
+        let generated = gen(&f, &manifest(name), &Settings::default()).unwrap();
+        let (template, ns) = pod_templates(&generated.manifest).remove(0);
+        let rego = &generated.pods[0].rego;
+        let mut gate = PolicyGate::new(rego).unwrap();
+        for container in template["spec"]["containers"].as_array().unwrap() {
+            let cname = container["name"].as_str().unwrap();
+            let full =
+                regex::Regex::new(container_rule(rego, cname)["env"].as_str().unwrap()).unwrap();
+            let req = cri_request(&template, &ns, container, "c1");
+            let mut candidates: Vec<String> = vec![
+                "WEB_SERVICE_HOST=10.0.0.1".into(),
+                "DB_HOST_SERVICE_HOST=10.0.0.1".into(),
+                "DB_PORT=10.96.0.1".into(),
+                "HOSTNAME=Bad_Host".into(),
+                "APP_LOG=1".into(),
+                "SECRET_X=y\nz".into(),
+                "PATH=/tmp".into(),
+                "DB_USER=any thing=with=equals\n".into(),
+                "POD_IP=".into(),
+                "TERM=xterm".into(),
+                "KUBERNETES_SERVICE_PORT=abc".into(),
+                "=x".into(),
+                "NOEQUALS".into(),
+            ];
+            for var in req["OCI"]["process"]["env"].as_array().unwrap() {
+                let var = var.as_str().unwrap();
+                let (n, v) = var.split_once('=').unwrap();
+                candidates.extend([
+                    var.to_string(),
+                    format!("{n}="),
+                    format!("{var}\n"),
+                    format!("{var}x"),
+                    format!("{n}=x{v}"),
+                    format!("{n}x={v}"),
+                    format!("{}={v}", n.to_lowercase()),
+                    n.to_string(),
+                ]);
+            }
+            for candidate in candidates {
+                let mut r = req.clone();
+                r["OCI"]["process"]["env"] = json!([candidate]);
+                let allowed = decide(&mut gate, "CreateContainerRequest", &r) == Decision::Allowed;
+                assert_eq!(
+                    allowed,
+                    full.is_match(&candidate),
+                    "{name} {cname}: {candidate:?}"
+                );
+            }
+        }
+    }
 }
