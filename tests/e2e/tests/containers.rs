@@ -297,3 +297,59 @@ fn oom_kill_is_reported() {
         "no OOM event:\n{text}"
     );
 }
+
+/// Volumes stay live although root filesystems are cached (they come from a
+/// second virtio-fs export with cache=always): a file the host replaces in a
+/// bind-mounted directory the way kubelet updates a ConfigMap (write a new
+/// file, rename it over the old one) reaches the running container.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn host_updates_to_volumes_reach_running_containers() {
+    let c = Containerd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = dir.path().join("config");
+    std::fs::create_dir_all(&volume).expect("mkdir");
+    std::fs::write(volume.join("setting"), "v1\n").expect("write");
+    let bind = format!(
+        "type=bind,src={},dst=/config,options=rbind:ro",
+        volume.display()
+    );
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &bind,
+        IMAGE,
+        "live",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "run: {}", stderr(&out));
+    let execs = std::cell::Cell::new(0);
+    let read = || {
+        execs.set(execs.get() + 1);
+        let exec_id = format!("r{}", execs.get());
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            "live",
+            "sh",
+            "-c",
+            "cat /config/setting",
+        ]);
+        assert!(out.status.success(), "exec: {}", stderr(&out));
+        stdout(&out)
+    };
+    let first = read();
+    assert!(first.starts_with("v1\n"), "{first}");
+    std::fs::write(volume.join(".setting.new"), "v2\n").expect("write");
+    std::fs::rename(volume.join(".setting.new"), volume.join("setting")).expect("rename");
+    // The shared directory's cache mode (auto) revalidates within a second.
+    let seen = c.eventually(Duration::from_secs(10), || read().starts_with("v2\n"));
+    assert!(seen, "the update never reached the container: {}", read());
+    c.kill_and_delete("live");
+}

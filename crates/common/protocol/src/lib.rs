@@ -44,6 +44,16 @@ pub const SHARED_FS_TAG: &str = "kabuto";
 /// Guest path where the shared directory is mounted.
 pub const GUEST_SHARED_DIR: &str = "/run/kabuto/shared";
 
+/// Tag of the second virtio-fs export: the containers' root filesystems,
+/// which only the guest changes while they run, so the guest may cache them
+/// without revalidating (the volumes in the shared directory may change on
+/// the host, e.g. a ConfigMap update, and are revalidated).
+pub const ROOTFS_FS_TAG: &str = "kabuto-rootfs";
+
+/// Guest path where the root filesystems export is mounted; a container's
+/// root is `<GUEST_ROOTFS_DIR>/<container id>`.
+pub const GUEST_ROOTFS_DIR: &str = "/run/kabuto/rootfs";
+
 /// `Storage.driver` of a rootfs the guest pulls itself.
 pub const STORAGE_IMAGE_GUEST_PULL: &str = "image_guest_pull";
 

@@ -3,7 +3,7 @@
 
 use std::{ffi::CString, fs, path::Path, thread, time::Duration};
 
-use kabuto_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+use kabuto_protocol::{GUEST_ROOTFS_DIR, GUEST_SHARED_DIR, ROOTFS_FS_TAG, SHARED_FS_TAG};
 use nix::mount::{mount, MsFlags};
 
 /// Load order of the kernel modules packed into the initramfs, one path per
@@ -105,7 +105,12 @@ pub fn setup_guest() -> Result<(), String> {
         let _ = std::os::unix::fs::symlink(target, link);
     }
     enable_cgroup_controllers().map_err(|e| format!("enabling cgroup controllers: {e}"))?;
-    for dir in [GUEST_SHARED_DIR, CONTAINER_STATE_DIR, BUNDLES_DIR] {
+    for dir in [
+        GUEST_SHARED_DIR,
+        GUEST_ROOTFS_DIR,
+        CONTAINER_STATE_DIR,
+        BUNDLES_DIR,
+    ] {
         fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
     }
     Ok(())
@@ -228,31 +233,41 @@ fn load_module(path: &Path) -> Result<(), String> {
     }
 }
 
-/// Mounts the host's shared directory (virtio-fs) at [`GUEST_SHARED_DIR`].
-pub fn mount_shared_dir() {
+/// Mounts the host's two virtio-fs exports: the shared directory at
+/// [`GUEST_SHARED_DIR`] and the root filesystems at [`GUEST_ROOTFS_DIR`].
+pub fn mount_shared_dirs() {
+    for (tag, dir) in [
+        (SHARED_FS_TAG, GUEST_SHARED_DIR),
+        (ROOTFS_FS_TAG, GUEST_ROOTFS_DIR),
+    ] {
+        mount_virtiofs(tag, dir);
+    }
+}
+
+fn mount_virtiofs(tag: &str, dir: &str) {
     // The virtio-fs device may still be probing right after its driver loads.
     for attempt in 0..200 {
         match mount(
-            Some(SHARED_FS_TAG),
-            GUEST_SHARED_DIR,
+            Some(tag),
+            dir,
             Some("virtiofs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             None::<&str>,
         ) {
             Ok(()) => {
-                log::debug!("shared directory mounted after {attempt} retries");
+                log::debug!("{dir} mounted after {attempt} retries");
                 return;
             }
             Err(nix::errno::Errno::ENODEV) | Err(nix::errno::Errno::ENOENT) => {
                 thread::sleep(Duration::from_millis(10))
             }
             Err(e) => {
-                log::error!("mounting the shared directory: {e}");
+                log::error!("mounting {dir}: {e}");
                 return;
             }
         }
     }
-    log::error!("mounting the shared directory: no virtio-fs device tagged {SHARED_FS_TAG}");
+    log::error!("mounting {dir}: no virtio-fs device tagged {tag}");
 }
 
 /// Flushes file systems and powers the VM off. Never returns.

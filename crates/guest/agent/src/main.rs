@@ -43,7 +43,7 @@ fn main() {
             fatal(is_init);
         }
         logger::set_level_from_cmdline();
-        init::mount_shared_dir();
+        init::mount_shared_dirs();
         if with_net {
             match net::setup_user_network() {
                 Ok(()) => log::info!(

@@ -12,7 +12,7 @@ use kabuto_policy::{Decision, PolicyGate};
 use kabuto_protocol::{
     agent::{self, health_check_response::ServingStatus},
     agent_ttrpc::{AgentService, Health},
-    GUEST_SHARED_DIR,
+    GUEST_ROOTFS_DIR, GUEST_SHARED_DIR,
 };
 use protobuf::MessageFull;
 use ttrpc::TtrpcContext;
@@ -189,11 +189,12 @@ impl Agent {
 
     fn create_sandbox(&self, req: agent::CreateSandboxRequest) -> Result<agent::Empty> {
         containers::validate_id(&req.sandbox_id)?;
-        if !is_mount_point(GUEST_SHARED_DIR) {
-            return Err(AgentError::InvalidArgument(format!(
-                "the shared directory is not mounted at {GUEST_SHARED_DIR}: \
-                 is the virtio-fs device missing from the VM?"
-            )));
+        for dir in [GUEST_SHARED_DIR, GUEST_ROOTFS_DIR] {
+            if !is_mount_point(dir) {
+                return Err(AgentError::InvalidArgument(format!(
+                    "{dir} is not mounted: is its virtio-fs device missing from the VM?"
+                )));
+            }
         }
         let init_data = if req.init_data.is_empty() {
             None

@@ -291,8 +291,15 @@ pub struct SharedFsConfig {
     pub kind: SharedFsKind,
     /// The virtio-fs daemon.
     pub virtiofsd_path: PathBuf,
-    /// virtiofsd cache mode: `none`, `auto` or `always`.
+    /// virtiofsd cache mode of the shared directory (volumes, which the
+    /// host may change while containers run: a ConfigMap update, say):
+    /// `none`, `auto` or `always`.
     pub cache: String,
+    /// virtiofsd cache mode of the containers' root filesystems, a second
+    /// export: only the guest changes them while they run, so `always`
+    /// lets the guest keep binaries in its page cache (with `auto`, each
+    /// open drops them: every exec re-reads its binary over virtio-fs).
+    pub rootfs_cache: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +314,7 @@ impl Default for SharedFsConfig {
             kind: SharedFsKind::VirtioFs,
             virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
             cache: "auto".into(),
+            rootfs_cache: "always".into(),
         }
     }
 }
@@ -375,11 +383,15 @@ impl Config {
                 h.memory_mib
             ));
         }
-        if !["none", "auto", "always"].contains(&self.shared_fs.cache.as_str()) {
-            return Err(format!(
-                "shared_fs.cache must be none, auto or always, not {:?}",
-                self.shared_fs.cache
-            ));
+        for (key, value) in [
+            ("cache", &self.shared_fs.cache),
+            ("rootfs_cache", &self.shared_fs.rootfs_cache),
+        ] {
+            if !["none", "auto", "always"].contains(&value.as_str()) {
+                return Err(format!(
+                    "shared_fs.{key} must be none, auto or always, not {value:?}"
+                ));
+            }
         }
         if self.agent.boot_timeout_secs == 0
             || self.agent.request_timeout_secs == 0
@@ -453,8 +465,10 @@ request_timeout_secs = 60
 # Only "virtio-fs" today.
 kind = "virtio-fs"
 virtiofsd_path = "/usr/lib/qemu/virtiofsd"
-# "none", "auto" or "always".
+# Cache modes, "none", "auto" or "always": volumes (the host may change
+# them while containers run), and root filesystems (only the guest does).
 cache = "auto"
+rootfs_cache = "always"
 
 [runtime]
 state_dir = "/run/kabuto"
@@ -532,6 +546,7 @@ mod tests {
             ("[hypervisor]\nmemory_mib = 8\n", "memory_mib"),
             ("[hypervisor]\naccelerator = \"hvf\"\n", "accelerator"),
             ("[shared_fs]\ncache = \"sometimes\"\n", "cache"),
+            ("[shared_fs]\nrootfs_cache = \"never\"\n", "rootfs_cache"),
             ("[confidential]\nimage_pull = \"guest\"\n", "guest_network"),
         ] {
             let err = Config::parse(toml, Path::new("c.toml")).expect_err(toml);

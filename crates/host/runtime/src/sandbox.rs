@@ -208,30 +208,47 @@ impl Sandbox {
             None => Vec::new(),
         };
         let shared = dir.join("shared");
+        let rootfs = dir.join("rootfs");
         fs::create_dir_all(&shared)
+            .and_then(|_| fs::create_dir_all(&rootfs))
             .and_then(|_| fs::write(dir.join("owner"), "kabuto"))
             .map_err(|e| fail("preparing the state directory")(e.to_string()))?;
-        mount::make_shared(&shared)
-            .map_err(|e| fail("sharing the container directory")(e.to_string()))?;
+        for exported in [&shared, &rootfs] {
+            mount::make_shared(exported)
+                .map_err(|e| fail("sharing the container directory")(e.to_string()))?;
+        }
 
-        // virtio-fs daemon.
-        let fs_socket = dir.join("virtiofs.sock");
+        // virtio-fs daemons: the shared directory (volumes) and the root
+        // filesystems, each with its own cache mode (see SharedFsConfig).
         let fs_cfg = &config.shared_fs;
-        let virtiofsd = spawn_helper(
-            &fs_cfg.virtiofsd_path,
-            &[
-                format!("--socket-path={}", fs_socket.display()),
-                "-o".into(),
-                format!("source={}", shared.display()),
-                "-o".into(),
-                format!("cache={}", fs_cfg.cache),
-                "-o".into(),
-                "announce_submounts".into(),
-            ],
-            &dir.join("virtiofsd.log"),
-        )
-        .map_err(fail("starting virtiofsd"))?;
-        partial.helpers.push(virtiofsd);
+        let fs_socket = dir.join("virtiofs.sock");
+        let rootfs_socket = dir.join("rootfs.sock");
+        let exports = [
+            (&fs_socket, &shared, &fs_cfg.cache, "virtiofsd.log"),
+            (
+                &rootfs_socket,
+                &rootfs,
+                &fs_cfg.rootfs_cache,
+                "virtiofsd-rootfs.log",
+            ),
+        ];
+        for (socket, source, cache, log) in exports {
+            let virtiofsd = spawn_helper(
+                &fs_cfg.virtiofsd_path,
+                &[
+                    format!("--socket-path={}", socket.display()),
+                    "-o".into(),
+                    format!("source={}", source.display()),
+                    "-o".into(),
+                    format!("cache={cache}"),
+                    "-o".into(),
+                    "announce_submounts".into(),
+                ],
+                &dir.join(log),
+            )
+            .map_err(fail("starting virtiofsd"))?;
+            partial.helpers.push(virtiofsd);
+        }
 
         // vsock device and the address of the agent behind it.
         let use_kernel_vsock = match config.agent.channel {
@@ -274,16 +291,18 @@ impl Sandbox {
             )
         };
         write_pids(&dir, &partial.helpers);
-        // The daemons start side by side; QEMU needs both sockets.
-        wait_for_socket(
-            &fs_socket,
-            partial.helpers.first_mut(),
-            &dir.join("virtiofsd.log"),
-        )
-        .map_err(fail("starting virtiofsd"))?;
+        // The daemons start side by side; QEMU needs all their sockets.
+        for (index, (socket, _, _, log)) in exports.iter().enumerate() {
+            wait_for_socket(socket, partial.helpers.get_mut(index), &dir.join(log))
+                .map_err(fail("starting virtiofsd"))?;
+        }
         if let VsockBackend::VhostUser { socket } = &vsock {
-            wait_for_socket(socket, partial.helpers.get_mut(1), &dir.join("vsock.log"))
-                .map_err(fail("starting the vhost-user vsock device"))?;
+            wait_for_socket(
+                socket,
+                partial.helpers.get_mut(exports.len()),
+                &dir.join("vsock.log"),
+            )
+            .map_err(fail("starting the vhost-user vsock device"))?;
         }
 
         // The VM.
@@ -333,7 +352,8 @@ impl Sandbox {
             memory_mib: config.hypervisor.memory_mib,
             accel,
             kernel_params,
-            shared_fs_socket: fs_socket,
+            shared_fs_socket: fs_socket.clone(),
+            rootfs_fs_socket: rootfs_socket.clone(),
             vsock,
             tee,
             user_network: config.hypervisor.guest_network == GuestNetwork::User,
@@ -438,6 +458,11 @@ impl Sandbox {
         self.dir.join("shared")
     }
 
+    /// Exported as the root filesystems (the guest's [`GUEST_ROOTFS_DIR`]).
+    fn rootfs_dir(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
     /// Mounts a container's rootfs (containerd's mounts, or the bundle's
     /// already-mounted rootfs; `None` when the guest pulls the image) and its
     /// bind mounts into the shared directory.
@@ -447,7 +472,7 @@ impl Sandbox {
         rootfs: Option<(&[MountSpec], &Path)>,
         binds: &[SharedBind],
     ) -> Result<(), mount::MountError> {
-        let target = self.shared_dir().join(container_id).join("rootfs");
+        let target = self.rootfs_dir().join(container_id);
         let result = (|| {
             match rootfs {
                 None => {}
@@ -471,6 +496,7 @@ impl Sandbox {
 
     /// Removes what [`Sandbox::share_container`] mounted.
     pub fn unshare_container(&self, container_id: &str) {
+        remove_dir(&self.rootfs_dir().join(container_id));
         remove_dir(&self.shared_dir().join(container_id));
     }
 

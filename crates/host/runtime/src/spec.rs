@@ -2,7 +2,8 @@
 //! agent applies.
 //!
 //! What changes, and why:
-//! - `root.path` points at the rootfs in the guest's shared directory.
+//! - `root.path` points at the container's root in the guest's root
+//!   filesystems export (`GUEST_ROOTFS_DIR/<container id>`).
 //! - Bind mounts of host paths are shared into the guest and re-pointed;
 //!   other mounts (proc, tmpfs, devpts, ...) are made by the guest as asked.
 //! - Hooks are dropped: they are host programs and cannot run in the guest.
@@ -89,8 +90,8 @@ fn is_bind(options: &Option<Vec<String>>) -> bool {
 }
 
 /// Rewrites `host` for the guest. `container_id` names the container's
-/// subdirectory of the shared directory, which the guest sees at
-/// `guest_shared_dir`.
+/// subdirectory of the shared directory (its bind sources), which the guest
+/// sees at `guest_shared_dir`, and its root in the root filesystems export.
 pub fn to_guest(
     host: &Spec,
     container_id: &str,
@@ -100,10 +101,9 @@ pub fn to_guest(
     validate(host, image_supplies_args)?;
     let mut spec = host.clone();
     let mut dropped = Vec::new();
-    let guest_container_dir = guest_shared_dir.join(container_id);
 
     if let Some(root) = spec.root_mut() {
-        root.set_path(guest_container_dir.join("rootfs"));
+        root.set_path(Path::new(kabuto_protocol::GUEST_ROOTFS_DIR).join(container_id));
     }
 
     let mut binds = Vec::new();
@@ -196,7 +196,7 @@ mod tests {
             .expect("guest spec");
         assert_eq!(
             g.spec.root().as_ref().map(|r| r.path().clone()),
-            Some(PathBuf::from("/run/kabuto/shared/c1/rootfs"))
+            Some(PathBuf::from("/run/kabuto/rootfs/c1"))
         );
         assert_eq!(g.binds.len(), 2);
         assert_eq!(g.binds[0].host_source, PathBuf::from("/var/lib/x/hosts"));

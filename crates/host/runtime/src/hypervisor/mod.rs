@@ -75,8 +75,10 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Guest kernel parameters, without the driver's own.
     pub kernel_params: Vec<String>,
-    /// vhost-user-fs socket of the virtio-fs daemon.
+    /// vhost-user-fs socket of the virtio-fs daemon of the shared directory.
     pub shared_fs_socket: PathBuf,
+    /// vhost-user-fs socket of the virtio-fs daemon of the root filesystems.
+    pub rootfs_fs_socket: PathBuf,
     pub vsock: VsockBackend,
     pub tee: TeeLaunch,
     /// QEMU user-mode networking for the guest (virtio-net).

@@ -129,6 +129,17 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
             device("vhost-user-fs-device", "vhost-user-fs-pci"),
             kabuto_protocol::SHARED_FS_TAG
         ),
+        "-chardev".into(),
+        format!(
+            "socket,id=rootfs-fs,path={}",
+            spec.rootfs_fs_socket.display()
+        ),
+        "-device".into(),
+        format!(
+            "{},chardev=rootfs-fs,tag={}",
+            device("vhost-user-fs-device", "vhost-user-fs-pci"),
+            kabuto_protocol::ROOTFS_FS_TAG
+        ),
     ];
     match &spec.vsock {
         VsockBackend::Kernel { guest_cid } => {
@@ -328,6 +339,7 @@ mod tests {
             accel,
             kernel_params: vec!["kabuto.log=debug".into()],
             shared_fs_socket: PathBuf::from("/run/kabuto/sandboxes/pod1/virtiofs.sock"),
+            rootfs_fs_socket: PathBuf::from("/run/kabuto/sandboxes/pod1/rootfs.sock"),
             vsock,
             tee: TeeLaunch::None,
             user_network: false,
@@ -392,6 +404,7 @@ mod tests {
         let devices = arg_after(&args, "-device");
         assert!(devices.contains(&"vhost-user-vsock-device,chardev=vsock"));
         assert!(devices.contains(&"vhost-user-fs-device,chardev=shared-fs,tag=kabuto"));
+        assert!(devices.contains(&"vhost-user-fs-device,chardev=rootfs-fs,tag=kabuto-rootfs"));
         assert!(arg_after(&args, "-global").contains(&"virtio-mmio.force-legacy=false"));
     }
 
@@ -412,6 +425,7 @@ mod tests {
         let devices = arg_after(&args, "-device");
         assert!(devices.contains(&"vhost-vsock-pci,guest-cid=7"));
         assert!(devices.contains(&"vhost-user-fs-pci,chardev=shared-fs,tag=kabuto"));
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=rootfs-fs,tag=kabuto-rootfs"));
         assert!(arg_after(&args, "-global").is_empty());
     }
 }
