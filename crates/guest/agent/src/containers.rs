@@ -361,11 +361,16 @@ impl Runtime {
     }
 
     fn cleanup(&self, id: &str, bundle: &Path) {
-        if let Ok(mut c) = self.load(id) {
-            let _ = c.delete(true);
+        // Only what a failed delete left: loading a deleted container makes
+        // libcontainer log an error about its missing state file.
+        let state_dir = Path::new(CONTAINER_STATE_DIR).join(id);
+        if state_dir.exists() {
+            if let Ok(mut c) = self.load(id) {
+                let _ = c.delete(true);
+            }
         }
         let _ = fs::remove_dir_all(bundle);
-        let _ = fs::remove_dir_all(Path::new(CONTAINER_STATE_DIR).join(id));
+        let _ = fs::remove_dir_all(&state_dir);
         let _ = fs::remove_dir(cgroup_dir(id));
     }
 
