@@ -683,6 +683,13 @@ fn changed_requests_are_denied_naming_the_check() {
         );
     }
 
+    // A request claiming to be the sandbox and a named container at once
+    // matches two definitions of the container rule: denied.
+    let mut r = req.clone();
+    r["OCI"]["annotations"]["io.kubernetes.cri.container-type"] = json!("sandbox");
+    let reason = denied_reason(&mut gate, &r);
+    assert!(reason.contains("no decision"), "{reason}");
+
     let mut r = req.clone();
     r["OCI"]["process"]["cwd"] = json!("/tmp");
     assert!(denied_reason(&mut gate, &r).contains("working directory \"/tmp\""));
