@@ -73,6 +73,28 @@ impl Snapshotter {
         }
     }
 
+    /// Waits until `containerd` reaches the snapshotter. containerd dials its
+    /// proxy plugins when it starts; started first (it needs containerd's
+    /// root), the snapshotter was not there yet, and gRPC fails calls fast
+    /// until its reconnect backoff (up to 3 s in containerd 1.6) next
+    /// succeeds. Production starts kabuto-snapshotter before containerd.
+    pub fn wait_until_reachable(&self, containerd: &crate::Containerd) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = containerd.ctr(&["snapshots", "--snapshotter", "kabuto", "ls"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd cannot reach kabuto-snapshotter: {}\n{}",
+                crate::stderr(&out),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Where the snapshot directories are.
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")

@@ -94,6 +94,7 @@ fn cri_runs_encrypted_images_in_the_guest_and_plain_ones_from_the_host() {
     options.containerd_config = snapshotter.cri_config(&host, &sandbox_image);
     let c = Containerd::start_with(options);
     snapshotter.start(&c.dir.path().join("root"), &[]);
+    snapshotter.wait_until_reachable(&c);
     kbs.trust(&c, &swtee, &[&doc]);
     let mut cri = Cri::connect(&c.socket());
     let context = |_: &Cri| {
