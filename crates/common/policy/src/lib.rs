@@ -132,13 +132,13 @@ impl PolicyGate {
         };
         let mut input = <regorus::Value as serde::Deserialize>::deserialize(input)
             .map_err(|e| eval_err(e.to_string()))?;
+        fill_mount_defaults(&mut input);
         // The state reaches the rules as `data.state`, through `with` from
         // a reserved input key rather than as engine data: changing regorus'
         // data makes it re-analyse the whole policy on the next evaluation,
         // which for a generated policy costs more than the decision itself;
         // and a constant query is cheaper to parse than one carrying the
         // state as a literal.
-        fill_mount_defaults(&mut input);
         let state = <regorus::Value as serde::Deserialize>::deserialize(&self.state)
             .map_err(|e| eval_err(e.to_string()))?;
         input
