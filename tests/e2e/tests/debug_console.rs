@@ -39,10 +39,18 @@ fn debug_shell_when_enabled() {
         ..Default::default()
     });
     c.run_detached("dbg", &[], &["sleep", "1000"]);
-    let out = kabuto_exec(&c, "dbg", "uname -r\nexit\n");
+    let out = kabuto_exec(&c, "dbg", "uname -r\ngrep cgroup2 /proc/mounts\nexit\n");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains(&guest_kernel_release()),
+        "{}",
+        stdout(&out)
+    );
+    // The agent's cgroup2 mount carries favordynmods (the pinned kernel
+    // knows it; without it every container create and exec waits for an
+    // RCU grace period).
+    assert!(
+        stdout(&out).contains("nsdelegate,favordynmods"),
         "{}",
         stdout(&out)
     );

@@ -70,7 +70,11 @@ const BASE_MOUNTS: &[Mount] = &[
         flags: MsFlags::MS_NOSUID
             .union(MsFlags::MS_NODEV)
             .union(MsFlags::MS_NOEXEC),
-        data: Some("nsdelegate"),
+        // favordynmods (Linux ≥ 6.0): moving a process into a cgroup no
+        // longer waits for an RCU grace period. Every container create and
+        // exec moves one; measured 11–12 ms per move in a TCG guest without
+        // it. Older kernels refuse the option; see `mount_base`.
+        data: Some("nsdelegate,favordynmods"),
     },
     Mount {
         source: "run",
@@ -88,12 +92,32 @@ const BASE_MOUNTS: &[Mount] = &[
     },
 ];
 
+/// Mounts one base file system; a kernel that does not know an option
+/// (EINVAL) gets the mount again with the last option left out.
+fn mount_base(m: &Mount) -> nix::Result<()> {
+    match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
+        Err(nix::errno::Errno::EINVAL) if m.data.is_some_and(|d| d.contains(',')) => {
+            let fewer = m
+                .data
+                .and_then(|d| d.rsplit_once(','))
+                .map(|(head, _)| head);
+            log::warn!(
+                "{}: the kernel refused the options {:?}; mounting with {:?}",
+                m.target,
+                m.data,
+                fewer
+            );
+            mount(Some(m.source), m.target, Some(m.fstype), m.flags, fewer)
+        }
+        other => other,
+    }
+}
+
 /// Mounts the base file systems and enables the cgroup controllers.
 pub fn setup_guest() -> Result<(), String> {
     for m in BASE_MOUNTS {
         fs::create_dir_all(m.target).map_err(|e| format!("mkdir {}: {e}", m.target))?;
-        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data)
-            .map_err(|e| format!("mount {} on {}: {e}", m.fstype, m.target))?;
+        mount_base(m).map_err(|e| format!("mount {} on {}: {e}", m.fstype, m.target))?;
     }
     // Containers expect the usual /dev links.
     for (link, target) in [

@@ -93,11 +93,16 @@ impl Agent {
     {
         let name = Req::descriptor().name().to_string();
         let started = Instant::now();
-        let decision = policy_input(&req).and_then(|input| {
-            lock(&self.gate)
-                .decide(&name, &input)
-                .map_err(|e| AgentError::InvalidArgument(e.to_string()))
-        });
+        let always_allowed = lock(&self.gate).allows_without_input(&name);
+        let decision = if always_allowed {
+            Ok(Decision::Allowed)
+        } else {
+            policy_input(&req).and_then(|input| {
+                lock(&self.gate)
+                    .decide(&name, &input)
+                    .map_err(|e| AgentError::InvalidArgument(e.to_string()))
+            })
+        };
         let decided = started.elapsed();
         match decision {
             Ok(Decision::Allowed) => log::debug!("{name}: allowed by policy in {decided:?}"),
