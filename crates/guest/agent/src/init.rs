@@ -21,6 +21,8 @@ struct Mount {
     fstype: &'static str,
     flags: MsFlags,
     data: Option<&'static str>,
+    /// Options to mount with instead when the kernel refuses `data` (EINVAL).
+    older_kernel_data: Option<&'static str>,
 }
 
 const BASE_MOUNTS: &[Mount] = &[
@@ -32,6 +34,7 @@ const BASE_MOUNTS: &[Mount] = &[
             .union(MsFlags::MS_NODEV)
             .union(MsFlags::MS_NOEXEC),
         data: None,
+        older_kernel_data: None,
     },
     Mount {
         source: "sysfs",
@@ -41,6 +44,7 @@ const BASE_MOUNTS: &[Mount] = &[
             .union(MsFlags::MS_NODEV)
             .union(MsFlags::MS_NOEXEC),
         data: None,
+        older_kernel_data: None,
     },
     Mount {
         source: "dev",
@@ -48,6 +52,7 @@ const BASE_MOUNTS: &[Mount] = &[
         fstype: "devtmpfs",
         flags: MsFlags::MS_NOSUID,
         data: Some("mode=0755"),
+        older_kernel_data: None,
     },
     Mount {
         source: "devpts",
@@ -55,6 +60,7 @@ const BASE_MOUNTS: &[Mount] = &[
         fstype: "devpts",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
         data: Some("gid=5,mode=0620,ptmxmode=0666"),
+        older_kernel_data: None,
     },
     Mount {
         source: "shm",
@@ -62,6 +68,7 @@ const BASE_MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=1777"),
+        older_kernel_data: None,
     },
     Mount {
         source: "cgroup2",
@@ -73,8 +80,9 @@ const BASE_MOUNTS: &[Mount] = &[
         // favordynmods (Linux ≥ 6.0): moving a process into a cgroup no
         // longer waits for an RCU grace period. Every container create and
         // exec moves one; measured 11–12 ms per move in a TCG guest without
-        // it. Older kernels refuse the option; see `mount_base`.
+        // it. Older kernels refuse the option.
         data: Some("nsdelegate,favordynmods"),
+        older_kernel_data: Some("nsdelegate"),
     },
     Mount {
         source: "run",
@@ -82,6 +90,7 @@ const BASE_MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=0755"),
+        older_kernel_data: None,
     },
     Mount {
         source: "tmp",
@@ -89,27 +98,32 @@ const BASE_MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=1777"),
+        older_kernel_data: None,
     },
 ];
 
-/// Mounts one base file system; a kernel that does not know an option
-/// (EINVAL) gets the mount again with the last option left out.
+/// Mounts one base file system, with its older-kernel options if the
+/// kernel refuses the preferred ones.
 fn mount_base(m: &Mount) -> nix::Result<()> {
-    match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
-        Err(nix::errno::Errno::EINVAL) if m.data.is_some_and(|d| d.contains(',')) => {
-            let fewer = m
-                .data
-                .and_then(|d| d.rsplit_once(','))
-                .map(|(head, _)| head);
+    match (
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data),
+        m.older_kernel_data,
+    ) {
+        (Err(nix::errno::Errno::EINVAL), Some(older)) => {
             log::warn!(
-                "{}: the kernel refused the options {:?}; mounting with {:?}",
+                "{}: the kernel refused the options {:?}; mounting with {older:?}",
                 m.target,
-                m.data,
-                fewer
+                m.data
             );
-            mount(Some(m.source), m.target, Some(m.fstype), m.flags, fewer)
+            mount(
+                Some(m.source),
+                m.target,
+                Some(m.fstype),
+                m.flags,
+                Some(older),
+            )
         }
-        other => other,
+        (result, _) => result,
     }
 }
 
