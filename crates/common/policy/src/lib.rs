@@ -126,7 +126,6 @@ impl PolicyGate {
         PolicyGate::new(ALLOW_ALL).unwrap_or_else(|e| panic!("shipped allow-all policy: {e}"))
     }
 
-    /// The policy state rules read as `data.state`.
     /// True when `request` is allowed whatever its input, so a caller may
     /// skip building the input for [`PolicyGate::decide`]. A false answer
     /// says nothing: the request must be decided.
@@ -134,6 +133,7 @@ impl PolicyGate {
         self.always_allowed.contains(&request)
     }
 
+    /// The policy state rules read as `data.state`.
     pub fn state(&self) -> &serde_json::Value {
         &self.state
     }
