@@ -96,16 +96,18 @@ pub fn input(i: usize) -> serde_json::Value {
             "options": ["rbind", if *ro { "ro" } else { "rw" }]}));
     }
     let caps = Settings::default().default_capabilities;
+    let image = format!("registry.example/app{i}@{}", digest(i));
     json!({
         "container_id": format!("c{i}"),
         "exec_id": "",
         "sandbox_id": "pod",
+        "storages": [{"driver": "image_guest_pull", "source": image}],
         "OCI": {
             "ociVersion": "1.1.0",
             "annotations": {
                 "io.kubernetes.cri.container-type": "container",
                 "io.kubernetes.cri.container-name": format!("app{i}"),
-                "io.kubernetes.cri.image-name": format!("registry.example/app{i}@{}", digest(i)),
+                "io.kubernetes.cri.image-name": image,
                 "io.kubernetes.cri.sandbox-namespace": "default",
             },
             "process": {
@@ -118,9 +120,10 @@ pub fn input(i: usize) -> serde_json::Value {
                 "cwd": "/srv",
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             },
-            "root": {"path": format!("{shared}/c{i}/rootfs"), "readonly": false},
+            "root": {"path": format!("/run/kabuto/rootfs/c{i}"), "readonly": false},
             "mounts": mounts,
-            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys"], "readonlyPaths": ["/proc/sys"]},
+            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys"], "readonlyPaths": ["/proc/sys"],
+                      "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]},
         }
     })
 }
@@ -182,9 +185,11 @@ pub fn measure(rounds: usize) -> Vec<Row> {
         "the bench policy must deny a changed arg"
     );
     let create = |r: usize| input(r % CONTAINERS);
+    // containerd builds an exec from the container's process.
     let probe = |r: usize| {
-        json!({"container_id": format!("c{}", r % CONTAINERS), "exec_id": "p",
-               "process": {"args": ["/bin/app", "--check"], "cwd": "/srv"}})
+        let mut process = input(r % CONTAINERS)["OCI"]["process"].clone();
+        process["args"] = json!(["/bin/app", "--check"]);
+        json!({"container_id": format!("c{}", r % CONTAINERS), "exec_id": "p", "process": process})
     };
     let shell = |r: usize| {
         json!({"container_id": format!("c{}", r % CONTAINERS), "exec_id": "s",

@@ -1,8 +1,8 @@
 //! Remote attestation from a real guest: a confidential pod (software TEE,
 //! through containerd) attests to `kabuto-kbs` on the host's loopback and
 //! its container reads a KBS resource from the data hub — only when the
-//! owner's reference values match; and a host that alters the init-data
-//! after launch gets no pod at all.
+//! owner's reference values match. (A host that alters the init-data after
+//! launch: hostile_host.rs.)
 
 use kabuto_e2e::confidential::{confidential_containerd, init_data_annotation as annotation, Kbs};
 use kabuto_e2e::{stderr, stdout};
@@ -52,31 +52,6 @@ fn confidential_pod_gets_its_secret_only_after_attestation() {
         "{}\n{}",
         stderr(&out),
         stdout(&out)
-    );
-    c.assert_no_residue();
-}
-
-#[test]
-#[ignore = "needs the e2e environment: run scripts/test.sh"]
-fn init_data_altered_after_launch_is_refused_by_the_guest() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let kbs = Kbs::start(work.path());
-    let swtee = work.path().join("swtee");
-    let c = confidential_containerd(
-        &swtee,
-        "",
-        vec![(
-            kabuto_runtime::sandbox::TEST_ALTER_INIT_DATA_ENV.into(),
-            "1".into(),
-        )],
-    );
-    let doc = init_data(&kbs, "");
-    let out = c.run("tampered", &["--annotation", &annotation(&doc)], &["true"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("does not match the TEE's HOST_DATA"),
-        "{}",
-        stderr(&out)
     );
     c.assert_no_residue();
 }

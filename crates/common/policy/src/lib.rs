@@ -5,7 +5,9 @@
 //! `CreateContainerRequest`) the gate evaluates `data.agent_policy.R` with
 //! the request as `input`. The result must be a bool, or an object
 //! `{"allowed": bool, "ops": [...], "reason": "..."}` where `ops` is a JSON
-//! Patch (RFC 6902) applied to the policy state when the request is allowed.
+//! Patch (RFC 6902) applied to the policy state once the allowed request
+//! *succeeded* ([`PolicyGate::judge`] then [`PolicyGate::commit`]): a request
+//! that fails in its handler must not change how later requests are judged.
 //! Rules read that state as `data.state`. Anything else is a deny.
 //!
 //! Policies use Rego v1 syntax (OPA 1.0: `if`, `contains`).
@@ -18,6 +20,11 @@ use thiserror::Error;
 pub const ALLOW_ALL: &str = include_str!("../policies/allow-all.rego");
 /// Deny by default: the starting point of confidential pods.
 pub const DEFAULT_CONFIDENTIAL: &str = include_str!("../policies/default-confidential.rego");
+/// What a confidential guest enforces from boot until its one CreateSandbox
+/// succeeded: that request (and health checks), nothing else.
+pub const CONFIDENTIAL_BOOT: &str = include_str!("../policies/confidential-boot.rego");
+/// Every request denied: a confidential guest whose CreateSandbox failed.
+pub const DENY_ALL: &str = include_str!("../policies/deny-all.rego");
 
 #[derive(Debug, Error)]
 pub enum PolicyError {
@@ -29,6 +36,8 @@ pub enum PolicyError {
     RequestName(String),
     #[error("evaluating {request}: {reason}")]
     Eval { request: String, reason: String },
+    #[error("the policy's state update no longer applies: {0}")]
+    State(String),
 }
 
 /// The outcome for one request.
@@ -36,6 +45,21 @@ pub enum PolicyError {
 pub enum Decision {
     Allowed,
     Denied { reason: Option<String> },
+}
+
+/// An allowed request's change to the policy state, applied with
+/// [`PolicyGate::commit`] only after the request succeeded.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use = "a state update does nothing until committed"]
+pub struct StateUpdate {
+    patch: json_patch::Patch,
+}
+
+/// A decision and, when allowed, the state update it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    pub decision: Decision,
+    pub update: Option<StateUpdate>,
 }
 
 /// The input key that carries the policy state to the query (not a field
@@ -138,13 +162,41 @@ impl PolicyGate {
         &self.state
     }
 
-    /// Decides one request. `request` is the message name; `input` the
-    /// request as JSON.
+    /// Decides one request and applies its state update at once: for
+    /// callers (tests, benchmarks, genpolicy's checks) that do not run the
+    /// request. The agent uses [`PolicyGate::judge`] and commits only what
+    /// succeeded.
     pub fn decide(
         &mut self,
         request: &str,
         input: &serde_json::Value,
     ) -> Result<Decision, PolicyError> {
+        let judgement = self.judge(request, input)?;
+        if let Some(update) = judgement.update {
+            self.commit(update)?;
+        }
+        Ok(judgement.decision)
+    }
+
+    /// Applies the state update of a request that succeeded. It was checked
+    /// against the state at decision time; an update that no longer applies
+    /// (another request changed the state in between) changes nothing and
+    /// is an error.
+    pub fn commit(&mut self, update: StateUpdate) -> Result<(), PolicyError> {
+        let mut next = self.state.clone();
+        json_patch::patch(&mut next, &update.patch)
+            .map_err(|e| PolicyError::State(e.to_string()))?;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Decides one request without changing the policy state. `request` is
+    /// the message name; `input` the request as JSON.
+    pub fn judge(
+        &mut self,
+        request: &str,
+        input: &serde_json::Value,
+    ) -> Result<Judgement, PolicyError> {
         if request.is_empty() || !request.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(PolicyError::RequestName(request.into()));
         }
@@ -179,64 +231,71 @@ impl PolicyGate {
                 .and_then(|r| r.expressions.into_iter().next())
                 .map(|e| e.value)
                 .unwrap_or(regorus::Value::Undefined),
-            Err(e) => {
-                return Ok(Decision::Denied {
-                    reason: Some(format!("no decision for {request}: {e}")),
-                })
-            }
+            Err(e) => return Ok(denied(format!("no decision for {request}: {e}"))),
         };
         if result == regorus::Value::Undefined {
-            return Ok(Decision::Denied {
-                reason: Some(format!("the policy has no rule for {request}")),
-            });
+            return Ok(denied(format!("the policy has no rule for {request}")));
         }
         let json: serde_json::Value = result
             .to_json_str()
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(serde_json::Value::Null);
-        self.interpret(request, json)
+        Ok(self.interpret(request, json))
     }
 
-    fn interpret(
-        &mut self,
-        request: &str,
-        result: serde_json::Value,
-    ) -> Result<Decision, PolicyError> {
-        let malformed = || Decision::Denied {
-            reason: Some(format!(
+    fn interpret(&self, request: &str, result: serde_json::Value) -> Judgement {
+        let malformed = || {
+            denied(format!(
                 "the policy's result for {request} is not a bool or {{allowed, ops}}"
-            )),
+            ))
+        };
+        let allowed = |update| Judgement {
+            decision: Decision::Allowed,
+            update,
         };
         match result {
-            serde_json::Value::Bool(true) => Ok(Decision::Allowed),
-            serde_json::Value::Bool(false) => Ok(Decision::Denied { reason: None }),
+            serde_json::Value::Bool(true) => allowed(None),
+            serde_json::Value::Bool(false) => Judgement {
+                decision: Decision::Denied { reason: None },
+                update: None,
+            },
             serde_json::Value::Object(map) => {
-                let Some(allowed) = map.get("allowed").and_then(|a| a.as_bool()) else {
-                    return Ok(malformed());
+                let Some(is_allowed) = map.get("allowed").and_then(|a| a.as_bool()) else {
+                    return malformed();
                 };
-                let reason = map.get("reason").and_then(|r| r.as_str()).map(String::from);
-                if !allowed {
-                    return Ok(Decision::Denied { reason });
-                }
-                if let Some(ops) = map.get("ops") {
-                    let patch: json_patch::Patch = match serde_json::from_value(ops.clone()) {
-                        Ok(p) => p,
-                        Err(_) => return Ok(malformed()),
+                if !is_allowed {
+                    let reason = map.get("reason").and_then(|r| r.as_str()).map(String::from);
+                    return Judgement {
+                        decision: Decision::Denied { reason },
+                        update: None,
                     };
-                    // Apply to a copy: a failing patch changes nothing.
-                    let mut next = self.state.clone();
-                    if let Err(e) = json_patch::patch(&mut next, &patch) {
-                        return Ok(Decision::Denied {
-                            reason: Some(format!("the policy's state update failed: {e}")),
-                        });
-                    }
-                    self.state = next;
                 }
-                Ok(Decision::Allowed)
+                let Some(ops) = map.get("ops") else {
+                    return allowed(None);
+                };
+                let Ok(patch) = serde_json::from_value::<json_patch::Patch>(ops.clone()) else {
+                    return malformed();
+                };
+                // Tried on a copy now, so a patch that cannot apply denies
+                // the request rather than failing after it ran.
+                let mut next = self.state.clone();
+                if let Err(e) = json_patch::patch(&mut next, &patch) {
+                    return denied(format!("the policy's state update failed: {e}"));
+                }
+                allowed(Some(StateUpdate { patch }))
             }
-            _ => Ok(malformed()),
+            _ => malformed(),
         }
+    }
+}
+
+fn denied(reason: String) -> Judgement {
+    Judgement {
+        decision: Decision::Denied {
+            reason: Some(reason),
+        },
+        update: None,
     }
 }
 
@@ -328,6 +387,77 @@ mod tests {
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn confidential_boot_allows_only_create_sandbox() {
+        let mut gate = PolicyGate::new(CONFIDENTIAL_BOOT).expect("parses");
+        for r in ALL_REQUESTS {
+            let expected = matches!(*r, "CreateSandboxRequest" | "CheckRequest");
+            assert_eq!(
+                gate.decide(r, &json!({})).expect("decide") == Decision::Allowed,
+                expected,
+                "{r}"
+            );
+        }
+        let mut gate = PolicyGate::new(DENY_ALL).expect("parses");
+        for r in ALL_REQUESTS {
+            assert!(
+                matches!(
+                    gate.decide(r, &json!({})).expect("decide"),
+                    Decision::Denied { .. }
+                ),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn judged_state_updates_wait_for_commit() {
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            CreateContainerRequest := {"allowed": true, "ops": [{"op": "add", "path": "/last", "value": input.container_id}]}
+            "#,
+        )
+        .expect("parses");
+        let first = gate
+            .judge("CreateContainerRequest", &json!({"container_id": "a"}))
+            .expect("judge");
+        assert_eq!(first.decision, Decision::Allowed);
+        assert_eq!(gate.state(), &json!({}), "nothing changes before commit");
+        let second = gate
+            .judge("CreateContainerRequest", &json!({"container_id": "b"}))
+            .expect("judge");
+        // The first request failed: its update is dropped; the second's lands.
+        drop(first);
+        gate.commit(second.update.expect("an update"))
+            .expect("commit");
+        assert_eq!(gate.state(), &json!({"last": "b"}));
+    }
+
+    #[test]
+    fn an_update_that_no_longer_applies_changes_nothing() {
+        let mut gate = PolicyGate::new(
+            r#"package agent_policy
+            CreateContainerRequest := {"allowed": true, "ops": [{"op": "add", "path": "/c", "value": {}}]}
+            RemoveContainerRequest := {"allowed": true, "ops": [{"op": "remove", "path": "/c"}]} if data.state.c
+            "#,
+        )
+        .expect("parses");
+        gate.decide("CreateContainerRequest", &json!({}))
+            .expect("decide");
+        let one = gate
+            .judge("RemoveContainerRequest", &json!({}))
+            .expect("judge");
+        let two = gate
+            .judge("RemoveContainerRequest", &json!({}))
+            .expect("judge");
+        gate.commit(one.update.expect("update")).expect("commit");
+        assert!(matches!(
+            gate.commit(two.update.expect("update")),
+            Err(PolicyError::State(_))
+        ));
+        assert_eq!(gate.state(), &json!({}));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub const ROOTFS_FS_TAG: &str = "kabuto-rootfs";
 /// Guest path where the root filesystems export is mounted; a container's
 /// root is `<GUEST_ROOTFS_DIR>/<container id>`.
 pub const GUEST_ROOTFS_DIR: &str = "/run/kabuto/rootfs";
+/// The root of a confidential pod's sandbox container in the guest: the
+/// static `pause` of the guest image and empty `proc` and `dev`.
+pub const GUEST_PAUSE_ROOT: &str = "/pause-bundle/rootfs";
 
 /// `Storage.driver` of a rootfs the guest pulls itself.
 pub const STORAGE_IMAGE_GUEST_PULL: &str = "image_guest_pull";

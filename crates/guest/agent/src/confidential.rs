@@ -31,6 +31,15 @@ pub fn tee_from_cmdline(cmdline: &str) -> Result<Option<TeeKind>, String> {
     }
 }
 
+/// True when the command line has a `kabuto.tee=` parameter, whatever its
+/// value: such a guest starts closed (an unknown value must not open it).
+pub fn names_a_tee(cmdline: &str) -> bool {
+    let prefix = format!("{KERNEL_PARAM_TEE}=");
+    cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with(prefix.as_str()))
+}
+
 /// Connects to the software TEE's firmware on the host.
 fn software_tee_connector() -> evidence::Connector {
     Box::new(|| {
@@ -150,10 +159,20 @@ pub fn kbs_client(
     .map_err(|e| e.to_string())
 }
 
+/// The containers whose processes the data hub answers.
+pub type DataHubClients = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
 /// Starts the data hub in the network namespace of process `pid` (the
 /// pod's first container): `GET /cdh/resource/<repo>/<type>/<tag>` on
-/// 127.0.0.1:8006 answers with the KBS resource, fetched after attestation.
-pub fn start_data_hub(pid: i32, kbs: Arc<KbsClient>) -> Result<(), String> {
+/// 127.0.0.1:8006 answers with the KBS resource, fetched after attestation
+/// — to processes of the containers in `clients` only (the peer is found
+/// from its socket, see [`peer_containers`]); anything else in the pod's
+/// network namespace gets 403.
+pub fn start_data_hub(
+    pid: i32,
+    kbs: Arc<KbsClient>,
+    clients: DataHubClients,
+) -> Result<(), String> {
     let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|e| format!("the pod's network namespace: {e}"))?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -194,6 +213,13 @@ pub fn start_data_hub(pid: i32, kbs: Arc<KbsClient>) -> Result<(), String> {
                 }
             };
             for stream in listener.incoming().flatten() {
+                // Checked here, in the pod's namespace, whose sockets
+                // /proc/thread-self/net lists.
+                if let Err(reason) = check_peer(&stream, &clients) {
+                    log::warn!("data hub: refused a connection: {reason}");
+                    respond(&stream, 403, format!("{reason}\n").as_bytes());
+                    continue;
+                }
                 if stream_tx.send(stream).is_err() {
                     return;
                 }
@@ -203,6 +229,102 @@ pub fn start_data_hub(pid: i32, kbs: Arc<KbsClient>) -> Result<(), String> {
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| "the data hub did not start".to_string())?
+}
+
+/// Refuses a connection unless every process holding its client end is
+/// in one of `clients`' containers.
+fn check_peer(stream: &TcpStream, clients: &DataHubClients) -> Result<(), String> {
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("peer address: {e}"))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    let holders = peer_containers(peer, local)?;
+    let allowed = clients.lock().unwrap_or_else(|p| p.into_inner());
+    match holders.iter().find(|c| !c.as_deref().is_some_and(|id| allowed.contains(id))) {
+        None => Ok(()),
+        Some(Some(id)) => Err(format!(
+            "container {id} is not one of the pod's own containers (the data hub answers only those)"
+        )),
+        Some(None) => Err("the connecting process is not in a container of this pod".into()),
+    }
+}
+
+/// The containers (by cgroup; `None` for a process in none) of every
+/// process holding the TCP socket whose local end is `peer` and remote end
+/// `local`, as this thread's network namespace sees it. An empty answer is
+/// an error: a socket nobody holds cannot be attributed.
+fn peer_containers(
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+) -> Result<Vec<Option<String>>, String> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .map_err(|e| format!("reading the socket table: {e}"))?;
+    let inode = socket_inode(&table, peer, local)
+        .ok_or_else(|| format!("no socket {peer} -> {local} in the pod's namespace"))?;
+    let target = format!("socket:[{inode}]");
+    let mut holders = Vec::new();
+    let procs = std::fs::read_dir("/proc").map_err(|e| format!("reading /proc: {e}"))?;
+    for entry in procs.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())
+        });
+        if holds {
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            holders.push(container_of_cgroup(&cgroup));
+        }
+    }
+    if holders.is_empty() {
+        return Err(format!("no process holds the socket {peer} -> {local}"));
+    }
+    Ok(holders)
+}
+
+/// The inode of the IPv4 socket with local address `local` and remote
+/// `remote` in a `/proc/net/tcp` table (addresses as the kernel prints them:
+/// the 32-bit address in host byte order, the port big-endian, hex).
+fn socket_inode(
+    table: &str,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> Option<u64> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )),
+        std::net::SocketAddr::V6(_) => None,
+    };
+    let (local, remote) = (hex(local)?, hex(remote)?);
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// The container of a process from its `/proc/PID/cgroup` (cgroup v2:
+/// `0::/kabuto/<id>[/…]`), as the agent places containers.
+fn container_of_cgroup(cgroup: &str) -> Option<String> {
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rest = path.strip_prefix(&format!("/{}/", crate::containers::CGROUP_PARENT))?;
+    rest.split('/')
+        .next()
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
 }
 
 /// One HTTP/1.1 request. Hand-written: one GET route on loopback does not
@@ -285,6 +407,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sockets_are_found_as_the_kernel_prints_them() {
+        // Two lines in /proc/net/tcp's format: the data hub's listener and a
+        // client at 127.0.0.1:41236 connected to it.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F46 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 18250 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:A0D4 0100007F:1F46 01 00000000:00000000 00:00000000 00000000     0        0 18977 1 0000000000000000 20 4 30 10 -1\n";
+        let client: std::net::SocketAddr = "127.0.0.1:41172".parse().unwrap();
+        let hub: std::net::SocketAddr = "127.0.0.1:8006".parse().unwrap();
+        assert_eq!(socket_inode(table, client, hub), Some(18977));
+        assert_eq!(socket_inode(table, hub, client), None);
+        let other: std::net::SocketAddr = "127.0.0.1:41173".parse().unwrap();
+        assert_eq!(socket_inode(table, other, hub), None);
+    }
+
+    #[test]
+    fn containers_are_found_by_cgroup() {
+        assert_eq!(
+            container_of_cgroup("0::/kabuto/web\n").as_deref(),
+            Some("web")
+        );
+        assert_eq!(
+            container_of_cgroup("0::/kabuto/web/sub\n").as_deref(),
+            Some("web")
+        );
+        assert_eq!(container_of_cgroup("0::/\n"), None);
+        assert_eq!(container_of_cgroup("0::/kabuto/\n"), None);
+        assert_eq!(container_of_cgroup("0::/kabutox/web\n"), None);
+        assert_eq!(container_of_cgroup(""), None);
+    }
+
+    #[test]
     fn binding_check() {
         assert!(check_binding(&[1; 32], &[1; 32]).is_ok());
         assert!(check_binding(
@@ -307,6 +460,9 @@ mod tests {
         );
         assert_eq!(tee_from_cmdline("console=hvc0"), Ok(None));
         assert!(tee_from_cmdline("kabuto.tee=bogus").is_err());
+        assert!(names_a_tee("a kabuto.tee=bogus"));
+        assert!(names_a_tee("kabuto.tee=software"));
+        assert!(!names_a_tee("console=hvc0 xkabuto.tee=snp"));
         let s =
             kbs_settings("[token_configs.kbs]\nurl = \"https://10.0.2.2:8443\"\ncert = \"PEM\"\n")
                 .unwrap()

@@ -17,6 +17,10 @@ pub enum AgentError {
     ContainerExists(String),
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// The request does not fit the guest's lifecycle (CreateSandbox twice,
+    /// anything but CreateSandbox first, or after it failed).
+    #[error("{0}")]
+    Lifecycle(String),
     /// A confidential pod's guarantees would not hold (TEE binding, attestation).
     #[error("confidential pod: {0}")]
     Confidential(String),
@@ -70,7 +74,9 @@ impl AgentError {
             }
             AgentError::ContainerExists(_) => Code::ALREADY_EXISTS,
             AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            AgentError::Confidential(_) | AgentError::Image(_) => Code::FAILED_PRECONDITION,
+            AgentError::Confidential(_) | AgentError::Image(_) | AgentError::Lifecycle(_) => {
+                Code::FAILED_PRECONDITION
+            }
             _ => Code::INTERNAL,
         };
         // Print the whole chain once, so the host shows the root cause.

@@ -190,7 +190,9 @@ pub fn with_early_proc(f: impl FnOnce()) {
 /// the initramfs (its libraries, the modules) is loaded by now.
 pub fn switch_root() -> Result<(), String> {
     const NEW_ROOT: &str = "/newroot";
-    // The debug image's shell is the one file kept (see debug_console).
+    // Kept: the pause of confidential pods (pause.rs) and the debug image's
+    // shell (debug_console).
+    let pause = fs::read(crate::pause::PAUSE_BINARY).ok();
     let debug_shell = fs::read(crate::debug_console::DEBUG_SHELL).ok();
     for entry in fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
         let path = entry.map_err(|e| e.to_string())?.path();
@@ -215,16 +217,27 @@ pub fn switch_root() -> Result<(), String> {
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     if let Some(shell) = debug_shell {
-        use std::os::unix::fs::PermissionsExt;
-        let path = Path::new(crate::debug_console::DEBUG_SHELL);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        restore(Path::new(crate::debug_console::DEBUG_SHELL), &shell)?;
+    }
+    if let Some(pause) = pause {
+        restore(Path::new(crate::pause::PAUSE_BINARY), &pause)?;
+        for dir in ["proc", "dev"] {
+            let dir = Path::new(kabuto_protocol::GUEST_PAUSE_ROOT).join(dir);
+            fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
         }
-        fs::write(path, shell).map_err(|e| format!("restoring the debug shell: {e}"))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("chmod the debug shell: {e}"))?;
     }
     Ok(())
+}
+
+/// Writes an executable kept across the root switch.
+fn restore(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    fs::write(path, data).map_err(|e| format!("restoring {}: {e}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
 /// Loads the kernel modules listed in [`MODULES_LIST`], in order (the

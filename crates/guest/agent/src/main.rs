@@ -12,6 +12,7 @@ mod images;
 mod init;
 mod logger;
 mod net;
+mod pause;
 mod process;
 mod reaper;
 mod service;
@@ -59,7 +60,9 @@ fn main() {
         }
     }
     let reaper = reaper::Reaper::start();
-    let agent = Arc::new(service::Agent::new(reaper, loaded_modules));
+    // Read again: the early read above exists only when running as init.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let agent = Arc::new(service::Agent::new(reaper, loaded_modules, &cmdline));
     agent.start_oom_watch();
 
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");

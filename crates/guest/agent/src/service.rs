@@ -2,13 +2,13 @@
 //! place where requests are logged and where the policy gate plugs in.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Condvar, Mutex, RwLock},
     thread,
     time::{Duration, Instant},
 };
 
-use kabuto_policy::{Decision, PolicyGate};
+use kabuto_policy::{Decision, Judgement, PolicyGate};
 use kabuto_protocol::{
     agent::{self, health_check_response::ServingStatus},
     agent_ttrpc::{AgentService, Health},
@@ -21,7 +21,7 @@ use crate::{
     confidential,
     containers::{self, Container, Runtime},
     error::{AgentError, Result},
-    images,
+    images, pause,
     process::Stream,
     reaper::Reaper,
     stats,
@@ -30,13 +30,80 @@ use crate::{
 /// How often the OOM watcher reads the containers' memory.events.
 const OOM_POLL: Duration = Duration::from_millis(500);
 
+/// Where the guest is in its one sandbox's life. A guest serves exactly one
+/// CreateSandbox; until it succeeded only it is accepted, and after it
+/// failed nothing is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Booted,
+    Creating,
+    Created,
+    /// Why CreateSandbox failed (init-data refused, not bound to the TEE …).
+    Failed(String),
+}
+
+impl Phase {
+    /// Refuses `request` if the phase does not allow it.
+    fn admits(&self, request: &str) -> Result<()> {
+        let early = matches!(
+            request,
+            "CreateSandboxRequest"
+                | "CheckRequest"
+                | "GuestDetailsRequest"
+                | "DestroySandboxRequest"
+        );
+        match self {
+            Phase::Created if request == "CreateSandboxRequest" => Err(AgentError::Lifecycle(
+                "CreateSandboxRequest refused: this guest already serves a sandbox".into(),
+            )),
+            Phase::Creating if request == "CreateSandboxRequest" => Err(AgentError::Lifecycle(
+                "CreateSandboxRequest refused: another CreateSandbox is in progress".into(),
+            )),
+            Phase::Booted | Phase::Creating if !early => Err(AgentError::Lifecycle(format!(
+                "{request} refused: CreateSandbox must come first"
+            ))),
+            Phase::Failed(reason)
+                if !matches!(request, "CheckRequest" | "DestroySandboxRequest") =>
+            {
+                Err(AgentError::Lifecycle(format!(
+                    "{request} refused: the sandbox could not be created ({reason}); \
+                     this guest accepts no other request"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The policy in force, and how many times it was replaced: a state update
+/// judged under one policy must not land in the state of the next.
+struct GateSlot {
+    gate: PolicyGate,
+    generation: u64,
+}
+
+impl GateSlot {
+    fn replace(&mut self, gate: PolicyGate) {
+        self.gate = gate;
+        self.generation += 1;
+    }
+}
+
+/// What a successful CreateSandbox applies.
+struct PreparedSandbox {
+    gate: Option<PolicyGate>,
+    init_data_digest: String,
+    kbs: Option<Arc<kabuto_attestation_agent::KbsClient>>,
+    images: images::PodImages,
+}
+
 #[derive(Default)]
 struct Sandbox {
     id: String,
+    phase: Phase,
     /// Hex digest of the applied init-data.
     init_data_digest: String,
-    /// Why this guest refuses to run containers (init-data not bound to the TEE).
-    refusal: Option<String>,
     /// The KBS client of a confidential pod whose init-data names a KBS.
     kbs: Option<Arc<kabuto_attestation_agent::KbsClient>>,
     data_hub_started: bool,
@@ -46,8 +113,14 @@ struct Sandbox {
 
 pub struct Agent {
     runtime: Runtime,
-    gate: Mutex<PolicyGate>,
+    /// The TEE the kernel command line names (`kabuto.tee=`); an error for
+    /// a value this agent does not know, which no CreateSandbox survives.
+    tee: std::result::Result<Option<kabuto_attestation_agent::TeeKind>, String>,
+    gate: Mutex<GateSlot>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
+    /// The containers whose processes the data hub answers: the pod's own,
+    /// not the guest's pause.
+    data_hub_clients: Arc<Mutex<HashSet<String>>>,
     sandbox: Mutex<Sandbox>,
     loaded_modules: Vec<String>,
     oom_events: Mutex<VecDeque<String>>,
@@ -63,13 +136,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Agent {
-    pub fn new(reaper: Reaper, loaded_modules: Vec<String>) -> Self {
+    /// `cmdline` is the kernel command line: a guest that it names a TEE
+    /// (any `kabuto.tee=` value, even one this agent does not know) starts
+    /// closed, accepting only CreateSandbox, whose init-data brings the
+    /// pod's policy.
+    pub fn new(reaper: Reaper, loaded_modules: Vec<String>, cmdline: &str) -> Self {
+        let tee = confidential::tee_from_cmdline(cmdline);
+        let gate = if confidential::names_a_tee(cmdline) {
+            PolicyGate::new(kabuto_policy::CONFIDENTIAL_BOOT)
+        } else {
+            // Pods that are not confidential: the host is trusted.
+            PolicyGate::new(kabuto_policy::ALLOW_ALL)
+        }
+        .unwrap_or_else(|e| panic!("shipped policy: {e}"));
         Agent {
             runtime: Runtime::new(reaper),
-            // Pods that are not confidential; a confidential pod's policy
-            // arrives with its init-data.
-            gate: Mutex::new(PolicyGate::allow_all()),
+            tee,
+            gate: Mutex::new(GateSlot {
+                gate,
+                generation: 0,
+            }),
             containers: RwLock::new(HashMap::new()),
+            data_hub_clients: Arc::new(Mutex::new(HashSet::new())),
             sandbox: Mutex::new(Sandbox::default()),
             loaded_modules,
             oom_events: Mutex::new(VecDeque::new()),
@@ -93,20 +181,26 @@ impl Agent {
     {
         let name = Req::descriptor().name().to_string();
         let started = Instant::now();
-        let always_allowed = lock(&self.gate).allows_without_input(&name);
-        let decision = if always_allowed {
-            Ok(Decision::Allowed)
-        } else {
-            policy_input(&req).and_then(|input| {
-                lock(&self.gate)
-                    .decide(&name, &input)
-                    .map_err(|e| AgentError::InvalidArgument(e.to_string()))
-            })
-        };
+        let judged = self.judge(&name, &req);
         let decided = started.elapsed();
-        match decision {
-            Ok(Decision::Allowed) => log::debug!("{name}: allowed by policy in {decided:?}"),
-            Ok(Decision::Denied { reason }) => {
+        let (update, generation) = match judged {
+            Ok((
+                Judgement {
+                    decision: Decision::Allowed,
+                    update,
+                },
+                generation,
+            )) => {
+                log::debug!("{name}: allowed by policy in {decided:?}");
+                (update, generation)
+            }
+            Ok((
+                Judgement {
+                    decision: Decision::Denied { reason },
+                    ..
+                },
+                _,
+            )) => {
                 log::warn!("{name}: denied by policy in {decided:?}");
                 let msg = match reason {
                     Some(r) => format!("{name} is blocked by policy: {r}"),
@@ -124,14 +218,50 @@ impl Agent {
                     format!("{name} is blocked by policy: {e}"),
                 )));
             }
-        }
-        let result = handler(self, req);
+        };
+        // (The phase's lock is released before the handler runs.)
+        let admitted = lock(&self.sandbox).phase.admits(&name);
+        let result = admitted.and_then(|()| handler(self, req));
         let elapsed = started.elapsed();
         match &result {
-            Ok(_) => log::debug!("{name}: ok in {elapsed:?}"),
+            Ok(_) => {
+                log::debug!("{name}: ok in {elapsed:?}");
+                // Only a request that succeeded changes how later ones are
+                // judged, and only under the policy that judged it.
+                if let Some(update) = update {
+                    let mut slot = lock(&self.gate);
+                    if slot.generation != generation {
+                        log::warn!("{name}: the policy was replaced meanwhile; its state update is dropped");
+                    } else if let Err(e) = slot.gate.commit(update) {
+                        log::error!("{name}: {e}");
+                    }
+                }
+            }
             Err(e) => log::warn!("{name}: failed in {elapsed:?}: {e}"),
         }
         result.map_err(AgentError::into_ttrpc)
+    }
+
+    /// The policy's judgement of a request, and the generation of the policy
+    /// that made it. The request is converted outside the lock.
+    fn judge<Req: MessageFull>(&self, name: &str, req: &Req) -> Result<(Judgement, u64)> {
+        {
+            let slot = lock(&self.gate);
+            if slot.gate.allows_without_input(name) {
+                let allowed = Judgement {
+                    decision: Decision::Allowed,
+                    update: None,
+                };
+                return Ok((allowed, slot.generation));
+            }
+        }
+        let input = policy_input(req)?;
+        let mut slot = lock(&self.gate);
+        let judgement = slot
+            .gate
+            .judge(name, &input)
+            .map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
+        Ok((judgement, slot.generation))
     }
 
     pub fn wait_for_shutdown(&self) {
@@ -192,7 +322,46 @@ impl Agent {
         }
     }
 
+    /// The guest's one sandbox. Everything is checked and built first and
+    /// applied together at the end; if anything fails the guest is left
+    /// refusing every request (a confidential one under the deny-all policy),
+    /// never with a partial sandbox or the boot policy still in force.
     fn create_sandbox(&self, req: agent::CreateSandboxRequest) -> Result<agent::Empty> {
+        {
+            let mut sandbox = lock(&self.sandbox);
+            sandbox.phase.admits("CreateSandboxRequest")?;
+            sandbox.phase = Phase::Creating;
+        }
+        match self.prepare_sandbox(&req) {
+            Ok(prepared) => {
+                if let Some(gate) = prepared.gate {
+                    lock(&self.gate).replace(gate);
+                    log::info!("pod policy applied");
+                }
+                let mut sandbox = lock(&self.sandbox);
+                sandbox.id = req.sandbox_id;
+                sandbox.init_data_digest = prepared.init_data_digest;
+                sandbox.kbs = prepared.kbs;
+                sandbox.images = Some(Arc::new(prepared.images));
+                sandbox.phase = Phase::Created;
+                Ok(agent::Empty::new())
+            }
+            Err(e) => {
+                log::error!("CreateSandbox failed: {e}");
+                if !matches!(self.tee, Ok(None)) {
+                    let deny_all = PolicyGate::new(kabuto_policy::DENY_ALL)
+                        .unwrap_or_else(|e| panic!("shipped deny-all policy: {e}"));
+                    lock(&self.gate).replace(deny_all);
+                }
+                lock(&self.sandbox).phase = Phase::Failed(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything CreateSandbox applies, checked; the guest is unchanged but
+    /// for the hostname, set last.
+    fn prepare_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<PreparedSandbox> {
         containers::validate_id(&req.sandbox_id)?;
         for dir in [GUEST_SHARED_DIR, GUEST_ROOTFS_DIR] {
             if !is_mount_point(dir) {
@@ -209,8 +378,7 @@ impl Agent {
                     .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?,
             )
         };
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        let tee = confidential::tee_from_cmdline(&cmdline).map_err(AgentError::Confidential)?;
+        let tee = self.tee.clone().map_err(AgentError::Confidential)?;
         let mut kbs = None;
         let mut policy = init_data
             .as_ref()
@@ -220,16 +388,12 @@ impl Agent {
             Some(kind) => {
                 // The check the upstream agent leaves to remote attestation:
                 // init-data whose digest is not the TEE's launch data is
-                // refused here, and with it every container.
+                // refused here, and with it every later request.
                 let provider = confidential::provider(kind).map_err(AgentError::Confidential)?;
                 let launch = confidential::launch_data(provider.as_ref())
                     .map_err(AgentError::Confidential)?;
                 let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
-                if let Err(reason) = confidential::check_binding(&digest, &launch) {
-                    log::error!("{reason}");
-                    lock(&self.sandbox).refusal = Some(reason.clone());
-                    return Err(AgentError::Confidential(reason));
-                }
+                confidential::check_binding(&digest, &launch).map_err(AgentError::Confidential)?;
                 log::info!(
                     "init-data bound to the TEE's launch data ({})",
                     provider.describe()
@@ -259,28 +423,28 @@ impl Agent {
             }
             None => {}
         }
-        if let Some(policy) = policy {
-            let gate = PolicyGate::new(&policy).map_err(|e| {
-                AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
-            })?;
-            *lock(&self.gate) = gate;
-            log::info!("pod policy applied");
-        }
-        let pod_images = images::PodImages::new(init_data.as_ref(), kbs.clone())
+        let gate = policy
+            .map(|policy| {
+                PolicyGate::new(&policy).map_err(|e| {
+                    AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
+                })
+            })
+            .transpose()?;
+        let images = images::PodImages::new(init_data.as_ref(), kbs.clone())
             .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?;
-        let digest = init_data
+        let init_data_digest = init_data
             .as_ref()
             .map(|d| hex::encode(d.digest()))
             .unwrap_or_default();
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(AgentError::sys("sethostname"))?;
         }
-        let mut sandbox = lock(&self.sandbox);
-        sandbox.id = req.sandbox_id;
-        sandbox.init_data_digest = digest;
-        sandbox.kbs = kbs;
-        sandbox.images = Some(Arc::new(pod_images));
-        Ok(agent::Empty::new())
+        Ok(PreparedSandbox {
+            gate,
+            init_data_digest,
+            kbs,
+            images,
+        })
     }
 
     /// Serves KBS resources in the pod's network namespace, once the first
@@ -293,7 +457,7 @@ impl Agent {
         if sandbox.data_hub_started {
             return;
         }
-        match confidential::start_data_hub(pid, kbs) {
+        match confidential::start_data_hub(pid, kbs, self.data_hub_clients.clone()) {
             Ok(()) => {
                 sandbox.data_hub_started = true;
                 log::info!(
@@ -306,6 +470,7 @@ impl Agent {
     }
 
     fn destroy_sandbox(&self, _req: agent::DestroySandboxRequest) -> Result<agent::Empty> {
+        lock(&self.data_hub_clients).clear();
         let all: Vec<Arc<Container>> = self
             .containers
             .write()
@@ -327,9 +492,6 @@ impl Agent {
 
     fn create_container(&self, req: agent::CreateContainerRequest) -> Result<agent::Empty> {
         containers::validate_id(&req.container_id)?;
-        if let Some(reason) = &lock(&self.sandbox).refusal {
-            return Err(AgentError::Confidential(reason.clone()));
-        }
         if self.container(&req.container_id).is_ok() {
             return Err(AgentError::ContainerExists(req.container_id));
         }
@@ -340,6 +502,22 @@ impl Agent {
             Some(self.container(&req.sandbox_id)?.init.pid)
         };
         let mut spec = containers::parse_spec(&req.oci_spec)?;
+        let confidential = !matches!(self.tee, Ok(None));
+        let guest_pause = confidential && pause::is_sandbox_container(&spec);
+        if guest_pause {
+            if !req.storages.is_empty() {
+                return Err(AgentError::InvalidArgument(format!(
+                    "container {}: the sandbox container of a confidential pod runs the guest's \
+                     own pause process and takes no storages",
+                    req.container_id
+                )));
+            }
+            log::info!(
+                "container {}: the pod's sandbox runs the guest's pause (the host's rootfs and process are ignored)",
+                req.container_id
+            );
+            spec = pause::guest_pause_spec(spec)?;
+        }
         let pulled = match images::guest_pull_source(&req.storages)? {
             None => false,
             Some(reference) => {
@@ -375,6 +553,9 @@ impl Agent {
             container.id,
             container.init.pid
         );
+        if !guest_pause {
+            lock(&self.data_hub_clients).insert(container.id.clone());
+        }
         self.start_data_hub_once(container.init.pid);
         self.containers
             .write()
@@ -413,6 +594,7 @@ impl Agent {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.container_id);
+        lock(&self.data_hub_clients).remove(&req.container_id);
         let removed = self.runtime.remove(&c);
         images::release(&c.id);
         removed?;
@@ -527,7 +709,7 @@ impl Agent {
     fn set_policy(&self, req: agent::SetPolicyRequest) -> Result<agent::Empty> {
         let gate = PolicyGate::new(&req.policy)
             .map_err(|e| AgentError::InvalidArgument(format!("new policy refused: {e}")))?;
-        *lock(&self.gate) = gate;
+        lock(&self.gate).replace(gate);
         log::info!("policy replaced");
         Ok(agent::Empty::new())
     }

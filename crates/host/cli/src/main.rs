@@ -73,6 +73,10 @@ enum GuestCommand {
         /// The guest agent binary (default: kabuto-agent beside this binary).
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// The statically linked pause of confidential pods (default:
+        /// kabuto-pause-static beside this binary, which scripts/setup.sh builds).
+        #[arg(long)]
+        pause: Option<PathBuf>,
         /// Use this kernel .deb instead of downloading it (must match the pin).
         #[arg(long)]
         kernel_deb: Option<PathBuf>,
@@ -108,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 GuestCommand::Build {
                     out,
                     agent,
+                    pause,
                     kernel_deb,
                     debug_console,
                 },
@@ -116,6 +121,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 agent: match agent {
                     Some(a) => a,
                     None => exe_dir()?.join("kabuto-agent"),
+                },
+                pause: match pause {
+                    Some(p) => p,
+                    None => exe_dir()?.join("kabuto-pause-static"),
                 },
                 out_dir: match out {
                     Some(o) => o,

@@ -105,6 +105,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct BuildInputs {
     pub agent: PathBuf,
+    /// The pause of confidential pods' sandbox containers, statically
+    /// linked (its container's root holds nothing else).
+    pub pause: PathBuf,
     pub out_dir: PathBuf,
     /// Use this .deb instead of downloading (it must still match the pin).
     pub kernel_deb: Option<PathBuf>,
@@ -151,19 +154,23 @@ pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
         reason: format!("{e} (build it first: cargo build --release)"),
     })?;
     let libs = shared_libraries(&inputs.agent)?;
+    let pause = static_binary(&inputs.pause, "the pause binary", PAUSE_BUILD)?;
     let debug_shell = match &inputs.debug_shell {
-        Some(path) => {
-            if !shared_libraries(path)?.is_empty() {
-                return Err(GuestImageError::Agent {
-                    path: path.clone(),
-                    reason: "the debug shell must be statically linked (busybox-static)".into(),
-                });
-            }
-            Some(fs::read(path).map_err(io_err(format!("reading {}", path.display())))?)
-        }
+        Some(path) => Some(static_binary(
+            path,
+            "the debug shell",
+            "apt-get install busybox-static",
+        )?),
         None => None,
     };
-    let initramfs = initramfs(&agent, &libs, &modules, &package.release, debug_shell)?;
+    let initramfs = initramfs(
+        &agent,
+        &libs,
+        &modules,
+        &package.release,
+        &pause,
+        debug_shell,
+    )?;
 
     let kernel_path = inputs.out_dir.join("vmlinux");
     let initramfs_path = inputs.out_dir.join("initramfs.cpio");
@@ -185,6 +192,26 @@ pub fn build(inputs: &BuildInputs) -> Result<GuestImage, GuestImageError> {
     })?;
     write_atomic(&inputs.out_dir.join("manifest.json"), &manifest)?;
     Ok(image)
+}
+
+/// How scripts/setup.sh builds the pause statically.
+const PAUSE_BUILD: &str = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+     -p kabuto-pause --target x86_64-unknown-linux-gnu, then pass \
+     target/x86_64-unknown-linux-gnu/release/kabuto-pause as --pause";
+
+/// The bytes of `path`, which must be a statically linked program.
+fn static_binary(path: &Path, what: &str, how: &str) -> Result<Vec<u8>, GuestImageError> {
+    let data = fs::read(path).map_err(|e| GuestImageError::Agent {
+        path: path.to_path_buf(),
+        reason: format!("{what}: {e} (build it: {how})"),
+    })?;
+    if !shared_libraries(path)?.is_empty() {
+        return Err(GuestImageError::Agent {
+            path: path.to_path_buf(),
+            reason: format!("{what} must be statically linked (build it: {how})"),
+        });
+    }
+    Ok(data)
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), GuestImageError> {
@@ -550,6 +577,7 @@ fn initramfs(
     libs: &[PathBuf],
     modules: &[(String, Vec<u8>)],
     release: &str,
+    pause: &[u8],
     debug_shell: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, GuestImageError> {
     let mut tree: BTreeMap<String, Node> = BTreeMap::new();
@@ -575,6 +603,17 @@ fn initramfs(
         add_file(&mut tree, &rel, 0o644, ko.clone());
     }
     add_file(&mut tree, "etc/kabuto/modules", 0o644, list.into_bytes());
+    // The pause container's root (kabuto_protocol::GUEST_PAUSE_ROOT; the
+    // agent keeps it when it switches root).
+    add_file(
+        &mut tree,
+        "pause-bundle/rootfs/pause",
+        0o755,
+        pause.to_vec(),
+    );
+    for dir in ["pause-bundle/rootfs/proc", "pause-bundle/rootfs/dev"] {
+        tree.insert(dir.to_string(), Node::Dir);
+    }
     if let Some(shell) = debug_shell {
         add_file(&mut tree, "debug/busybox", 0o755, shell);
     }
@@ -625,6 +664,7 @@ mod tests {
                 &[],
                 &[("virtio".into(), b"ko".to_vec())],
                 "6.1.0-x",
+                b"pause",
                 None,
             )
             .expect("initramfs")
@@ -638,6 +678,8 @@ mod tests {
             "init\0",
             "dev/console\0",
             "etc/kabuto/modules\0",
+            "pause-bundle/rootfs/pause\0",
+            "pause-bundle/rootfs/proc\0",
             "lib/modules/6.1.0-x/virtio.ko\0",
             "TRAILER!!!\0",
         ] {

@@ -30,10 +30,6 @@ use crate::{
     swtee_service::FirmwareService,
 };
 
-/// Simulates a malicious host in tests: the init-data sent to the guest is
-/// altered after its digest was fixed into the launch data.
-pub const TEST_ALTER_INIT_DATA_ENV: &str = "KABUTO_TEST_ALTER_INIT_DATA";
-
 #[derive(Debug, Error)]
 #[error("sandbox {id}: {stage}: {reason}")]
 pub struct SandboxError {
@@ -173,12 +169,42 @@ fn find_program(program: &Path) -> PathBuf {
 }
 
 impl Sandbox {
-    /// Boots the pod VM and waits until its agent serves requests.
-    /// `init_data` is the pod's raw init-data document, handed to the agent.
+    /// Boots the pod VM, waits until its agent serves requests and creates
+    /// the sandbox in the guest (CreateSandbox). `init_data` is the pod's
+    /// raw init-data document: its digest goes into the TEE's launch data
+    /// and the document to the agent.
     pub fn create(
         config: &Config,
         id: &str,
         hostname: &str,
+        init_data: Option<&[u8]>,
+    ) -> Result<Sandbox, SandboxError> {
+        let sandbox = Sandbox::boot(config, id, init_data)?;
+        let request = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            hostname: hostname.to_string(),
+            shared_dir: GUEST_SHARED_DIR.to_string(),
+            init_data: init_data.map(<[u8]>::to_vec).unwrap_or_default(),
+            ..Default::default()
+        };
+        if let Err(e) = sandbox.agent.create_sandbox(&request) {
+            sandbox.destroy();
+            return Err(SandboxError {
+                id: id.to_string(),
+                stage: "creating the sandbox in the guest",
+                reason: e.to_string(),
+            });
+        }
+        Ok(sandbox)
+    }
+
+    /// Boots the pod VM (with `init_data`'s digest in the TEE's launch data)
+    /// and waits until its agent serves requests; sends nothing to it. For
+    /// callers that speak the agent protocol themselves — [`Sandbox::create`],
+    /// and tests that play a hostile host.
+    pub fn boot(
+        config: &Config,
+        id: &str,
         init_data: Option<&[u8]>,
     ) -> Result<Sandbox, SandboxError> {
         let fail = |stage: &'static str| {
@@ -377,24 +403,6 @@ impl Sandbox {
         // The agent.
         let agent = wait_for_agent(vm.as_mut(), &address, config, &spec)
             .map_err(fail("waiting for the agent"))?;
-        agent
-            .create_sandbox(&CreateSandboxRequest {
-                sandbox_id: id.to_string(),
-                hostname: hostname.to_string(),
-                shared_dir: GUEST_SHARED_DIR.to_string(),
-                init_data: init_data
-                    .map(|raw| {
-                        let mut raw = raw.to_vec();
-                        if std::env::var_os(TEST_ALTER_INIT_DATA_ENV).is_some() {
-                            log::warn!("sandbox {id}: altering the init-data after launch ({TEST_ALTER_INIT_DATA_ENV})");
-                            raw.extend_from_slice(b"\n# altered by the host\n");
-                        }
-                        raw
-                    })
-                    .unwrap_or_default(),
-                ..Default::default()
-            })
-            .map_err(|e| fail("creating the sandbox in the guest")(e.to_string()))?;
 
         let vm = partial.vm.take().ok_or_else(|| {
             fail("starting the VM")("internal error: VM handle vanished".to_string())

@@ -147,6 +147,19 @@ fn annotate_document(
     if spec.containers.is_empty() {
         return Err(err("the pod has no containers".into()));
     }
+    // The "host" namespaces of a kabuto pod would be the guest's own, the
+    // agent's: no policy allows a container into them.
+    for (uses, field) in [
+        (spec.host_network, "hostNetwork"),
+        (spec.host_pid, "hostPID"),
+        (spec.host_ipc, "hostIPC"),
+    ] {
+        if uses {
+            return Err(err(format!(
+                "{field}: true is not supported: the pod's host namespaces would be the guest agent's"
+            )));
+        }
+    }
     if !spec.ephemeral_containers.is_empty() {
         log::warn!("{source}: ephemeral containers are not allowed by the generated policy");
     }
@@ -188,6 +201,7 @@ fn annotate_document(
     let data = policy::PolicyData {
         namespace,
         shared_prefix: format!("{}/", settings.shared_dir.trim_end_matches('/')),
+        rootfs_prefix: format!("{}/", settings.rootfs_dir.trim_end_matches('/')),
         sandbox: policy::sandbox_rule(settings, &spec),
         containers: containers
             .into_iter()

@@ -29,7 +29,9 @@ pub struct PodSpec {
     pub automount_service_account_token: Option<bool>,
     pub enable_service_links: Option<bool>,
     pub host_network: bool,
+    #[serde(rename = "hostPID")]
     pub host_pid: bool,
+    #[serde(rename = "hostIPC")]
     pub host_ipc: bool,
 }
 
@@ -104,6 +106,31 @@ pub struct SecurityContext {
     pub allow_privilege_escalation: Option<bool>,
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
+    /// Pod level only.
+    pub sysctls: Vec<Sysctl>,
+    pub seccomp_profile: Option<SeccompProfile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Sysctl {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SeccompProfile {
+    /// `RuntimeDefault`, `Localhost` or `Unconfined`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl SeccompProfile {
+    /// True when the profile asks for a filter.
+    pub fn confines(&self) -> bool {
+        self.kind != "Unconfined" && !self.kind.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

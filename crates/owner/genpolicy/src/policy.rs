@@ -46,6 +46,13 @@ pub struct ContainerRule {
     pub privileged: bool,
     pub read_only_root: bool,
     pub no_new_privileges: bool,
+    /// The root must be the pinned image, pulled by the guest (one
+    /// `image_guest_pull` storage); false: a host-unpacked rootfs is accepted.
+    pub guest_pull: bool,
+    /// The pod's sysctls (securityContext.sysctls), the only ones allowed.
+    pub sysctls: BTreeMap<String, String>,
+    /// The pod asks for a seccomp filter (seccompProfile).
+    pub seccomp: bool,
     /// By destination: the settings' default mounts, then the container's
     /// own (which replace a default at the same destination).
     pub mounts: BTreeMap<String, PolicyMount>,
@@ -60,6 +67,9 @@ pub struct PolicyData {
     pub namespace: String,
     /// The shared directory with a trailing `/`: bind sources start with it.
     pub shared_prefix: String,
+    /// The rootfs directory with a trailing `/`: `root.path` is it plus the
+    /// container id.
+    pub rootfs_prefix: String,
     pub sandbox: ContainerRule,
     /// By container name.
     pub containers: BTreeMap<String, ContainerRule>,
@@ -293,6 +303,25 @@ fn capabilities(settings: &Settings, sc: Option<&SecurityContext>) -> Option<Vec
     Some(out)
 }
 
+/// The pod's sysctls, by name.
+fn pod_sysctls(pod: &PodSpec) -> BTreeMap<String, String> {
+    pod.security_context
+        .iter()
+        .flat_map(|sc| &sc.sysctls)
+        .map(|s| (s.name.clone(), s.value.clone()))
+        .collect()
+}
+
+/// True when the container (or else the pod) asks for a seccomp filter.
+fn wants_seccomp(pod: &PodSpec, sc: Option<&SecurityContext>) -> bool {
+    sc.and_then(|s| s.seccomp_profile.as_ref())
+        .or(pod
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref()))
+        .is_some_and(|p| p.confines())
+}
+
 /// The rule for one of the pod's containers.
 pub fn container_rule(
     settings: &Settings,
@@ -475,6 +504,9 @@ pub fn container_rule(
             .and_then(|s| s.read_only_root_filesystem)
             .unwrap_or(false),
         no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
+        guest_pull: !settings.allow_host_rootfs,
+        sysctls: pod_sysctls(pod),
+        seccomp: wants_seccomp(pod, sc),
         mounts: by_destination(&[settings.default_mounts.as_slice(), &mounts].concat()),
         exec: container.exec_commands(),
     })
@@ -500,6 +532,12 @@ pub fn sandbox_rule(settings: &Settings, pod: &PodSpec) -> ContainerRule {
         privileged: false,
         read_only_root: false,
         no_new_privileges: false,
+        // A confidential guest runs its own pause and ignores the host's
+        // rootfs for it; other guests use the host's pause image.
+        guest_pull: false,
+        sysctls: pod_sysctls(pod),
+        // Runs no code of the pod's (a confidential guest runs its own).
+        seccomp: false,
         mounts: by_destination(&settings.default_mounts),
         exec: vec![],
     }
@@ -525,6 +563,8 @@ pub fn rego(data: &PolicyData, settings: &Settings) -> Result<String, GenPolicyE
     out.push_str(&json(&data.namespace)?);
     out.push_str("\n\npolicy_shared_prefix := ");
     out.push_str(&json(&data.shared_prefix)?);
+    out.push_str("\n\npolicy_rootfs_prefix := ");
+    out.push_str(&json(&data.rootfs_prefix)?);
     out.push_str(
         "\n\n# What exec may run: by container name, and in any container.\npolicy_data := ",
     );

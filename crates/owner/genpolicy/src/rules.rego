@@ -3,7 +3,7 @@
 # decisions read), `policy_container` (the sandbox's definition, then the
 # pod's containers as the generator resolved them, each with the default
 # mounts merged in, as one `else` chain by name, evaluated until one
-# matches) and one `default <Request> := <bool>` line per request
+# matches), `policy_rootfs_prefix` and one `default <Request> := <bool>` line per request
 # the settings decide. Each is its own rule because regorus builds a rule's
 # value anew in every decision that reads it: a decision builds only what
 # it reads.
@@ -59,6 +59,18 @@ image_name := object.get(annotations, "io.kubernetes.cri.image-name", "")
 # the annotation; both must be allowed.
 storages := object.get(input, "storages", [])
 
+linux := object.get(input.OCI, "linux", {})
+
+seccomp := object.get(linux, "seccomp", {})
+
+# Where the runtime puts a container's root (it must not point at the
+# guest's own files or another container's).
+root_path := object.get(object.get(input.OCI, "root", {}), "path", "")
+
+# Every container gets its own mount, PID, IPC, UTS and network namespace
+# (the pod's, joined in the guest): without one it would share the agent's.
+required_namespaces := {"mount", "pid", "ipc", "uts", "network"}
+
 namespace := object.get(annotations, "io.kubernetes.cri.sandbox-namespace", policy_namespace)
 
 CreateContainerRequest := {"allowed": true, "ops": record_container} if container_allowed
@@ -68,9 +80,25 @@ CreateContainerRequest := {"allowed": false, "reason": deny_reason} if not conta
 deny_reason := concat("; ", create_errors) if count(create_errors) > 0
 else := "the container does not match the pod's policy"
 
-record_container := [{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name}] if {
+# The container's name, and its process as created (what exec must keep:
+# env, user, capabilities, cwd, no_new_privileges).
+record_container := [
+	{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name},
+	{"op": "add", "path": concat("/", ["", "processes", input.container_id]), "value": created_process},
+] if {
 	data.state.containers
-} else := [{"op": "add", "path": "/containers", "value": {input.container_id: policy_container.name}}]
+} else := [
+	{"op": "add", "path": "/containers", "value": {input.container_id: policy_container.name}},
+	{"op": "add", "path": "/processes", "value": {input.container_id: created_process}},
+]
+
+created_process := {
+	"env": env,
+	"user": user,
+	"capabilities": capabilities,
+	"cwd": object.get(process, "cwd", ""),
+	"noNewPrivileges": object.get(process, "noNewPrivileges", false),
+}
 
 # --- the decision ---
 
@@ -79,6 +107,11 @@ container_allowed if {
 	namespace_ok
 	image_ok
 	storages_ok
+	root_path == concat("", [policy_rootfs_prefix, input.container_id])
+	devices_ok
+	namespaces_ok
+	sysctls_ok
+	seccomp_ok
 	args_ok
 	# c.env decides; env_fast finds most variables without it.
 	env_slow := {e | some e in env; not env_fast[e]}
@@ -143,12 +176,69 @@ image_ok if count(policy_container.images) == 0
 
 image_ok if image_name in policy_container.images
 
+# A container whose root must be guest-pulled (the owner's choice, in the
+# policy: `guest_pull`) has exactly one storage, the guest pull of a pinned
+# image; without one the host's rootfs would run. Otherwise any storages
+# are guest pulls of allowed images, and none means the host's rootfs.
 storages_ok if {
+	policy_container.guest_pull
+	count(storages) == 1
+	s := storages[0]
+	s.driver == "image_guest_pull"
+	object.get(s, "source", "") in policy_container.images
+}
+
+storages_ok if {
+	not policy_container.guest_pull
 	every s in storages {
 		s.driver == "image_guest_pull"
 		source_ok := {true: true, false: object.get(s, "source", "") in policy_container.images}
 		source_ok[count(policy_container.images) == 0]
 	}
+}
+
+# No devices (e.g. /dev/sev-guest) unless the container is privileged.
+devices_ok if policy_container.privileged
+
+devices_ok if count(object.get(linux, "devices", [])) == 0
+
+namespaces_ok if {
+	types := {n.type | some n in object.get(linux, "namespaces", [])}
+	count(required_namespaces - types) == 0
+}
+
+# Exactly the pod's sysctls (securityContext.sysctls), each with its value.
+sysctls_ok if {
+	allowed := policy_container.sysctls
+	every k, v in object.get(linux, "sysctl", {}) {
+		allowed[k] == v
+	}
+}
+
+# A filter may only restrict the container: no user notification (a
+# listener outside the container would decide its syscalls). When the pod
+# asks for one (seccompProfile), a filter that denies by default.
+seccomp_ok if {
+	not seccomp_notifies
+	seccomp_present_ok := {true: seccomp_denies_by_default, false: true}
+	seccomp_present_ok[policy_container.seccomp]
+}
+
+seccomp_notifies if object.get(seccomp, "listenerPath", "") != ""
+
+seccomp_notifies if seccomp.defaultAction == "SCMP_ACT_NOTIFY"
+
+seccomp_notifies if {
+	some rule in object.get(seccomp, "syscalls", [])
+	rule.action == "SCMP_ACT_NOTIFY"
+}
+
+default seccomp_denies_by_default := false
+
+seccomp_denies_by_default if {
+	action := object.get(seccomp, "defaultAction", "SCMP_ACT_ALLOW")
+	action != "SCMP_ACT_ALLOW"
+	action != "SCMP_ACT_LOG"
 }
 
 args_ok if policy_container.args_exact == args
@@ -233,6 +323,46 @@ create_errors contains sprintf("guest pull of %q (storage driver %q) is not allo
 	not {true: true, false: object.get(s, "source", "") in c.images}[count(c.images) == 0]
 }
 
+create_errors contains sprintf("container %q must run the pinned image pulled by the guest (exactly one image_guest_pull storage), not a root filesystem from the host", [c.name]) if {
+	c := policy_container
+	c.guest_pull
+	count(storages) != 1
+}
+
+create_errors contains sprintf("root.path %q is not the container's root (%s%s)", [root_path, policy_rootfs_prefix, input.container_id]) if {
+	policy_container
+	root_path != concat("", [policy_rootfs_prefix, input.container_id])
+}
+
+create_errors contains sprintf("device %s is not allowed for container %q", [object.get(d, "path", ""), c.name]) if {
+	c := policy_container
+	not c.privileged
+	some d in object.get(linux, "devices", [])
+}
+
+create_errors contains sprintf("container %q must have its own %s namespace", [c.name, t]) if {
+	c := policy_container
+	types := {n.type | some n in object.get(linux, "namespaces", [])}
+	some t in required_namespaces - types
+}
+
+create_errors contains sprintf("sysctl %s=%s is not allowed for container %q", [k, v, c.name]) if {
+	c := policy_container
+	some k, v in object.get(linux, "sysctl", {})
+	not c.sysctls[k] == v
+}
+
+create_errors contains sprintf("seccomp user notification is not allowed for container %q", [c.name]) if {
+	c := policy_container
+	seccomp_notifies
+}
+
+create_errors contains sprintf("container %q must run under a seccomp filter that denies by default (seccompProfile)", [c.name]) if {
+	c := policy_container
+	c.seccomp
+	not seccomp_denies_by_default
+}
+
 create_errors contains sprintf("storage driver %q is not allowed for container %q", [object.get(s, "driver", ""), c.name]) if {
 	c := policy_container
 	some s in storages
@@ -309,15 +439,72 @@ create_errors contains sprintf("mount %s is not allowed for container %q", [m.de
 # lifecycle hooks) and those the settings allow everywhere.
 exec_container := object.get(object.get(data.state, "containers", {}), input.container_id, "")
 
-exec_allowed if input.process.args in policy_data.exec[exec_container]
+exec_command_allowed if input.process.args in policy_data.exec[exec_container]
 
-exec_allowed if input.process.args in policy_data.allowed_exec
+exec_command_allowed if input.process.args in policy_data.allowed_exec
+
+# An exec runs as the container runs, as containerd builds it from the
+# container's process: same env (a terminal may set TERM), user,
+# capabilities and cwd; no_new_privileges may be added, never dropped. So
+# an allowed probe cannot gain LD_PRELOAD, a PATH into a volume, uid 0 or
+# capabilities.
+created := object.get(object.get(data.state, "processes", {}), input.container_id, null)
+
+exec_env := {e | some e in object.get(input.process, "env", [])}
+
+created_env := {e | some e in created.env}
+
+exec_env_added := {e | some e in exec_env; not created_env[e]; e != "TERM=xterm"}
+
+exec_env_dropped := {e | some e in created_env; not exec_env[e]; not startswith(e, "TERM=")}
+
+exec_env_ok if {
+	count(exec_env_added) == 0
+	count(exec_env_dropped) == 0
+}
+
+exec_process_ok if {
+	created != null
+	exec_env_ok
+	object.get(input.process, "user", {}) == created.user
+	object.get(input.process, "capabilities", {}) == created.capabilities
+	object.get(input.process, "cwd", "") == created.cwd
+	nnp_ok := {true: true, false: created.noNewPrivileges == false}
+	nnp_ok[object.get(input.process, "noNewPrivileges", false)]
+}
+
+exec_allowed if {
+	exec_command_allowed
+	exec_process_ok
+}
 
 ExecProcessRequest := true if exec_allowed
 
-ExecProcessRequest := {"allowed": false, "reason": sprintf("exec of %v in container %q is not in the pod's policy", [object.get(input.process, "args", []), exec_container])} if not exec_allowed
+ExecProcessRequest := {"allowed": false, "reason": exec_deny_reason} if not exec_allowed
 
-RemoveContainerRequest := {"allowed": true, "ops": [{"op": "remove", "path": concat("/", ["", "containers", input.container_id])}]} if {
+exec_deny_reason := sprintf("exec of %v in container %q is not in the pod's policy", [object.get(input.process, "args", []), exec_container]) if {
+	not exec_command_allowed
+} else := sprintf("exec in container %q: the container was not created under this policy", [input.container_id]) if {
+	created == null
+} else := sprintf("exec in container %q must keep the container's %s", [exec_container, concat(", ", exec_process_errors)])
+
+exec_process_errors contains "env" if not exec_env_ok
+
+exec_process_errors contains "user" if object.get(input.process, "user", {}) != created.user
+
+exec_process_errors contains "capabilities" if object.get(input.process, "capabilities", {}) != created.capabilities
+
+exec_process_errors contains "cwd" if object.get(input.process, "cwd", "") != created.cwd
+
+exec_process_errors contains "no_new_privileges" if {
+	created.noNewPrivileges
+	not object.get(input.process, "noNewPrivileges", false)
+}
+
+RemoveContainerRequest := {"allowed": true, "ops": [
+	{"op": "remove", "path": concat("/", ["", "containers", input.container_id])},
+	{"op": "remove", "path": concat("/", ["", "processes", input.container_id])},
+]} if {
 	data.state.containers[input.container_id]
 }
 

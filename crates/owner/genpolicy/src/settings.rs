@@ -56,6 +56,15 @@ pub struct Settings {
     /// Where the runtime shares host directories into the guest; bind
     /// mounts must come from there.
     pub shared_dir: String,
+    /// Where the runtime puts each container's root in the guest
+    /// (`<rootfs_dir>/<container id>`); `root.path` must be exactly that.
+    pub rootfs_dir: String,
+    /// Also accept containers whose root filesystem the host unpacked (no
+    /// guest-pull storage). Off by default: a confidential pod's containers
+    /// must run the pinned image the guest pulled itself, since a
+    /// host-provided rootfs is whatever the host wants it to be. Only for
+    /// pods whose host is trusted.
+    pub allow_host_rootfs: bool,
     /// Mounts the container manager adds to every container.
     pub default_mounts: Vec<MountRule>,
     /// Env patterns (regexes) every container may carry: what the
@@ -135,6 +144,8 @@ impl Default for Settings {
             algorithm: "sha256".into(),
             pin_images: true,
             shared_dir: "/run/kabuto/shared".into(),
+            rootfs_dir: "/run/kabuto/rootfs".into(),
+            allow_host_rootfs: false,
             default_mounts: vec![
                 MountRule::new("/proc", "proc", false),
                 MountRule::new("/dev", "tmpfs", false),

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const SHARED: &str = "/run/kabuto/shared";
+const ROOTFS: &str = "/run/kabuto/rootfs";
 
 /// Image configs as their registries publish them (trimmed).
 fn images() -> Vec<(&'static str, Value)> {
@@ -287,6 +288,20 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
         .or(psc["runAsGroup"].as_i64())
         .unwrap_or(img_gid);
 
+    // containerd's default profile when the pod asks for RuntimeDefault (trimmed).
+    let profile = sc["seccompProfile"]["type"]
+        .as_str()
+        .or(psc["seccompProfile"]["type"].as_str());
+    let seccomp = (profile == Some("RuntimeDefault")).then(|| {
+        json!({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]})
+    });
+    let sysctl: serde_json::Map<String, Value> = psc["sysctls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (s["name"].as_str().unwrap().to_string(), s["value"].clone()))
+        .collect();
     let shared = |i: usize, name: &str| format!("{SHARED}/{cid}/mounts/{i}-{name}");
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
@@ -357,10 +372,12 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
         full.repository(),
         full.digest().unwrap()
     );
-    json!({
+    let mut request = json!({
         "container_id": cid,
         "exec_id": "",
         "sandbox_id": "pod1",
+        // Containers of confidential pods run the pinned image the guest pulls.
+        "storages": [{"driver": "image_guest_pull", "source": image_name, "mount_point": "", "fstype": "", "options": [], "driver_options": []}],
         "OCI": {
             "ociVersion": "1.1.0",
             "annotations": {
@@ -379,7 +396,7 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
                 "noNewPrivileges": sc["allowPrivilegeEscalation"] == json!(false),
             },
-            "root": {"path": format!("{SHARED}/{cid}/rootfs"), "readonly": sc["readOnlyRootFilesystem"] == json!(true)},
+            "root": {"path": format!("{ROOTFS}/{cid}"), "readonly": sc["readOnlyRootFilesystem"] == json!(true)},
             "hostname": "web-5d8f7c9b6-x2x7q",
             "mounts": mounts,
             "linux": {
@@ -387,9 +404,18 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
                     json!(["/proc/acpi", "/proc/kcore", "/proc/keys", "/sys/firmware"]) },
                 "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/sys"],
                 "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
+                "seccomp": seccomp,
+                "sysctl": sysctl,
             },
         }
-    })
+    });
+    if seccomp.is_none() {
+        request["OCI"]["linux"]
+            .as_object_mut()
+            .unwrap()
+            .remove("seccomp");
+    }
+    request
 }
 
 fn sandbox_request() -> Value {
@@ -401,10 +427,11 @@ fn sandbox_request() -> Value {
             "process": {"user": {"uid": 65535, "gid": 65535}, "args": ["/pause"],
                         "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "cwd": "/",
                         "capabilities": {"bounding": ["CAP_CHOWN"]}, "noNewPrivileges": true},
-            "root": {"path": format!("{SHARED}/pod1/rootfs"), "readonly": true},
+            "root": {"path": format!("{ROOTFS}/pod1"), "readonly": true},
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
                        {"destination": "/dev/shm", "type": "bind", "source": format!("{SHARED}/pod1/mounts/1-shm"), "options": ["rbind", "ro"]}],
-            "linux": {"maskedPaths": ["/proc/kcore"]},
+            "linux": {"maskedPaths": ["/proc/kcore"],
+                      "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]},
         }
     })
 }
@@ -430,6 +457,14 @@ fn pod_templates(output: &str) -> Vec<(Value, String)> {
 }
 
 type Gate = PolicyGate;
+
+/// The ExecProcessRequest containerd sends for `args` in the container
+/// created by `create`: the container's process with other args.
+fn exec_request(create: &Value, args: &Value) -> Value {
+    let mut process = create["OCI"]["process"].clone();
+    process["args"] = args.clone();
+    json!({"container_id": create["container_id"], "exec_id": "e", "process": process})
+}
 
 fn decide(gate: &mut Gate, request: &str, input: &Value) -> Decision {
     gate.decide(request, input).unwrap()
@@ -501,8 +536,7 @@ fn every_manifest_admits_exactly_its_own_pods() {
                 // Probes and hooks may exec; nothing else.
                 for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
                     if let Some(cmd) = c[probe]["exec"]["command"].as_array() {
-                        let exec =
-                            json!({"container_id": cid, "exec_id": "e", "process": {"args": cmd}});
+                        let exec = exec_request(&req, &json!(cmd));
                         assert_eq!(
                             decide(&mut gate, "ExecProcessRequest", &exec),
                             Decision::Allowed,
@@ -510,7 +544,7 @@ fn every_manifest_admits_exactly_its_own_pods() {
                         );
                     }
                 }
-                let sh = json!({"container_id": cid, "exec_id": "e", "process": {"args": ["sh"]}});
+                let sh = exec_request(&req, &json!(["sh"]));
                 assert!(
                     matches!(decide(&mut gate, "ExecProcessRequest", &sh),
                         Decision::Denied { reason: Some(r) } if r.contains("exec of [\"sh\"]")),
@@ -856,11 +890,6 @@ fn settings_tune_the_policy() {
         decide(&mut gate, "GuestDetailsRequest", &json!({})),
         Decision::Denied { .. }
     ));
-    let exec = json!({"container_id": "x", "exec_id": "e", "process": {"args": ["date"]}});
-    assert_eq!(
-        decide(&mut gate, "ExecProcessRequest", &exec),
-        Decision::Allowed
-    );
     // Unpinned: the image stays as written, and the policy accepts it.
     let (template, ns) = pod_templates(&generated.manifest).remove(0);
     assert_eq!(template["spec"]["containers"][0]["image"], "busybox:1.36");
@@ -879,6 +908,21 @@ fn settings_tune_the_policy() {
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
     );
+    // allowed_exec: in every container the pod's policy created.
+    assert_eq!(
+        decide(
+            &mut gate,
+            "ExecProcessRequest",
+            &exec_request(&req, &json!(["date"]))
+        ),
+        Decision::Allowed
+    );
+    let mut elsewhere = exec_request(&req, &json!(["date"]));
+    elsewhere["container_id"] = json!("not-created");
+    assert!(matches!(
+        decide(&mut gate, "ExecProcessRequest", &elsewhere),
+        Decision::Denied { reason: Some(r) } if r.contains("not created under this policy")
+    ));
 
     for (bad, why) in [
         (
@@ -911,6 +955,12 @@ fn bad_manifests_and_images_are_refused() {
         ("kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - {name: a, image: example.org/missing:1}\n",
          "example.org/missing:1 is in none of the OCI layouts"),
         ("kind: Deployment\nmetadata: {name: d}\nspec: {}\n", "Deployment/d: has no spec.template"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers:\n  - {name: a, image: busybox:1.36}\n",
+         "hostNetwork: true is not supported"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  hostPID: true\n  containers:\n  - {name: a, image: busybox:1.36}\n",
+         "hostPID: true is not supported"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  hostIPC: true\n  containers:\n  - {name: a, image: busybox:1.36}\n",
+         "hostIPC: true is not supported"),
     ];
     for (yaml, why) in cases {
         let e = gen(&f, yaml, &s).unwrap_err().to_string();
@@ -997,4 +1047,145 @@ fn env_fast_paths_decide_as_the_full_regex() {
             }
         }
     }
+}
+
+/// What a hostile host changes in an otherwise valid CreateContainer of a
+/// confidential pod: each is denied, naming the check, and changes no state.
+#[test]
+fn host_changes_to_the_container_are_denied() {
+    let f = fixture();
+    let generated = gen(
+        &f,
+        &manifest("03-statefulset-redis.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let redis = template["spec"]["containers"][0].clone();
+    let req = cri_request(&template, &ns, &redis, "c1");
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+
+    // The host's own rootfs instead of the guest-pulled, pinned image.
+    let mut r = req.clone();
+    r["storages"] = json!([]);
+    assert!(denied_reason(&mut gate, &r).contains("must run the pinned image pulled by the guest"));
+    let mut r = req.clone();
+    r["storages"][0]["source"] = json!("docker.io/library/redis:7.2");
+    assert!(denied_reason(&mut gate, &r).contains("guest pull of \"docker.io/library/redis:7.2\""));
+    let mut r = req.clone();
+    let extra = r["storages"][0].clone();
+    r["storages"].as_array_mut().unwrap().push(extra);
+    assert!(denied_reason(&mut gate, &r).contains("exactly one image_guest_pull storage"));
+    // A root elsewhere: the guest's own files, another container's root.
+    for path in ["/", "/run/kabuto/rootfs/c2", "/run/kabuto/rootfs/c1/../c2"] {
+        let mut r = req.clone();
+        r["OCI"]["root"]["path"] = json!(path);
+        assert!(
+            denied_reason(&mut gate, &r)
+                .contains(&format!("root.path \"{path}\" is not the container's root")),
+            "{path}"
+        );
+    }
+    // The TEE's device, a shared namespace, a sysctl, a seccomp listener.
+    let mut r = req.clone();
+    r["OCI"]["linux"]["devices"] =
+        json!([{"path": "/dev/sev-guest", "type": "c", "major": 10, "minor": 124}]);
+    assert!(denied_reason(&mut gate, &r).contains("device /dev/sev-guest is not allowed"));
+    for ns_type in ["mount", "pid", "network"] {
+        let mut r = req.clone();
+        r["OCI"]["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != ns_type);
+        assert!(
+            denied_reason(&mut gate, &r)
+                .contains(&format!("must have its own {ns_type} namespace")),
+            "{ns_type}"
+        );
+    }
+    let mut r = req.clone();
+    r["OCI"]["linux"]["sysctl"] = json!({"kernel.core_pattern": "|/vol/x"});
+    assert!(
+        denied_reason(&mut gate, &r).contains("sysctl kernel.core_pattern=|/vol/x is not allowed")
+    );
+    let mut r = req.clone();
+    r["OCI"]["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/x.sock",
+        "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_NOTIFY"}]});
+    assert!(denied_reason(&mut gate, &r).contains("seccomp user notification is not allowed"));
+    assert_eq!(gate.state(), &json!({}), "denied requests change nothing");
+
+    // The valid request; then exec of the allowed probe, changed by the host.
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    let probe = exec_request(&req, &json!(["redis-cli", "ping"]));
+    assert_eq!(
+        decide(&mut gate, "ExecProcessRequest", &probe),
+        Decision::Allowed
+    );
+    let exec_denied = |gate: &mut Gate, exec: &Value| match decide(gate, "ExecProcessRequest", exec)
+    {
+        Decision::Denied { reason } => reason.unwrap_or_default(),
+        Decision::Allowed => panic!("allowed: {exec:#}"),
+    };
+    let mut e = probe.clone();
+    e["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("LD_PRELOAD=/data/x.so"));
+    assert!(exec_denied(&mut gate, &e).contains("must keep the container's env"));
+    let mut e = probe.clone();
+    for v in e["process"]["env"].as_array_mut().unwrap() {
+        if v.as_str().unwrap().starts_with("PATH=") {
+            *v = json!("PATH=/data");
+        }
+    }
+    assert!(exec_denied(&mut gate, &e).contains("env"));
+    let mut e = probe.clone();
+    // redis runs as root already: the host adds supplementary groups.
+    e["process"]["user"] = json!({"uid": 0, "gid": 0, "additionalGids": [6, 42]});
+    assert!(exec_denied(&mut gate, &e).contains("user"));
+    let mut e = probe.clone();
+    e["process"]["capabilities"]["effective"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("CAP_SYS_ADMIN"));
+    assert!(exec_denied(&mut gate, &e).contains("capabilities"));
+    let mut e = probe.clone();
+    e["process"]["cwd"] = json!("/tmp");
+    assert!(exec_denied(&mut gate, &e).contains("cwd"));
+    // A terminal may set TERM; no_new_privileges may be added.
+    let mut e = probe.clone();
+    e["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("TERM=xterm"));
+    e["process"]["noNewPrivileges"] = json!(true);
+    assert_eq!(
+        decide(&mut gate, "ExecProcessRequest", &e),
+        Decision::Allowed
+    );
+}
+
+#[test]
+fn host_rootfs_only_when_the_owner_allows_it() {
+    let f = fixture();
+    let settings = Settings::from_json(r#"{"allow_host_rootfs": true}"#).unwrap();
+    let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &settings).unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    req["storages"] = json!([]);
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    // Still its own root path.
+    req["OCI"]["root"]["path"] = json!("/");
+    assert!(denied_reason(&mut gate, &req).contains("root.path \"/\""));
 }
