@@ -317,3 +317,37 @@ fn the_pause_of_a_confidential_pod_is_the_guests_own() {
     assert!(!ran, "the host's pause ran in a confidential pod");
     assert_eq!(running.len(), 1, "the guest's pause runs: {running:?}");
 }
+
+/// A KBS the guest would reach without TLS, or over TLS it cannot check:
+/// a host in the middle could serve its own policies and keys. Refused at
+/// CreateSandbox, naming the problem; the guest stays closed.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_kbs_without_pinned_tls_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "url = \"http://10.0.2.2:8080\"\ncert = \"x\"",
+            "is not https://",
+        ),
+        ("url = \"https://10.0.2.2:8080\"", "has no cert"),
+    ];
+    for (i, (kbs, why)) in cases.iter().enumerate() {
+        let doc = format!(
+            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs.kbs]\n{kbs}\n'''\n"
+        )
+        .into_bytes();
+        let id = format!("tls{i}");
+        let sandbox =
+            Sandbox::boot(&config(dir.path(), TeeKind::Software), &id, Some(&doc)).expect("boot");
+        let err = create_sandbox(sandbox.agent(), &id, &doc).expect_err("refused");
+        assert!(err.contains(why), "{kbs}: {err}");
+        assert_blocked(
+            sandbox
+                .agent()
+                .create_container(&create_request("c1", &["sleep", "1000"])),
+            "CreateContainerRequest",
+        );
+        sandbox.destroy();
+    }
+}

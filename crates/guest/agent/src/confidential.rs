@@ -40,6 +40,19 @@ pub fn names_a_tee(cmdline: &str) -> bool {
         .any(|w| w.starts_with(prefix.as_str()))
 }
 
+/// The TEE guest interface this guest has, if any: such a guest is
+/// confidential whatever its (host-written) command line says.
+pub fn tee_hardware() -> Option<&'static str> {
+    [
+        ("/dev/sev-guest", "SEV-SNP"),
+        ("/dev/tdx_guest", "TDX"),
+        ("/sys/kernel/config/tsm/report", "configfs-tsm"),
+    ]
+    .into_iter()
+    .find(|(path, _)| std::path::Path::new(path).exists())
+    .map(|(_, name)| name)
+}
+
 /// Connects to the software TEE's firmware on the host.
 fn software_tee_connector() -> evidence::Connector {
     Box::new(|| {
@@ -120,6 +133,7 @@ pub fn check_binding(digest: &[u8], launch: &[u8]) -> Result<(), String> {
 
 /// KBS settings from init-data `aa.toml`, as CoCo writes them:
 /// `[token_configs.kbs] url = "...", cert = "PEM"`.
+#[derive(Debug)]
 pub struct KbsSettings {
     pub url: String,
     pub cert: Option<String>,
@@ -136,9 +150,26 @@ pub fn kbs_settings(aa_toml: &str) -> Result<Option<KbsSettings>, String> {
         .and_then(|u| u.as_str())
         .ok_or("init-data aa.toml: token_configs.kbs has no url")?
         .to_string();
-    let cert = kbs.get("cert").and_then(|c| c.as_str()).map(str::to_owned);
-    if url.starts_with("http://") {
-        log::warn!("the KBS at {url} is reached without TLS (resources stay JWE-encrypted)");
+    let cert = kbs
+        .get("cert")
+        .and_then(|c| c.as_str())
+        .filter(|c| !c.trim().is_empty())
+        .map(str::to_owned);
+    // Encryption to the guest's key keeps a resource from the host, but only
+    // TLS to a certificate the owner pinned proves it came from the KBS: a
+    // host in the middle would serve its own image policy and keys.
+    if !url.starts_with("https://") {
+        return Err(format!(
+            "init-data aa.toml: the KBS URL {url:?} is not https://: a confidential guest reaches \
+             its KBS only over TLS"
+        ));
+    }
+    if cert.is_none() {
+        return Err(
+            "init-data aa.toml: token_configs.kbs has no cert: a confidential guest trusts only \
+             the KBS certificate (or CA) its init-data pins"
+                .into(),
+        );
     }
     Ok(Some(KbsSettings { url, cert }))
 }
@@ -405,6 +436,24 @@ fn respond(mut stream: &TcpStream, status: u16, body: &[u8]) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_kbs_is_reached_over_pinned_tls_only() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
+        let ok =
+            format!("[token_configs.kbs]\nurl = \"https://10.0.2.2:8080\"\ncert = '''\n{pem}'''\n");
+        let settings = kbs_settings(&ok).unwrap().unwrap();
+        assert_eq!(settings.url, "https://10.0.2.2:8080");
+        let http = "[token_configs.kbs]\nurl = \"http://10.0.2.2:8080\"\ncert = \"x\"\n";
+        assert!(kbs_settings(http).unwrap_err().contains("not https://"));
+        let no_cert = "[token_configs.kbs]\nurl = \"https://10.0.2.2:8080\"\n";
+        assert!(kbs_settings(no_cert).unwrap_err().contains("has no cert"));
+        let empty_cert = "[token_configs.kbs]\nurl = \"https://kbs\"\ncert = \"\"\n";
+        assert!(kbs_settings(empty_cert)
+            .unwrap_err()
+            .contains("has no cert"));
+        assert!(kbs_settings("[other]\n").unwrap().is_none());
+    }
 
     #[test]
     fn sockets_are_found_as_the_kernel_prints_them() {

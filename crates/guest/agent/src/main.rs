@@ -56,7 +56,12 @@ fn main() {
             }
         }
         if debug_console::enabled() {
-            debug_console::start();
+            // A shell the host can reach has no place in a confidential guest.
+            if confidential::names_a_tee(&cmdline) || confidential::tee_hardware().is_some() {
+                log::error!("debug console refused: this guest is confidential");
+            } else {
+                debug_console::start();
+            }
         }
     }
     let reaper = reaper::Reaper::start();

@@ -141,8 +141,18 @@ impl Agent {
     /// closed, accepting only CreateSandbox, whose init-data brings the
     /// pod's policy.
     pub fn new(reaper: Reaper, loaded_modules: Vec<String>, cmdline: &str) -> Self {
-        let tee = confidential::tee_from_cmdline(cmdline);
-        let gate = if confidential::names_a_tee(cmdline) {
+        let hardware = confidential::tee_hardware();
+        let tee = match confidential::tee_from_cmdline(cmdline) {
+            // The host left kabuto.tee out of a TEE guest's command line:
+            // believed, it would open the guest to the host.
+            Ok(None) if hardware.is_some() => Err(format!(
+                "this guest runs in a TEE ({}) but its kernel command line names none \
+                 (kabuto.tee=): refusing to serve a sandbox",
+                hardware.unwrap_or_default()
+            )),
+            other => other,
+        };
+        let gate = if confidential::names_a_tee(cmdline) || hardware.is_some() {
             PolicyGate::new(kabuto_policy::CONFIDENTIAL_BOOT)
         } else {
             // Pods that are not confidential: the host is trusted.
@@ -503,6 +513,24 @@ impl Agent {
         };
         let mut spec = containers::parse_spec(&req.oci_spec)?;
         let confidential = !matches!(self.tee, Ok(None));
+        if confidential {
+            // Hooks are programs the runtime would run, some as root in the
+            // guest's namespaces; in a confidential pod they could only be
+            // the host's (the shim drops the host's own hooks anyway).
+            let hooks = spec.hooks().as_ref().map(serde_json::to_value);
+            if let Some(Ok(serde_json::Value::Object(kinds))) = hooks {
+                if let Some(kind) = kinds
+                    .iter()
+                    .find(|(_, list)| list.as_array().is_some_and(|l| !l.is_empty()))
+                    .map(|(kind, _)| kind.clone())
+                {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "container {}: hooks ({kind}) are not run in a confidential pod",
+                        req.container_id
+                    )));
+                }
+            }
+        }
         let guest_pause = confidential && pause::is_sandbox_container(&spec);
         if guest_pause {
             if !req.storages.is_empty() {

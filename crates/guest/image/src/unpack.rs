@@ -182,6 +182,13 @@ pub fn unpack_layer(
             continue;
         }
         if let Some(hidden) = file_name.strip_prefix(".wh.") {
+            // `.wh.`, `.wh..` and `.wh...` would hide the directory itself
+            // or its parent (above the root, for the root).
+            if matches!(hidden, "" | "." | "..") {
+                return Err(entry_err(format!(
+                    "whiteout {file_name:?} names no entry of its directory"
+                )));
+            }
             let target = parent.join(hidden);
             remove_any(&target).map_err(|e| entry_err(e.to_string()))?;
             continue;
@@ -238,7 +245,7 @@ pub fn unpack_layer(
                     return Err(entry_err("hard link to a directory".into()));
                 }
                 fs::hard_link(&source, &path).map_err(|e| entry_err(e.to_string()))?;
-                created.insert(path);
+                record_created(&mut created, root, path);
                 continue; // shares the target's inode: no metadata of its own
             }
             tar::EntryType::Fifo => {
@@ -268,9 +275,23 @@ pub fn unpack_layer(
             other => return Err(entry_err(format!("unsupported entry type {other:?}"))),
         }
         apply_metadata(&mut entry, &path, kind, mode).map_err(entry_err)?;
-        created.insert(path);
+        record_created(&mut created, root, path);
     }
     Ok(())
+}
+
+/// Records `path` and every directory above it up to `root` as this
+/// layer's: an opaque marker that comes after `a/b/file` (with no entry for
+/// `a/b/`) must keep `a/b`, or it would delete the layer's own file.
+fn record_created(created: &mut HashSet<PathBuf>, root: &Path, path: PathBuf) {
+    let mut dir = path.parent().map(Path::to_path_buf);
+    created.insert(path);
+    while let Some(d) = dir.filter(|d| d.starts_with(root) && d.as_path() != root) {
+        dir = d.parent().map(Path::to_path_buf);
+        if !created.insert(d) {
+            break; // its ancestors are recorded already
+        }
+    }
 }
 
 /// The entry name as a relative path without `.` components; `..` refused.
@@ -357,15 +378,20 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-/// An opaque whiteout: `dir` keeps only what this layer created in it.
+/// An opaque whiteout: below `dir`, only what this layer created stays
+/// (lower layers' entries are hidden at every depth; directories this layer
+/// wrote into are searched too, since the marker may come after them).
 fn opaque(dir: &Path, created: &HashSet<PathBuf>) -> io::Result<()> {
     let Ok(children) = fs::read_dir(dir) else {
         return Ok(());
     };
     for child in children {
-        let path = child?.path();
+        let child = child?;
+        let path = child.path();
         if !created.contains(&path) {
             remove_any(&path)?;
+        } else if child.file_type()?.is_dir() {
+            opaque(&path, created)?;
         }
     }
     Ok(())

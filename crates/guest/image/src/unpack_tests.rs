@@ -123,6 +123,45 @@ fn whiteouts_remove_lower_layers_entries() {
 }
 
 #[test]
+fn whiteouts_of_the_directory_or_its_parent_are_refused() {
+    for name in [".wh...", ".wh..", ".wh.", "a/.wh...", "a/.wh.."] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        let sibling = dir.path().join("beside-the-root");
+        fs::write(&sibling, b"keep").unwrap();
+        let lower = tar(&[E::File("a/x", b"1"), E::File("top", b"2")]);
+        let err = unpack(&[lower, tar(&[E::File(name, b"")])], &root).unwrap_err();
+        assert!(
+            err.to_string().contains("names no entry of its directory"),
+            "{name}: {err}"
+        );
+        assert!(sibling.exists(), "{name}: the root's parent is untouched");
+        assert!(!root.exists(), "{name}: a refused pull leaves nothing");
+    }
+}
+
+#[test]
+fn a_late_opaque_marker_keeps_the_layers_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    let lower = tar(&[E::File("b/old", b"1"), E::File("b/sub/lower", b"2")]);
+    // No entries for b/ or b/sub/ in the upper layer, and the marker last.
+    let upper = tar(&[
+        E::File("b/sub/own", b"3"),
+        E::File("b/mine", b"4"),
+        E::File("b/.wh..wh..opq", b""),
+    ]);
+    unpack(&[lower, upper], &root).unwrap();
+    assert!(!root.join("b/old").exists(), "lower entries go");
+    assert_eq!(fs::read(root.join("b/sub/own")).unwrap(), b"3");
+    assert_eq!(fs::read(root.join("b/mine")).unwrap(), b"4");
+    assert!(
+        !root.join("b/sub/lower").exists(),
+        "below an opaque directory no lower entry stays, at any depth"
+    );
+}
+
+#[test]
 fn absolute_symlinks_resolve_inside_the_root() {
     // Debian's /var/run -> /run: a later entry under var/run lands in
     // <root>/run, never in the host's /run.

@@ -108,6 +108,7 @@ container_allowed if {
 	image_ok
 	storages_ok
 	root_path == concat("", [policy_rootfs_prefix, input.container_id])
+	no_hooks
 	devices_ok
 	namespaces_ok
 	sysctls_ok
@@ -194,6 +195,14 @@ storages_ok if {
 		s.driver == "image_guest_pull"
 		source_ok := {true: true, false: object.get(s, "source", "") in policy_container.images}
 		source_ok[count(policy_container.images) == 0]
+	}
+}
+
+# Hooks are programs the runtime runs, some as root in the guest's own
+# namespaces: a pod's policy never allows one.
+no_hooks if {
+	every _, list in object.get(input.OCI, "hooks", {}) {
+		count(list) == 0
 	}
 }
 
@@ -334,6 +343,12 @@ create_errors contains sprintf("root.path %q is not the container's root (%s%s)"
 	root_path != concat("", [policy_rootfs_prefix, input.container_id])
 }
 
+create_errors contains sprintf("hooks (%s) are not allowed for container %q", [kind, c.name]) if {
+	c := policy_container
+	some kind, list in object.get(input.OCI, "hooks", {})
+	count(list) > 0
+}
+
 create_errors contains sprintf("device %s is not allowed for container %q", [object.get(d, "path", ""), c.name]) if {
 	c := policy_container
 	not c.privileged
@@ -463,11 +478,27 @@ exec_env_ok if {
 	count(exec_env_dropped) == 0
 }
 
+# Compared as sets: the runtime may serialise a list in another order than
+# containerd sends it (oci-spec keeps capabilities in hash sets).
+capability_sets(caps) := {k: {c | some c in object.get(caps, k, [])} | some k in ["bounding", "effective", "permitted", "inheritable", "ambient"]}
+
+user_identity(u) := {
+	"uid": object.get(u, "uid", 0),
+	"gid": object.get(u, "gid", 0),
+	"additionalGids": {g | some g in object.get(u, "additionalGids", [])},
+}
+
+exec_user_ok if user_identity(object.get(input.process, "user", {})) == user_identity(created.user)
+
+exec_capabilities_ok if {
+	capability_sets(object.get(input.process, "capabilities", {})) == capability_sets(created.capabilities)
+}
+
 exec_process_ok if {
 	created != null
 	exec_env_ok
-	object.get(input.process, "user", {}) == created.user
-	object.get(input.process, "capabilities", {}) == created.capabilities
+	exec_user_ok
+	exec_capabilities_ok
 	object.get(input.process, "cwd", "") == created.cwd
 	nnp_ok := {true: true, false: created.noNewPrivileges == false}
 	nnp_ok[object.get(input.process, "noNewPrivileges", false)]
@@ -490,9 +521,15 @@ exec_deny_reason := sprintf("exec of %v in container %q is not in the pod's poli
 
 exec_process_errors contains "env" if not exec_env_ok
 
-exec_process_errors contains "user" if object.get(input.process, "user", {}) != created.user
+exec_process_errors contains "user" if {
+	created != null
+	not exec_user_ok
+}
 
-exec_process_errors contains "capabilities" if object.get(input.process, "capabilities", {}) != created.capabilities
+exec_process_errors contains "capabilities" if {
+	created != null
+	not exec_capabilities_ok
+}
 
 exec_process_errors contains "cwd" if object.get(input.process, "cwd", "") != created.cwd
 

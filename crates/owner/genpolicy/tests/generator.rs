@@ -1086,6 +1086,10 @@ fn host_changes_to_the_container_are_denied() {
             "{path}"
         );
     }
+    // A hook: a program of the host's, run as root in the guest.
+    let mut r = req.clone();
+    r["OCI"]["hooks"] = json!({"createRuntime": [{"path": "/run/kabuto/shared/c1/x"}]});
+    assert!(denied_reason(&mut gate, &r).contains("hooks (createRuntime) are not allowed"));
     // The TEE's device, a shared namespace, a sysctl, a seccomp listener.
     let mut r = req.clone();
     r["OCI"]["linux"]["devices"] =
@@ -1188,4 +1192,40 @@ fn host_rootfs_only_when_the_owner_allows_it() {
     // Still its own root path.
     req["OCI"]["root"]["path"] = json!("/");
     assert!(denied_reason(&mut gate, &req).contains("root.path \"/\""));
+}
+
+/// The runtime may send lists in another order than the create did
+/// (capabilities are hash sets in oci-spec): an exec is judged by content.
+#[test]
+fn exec_capabilities_and_groups_compare_as_sets() {
+    let f = fixture();
+    let generated = gen(
+        &f,
+        &manifest("03-statefulset-redis.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    req["OCI"]["process"]["user"]["additionalGids"] = json!([10, 20]);
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    let mut exec = exec_request(&req, &json!(["redis-cli", "ping"]));
+    exec["process"]["capabilities"]["bounding"]
+        .as_array_mut()
+        .unwrap()
+        .reverse();
+    exec["process"]["user"]["additionalGids"] = json!([20, 10]);
+    assert_eq!(
+        decide(&mut gate, "ExecProcessRequest", &exec),
+        Decision::Allowed
+    );
+    exec["process"]["user"]["additionalGids"] = json!([20, 10, 0]);
+    assert!(matches!(
+        decide(&mut gate, "ExecProcessRequest", &exec),
+        Decision::Denied { reason: Some(r) } if r.contains("user")
+    ));
 }
