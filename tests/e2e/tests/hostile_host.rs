@@ -22,7 +22,10 @@ fn config(state: &Path, tee: TeeKind) -> Config {
     c.agent.vhost_user_vsock_path = PathBuf::from("vhost-device-vsock");
     if tee == TeeKind::Software {
         let swtee = state.join("swtee");
-        kabuto_swtee::init(&swtee).expect("software TEE");
+        // One key set per test directory (a test may boot several guests).
+        if !swtee.exists() {
+            kabuto_swtee::init(&swtee).expect("software TEE");
+        }
         c.confidential.tee = TeeKind::Software;
         c.confidential.software_tee_dir = swtee;
     }
@@ -110,6 +113,20 @@ fn assert_blocked(result: Result<impl std::fmt::Debug, impl std::fmt::Display>, 
     }
 }
 
+/// After a failed CreateSandbox: a second one (even with the right
+/// init-data), containers and a policy swap are all refused.
+fn assert_stays_closed(agent: &AgentClient, id: &str, doc: &[u8]) {
+    assert_blocked(create_sandbox(agent, id, doc), "CreateSandboxRequest");
+    assert_blocked(
+        agent.create_container(&create_request("c1", &["sleep", "1000"])),
+        "CreateContainerRequest",
+    );
+    assert_blocked(
+        agent.set_policy(kabuto_policy::ALLOW_ALL),
+        "SetPolicyRequest",
+    );
+}
+
 /// The policy of these tests' pods: containers whose first arg is `sleep`
 /// or `true`, recorded in the state; exec only in a `true` container.
 const POD_POLICY: &str = r#"package agent_policy
@@ -183,19 +200,7 @@ fn a_failed_create_sandbox_leaves_the_guest_closed() {
     let agent = sandbox.agent();
     let err = create_sandbox(agent, "failed", &doc).expect_err("unparseable policy");
     assert!(err.contains("init-data policy.rego refused"), "{err}");
-
-    assert_blocked(
-        create_sandbox(agent, "failed", &doc),
-        "CreateSandboxRequest",
-    );
-    assert_blocked(
-        agent.create_container(&create_request("c1", &["sleep", "1000"])),
-        "CreateContainerRequest",
-    );
-    assert_blocked(
-        agent.set_policy(kabuto_policy::ALLOW_ALL),
-        "SetPolicyRequest",
-    );
+    assert_stays_closed(agent, "failed", &doc);
     assert_blocked(agent.guest_details(), "GuestDetailsRequest");
     sandbox.destroy();
     assert!(!dir.path().join("state/sandboxes/failed").exists());
@@ -219,14 +224,7 @@ fn init_data_altered_after_launch_is_refused_by_the_guest() {
     altered.extend_from_slice(b"\n# altered by the host\n");
     let err = create_sandbox(agent, "altered", &altered).expect_err("altered");
     assert!(err.contains("does not match the TEE's HOST_DATA"), "{err}");
-    assert_blocked(
-        create_sandbox(agent, "altered", &doc),
-        "CreateSandboxRequest",
-    );
-    assert_blocked(
-        agent.create_container(&create_request("c1", &["sleep", "1000"])),
-        "CreateContainerRequest",
-    );
+    assert_stays_closed(agent, "altered", &doc);
     sandbox.destroy();
 }
 
@@ -342,12 +340,7 @@ fn a_kbs_without_pinned_tls_is_refused() {
             Sandbox::boot(&config(dir.path(), TeeKind::Software), &id, Some(&doc)).expect("boot");
         let err = create_sandbox(sandbox.agent(), &id, &doc).expect_err("refused");
         assert!(err.contains(why), "{kbs}: {err}");
-        assert_blocked(
-            sandbox
-                .agent()
-                .create_container(&create_request("c1", &["sleep", "1000"])),
-            "CreateContainerRequest",
-        );
+        assert_stays_closed(sandbox.agent(), &id, &doc);
         sandbox.destroy();
     }
 }

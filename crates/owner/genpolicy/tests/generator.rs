@@ -1049,10 +1049,9 @@ fn env_fast_paths_decide_as_the_full_regex() {
     }
 }
 
-/// What a hostile host changes in an otherwise valid CreateContainer of a
-/// confidential pod: each is denied, naming the check, and changes no state.
-#[test]
-fn host_changes_to_the_container_are_denied() {
+/// The generated policy of 03 (redis, with an exec readiness probe) and a
+/// valid CreateContainer of its container as `c1`.
+fn redis_case() -> (Gate, Value) {
     let f = fixture();
     let generated = gen(
         &f,
@@ -1061,9 +1060,15 @@ fn host_changes_to_the_container_are_denied() {
     )
     .unwrap();
     let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let redis = template["spec"]["containers"][0].clone();
-    let req = cri_request(&template, &ns, &redis, "c1");
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    (PolicyGate::new(&generated.pods[0].rego).unwrap(), req)
+}
+
+/// What a hostile host changes in an otherwise valid CreateContainer of a
+/// confidential pod: each is denied, naming the check, and changes no state.
+#[test]
+fn host_changes_to_the_container_are_denied() {
+    let (mut gate, req) = redis_case();
 
     // The host's own rootfs instead of the guest-pulled, pinned image.
     let mut r = req.clone();
@@ -1198,17 +1203,8 @@ fn host_rootfs_only_when_the_owner_allows_it() {
 /// (capabilities are hash sets in oci-spec): an exec is judged by content.
 #[test]
 fn exec_capabilities_and_groups_compare_as_sets() {
-    let f = fixture();
-    let generated = gen(
-        &f,
-        &manifest("03-statefulset-redis.yaml"),
-        &Settings::default(),
-    )
-    .unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    let (mut gate, mut req) = redis_case();
     req["OCI"]["process"]["user"]["additionalGids"] = json!([10, 20]);
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
