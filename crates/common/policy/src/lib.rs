@@ -401,7 +401,12 @@ mod tests {
             );
         }
         let mut gate = PolicyGate::new(DENY_ALL).expect("parses");
-        for r in ALL_REQUESTS {
+        assert_all_denied(&mut gate, ALL_REQUESTS);
+    }
+
+    /// Each of `requests` (with an empty input) is denied.
+    fn assert_all_denied(gate: &mut PolicyGate, requests: &[&str]) {
+        for r in requests {
             assert!(
                 matches!(
                     gate.decide(r, &json!({})).expect("decide"),
@@ -593,19 +598,14 @@ mod tests {
             "#,
         )
         .expect("parses");
-        for r in [
-            "StartContainerRequest",
-            "StatsContainerRequest",
-            "CheckRequest",
-        ] {
-            assert!(
-                matches!(
-                    gate.decide(r, &json!({})).expect("decide"),
-                    Decision::Denied { .. }
-                ),
-                "{r}"
-            );
-        }
+        assert_all_denied(
+            &mut gate,
+            &[
+                "StartContainerRequest",
+                "StatsContainerRequest",
+                "CheckRequest",
+            ],
+        );
     }
 
     #[test]

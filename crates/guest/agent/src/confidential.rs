@@ -53,6 +53,13 @@ pub fn tee_hardware() -> Option<&'static str> {
     .map(|(_, name)| name)
 }
 
+/// True for a guest that must treat the host as the attacker: its command
+/// line names a TEE (any value), or it has TEE hardware whatever the
+/// command line says.
+pub fn is_confidential(cmdline: &str) -> bool {
+    names_a_tee(cmdline) || tee_hardware().is_some()
+}
+
 /// Connects to the software TEE's firmware on the host.
 fn software_tee_connector() -> evidence::Connector {
     Box::new(|| {

@@ -57,7 +57,7 @@ fn main() {
         }
         if debug_console::enabled() {
             // A shell the host can reach has no place in a confidential guest.
-            if confidential::names_a_tee(&cmdline) || confidential::tee_hardware().is_some() {
+            if confidential::is_confidential(&cmdline) {
                 log::error!("debug console refused: this guest is confidential");
             } else {
                 debug_console::start();

@@ -141,18 +141,20 @@ impl Agent {
     /// closed, accepting only CreateSandbox, whose init-data brings the
     /// pod's policy.
     pub fn new(reaper: Reaper, loaded_modules: Vec<String>, cmdline: &str) -> Self {
-        let hardware = confidential::tee_hardware();
-        let tee = match confidential::tee_from_cmdline(cmdline) {
+        let tee = match (
+            confidential::tee_from_cmdline(cmdline),
+            confidential::tee_hardware(),
+        ) {
             // The host left kabuto.tee out of a TEE guest's command line:
             // believed, it would open the guest to the host.
-            Ok(None) if hardware.is_some() => Err(format!(
-                "this guest runs in a TEE ({}) but its kernel command line names none \
-                 (kabuto.tee=): refusing to serve a sandbox",
-                hardware.unwrap_or_default()
+            (Ok(None), Some(hardware)) => Err(format!(
+                "this guest runs in a TEE ({hardware}) but its kernel command line names none \
+                 (kabuto.tee=): refusing to serve a sandbox"
             )),
-            other => other,
+            (named, _) => named,
         };
-        let gate = if confidential::names_a_tee(cmdline) || hardware.is_some() {
+        // Confidential exactly when `tee` is not Ok(None) (is_confidential).
+        let gate = if confidential::is_confidential(cmdline) {
             PolicyGate::new(kabuto_policy::CONFIDENTIAL_BOOT)
         } else {
             // Pods that are not confidential: the host is trusted.
@@ -176,6 +178,12 @@ impl Agent {
             shutdown: Mutex::new(false),
             shutdown_ready: Condvar::new(),
         }
+    }
+
+    /// True when the host is the attacker: a TEE named (even one this agent
+    /// does not know) or present.
+    fn is_confidential(&self) -> bool {
+        !matches!(self.tee, Ok(None))
     }
 
     /// The single entry point of every request: names it after its message
@@ -358,7 +366,7 @@ impl Agent {
             }
             Err(e) => {
                 log::error!("CreateSandbox failed: {e}");
-                if !matches!(self.tee, Ok(None)) {
+                if self.is_confidential() {
                     let deny_all = PolicyGate::new(kabuto_policy::DENY_ALL)
                         .unwrap_or_else(|e| panic!("shipped deny-all policy: {e}"));
                     lock(&self.gate).replace(deny_all);
@@ -512,7 +520,7 @@ impl Agent {
             Some(self.container(&req.sandbox_id)?.init.pid)
         };
         let mut spec = containers::parse_spec(&req.oci_spec)?;
-        let confidential = !matches!(self.tee, Ok(None));
+        let confidential = self.is_confidential();
         if confidential {
             // Hooks are programs the runtime would run, some as root in the
             // guest's namespaces; in a confidential pod they could only be
