@@ -84,6 +84,12 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         let text = String::from_utf8(read(path)?).context("collateral is not UTF-8")?;
         anchors.tdx_collateral = Some(kabuto_verifier::tdx::collateral_from_json(&text)?);
     }
+    let mut certs = Vec::new();
+    for c in &args.cert {
+        certs.extend(certificates(&read(c)?)?);
+    }
+    // Also for JSON evidence: an ASVK given here completes a VLEK chain.
+    anchors.amd_certs = certs.clone();
     let verifier = Verifier::new(anchors.clone());
     let evidence = read(&args.evidence)?;
     let is_json = evidence
@@ -100,10 +106,6 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         };
         verifier.verify(tee, &primary_evidence(json), Expected::default(), now)
     } else if args.tee == "snp" {
-        let mut certs = Vec::new();
-        for c in &args.cert {
-            certs.extend(certificates(&read(c)?)?);
-        }
         verifier.verify_snp_report(&evidence, &certs)
     } else {
         let collateral = anchors

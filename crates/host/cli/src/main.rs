@@ -85,8 +85,12 @@ enum GuestCommand {
         #[arg(long)]
         debug_console: bool,
     },
-    /// Print the launch measurement a software-TEE guest of the effective
-    /// config reports (register it as the KBS reference value `measurement`).
+    /// Print the launch measurement a guest of the effective config
+    /// reports, without booting it (register it as the KBS reference value
+    /// `measurement`): for `tee = "snp"` the SNP MEASUREMENT of the
+    /// firmware, kernel-hashes and VMSAs; for `software` the software TEE's.
+    /// TDX is not computed (its MRTD depends on the TDVF build: take it from
+    /// a first launch's quote).
     Measure,
 }
 
@@ -140,9 +144,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Guest {
             command: GuestCommand::Measure,
         } => {
+            use kabuto_runtime::config::TeeKind;
             let config = Config::load()?;
-            let m = kabuto_runtime::sandbox::software_tee_measurement(&config)
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let m = match config.confidential.tee {
+                TeeKind::Snp => kabuto_runtime::sandbox::snp_launch_measurement(&config),
+                TeeKind::Software | TeeKind::None => {
+                    kabuto_runtime::sandbox::software_tee_measurement(&config)
+                }
+                TeeKind::Tdx => Err(
+                    "TDX: MRTD depends on the TDVF build and is not computed here; \
+                     register the MRTD and RTMR0-3 of a first launch's quote \
+                     (kabuto attest verify --tee tdx prints them)"
+                        .into(),
+                ),
+            }
+            .map_err(|e| anyhow::anyhow!(e))?;
             println!("{}", hex_lower(&m));
             Ok(())
         }

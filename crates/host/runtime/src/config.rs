@@ -103,6 +103,17 @@ pub struct ConfidentialConfig {
     /// How long a CreateContainer that pulls its image in the guest may
     /// take (pull, verify, decrypt, unpack).
     pub image_pull_timeout_secs: u64,
+    /// The guest firmware of SNP and TDX launches (`-bios`): for SNP an
+    /// OVMF built from edk2's `OvmfPkg/AmdSev` (it measures the kernel,
+    /// initrd and command line: QEMU's `kernel-hashes=on`), for TDX a TDVF.
+    /// Debian 12's `ovmf` package has neither; required for `snp`/`tdx`.
+    pub firmware: PathBuf,
+    /// The vCPU model of SNP guests (`-cpu`): its CPUID signature is part of
+    /// every vCPU's measured VMSA, so it is fixed rather than `host`.
+    pub snp_cpu: String,
+    /// SEV features of SNP guests' VMSAs (bit 0 SNPActive; QEMU's default
+    /// is 0x1). Part of the launch measurement.
+    pub snp_guest_features: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +154,9 @@ impl Default for ConfidentialConfig {
             software_tee_dir: PathBuf::from(DEFAULT_SOFTWARE_TEE_DIR),
             image_pull: ImagePull::Host,
             image_pull_timeout_secs: 1200,
+            firmware: PathBuf::new(),
+            snp_cpu: "EPYC-v4".into(),
+            snp_guest_features: 1,
         }
     }
 }
@@ -411,6 +425,32 @@ impl Config {
                 ));
             }
         }
+        if matches!(self.confidential.tee, TeeKind::Snp | TeeKind::Tdx) {
+            let tee = self.confidential.tee.kernel_param().unwrap_or_default();
+            if h.machine != MachineType::Q35 {
+                return Err(format!(
+                    "confidential.tee = \"{tee}\" needs hypervisor.machine = \"q35\" (a TEE launch boots through firmware)"
+                ));
+            }
+            if h.accelerator == Accelerator::Tcg {
+                return Err(format!(
+                    "confidential.tee = \"{tee}\" needs KVM on TEE hardware, not hypervisor.accelerator = \"tcg\""
+                ));
+            }
+            if self.confidential.firmware.as_os_str().is_empty() {
+                return Err(format!(
+                    "confidential.tee = \"{tee}\" needs confidential.firmware (an AmdSev OVMF for snp, a TDVF for tdx)"
+                ));
+            }
+            if self.confidential.tee == TeeKind::Snp
+                && crate::sandbox::snp_cpu_type(&self.confidential.snp_cpu).is_none()
+            {
+                return Err(format!(
+                    "confidential.snp_cpu {:?} is not an EPYC model QEMU and the SNP measurement both know (e.g. \"EPYC-v4\", \"EPYC-Milan\", \"EPYC-Genoa\")",
+                    self.confidential.snp_cpu
+                ));
+            }
+        }
         if self.confidential.tee != TeeKind::None && h.debug_console {
             return Err(
                 "hypervisor.debug_console must be off when confidential.tee is set: \
@@ -490,6 +530,14 @@ software_tee_dir = "/var/lib/kabuto/swtee"
 image_pull = "host"
 # How long creating a container whose image the guest pulls may take.
 image_pull_timeout_secs = 1200
+# SNP and TDX only (they need hypervisor.machine = "q35" and KVM on TEE
+# hardware). The guest firmware: an OVMF built from edk2's OvmfPkg/AmdSev
+# for snp (it measures kernel, initrd and command line), a TDVF for tdx.
+firmware = ""
+# The SNP vCPU model and SEV features: both are part of the measured VMSAs
+# (`kabuto guest measure` prints the launch measurement they give).
+snp_cpu = "EPYC-v4"
+snp_guest_features = 1
 
 [snapshotter]
 # kabuto-snapshotter: a containerd proxy snapshotter ("kabuto") that unpacks
@@ -548,11 +596,38 @@ mod tests {
             ("[shared_fs]\ncache = \"sometimes\"\n", "cache"),
             ("[shared_fs]\nrootfs_cache = \"never\"\n", "rootfs_cache"),
             ("[confidential]\nimage_pull = \"guest\"\n", "guest_network"),
+            // TEE launches boot q35 through firmware, on KVM.
+            (
+                "[confidential]\ntee = \"snp\"\nfirmware = \"/fw/OVMF.amdsev.fd\"\n",
+                "q35",
+            ),
+            (
+                "[hypervisor]\nmachine = \"q35\"\naccelerator = \"tcg\"\n[confidential]\ntee = \"snp\"\nfirmware = \"/fw/OVMF.amdsev.fd\"\n",
+                "KVM",
+            ),
+            (
+                "[hypervisor]\nmachine = \"q35\"\n[confidential]\ntee = \"tdx\"\n",
+                "firmware",
+            ),
+            (
+                "[hypervisor]\nmachine = \"q35\"\n[confidential]\ntee = \"snp\"\nfirmware = \"/f\"\nsnp_cpu = \"host\"\n",
+                "snp_cpu",
+            ),
         ] {
             let err = Config::parse(toml, Path::new("c.toml")).expect_err(toml);
             let text = format!("{err} {:?}", std::error::Error::source(&err));
             assert!(text.contains(needle), "{toml}: {text}");
         }
+    }
+
+    #[test]
+    fn a_complete_snp_config_is_accepted() {
+        let c = Config::parse(
+            "[hypervisor]\nmachine = \"q35\"\n[confidential]\ntee = \"snp\"\nfirmware = \"/fw/OVMF.amdsev.fd\"\nsnp_cpu = \"EPYC-Milan\"\n",
+            Path::new("snp.toml"),
+        )
+        .expect("parses");
+        assert_eq!(c.confidential.snp_cpu, "EPYC-Milan");
     }
 
     #[test]

@@ -1,8 +1,14 @@
-# Default appraisal policy of kabuto-kbs.
+# Default appraisal policy of kabuto-kbs. It fails closed: a claim the owner
+# registered no reference values for is contraindicated, not a warning.
 #
 # input.claims      verified claims (kabuto-verifier `Claims`)
 # input.init_data   {"digest": hex, "data": {...}} when the guest sent init-data
-# data.reference    reference values registered by the owner, {name: [values]}
+# data.reference    reference values registered by the owner, {name: [values]}:
+#   measurement         SNP MEASUREMENT / TDX MRTD (hex)            required
+#   init_data           init-data digests, as the TEE holds them     required
+#   rtmr0 ... rtmr3     TDX runtime measurement registers (hex)      required for TDX
+#   tdx_tcb_status      TCB statuses accepted besides "UpToDate"     optional
+#   allow               ["debug"] accepts debuggable guests          optional
 #
 # Produces `result`: {"trust_vector": {...}, "status": ..., "reasons": [...]}
 # in the EAR (AR4SI) vocabulary: 2 affirming, 32 warning, 96 contraindicated.
@@ -10,27 +16,48 @@ package kabuto.attestation
 
 import rego.v1
 
-registered(name) if count(object.get(data.reference, name, [])) > 0
+reference(name) := object.get(data.reference, name, [])
 
-# Executables: the launch measurement (SNP MEASUREMENT / TDX MRTD).
-executables := 2 if {
-	input.claims.measurement in data.reference.measurement
-} else := 33 if {
-	not registered("measurement")
-} else := 96
+registered(name) if count(reference(name)) > 0
+
+is_tdx if input.claims.platform == "intel-tdx"
+
+# The TDX RTMRs (kernel, command line, initrd and what the guest extends);
+# the quote signs them, and the verifier replayed the event log against them.
+tdx_rtmrs_match if {
+	every i, value in input.claims.details.rtmr {
+		value in reference(sprintf("rtmr%d", [i]))
+	}
+}
+
+# Executables: the launch measurement (SNP MEASUREMENT, which covers the
+# kernel, initrd and command line when launched with kernel-hashes; TDX MRTD
+# plus RTMR0-3).
+executables := 96 if {
+	not input.claims.measurement in reference("measurement")
+} else := 96 if {
+	is_tdx
+	not tdx_rtmrs_match
+} else := 2
 
 # Configuration: the init-data digest fixed into the TEE at launch.
 configuration := 2 if {
-	input.claims.init_data in data.reference.init_data
-} else := 33 if {
-	not registered("init_data")
+	input.claims.init_data in reference("init_data")
 } else := 96
 
-# Hardware: a real TEE that cannot be debugged. The software TEE only gets
-# this far when the owner trusted its root explicitly; it stays a warning.
+tdx_tcb_accepted if input.claims.tcb.status == "UpToDate"
+
+tdx_tcb_accepted if input.claims.tcb.status in reference("tdx_tcb_status")
+
+# Hardware: a real TEE that cannot be debugged, at an accepted TCB level. The
+# software TEE only gets this far when the owner trusted its root
+# explicitly; it stays a warning.
 hardware := 96 if {
 	input.claims.debug
-	not "debug" in object.get(data.reference, "allow", [])
+	not "debug" in reference("allow")
+} else := 96 if {
+	is_tdx
+	not tdx_tcb_accepted
 } else := 32 if {
 	input.claims.insecure
 } else := 2
@@ -41,11 +68,39 @@ trust_vector := {
 	"hardware": hardware,
 }
 
-reasons contains "launch measurement is not a registered reference value" if executables == 96
+reasons contains "no reference values are registered for the launch measurement (reference-values \"measurement\")" if {
+	not registered("measurement")
+}
 
-reasons contains "init-data digest is not a registered reference value" if configuration == 96
+reasons contains "launch measurement is not a registered reference value" if {
+	registered("measurement")
+	not input.claims.measurement in reference("measurement")
+}
 
-reasons contains "the guest can be debugged" if hardware == 96
+reasons contains sprintf("TDX RTMR%d is not a registered reference value (reference-values \"rtmr%d\")", [i, i]) if {
+	is_tdx
+	some i, value in input.claims.details.rtmr
+	not value in reference(sprintf("rtmr%d", [i]))
+}
+
+reasons contains "no reference values are registered for the init-data digest (reference-values \"init_data\")" if {
+	not registered("init_data")
+}
+
+reasons contains "init-data digest is not a registered reference value" if {
+	registered("init_data")
+	not input.claims.init_data in reference("init_data")
+}
+
+reasons contains "the guest can be debugged" if {
+	input.claims.debug
+	not "debug" in reference("allow")
+}
+
+reasons contains sprintf("TDX TCB status %v is not accepted (reference-values \"tdx_tcb_status\")", [input.claims.tcb.status]) if {
+	is_tdx
+	not tdx_tcb_accepted
+}
 
 status := "contraindicated" if {
 	some v in trust_vector

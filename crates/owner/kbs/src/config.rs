@@ -41,6 +41,11 @@ roles = ["admin"]
 accept_sample = false
 # DCAP collateral for TDX quotes, as JSON (this KBS never contacts Intel PCS).
 # tdx_collateral = "/etc/kabuto/kbs/tdx-collateral.json"
+# AMD's ASK/ASVK certificates (PEM), for SNP reports signed by a VLEK (cloud
+# providers such as AWS): the evidence usually carries only the VLEK. Fetch
+# them from https://kdsintf.amd.com/vlek/v1/{Milan,Genoa,Turin}/cert_chain.
+# Each is used only when AMD's ARK, pinned in kabuto, signed it.
+# amd_certs = "/etc/kabuto/kbs/amd-cert-chains.pem"
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +102,8 @@ pub struct AttestationConfig {
     pub accept_sample: bool,
     #[serde(default)]
     pub tdx_collateral: Option<PathBuf>,
+    #[serde(default)]
+    pub amd_certs: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -94,10 +94,21 @@ impl Kbs {
             Some(path) => Some(load_collateral(path)?),
             None => None,
         };
+        let amd_certs = match &config.attestation.amd_certs {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("attestation.amd_certs {}: {e}", path.display())
+                })?;
+                parse_pem_certificates(&pem)
+                    .map_err(|e| anyhow::anyhow!("attestation.amd_certs {}: {e}", path.display()))?
+            }
+            None => Vec::new(),
+        };
         let base_anchors = TrustAnchors {
             software_tee_roots: Vec::new(),
             accept_sample: config.attestation.accept_sample,
             tdx_collateral,
+            amd_certs,
         };
         let attestation_rego = stored_text(&store, store::ATTESTATION_POLICY)?
             .unwrap_or_else(|| policy::DEFAULT_ATTESTATION_POLICY.to_string());

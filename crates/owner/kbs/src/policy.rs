@@ -144,11 +144,26 @@ mod tests {
     }
 
     #[test]
-    fn default_appraisal() {
+    fn default_appraisal_fails_closed() {
         let p = Policy::attestation(DEFAULT_ATTESTATION_POLICY).unwrap();
-        let none = json!({"reference": {}});
-        let r = p.evaluate(&claims("m1", false, false), &none).unwrap();
-        assert_eq!(r["status"], "warning", "{r}"); // nothing registered
+        // Nothing registered: refused, and the reasons say what to register.
+        let r = p
+            .evaluate(&claims("m1", false, false), &json!({"reference": {}}))
+            .unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        let reasons = r["reasons"].to_string();
+        assert!(reasons.contains("\\\"measurement\\\""), "{reasons}");
+        assert!(reasons.contains("\\\"init_data\\\""), "{reasons}");
+        // Setting an empty list registers nothing that matches.
+        let empty = json!({"reference": {"measurement": [], "init_data": []}});
+        let r = p.evaluate(&claims("m1", false, false), &empty).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        // Only the measurement registered: still refused.
+        let half = json!({"reference": {"measurement": ["m1"]}});
+        let r = p.evaluate(&claims("m1", false, false), &half).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert_eq!(r["trust_vector"]["configuration"], 96);
+
         let refs = json!({"reference": {"measurement": ["m1"], "init_data": ["aa"]}});
         let r = p.evaluate(&claims("m1", false, false), &refs).unwrap();
         assert_eq!(r["status"], "affirming", "{r}");
@@ -160,6 +175,50 @@ mod tests {
         assert_eq!(r["status"], "warning");
         let r = p.evaluate(&claims("m1", false, true), &refs).unwrap();
         assert_eq!(r["status"], "contraindicated");
+    }
+
+    fn tdx_claims(rtmr: [&str; 4], status: &str) -> serde_json::Value {
+        json!({"claims": {
+            "platform": "intel-tdx", "measurement": "td", "init_data": "aa",
+            "insecure": false, "debug": false,
+            "tcb": {"status": status},
+            "details": {"rtmr": rtmr},
+        }})
+    }
+
+    #[test]
+    fn tdx_appraisal_covers_the_rtmrs_and_the_tcb_status() {
+        let p = Policy::attestation(DEFAULT_ATTESTATION_POLICY).unwrap();
+        let good = ["r0", "r1", "r2", "r3"];
+        let refs = json!({"reference": {
+            "measurement": ["td"], "init_data": ["aa"],
+            "rtmr0": ["r0"], "rtmr1": ["r1"], "rtmr2": ["r2"], "rtmr3": ["r3"],
+        }});
+        let r = p.evaluate(&tdx_claims(good, "UpToDate"), &refs).unwrap();
+        assert_eq!(r["status"], "affirming", "{r}");
+        // Another kernel command line (RTMR2): refused, naming the register.
+        let r = p
+            .evaluate(&tdx_claims(["r0", "r1", "evil", "r3"], "UpToDate"), &refs)
+            .unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert!(r["reasons"].to_string().contains("RTMR2"), "{r}");
+        // MRTD alone registered (the RTMRs not): refused.
+        let mrtd_only = json!({"reference": {"measurement": ["td"], "init_data": ["aa"]}});
+        let r = p
+            .evaluate(&tdx_claims(good, "UpToDate"), &mrtd_only)
+            .unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        // An out-of-date TCB is refused unless the owner accepts that status.
+        let r = p.evaluate(&tdx_claims(good, "OutOfDate"), &refs).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert_eq!(r["trust_vector"]["hardware"], 96);
+        assert!(r["reasons"].to_string().contains("OutOfDate"), "{r}");
+        let mut accepting = refs.clone();
+        accepting["reference"]["tdx_tcb_status"] = json!(["OutOfDate"]);
+        let r = p
+            .evaluate(&tdx_claims(good, "OutOfDate"), &accepting)
+            .unwrap();
+        assert_eq!(r["status"], "affirming", "{r}");
     }
 
     #[test]

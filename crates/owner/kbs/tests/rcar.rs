@@ -138,6 +138,21 @@ impl Kbs {
         std::fs::read_to_string(self.dir.path().join("kbs.log")).unwrap_or_default()
     }
 
+    /// The owner's side: trust `fw`'s root and register its measurement and
+    /// the digest of [`INIT_DATA`] (the default policy fails closed).
+    fn trust(&self, fw: &Firmware) {
+        self.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+        self.admin
+            .set_reference_values("measurement", &serde_json::json!([fw.measurement_hex()]))
+            .unwrap();
+        let digest = kabuto_initdata::InitData::parse(INIT_DATA.as_bytes())
+            .unwrap()
+            .digest_for_field(32);
+        self.admin
+            .set_reference_values("init_data", &serde_json::json!([hex::encode(digest)]))
+            .unwrap();
+    }
+
     fn client(&self, firmware: &Firmware, init_data: Option<&str>) -> KbsClient {
         KbsClient::new(
             &self.url,
@@ -261,7 +276,7 @@ fn resource_released_only_after_attestation_and_only_to_trusted_tees() {
     let err = client.get_resource("kbs:///default/key/1").unwrap_err();
     assert_eq!(check_of(&err), "software-tee-trust", "{err}");
 
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
     let secret = client.get_resource("kbs:///default/key/1").unwrap();
     assert_eq!(secret.as_slice(), b"top secret");
 
@@ -284,6 +299,18 @@ fn appraisal_refusals_name_the_failed_check() {
     let fw = Firmware::start(INIT_DATA);
     kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
     kbs.admin.set_resource("default/key/1", b"s").unwrap();
+
+    // Nothing registered: refused (fail closed), naming what is missing.
+    let err = kbs
+        .client(&fw, Some(INIT_DATA))
+        .get_resource("kbs:///default/key/1")
+        .unwrap_err();
+    assert_eq!(check_of(&err), "attestation-policy", "{err}");
+    assert!(
+        err.to_string()
+            .contains("no reference values are registered"),
+        "{err}"
+    );
 
     // Wrong measurement.
     kbs.admin
@@ -356,7 +383,7 @@ impl EvidenceProvider for Tampering {
 fn tampered_evidence_and_replays_are_refused() {
     let kbs = Kbs::start(Options::default());
     let fw = Firmware::start(INIT_DATA);
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
 
     let tampering = KbsClient::new(
         &kbs.url,
@@ -397,7 +424,7 @@ fn sessions_expire() {
         ..Default::default()
     });
     let fw = Firmware::start(INIT_DATA);
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
     let agent = ureq::Agent::new();
     let provider = fw.provider();
     let (cookie, challenge) = auth(&agent, &kbs.url, provider.tee());
@@ -417,7 +444,7 @@ fn sessions_expire() {
 fn resource_policy_denies_by_path() {
     let kbs = Kbs::start(Options::default());
     let fw = Firmware::start(INIT_DATA);
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
     kbs.admin.set_resource("team-a/key/1", b"a").unwrap();
     kbs.admin.set_resource("team-b/key/1", b"b").unwrap();
     kbs.admin
@@ -485,7 +512,7 @@ fn admin_api_needs_a_configured_key_and_role() {
 fn acknowledged_writes_survive_kill_9() {
     let mut kbs = Kbs::start(Options::default());
     let fw = Firmware::start(INIT_DATA);
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
     for i in 0..20 {
         kbs.admin
             .set_resource(&format!("default/key/{i}"), format!("value {i}").as_bytes())
@@ -512,7 +539,7 @@ fn tls_with_the_owner_ca() {
         ..Default::default()
     });
     let fw = Firmware::start(INIT_DATA);
-    kbs.admin.set_software_tee_roots(&fw.root_pem).unwrap();
+    kbs.trust(&fw);
     kbs.admin
         .set_resource("default/key/1", b"over tls")
         .unwrap();
@@ -594,6 +621,12 @@ fn sample_evidence_and_bearer_tokens() {
     kbs.admin
         .set_resource("default/key/1", b"via bearer")
         .unwrap();
+    // Sample evidence has no measurement and no init-data.
+    for name in ["measurement", "init_data"] {
+        kbs.admin
+            .set_reference_values(name, &serde_json::json!([""]))
+            .unwrap();
+    }
     let (token, key) = handshake(&kbs.url, kbs_types::Tee::Sample, sample).unwrap();
     let response = ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
         .set("Authorization", &format!("Bearer {token}"))

@@ -89,6 +89,11 @@ pub struct TrustAnchors {
     pub accept_sample: bool,
     /// DCAP collateral for TDX quotes (offline; no PCS access).
     pub tdx_collateral: Option<QuoteCollateralV3>,
+    /// AMD ASK / ASVK certificates (DER) the owner fetched from AMD's KDS
+    /// (`https://kdsintf.amd.com/vlek/v1/{Milan,Genoa,Turin}/cert_chain`):
+    /// VLEK reports need the ASVK, which SNP evidence usually lacks. Not
+    /// trusted by themselves: each is used only if the pinned ARK signed it.
+    pub amd_certs: Vec<Vec<u8>>,
 }
 
 /// Which kind of platform produced the evidence.

@@ -149,8 +149,18 @@ pub(crate) fn verify_raw(
                 }
             ))
         })?;
-    let intermediates: Vec<&x509_cert::Certificate> =
-        parsed.iter().filter(|c| !is_endorsement_key(c)).collect();
+    let configured: Vec<x509_cert::Certificate> = anchors
+        .amd_certs
+        .iter()
+        .filter_map(|der| x509_cert::Certificate::from_der(der).ok())
+        .collect();
+    // The evidence's CA certificates, then the owner's: both are checked
+    // against the pinned ARKs, neither is trusted by itself.
+    let intermediates: Vec<&x509_cert::Certificate> = parsed
+        .iter()
+        .filter(|c| !is_endorsement_key(c))
+        .chain(configured.iter())
+        .collect();
 
     let mut chain_key = Sha256::new();
     chain_key.update([signing_key as u8]);
@@ -164,6 +174,9 @@ pub(crate) fn verify_raw(
         None => {
             let outcome = match amd_chain(leaf, &intermediates, signing_key)? {
                 Some(product) => (Platform::AmdSevSnp, product),
+                None if signing_key == SigningKey::Vlek && is_amd_vlek(leaf) => {
+                    return Err(no_asvk(leaf))
+                }
                 None => {
                     software_chain(anchors, leaf)?;
                     (Platform::SoftwareTee, "software")
@@ -282,6 +295,25 @@ pub(crate) fn amd_chain(
         }
     }
     Ok(None)
+}
+
+/// Whether AMD's ASVK names itself the issuer (`CN=SEV-VLEK-<product>`).
+fn is_amd_vlek(leaf: &x509_cert::Certificate) -> bool {
+    leaf.tbs_certificate
+        .issuer
+        .to_string()
+        .contains("CN=SEV-VLEK-")
+}
+
+/// A VLEK whose ASVK is neither in the evidence nor configured (or does not
+/// chain): say where the owner gets it.
+fn no_asvk(leaf: &x509_cert::Certificate) -> VerifyError {
+    VerifyError::UntrustedChain(format!(
+        "the VLEK certificate (issuer {}) is not signed by an ASVK that AMD's pinned Milan, Genoa or Turin ARK signed; \
+         the evidence's cert_chain carried none that fits: configure AMD's ASVK chain \
+         (https://kdsintf.amd.com/vlek/v1/<product>/cert_chain; kabuto-kbs [attestation] amd_certs, kabuto attest verify --cert)",
+        leaf.tbs_certificate.issuer
+    ))
 }
 
 /// The leaf must be signed (ECDSA P-384) by a software-TEE root the owner

@@ -495,6 +495,95 @@ fn second_real_milan_report_and_a_turin_vcek_chain_to_the_pinned_roots() {
     );
 }
 
+/// The DER certificates of a PEM file.
+fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
+    let pem = String::from_utf8(pem.to_vec()).unwrap();
+    pem.split("-----END CERTIFICATE-----")
+        .filter(|block| block.contains("BEGIN CERTIFICATE"))
+        .map(|block| {
+            let b64: String = block
+                .lines()
+                .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
+                .collect();
+            B64.decode(b64.trim()).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn real_vlek_report_verifies_with_amds_asvk_and_fails_with_any_flipped_signed_byte() {
+    let (Some(report), Some(vlek), Some(pem)) = (
+        testdata("snp/report-vlek.bin"),
+        testdata("snp/report-vlek.vlek.der"),
+        testdata("snp/amd-milan-ask-ark-asvk.pem"),
+    ) else {
+        return;
+    };
+    let amd = pem_certificates(&pem);
+    // The evidence carries only the VLEK (as a cloud's extended report
+    // does); the owner configured AMD's published chain.
+    let configured = Verifier::new(TrustAnchors {
+        amd_certs: amd.clone(),
+        ..Default::default()
+    });
+    let claims = configured
+        .verify_snp_report(&report, std::slice::from_ref(&vlek))
+        .unwrap();
+    assert_eq!(claims.platform, Platform::AmdSevSnp);
+    assert!(!claims.insecure);
+    assert_eq!(claims.tcb["product"], "milan");
+    assert_eq!(claims.tcb["signing_key"], "vlek");
+    // The same with the chain in the evidence instead.
+    let mut in_evidence = vec![vlek.clone()];
+    in_evidence.extend(amd.iter().cloned());
+    let claims = verifier().verify_snp_report(&report, &in_evidence).unwrap();
+    assert_eq!(claims.tcb["signing_key"], "vlek");
+
+    // Without an ASVK: refused, naming where to get it.
+    let err = verifier()
+        .verify_snp_report(&report, std::slice::from_ref(&vlek))
+        .unwrap_err();
+    assert_eq!(err.check(), "certificate-chain");
+    assert!(err.to_string().contains("kdsintf.amd.com/vlek"), "{err}");
+    // The VCEK chain's ASK is no ASVK: configuring only ASK and ARK fails.
+    let subject = |der: &Vec<u8>| {
+        x509_cert::Certificate::from_der(der)
+            .unwrap()
+            .tbs_certificate
+            .subject
+            .to_string()
+    };
+    let without_asvk: Vec<Vec<u8>> = amd
+        .iter()
+        .filter(|c| !subject(c).contains("SEV-VLEK"))
+        .cloned()
+        .collect();
+    assert_eq!(without_asvk.len(), amd.len() - 1);
+    let err = Verifier::new(TrustAnchors {
+        amd_certs: without_asvk,
+        ..Default::default()
+    })
+    .verify_snp_report(&report, std::slice::from_ref(&vlek))
+    .unwrap_err();
+    assert_eq!(err.check(), "certificate-chain");
+
+    // Every signed byte matters (a fresh verifier each time would only
+    // re-check the cached chain; the report signature is per report).
+    for offset in 0..0x2A0 {
+        let mut tampered = report.clone();
+        tampered[offset] ^= 0x01;
+        let result = configured.verify_snp_report(&tampered, std::slice::from_ref(&vlek));
+        assert!(result.is_err(), "flipping byte {offset:#x} still verified");
+    }
+    // A flipped byte in the VLEK certificate breaks its chain.
+    let mut forged = vlek.clone();
+    let last = forged.len() - 40;
+    forged[last] ^= 0x01;
+    assert!(configured
+        .verify_snp_report(&report, std::slice::from_ref(&forged))
+        .is_err());
+}
+
 #[test]
 fn vlek_signatures_need_an_asvk_that_signed_the_key() {
     let (Some(vcek), Some(pem)) = (
@@ -503,17 +592,9 @@ fn vlek_signatures_need_an_asvk_that_signed_the_key() {
     ) else {
         return;
     };
-    let pem = String::from_utf8(pem).unwrap();
-    let certs: Vec<x509_cert::Certificate> = pem
-        .split("-----END CERTIFICATE-----")
-        .filter(|block| block.contains("BEGIN CERTIFICATE"))
-        .map(|block| {
-            let b64: String = block
-                .lines()
-                .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
-                .collect();
-            x509_cert::Certificate::from_der(&B64.decode(b64.trim()).unwrap()).unwrap()
-        })
+    let certs: Vec<x509_cert::Certificate> = pem_certificates(&pem)
+        .iter()
+        .map(|der| x509_cert::Certificate::from_der(der).unwrap())
         .collect();
     let subject = |c: &x509_cert::Certificate| c.tbs_certificate.subject.to_string();
     let asvk = certs

@@ -53,10 +53,20 @@ pub enum VsockBackend {
 pub enum TeeLaunch {
     /// An ordinary VM.
     None,
-    /// AMD SEV-SNP: HOST_DATA is part of the signed attestation report.
-    Snp { host_data: [u8; 32] },
-    /// Intel TDX: MRCONFIGID is part of the TD report and quote.
-    Tdx { mrconfigid: [u8; 48] },
+    /// AMD SEV-SNP: HOST_DATA is part of the signed attestation report; the
+    /// firmware (an AmdSev OVMF) adds the kernel, initrd and command line
+    /// hashes to the launch measurement; `cpu` is the fixed vCPU model.
+    Snp {
+        host_data: [u8; 32],
+        firmware: PathBuf,
+        cpu: String,
+    },
+    /// Intel TDX: MRCONFIGID is part of the TD report and quote; the TDVF
+    /// firmware measures kernel, command line and initrd into RTMR1/2.
+    Tdx {
+        mrconfigid: [u8; 48],
+        firmware: PathBuf,
+    },
     /// The software TEE: an ordinary VM; the runtime's simulated firmware
     /// reports this launch data (see `kabuto-swtee`). Insecure.
     Software(kabuto_swtee::LaunchData),

@@ -58,6 +58,20 @@ fn driver_kernel_params(machine: MachineType, accel: Accel, tsc_khz: Option<u64>
     params
 }
 
+/// The guest kernel command line QEMU passes (`-append`): the driver's
+/// parameters, then `guest_params`. A TEE launch measures exactly this text
+/// (SNP kernel-hashes, TDX RTMR2), so `kabuto guest measure` uses it too.
+pub fn kernel_command_line(
+    machine: MachineType,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    guest_params: &[String],
+) -> String {
+    let mut params = driver_kernel_params(machine, accel, tsc_khz);
+    params.extend(guest_params.iter().cloned());
+    params.join(" ")
+}
+
 /// The QEMU command line for `spec`, as data so it can be tested.
 pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
@@ -69,9 +83,11 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
         ),
         MachineType::Q35 => ("q35,memory-backend=mem", false),
     };
-    let (accel, cpu) = match spec.accel {
-        Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg => ("tcg", "max"),
+    let (accel, cpu) = match (&spec.tee, spec.accel) {
+        // Measured into every vCPU's VMSA: a fixed model, never `host`.
+        (TeeLaunch::Snp { cpu, .. }, _) => ("kvm", cpu.as_str()),
+        (_, Accel::Kvm) => ("kvm", "host"),
+        (_, Accel::Tcg) => ("tcg", "max"),
     };
     let device = |mmio_name: &str, pci_name: &str| {
         if mmio {
@@ -80,8 +96,6 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
             pci_name.to_string()
         }
     };
-    let mut params = driver_kernel_params(machine, spec.accel, tsc_khz);
-    params.extend(spec.kernel_params.iter().cloned());
 
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -112,7 +126,7 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
         "-initrd".into(),
         spec.initramfs.display().to_string(),
         "-append".into(),
-        params.join(" "),
+        kernel_command_line(machine, spec.accel, tsc_khz, &spec.kernel_params),
         "-qmp".into(),
         format!(
             "unix:{},server=on,wait=off",
@@ -181,32 +195,47 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
 
 /// QEMU objects that launch the guest in a TEE with its launch data.
 ///
-/// SNP (QEMU >= 9.1): `-object sev-snp-guest,...,host-data=<base64 of 32
-/// bytes>`; TDX (QEMU >= 10.1): `-object tdx-guest,...,mrconfigid=<base64 of
-/// 48 bytes>`; both tied in with `-machine confidential-guest-support`.
-/// Both need KVM on TEE hardware and a q35 machine with firmware; this
-/// renders the arguments, it cannot boot them here.
+/// SNP (QEMU >= 9.1): `-object sev-snp-guest,...,kernel-hashes=on,
+/// host-data=<base64 of 32 bytes>`: with kernel-hashes the AmdSev OVMF's
+/// measured hash table holds the SHA-256 of kernel, initrd and command line,
+/// so MEASUREMENT covers them (without it, it covers only the firmware and a
+/// host could boot any kernel). TDX (QEMU >= 10.1): `-object tdx-guest,...,
+/// mrconfigid=<base64 of 48 bytes>`; TDVF measures the kernel and command
+/// line into RTMRs. Both boot through `-bios <firmware>`, tied in with
+/// `-machine confidential-guest-support`, and need KVM on TEE hardware and a
+/// q35 machine; this renders the arguments, it cannot boot them here.
 pub fn tee_args(tee: &TeeLaunch) -> Vec<String> {
     use base64::Engine as _;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    match tee {
-        TeeLaunch::None | TeeLaunch::Software(_) => Vec::new(),
-        TeeLaunch::Snp { host_data } => vec![
-            "-object".into(),
+    let (object, firmware) = match tee {
+        TeeLaunch::None | TeeLaunch::Software(_) => return Vec::new(),
+        TeeLaunch::Snp {
+            host_data,
+            firmware,
+            ..
+        } => (
             format!(
-                "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,host-data={}",
+                "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data={}",
                 b64(host_data)
             ),
-            "-machine".into(),
-            "confidential-guest-support=tee0".into(),
-        ],
-        TeeLaunch::Tdx { mrconfigid } => vec![
-            "-object".into(),
+            firmware,
+        ),
+        TeeLaunch::Tdx {
+            mrconfigid,
+            firmware,
+        } => (
             format!("tdx-guest,id=tee0,mrconfigid={}", b64(mrconfigid)),
-            "-machine".into(),
-            "confidential-guest-support=tee0".into(),
-        ],
-    }
+            firmware,
+        ),
+    };
+    vec![
+        "-object".into(),
+        object,
+        "-machine".into(),
+        "confidential-guest-support=tee0".into(),
+        "-bios".into(),
+        firmware.display().to_string(),
+    ]
 }
 
 fn qmp_socket(dir: &Path) -> PathBuf {
@@ -351,25 +380,41 @@ mod tests {
         let mut host_data = [0u8; 32];
         host_data[0] = 0xab;
         host_data[31] = 0x01;
-        let snp = tee_args(&TeeLaunch::Snp { host_data });
-        // base64 of ab 00.. 01 (32 bytes).
+        let snp_launch = TeeLaunch::Snp {
+            host_data,
+            firmware: PathBuf::from("/fw/OVMF.amdsev.fd"),
+            cpu: "EPYC-v4".into(),
+        };
+        let snp = tee_args(&snp_launch);
+        // base64 of ab 00.. 01 (32 bytes); the kernel, initrd and command
+        // line are measured (kernel-hashes=on).
         assert_eq!(
             snp[1],
-            "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,host-data=qwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE="
+            "sev-snp-guest,id=tee0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,host-data=qwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE="
         );
         assert_eq!(snp[3], "confidential-guest-support=tee0");
+        assert_eq!(arg_after(&snp, "-bios"), ["/fw/OVMF.amdsev.fd"]);
         let tdx = tee_args(&TeeLaunch::Tdx {
             mrconfigid: [0xff; 48],
+            firmware: PathBuf::from("/fw/TDVF.fd"),
         });
         assert_eq!(
             tdx[1],
             format!("tdx-guest,id=tee0,mrconfigid={}", "/".repeat(64))
         );
+        assert_eq!(arg_after(&tdx, "-bios"), ["/fw/TDVF.fd"]);
         assert!(tee_args(&TeeLaunch::None).is_empty());
         let mut s = spec(Accel::Kvm, VsockBackend::Kernel { guest_cid: 9 });
-        s.tee = TeeLaunch::Snp { host_data };
+        s.tee = snp_launch;
         let args = command_line(MachineType::Q35, &s, None);
         assert!(args.iter().any(|a| a.starts_with("sev-snp-guest,")));
+        // The measured vCPU model, not the host's.
+        assert_eq!(arg_after(&args, "-cpu"), ["EPYC-v4"]);
+        // What is measured is what is passed.
+        assert_eq!(
+            arg_after(&args, "-append"),
+            [kernel_command_line(MachineType::Q35, Accel::Kvm, None, &s.kernel_params).as_str()]
+        );
     }
 
     fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
