@@ -154,6 +154,14 @@ impl Containerd {
         c
     }
 
+    /// The state directory of sandbox `id` of containerd's `default`
+    /// namespace (what `ctr` uses), as kabuto names it.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        let config =
+            kabuto_runtime::config::Config::from_file(&self.config_path()).expect("kabuto config");
+        kabuto_runtime::sandbox::sandbox_dir(&config, "default", id)
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("kabuto.toml")
     }

@@ -119,7 +119,7 @@ fn vm_that_dies_during_boot_is_reported() {
 fn qemu_killed_under_a_running_task() {
     let c = Containerd::start();
     c.run_detached("victim", &[], &["sleep", "1000"]);
-    let qemu_pid: i32 = fs::read_to_string(c.state_dir().join("sandboxes/victim/qemu.pid"))
+    let qemu_pid: i32 = fs::read_to_string(c.sandbox_dir("victim").join("qemu.pid"))
         .expect("qemu.pid")
         .trim()
         .parse()

@@ -153,8 +153,13 @@ ExecProcessRequest if data.state[input.container_id] == "true"
 fn a_confidential_guest_is_closed_until_its_one_create_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let doc = init_data(POD_POLICY);
-    let sandbox =
-        Sandbox::boot(&config(dir.path(), TeeKind::Software), "closed", Some(&doc)).expect("boot");
+    let sandbox = Sandbox::boot(
+        &config(dir.path(), TeeKind::Software),
+        "default",
+        "closed",
+        Some(&doc),
+    )
+    .expect("boot");
     let agent = sandbox.agent();
 
     assert_blocked(
@@ -195,15 +200,22 @@ fn a_confidential_guest_is_closed_until_its_one_create_sandbox() {
 fn a_failed_create_sandbox_leaves_the_guest_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let doc = init_data("package agent_policy\nthis is not rego");
-    let sandbox =
-        Sandbox::boot(&config(dir.path(), TeeKind::Software), "failed", Some(&doc)).expect("boot");
+    let sandbox = Sandbox::boot(
+        &config(dir.path(), TeeKind::Software),
+        "default",
+        "failed",
+        Some(&doc),
+    )
+    .expect("boot");
     let agent = sandbox.agent();
     let err = create_sandbox(agent, "failed", &doc).expect_err("unparseable policy");
     assert!(err.contains("init-data policy.rego refused"), "{err}");
     assert_stays_closed(agent, "failed", &doc);
     assert_blocked(agent.guest_details(), "GuestDetailsRequest");
+    let state = sandbox.dir().to_path_buf();
+    assert!(state.exists());
     sandbox.destroy();
-    assert!(!dir.path().join("state/sandboxes/failed").exists());
+    assert!(!state.exists());
 }
 
 /// Init-data changed after its digest went into the launch data: refused,
@@ -215,6 +227,7 @@ fn init_data_altered_after_launch_is_refused_by_the_guest() {
     let doc = init_data(POD_POLICY);
     let sandbox = Sandbox::boot(
         &config(dir.path(), TeeKind::Software),
+        "default",
         "altered",
         Some(&doc),
     )
@@ -239,6 +252,7 @@ fn a_failed_request_does_not_change_how_later_ones_are_judged() {
     let rootfs = busybox_rootfs(dir.path());
     let sandbox = Sandbox::create(
         &config(dir.path(), TeeKind::Software),
+        "default",
         "state",
         "",
         Some(&doc),
@@ -284,8 +298,14 @@ fn the_pause_of_a_confidential_pod_is_the_guests_own() {
     let sandbox_annotations = r#""io.kubernetes.cri.container-type": "sandbox""#;
     let run_pause = |tee: TeeKind, id: &str| {
         let allow_all = init_data(kabuto_policy::ALLOW_ALL);
-        let sandbox =
-            Sandbox::create(&config(dir.path(), tee), id, "", Some(&allow_all)).expect("sandbox");
+        let sandbox = Sandbox::create(
+            &config(dir.path(), tee),
+            "default",
+            id,
+            "",
+            Some(&allow_all),
+        )
+        .expect("sandbox");
         let agent = sandbox.agent();
         sandbox
             .share_container(id, Some((&[], &rootfs)), &[])
@@ -336,8 +356,13 @@ fn a_kbs_without_pinned_tls_is_refused() {
         )
         .into_bytes();
         let id = format!("tls{i}");
-        let sandbox =
-            Sandbox::boot(&config(dir.path(), TeeKind::Software), &id, Some(&doc)).expect("boot");
+        let sandbox = Sandbox::boot(
+            &config(dir.path(), TeeKind::Software),
+            "default",
+            &id,
+            Some(&doc),
+        )
+        .expect("boot");
         let err = create_sandbox(sandbox.agent(), &id, &doc).expect_err("refused");
         assert!(err.contains(why), "{kbs}: {err}");
         assert_stays_closed(sandbox.agent(), &id, &doc);

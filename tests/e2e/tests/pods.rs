@@ -43,3 +43,78 @@ fn containers_of_a_pod_share_one_vm() {
     c.kill_and_delete("pod1");
     c.assert_no_residue();
 }
+
+/// containerd namespaces are separate worlds: the same pod id in two of
+/// them is two pods, and starting the second leaves the first running
+/// (kabuto's state was once keyed by the id alone, so the second create
+/// "cleaned up" the first's VM).
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn the_same_pod_id_in_two_namespaces_is_two_pods() {
+    let c = Containerd::start();
+    let image = c.dir.path().join("busybox-oci.tar");
+    let import = c.ctr(&[
+        "-n",
+        "other",
+        "image",
+        "import",
+        image.to_str().expect("utf-8"),
+    ]);
+    assert!(import.status.success(), "{}", stderr(&import));
+
+    c.run_detached("twin", &[], &["sleep", "1000"]);
+    let second = c.ctr(&[
+        "-n",
+        "other",
+        "run",
+        "-d",
+        "--runtime",
+        kabuto_e2e::RUNTIME,
+        kabuto_e2e::IMAGE,
+        "twin",
+        "sleep",
+        "1000",
+    ]);
+    assert!(second.status.success(), "{}", stderr(&second));
+
+    let boot_id = |namespace: &str, exec_id: &str| {
+        let out = c.ctr(&[
+            "-n",
+            namespace,
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            "twin",
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ]);
+        assert!(out.status.success(), "{namespace}: {}", stderr(&out));
+        stdout(&out)
+    };
+    // Both answer, from two different guests.
+    let first_boot = boot_id("default", "e1");
+    assert_ne!(first_boot, boot_id("other", "e2"));
+    let vms = c
+        .residue()
+        .processes
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .count();
+    assert_eq!(vms, 2, "{:?}", c.residue().processes);
+
+    // Removing the second pod leaves the first as it was.
+    let kill = c.ctr(&["-n", "other", "task", "kill", "-s", "SIGKILL", "twin"]);
+    assert!(kill.status.success(), "{}", stderr(&kill));
+    assert!(c.eventually(std::time::Duration::from_secs(30), || {
+        c.ctr(&["-n", "other", "task", "delete", "twin"])
+            .status
+            .success()
+    }));
+    let rm = c.ctr(&["-n", "other", "container", "rm", "twin"]);
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    assert_eq!(boot_id("default", "e3"), first_boot);
+
+    c.kill_and_delete("twin");
+    c.assert_no_residue();
+}

@@ -20,7 +20,8 @@ fn config(state: &std::path::Path) -> Config {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn denied_requests_are_blocked_and_run_nothing() {
     let state = tempfile::tempdir().expect("tempdir");
-    let sandbox = Sandbox::create(&config(state.path()), "gate", "", None).expect("sandbox");
+    let sandbox =
+        Sandbox::create(&config(state.path()), "default", "gate", "", None).expect("sandbox");
     let agent = sandbox.agent().clone();
 
     // Non-confidential pods start with allow-all.
@@ -73,8 +74,10 @@ fn denied_requests_are_blocked_and_run_nothing() {
     );
     agent.guest_details().expect("still allowed");
 
+    let dir = sandbox.dir().to_path_buf();
+    assert!(dir.exists());
     sandbox.destroy();
-    assert!(!state.path().join("sandboxes/gate").exists());
+    assert!(!dir.exists());
 }
 
 fn init_data_annotation(policy: &str) -> String {

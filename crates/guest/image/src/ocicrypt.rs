@@ -168,7 +168,7 @@ pub fn decrypt_layer(
             }
         })?;
     let private: PrivateOptions = serde_json::from_slice(&private)
-        .map_err(|e| malformed("private options", e.to_string()))?;
+        .map_err(|e| malformed("private options", crate::redact::json(&e)))?;
     let symkey = Zeroizing::new(
         STANDARD
             .decode(&private.symkey)

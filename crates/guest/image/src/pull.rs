@@ -83,8 +83,8 @@ pub struct Source {
 
 impl RegistriesConf {
     pub fn parse(text: &str) -> Result<RegistriesConf, PullError> {
-        let conf: RegistriesConf =
-            toml::from_str(text).map_err(|e| PullError::Registries(e.to_string()))?;
+        let conf: RegistriesConf = toml::from_str(text)
+            .map_err(|e| PullError::Registries(crate::redact::toml(text, &e)))?;
         for entry in &conf.registry {
             if entry.prefix.is_none() && entry.location.is_none() {
                 return Err(PullError::Registries(
@@ -191,8 +191,8 @@ impl Credentials {
             #[serde(default)]
             password: Option<String>,
         }
-        let file: File =
-            serde_json::from_slice(json).map_err(|e| PullError::Credentials(e.to_string()))?;
+        let file: File = serde_json::from_slice(json)
+            .map_err(|e| PullError::Credentials(crate::redact::json(&e)))?;
         let mut by_registry = HashMap::new();
         for (host, entry) in file.auths {
             let pair = match (entry.auth, entry.username, entry.password) {

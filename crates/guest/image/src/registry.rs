@@ -217,7 +217,7 @@ impl RegistryClient {
                         .to_string();
                     match challenge.split_once(' ') {
                         Some((scheme, params)) if scheme.eq_ignore_ascii_case("bearer") => {
-                            let token = self.token(params).map_err(http)?;
+                            let token = self.token(params, &url).map_err(http)?;
                             self.tokens.insert(key.clone(), token);
                         }
                         _ if self.credentials.is_some() => {
@@ -238,7 +238,11 @@ impl RegistryClient {
     }
 
     /// A bearer token from the realm a `WWW-Authenticate: Bearer` names.
-    fn token(&self, params: &str) -> Result<String, String> {
+    /// The realm is the registry's word: credentials go to it only over
+    /// https, or over plain http to the very host of a registry the owner
+    /// configured as insecure (the challenge must not send them elsewhere in
+    /// clear).
+    fn token(&self, params: &str, registry_url: &str) -> Result<String, String> {
         let mut fields = HashMap::new();
         for part in params.split(',') {
             if let Some((k, v)) = part.trim().split_once('=') {
@@ -248,6 +252,11 @@ impl RegistryClient {
         let realm = fields
             .get("realm")
             .ok_or("the bearer challenge has no realm")?;
+        if self.credentials.is_some() && !realm_may_get_credentials(realm, registry_url) {
+            return Err(format!(
+                "the bearer challenge names the realm {realm}: credentials are sent only over https (or plain http to the insecure registry's own host)"
+            ));
+        }
         let mut request = self.agent.get(realm);
         for name in ["service", "scope"] {
             if let Some(v) = fields.get(name) {
@@ -581,9 +590,69 @@ impl RegistryClient {
     }
 }
 
+/// Whether a bearer realm may receive the registry credentials.
+fn realm_may_get_credentials(realm: &str, registry_url: &str) -> bool {
+    let host_of = |rest: &str| {
+        rest.split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    if realm.len() > 8 && realm[..8].eq_ignore_ascii_case("https://") {
+        return true;
+    }
+    match (
+        realm.strip_prefix("http://"),
+        registry_url.strip_prefix("http://"),
+    ) {
+        (Some(realm_rest), Some(registry_rest)) => {
+            let host = host_of(realm_rest);
+            !host.is_empty() && host == host_of(registry_rest)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_only_to_realms_over_https_or_the_insecure_registry_itself() {
+        let https_registry = "https://r.example/v2/app/manifests/1";
+        let http_registry = "http://127.0.0.1:5000/v2/app/manifests/1";
+        assert!(realm_may_get_credentials(
+            "https://auth.example/token",
+            https_registry
+        ));
+        assert!(realm_may_get_credentials(
+            "HTTPS://auth.example/token",
+            http_registry
+        ));
+        // A challenge naming a plain-http realm elsewhere: refused.
+        assert!(!realm_may_get_credentials(
+            "http://auth.example/token",
+            https_registry
+        ));
+        assert!(!realm_may_get_credentials(
+            "http://evil.example/token",
+            http_registry
+        ));
+        assert!(!realm_may_get_credentials(
+            "http://127.0.0.1:6000/token",
+            http_registry
+        ));
+        // Plain http to the insecure registry's own host and port.
+        assert!(realm_may_get_credentials(
+            "http://127.0.0.1:5000/token?x=1",
+            http_registry
+        ));
+        assert!(!realm_may_get_credentials(
+            "ftp://auth.example/token",
+            https_registry
+        ));
+        assert!(!realm_may_get_credentials("http://", http_registry));
+    }
 
     /// A registry stand-in serving one blob: the first `drops` responses
     /// send half of it and close the connection; later ones honour Range.

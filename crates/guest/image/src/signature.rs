@@ -149,8 +149,8 @@ impl SignaturePolicy {
         text: &[u8],
         resolve: KeyResolver<'_>,
     ) -> Result<SignaturePolicy, SignatureError> {
-        let file: PolicyFile =
-            serde_json::from_slice(text).map_err(|e| SignatureError::Policy(e.to_string()))?;
+        let file: PolicyFile = serde_json::from_slice(text)
+            .map_err(|e| SignatureError::Policy(crate::redact::json(&e)))?;
         let convert = |list: Vec<RawRequirement>| -> Result<Vec<Requirement>, SignatureError> {
             list.into_iter()
                 .map(|r| Requirement::parse(r, resolve).map_err(SignatureError::Policy))

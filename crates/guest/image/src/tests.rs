@@ -206,3 +206,32 @@ fn keys_load_from_the_pem_openssl_writes() {
     assert!(matches!(TeeKeyPair::from_pem(&pem), Ok(TeeKeyPair::Ec(_))));
     assert!(TeeKeyPair::from_pem("-----BEGIN NOTHING-----").is_err());
 }
+
+/// Settings fetched from the KBS may hold secrets; a parse error says where
+/// the document is wrong without quoting it (serde's messages would, and
+/// errors reach the host through agent responses and the console).
+#[test]
+fn errors_in_kbs_fetched_settings_do_not_quote_them() {
+    const SECRET: &str = "s3cr3t-MARKER";
+    let registries = format!("[[registry]]\nprefix = \"r.example\"\ninsecure = \"{SECRET}\"\n");
+    let err = crate::RegistriesConf::parse(&registries)
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains(SECRET), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+
+    let credentials = format!("{{\"auths\": {{\"r.example\": {{\"auth\": \"x\", \"extra\": 1, \"username\": {{\"{SECRET}\": 1}}}}}}}}");
+    let err = crate::Credentials::parse(credentials.as_bytes())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!err.contains(SECRET), "{err}");
+
+    let policy = format!("{{\"default\": [{{\"type\": \"{SECRET}\"}}]}}");
+    let err = crate::SignaturePolicy::from_json(policy.as_bytes())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!err.contains(SECRET), "{err}");
+    assert!(err.contains("line 1 column"), "{err}");
+}

@@ -11,18 +11,36 @@ use std::{
 use anyhow::{bail, Context};
 use kabuto_runtime::{
     config::Config,
-    sandbox::{guest_address, sandbox_dir, DEBUG_CONSOLE_PORT},
+    sandbox::{guest_address, sandbox_dir, sandbox_namespaces, DEBUG_CONSOLE_PORT},
 };
 use nix::sys::termios::{self, SetArg};
 
-pub fn run(config: &Config, pod: &str) -> anyhow::Result<()> {
-    if !sandbox_dir(config, pod).is_dir() {
-        bail!(
-            "pod {pod} is not running here (no {})",
-            sandbox_dir(config, pod).display()
-        );
+/// The namespace of pod `pod`: `namespace` if given, else the only one
+/// that has a sandbox of that id.
+fn namespace_of(config: &Config, pod: &str, namespace: Option<&str>) -> anyhow::Result<String> {
+    if let Some(ns) = namespace {
+        if !sandbox_dir(config, ns, pod).is_dir() {
+            bail!(
+                "pod {pod} of namespace {ns} is not running here (no {})",
+                sandbox_dir(config, ns, pod).display()
+            );
+        }
+        return Ok(ns.to_string());
     }
-    let address = guest_address(config, pod, DEBUG_CONSOLE_PORT);
+    let mut found = sandbox_namespaces(config, pod);
+    match found.len() {
+        0 => bail!("pod {pod} is not running here (in no namespace)"),
+        1 => Ok(found.remove(0)),
+        _ => bail!(
+            "pod {pod} runs in several namespaces ({}): choose one with --namespace",
+            found.join(", ")
+        ),
+    }
+}
+
+pub fn run(config: &Config, pod: &str, namespace: Option<&str>) -> anyhow::Result<()> {
+    let namespace = namespace_of(config, pod, namespace)?;
+    let address = guest_address(config, &namespace, pod, DEBUG_CONSOLE_PORT);
     let conn = address.connect(Duration::from_secs(5)).with_context(|| {
         format!(
             "connecting to the debug console of {pod}: was the pod started with \

@@ -53,6 +53,9 @@ enum Command {
     Exec {
         /// The pod (sandbox) id.
         pod: String,
+        /// Its containerd namespace (default: the only one with that pod).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
     },
 }
 
@@ -191,7 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => attest::verify(&args),
         Command::Genpolicy(args) => genpolicy::run(&args),
         Command::Image { command } => image::run(&command),
-        Command::Exec { pod } => {
+        Command::Exec { pod, namespace } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {
                 anyhow::bail!(
@@ -199,7 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      enable it and restart pod {pod} to use `kabuto exec`"
                 );
             }
-            exec::run(&config, &pod)
+            exec::run(&config, &pod, namespace.as_deref())
         }
     }
 }

@@ -48,7 +48,10 @@ const VM_STOP_GRACE: Duration = Duration::from_secs(3);
 
 pub struct Sandbox {
     pub id: String,
+    /// The containerd namespace the sandbox belongs to.
+    pub namespace: String,
     dir: PathBuf,
+    claim: Mutex<Option<Claim>>,
     vm: Mutex<Box<dyn Vm>>,
     helpers: Mutex<Vec<Child>>,
     firmware: Mutex<Option<FirmwareService>>,
@@ -62,41 +65,124 @@ pub struct Sandbox {
 pub const DEBUG_CONSOLE_PORT: u32 = 1026;
 
 /// Where the host reaches `port` of a running sandbox's guest.
-pub fn guest_address(config: &Config, id: &str, port: u32) -> AgentAddress {
-    let uds = sandbox_dir(config, id).join("agent.vsock");
+pub fn guest_address(config: &Config, namespace: &str, id: &str, port: u32) -> AgentAddress {
+    let uds = sandbox_dir(config, namespace, id).join("agent.vsock");
     if uds.exists() {
         AgentAddress::HybridVsock { uds, port }
     } else {
         AgentAddress::Vsock {
-            cid: guest_cid(id),
+            cid: guest_cid(namespace, id),
             port,
         }
     }
 }
 
-/// Directory holding a sandbox's sockets, logs and shared directory.
-pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
-    config
-        .runtime
-        .state_dir
-        .join("sandboxes")
-        .join(sandbox_dir_name(id))
+/// Directory holding a sandbox's sockets, logs and shared directory. Keyed
+/// by containerd namespace and id: the same id in two namespaces is two
+/// sandboxes.
+pub fn sandbox_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
+    sandboxes_dir(config).join(sandbox_dir_name(namespace, id))
 }
 
-/// Longest sandbox id used as its directory name unchanged.
-const MAX_DIR_NAME: usize = 32;
+fn sandboxes_dir(config: &Config) -> PathBuf {
+    config.runtime.state_dir.join("sandboxes")
+}
 
-/// The id itself, or for longer ids (CRI's are 64 hex digits) a prefix
-/// plus a digest of the whole id: Unix socket paths in the directory must
+/// The namespaces' sandbox directories named `id`: for `kabuto exec`, which
+/// is given a pod id alone.
+pub fn sandbox_namespaces(config: &Config, id: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(sandboxes_dir(config)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (namespace, dir_id) = name.split_once(NAMESPACE_SEPARATOR)?;
+            (dir_id == id && e.path().is_dir()).then(|| namespace.to_string())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Longest `<namespace>+<id>` used as a directory name unchanged.
+const MAX_DIR_NAME: usize = 40;
+/// Neither containerd namespaces nor ids may contain it.
+const NAMESPACE_SEPARATOR: char = '+';
+
+/// `<namespace>+<id>`, or for longer names (CRI ids are 64 hex digits) a
+/// prefix plus a digest of both: Unix socket paths in the directory must
 /// stay under the kernel's 108 bytes even below a long `state_dir`.
-fn sandbox_dir_name(id: &str) -> String {
-    if id.len() <= MAX_DIR_NAME {
-        return id.to_string();
+fn sandbox_dir_name(namespace: &str, id: &str) -> String {
+    let name = format!("{namespace}{NAMESPACE_SEPARATOR}{id}");
+    if name.len() <= MAX_DIR_NAME {
+        return name;
     }
     use sha2::Digest as _;
-    let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
-    let prefix: String = id.chars().take(15).collect();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(namespace.as_bytes());
+    hasher.update([0]);
+    hasher.update(id.as_bytes());
+    let digest = hex::encode(hasher.finalize());
+    let prefix: String = name.chars().take(15).collect();
     format!("{prefix}-{}", &digest[..16])
+}
+
+/// containerd's identifier rule (namespaces and ids): alphanumeric words
+/// joined by single `.`, `_` or `-`; at most 76 characters.
+fn valid_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 76
+        && name
+            .split(['.', '_', '-'])
+            .all(|word| !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+/// An exclusive claim on a sandbox's namespace and id, held (flock) by the
+/// process that owns the sandbox: a second create of the same pod is
+/// refused instead of tearing down the running one, and a claim whose owner
+/// died is free again (its state is stale).
+struct Claim {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Claim {
+    fn take(config: &Config, namespace: &str, id: &str) -> Result<Claim, String> {
+        let dir = sandboxes_dir(config);
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join(format!("{}.lock", sandbox_dir_name(namespace, id)));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                format!(
+                    "sandbox {id} of namespace {namespace} already exists and is running (its owner holds {})",
+                    path.display()
+                )
+            } else {
+                format!("locking {}: {e}", path.display())
+            });
+        }
+        Ok(Claim { file, path })
+    }
+
+    /// Gives the claim up after the sandbox is gone.
+    fn release(self) {
+        // Unlinked while still held: a concurrent claimer either failed on
+        // the lock already or opens a new file.
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
 }
 
 /// What `create` has started so far; dropped (and so undone) on failure.
@@ -106,6 +192,7 @@ struct Partial {
     vm: Option<Box<dyn Vm>>,
     helpers: Vec<Child>,
     firmware: Option<FirmwareService>,
+    claim: Option<Claim>,
 }
 
 impl Drop for Partial {
@@ -119,6 +206,9 @@ impl Drop for Partial {
         self.firmware.take();
         stop_helpers(&mut self.helpers);
         remove_dir(&self.dir);
+        if let Some(claim) = self.claim.take() {
+            claim.release();
+        }
     }
 }
 
@@ -175,11 +265,12 @@ impl Sandbox {
     /// and the document to the agent.
     pub fn create(
         config: &Config,
+        namespace: &str,
         id: &str,
         hostname: &str,
         init_data: Option<&[u8]>,
     ) -> Result<Sandbox, SandboxError> {
-        let sandbox = Sandbox::boot(config, id, init_data)?;
+        let sandbox = Sandbox::boot(config, namespace, id, init_data)?;
         let request = CreateSandboxRequest {
             sandbox_id: id.to_string(),
             hostname: hostname.to_string(),
@@ -204,6 +295,7 @@ impl Sandbox {
     /// and tests that play a hostile host.
     pub fn boot(
         config: &Config,
+        namespace: &str,
         id: &str,
         init_data: Option<&[u8]>,
     ) -> Result<Sandbox, SandboxError> {
@@ -211,21 +303,31 @@ impl Sandbox {
             let id = id.to_string();
             move |reason: String| SandboxError { id, stage, reason }
         };
-        let dir = sandbox_dir(config, id);
+        for (what, name) in [("namespace", namespace), ("id", id)] {
+            if !valid_identifier(name) {
+                return Err(fail("checking the sandbox id")(format!(
+                    "{what} {name:?} is not a containerd identifier (alphanumeric words joined by '.', '_' or '-', at most 76 characters)"
+                )));
+            }
+        }
+        // Claimed first: nothing of a running sandbox of this name is touched.
+        let claim = Claim::take(config, namespace, id).map_err(fail("claiming the sandbox id"))?;
+        let dir = sandbox_dir(config, namespace, id);
         if dir.exists() {
             log::warn!("removing stale state of sandbox {id} at {}", dir.display());
             cleanup_stale(&dir);
         }
-        fs::create_dir_all(&dir).map_err(|e| {
-            fail("preparing the state directory")(format!("{}: {e}", dir.display()))
-        })?;
         let mut partial = Partial {
             armed: true,
             dir: dir.clone(),
             vm: None,
             helpers: Vec::new(),
             firmware: None,
+            claim: Some(claim),
         };
+        fs::create_dir_all(&dir).map_err(|e| {
+            fail("preparing the state directory")(format!("{}: {e}", dir.display()))
+        })?;
         // The init-data's digest is fixed into the TEE's launch data.
         let host_data = match init_data {
             Some(raw) => kabuto_initdata::InitData::parse(raw)
@@ -283,7 +385,7 @@ impl Sandbox {
             AgentChannel::Auto => Path::new("/dev/vhost-vsock").exists(),
         };
         let (vsock, address) = if use_kernel_vsock {
-            let cid = guest_cid(id);
+            let cid = guest_cid(namespace, id);
             (
                 VsockBackend::Kernel { guest_cid: cid },
                 AgentAddress::Vsock {
@@ -412,10 +514,13 @@ impl Sandbox {
         })?;
         let helpers = std::mem::take(&mut partial.helpers);
         let firmware = partial.firmware.take();
+        let claim = partial.claim.take();
         partial.armed = false;
         Ok(Sandbox {
             id: id.to_string(),
+            namespace: namespace.to_string(),
             dir,
+            claim: Mutex::new(claim),
             vm: Mutex::new(vm),
             helpers: Mutex::new(helpers),
             firmware: Mutex::new(firmware),
@@ -531,6 +636,9 @@ impl Sandbox {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         remove_dir(&self.dir);
+        if let Some(claim) = self.claim.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            claim.release();
+        }
     }
 }
 
@@ -789,11 +897,16 @@ fn wait_for_agent(
     }
 }
 
-/// A context id for kernel vhost-vsock, derived from the sandbox id so that
-/// concurrent sandboxes rarely collide (QEMU refuses a CID in use).
-pub fn guest_cid(id: &str) -> u32 {
+/// A context id for kernel vhost-vsock, derived from the sandbox's
+/// namespace and id so that concurrent sandboxes rarely collide (QEMU
+/// refuses a CID in use).
+pub fn guest_cid(namespace: &str, id: &str) -> u32 {
     use sha2::{Digest, Sha256};
-    let d = Sha256::digest(id.as_bytes());
+    let mut hasher = Sha256::new();
+    hasher.update(namespace.as_bytes());
+    hasher.update([0]);
+    hasher.update(id.as_bytes());
+    let d = hasher.finalize();
     let n = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
     3 + n % (u32::MAX / 2)
 }
@@ -801,6 +914,19 @@ pub fn guest_cid(id: &str) -> u32 {
 fn write_pids(dir: &Path, helpers: &[Child]) {
     let pids: Vec<String> = helpers.iter().map(|c| c.id().to_string()).collect();
     let _ = fs::write(dir.join("helpers.pid"), pids.join("\n"));
+}
+
+/// Removes what a crashed shim left of sandbox `id` of `namespace`, with its
+/// claim; does nothing while the sandbox's owner is alive (it holds the
+/// claim).
+pub fn cleanup_stale_sandbox(config: &Config, namespace: &str, id: &str) {
+    match Claim::take(config, namespace, id) {
+        Ok(claim) => {
+            cleanup_stale(&sandbox_dir(config, namespace, id));
+            claim.release();
+        }
+        Err(e) => log::warn!("not cleaning up sandbox {id}: {e}"),
+    }
 }
 
 /// Removes what a crashed shim left of a sandbox: kills its processes (only
@@ -842,11 +968,12 @@ mod tests {
     #[test]
     fn guest_cids_are_valid_and_stable() {
         for id in ["a", "pod-1", "0123456789abcdef"] {
-            let cid = guest_cid(id);
+            let cid = guest_cid("default", id);
             assert!(cid >= 3, "CIDs 0-2 are reserved");
-            assert_eq!(cid, guest_cid(id));
+            assert_eq!(cid, guest_cid("default", id));
         }
-        assert_ne!(guest_cid("a"), guest_cid("b"));
+        assert_ne!(guest_cid("default", "a"), guest_cid("default", "b"));
+        assert_ne!(guest_cid("default", "a"), guest_cid("k8s.io", "a"));
     }
 
     #[test]
@@ -854,15 +981,60 @@ mod tests {
         let mut config = Config::default();
         // As long as the e2e tests' state directories.
         config.runtime.state_dir = PathBuf::from("/tmp/kabuto-e2e-AbCdEf/kabuto");
-        assert!(sandbox_dir(&config, "pod-1").ends_with("sandboxes/pod-1"));
+        assert!(sandbox_dir(&config, "default", "pod-1").ends_with("sandboxes/default+pod-1"));
         let cri = "562fe45dc616ef0b7ddde3f278e0d31079e099f12546d29b9e77f7df2788652f";
         let other = "562fe45dc616ef0b7ddde3f278e0d31079e099f12546d29b9e77f7df2788652e";
-        let dir = sandbox_dir(&config, cri);
-        assert_eq!(dir, sandbox_dir(&config, cri), "stable");
-        assert_ne!(dir, sandbox_dir(&config, other));
-        assert!(dir.to_string_lossy().contains("/562fe45dc616ef0-"));
-        let socket = dir.join("vhost-vsock.sock_1024");
-        assert!(socket.as_os_str().len() < 108, "{}", socket.display());
+        let dir = sandbox_dir(&config, "k8s.io", cri);
+        assert_eq!(dir, sandbox_dir(&config, "k8s.io", cri), "stable");
+        assert_ne!(dir, sandbox_dir(&config, "k8s.io", other));
+        assert_ne!(dir, sandbox_dir(&config, "other", cri));
+        assert!(dir.to_string_lossy().contains("/k8s.io+562fe45d-"));
+        let longest_ns = "n".repeat(76);
+        for dir in [dir, sandbox_dir(&config, &longest_ns, cri)] {
+            let socket = dir.join("vhost-vsock.sock_1024");
+            assert!(socket.as_os_str().len() < 108, "{}", socket.display());
+        }
+        // The same id in two namespaces: two directories.
+        assert_ne!(
+            sandbox_dir(&config, "a", "pod"),
+            sandbox_dir(&config, "b", "pod")
+        );
+    }
+
+    #[test]
+    fn sandbox_names_must_be_containerd_identifiers() {
+        for good in ["default", "k8s.io", "pod-1", "a_b.c-d", "0"] {
+            assert!(valid_identifier(good), "{good}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "a+b",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            &"x".repeat(77),
+        ] {
+            assert!(!valid_identifier(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_claimed_sandbox_name_is_refused_until_released() {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.runtime.state_dir = state.path().to_path_buf();
+        let first = Claim::take(&config, "default", "pod").unwrap();
+        let err = Claim::take(&config, "default", "pod").err().unwrap();
+        assert!(err.contains("already exists and is running"), "{err}");
+        // Another namespace is another sandbox.
+        let other = Claim::take(&config, "k8s.io", "pod").unwrap();
+        first.release();
+        Claim::take(&config, "default", "pod").unwrap().release();
+        other.release();
     }
 
     /// The AmdSev OVMF sample the `sev` crate publishes with its known

@@ -278,8 +278,14 @@ impl Service {
             ),
             None => None,
         };
-        let sandbox = Sandbox::create(config, id, &hostname, init_data.as_ref().map(|d| d.raw()))
-            .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
+        let sandbox = Sandbox::create(
+            config,
+            &self.inner.namespace,
+            id,
+            &hostname,
+            init_data.as_ref().map(|d| d.raw()),
+        )
+        .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
         let sandbox = Arc::new(sandbox);
         lock(&self.inner.state).sandbox = Some(sandbox.clone());
         self.watch_sandbox(&sandbox);
@@ -669,12 +675,14 @@ impl containerd_shim::Shim for Service {
                 .unwrap_or_default();
             match spec::load(&bundle, true).ok().and_then(|s| pod_of(&s)) {
                 Some(pod) => {
-                    let dir = sandbox::sandbox_dir(&config, &pod).join("shared").join(&id);
+                    let dir = sandbox::sandbox_dir(&config, &self.inner.namespace, &pod)
+                        .join("shared")
+                        .join(&id);
                     let _ = kabuto_runtime::mount::unmount_all_under(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 None if !id.is_empty() => {
-                    sandbox::cleanup_stale(&sandbox::sandbox_dir(&config, &id))
+                    sandbox::cleanup_stale_sandbox(&config, &self.inner.namespace, &id)
                 }
                 None => {}
             }

@@ -17,16 +17,25 @@ use crate::config::Role;
 use crate::error::Problem;
 use crate::{store, Kbs};
 
-/// Claims of an admin token. Only `exp` (and the signature) matter; `iat`
-/// and `sub` are for audit logs.
+/// Claims of an admin token: `aud` must be [`ADMIN_AUDIENCE`] (a token the
+/// key signed for something else is not an admin token), `exp - iat` at
+/// most [`MAX_ADMIN_TOKEN_SECS`], and `jti` is accepted once (a token seen
+/// on the wire cannot be replayed). `sub` is for audit logs.
 #[derive(Serialize, Deserialize)]
 pub struct AdminClaims {
     pub exp: u64,
-    #[serde(default)]
     pub iat: u64,
+    pub aud: String,
+    pub jti: String,
     #[serde(default)]
     pub sub: String,
 }
+
+pub const ADMIN_AUDIENCE: &str = "kabuto-kbs-admin";
+/// The longest lifetime an admin token may claim.
+pub const MAX_ADMIN_TOKEN_SECS: u64 = 3600;
+/// Clock skew allowed between the admin's machine and the KBS.
+const LEEWAY_SECS: u64 = 5;
 
 fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Problem> {
     let token = headers
@@ -40,12 +49,29 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
             )
         })?;
     let mut validation = Validation::new(Algorithm::ES256);
-    validation.leeway = 5;
-    validation.set_required_spec_claims(&["exp"]);
+    validation.leeway = LEEWAY_SECS;
+    validation.set_required_spec_claims(&["exp", "aud"]);
+    validation.set_audience(&[ADMIN_AUDIENCE]);
     for key in &kbs.admin_keys {
         if let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation) {
+            let claims = data.claims;
+            let now = crate::token::now_secs();
+            if claims.iat > now + LEEWAY_SECS
+                || claims.exp.saturating_sub(claims.iat) > MAX_ADMIN_TOKEN_SECS
+            {
+                return Err(Problem::unauthorized(
+                    "admin-auth",
+                    format!("the admin token's lifetime must lie within {MAX_ADMIN_TOKEN_SECS} s from an issue time that is not in the future"),
+                ));
+            }
+            if claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp) {
+                return Err(Problem::unauthorized(
+                    "admin-auth",
+                    "the admin token was already used (or has no jti): admin tokens are single-use",
+                ));
+            }
             if key.roles.contains(&Role::Admin) || key.roles.contains(&needed) {
-                return Ok(data.claims.sub);
+                return Ok(claims.sub);
             }
             return Err(Problem::new(
                 StatusCode::FORBIDDEN,
@@ -56,7 +82,7 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
     }
     Err(Problem::unauthorized(
         "admin-auth",
-        "the admin token is not signed by a configured admin key, or it has expired",
+        "the admin token is not signed by a configured admin key, has expired, or is not for this KBS's admin API (aud)",
     ))
 }
 
@@ -158,11 +184,16 @@ fn set_policy(
             "resource policy",
         ),
     };
-    // Compile first; only a policy that compiles is stored and used.
-    policy
-        .replace(&rego)
+    // Compile first; only a policy that compiles is stored, and it is put
+    // in force only once stored (a failed write leaves the old one in force
+    // and on disk alike).
+    let prepared = policy
+        .prepare(&rego)
         .map_err(|e| Problem::bad_request("policy", e.to_string()))?;
     kbs.store.set_setting(key, rego.as_bytes())?;
+    policy
+        .install(prepared)
+        .map_err(|e| Problem::internal(e.to_string()))?;
     log::info!("admin {who}: set the {name}");
     Ok(ok(name.into()))
 }

@@ -13,7 +13,7 @@ use rand_core::{OsRng, RngCore};
 
 use crate::error::Problem;
 use crate::token::{now_secs, TokenClaims, ISSUER};
-use crate::{Kbs, Session, SessionState, MAX_SESSIONS};
+use crate::{Kbs, Session, SessionState};
 
 pub const SESSION_COOKIE: &str = "kbs-session-id";
 const SUPPORTED_HASHES_KEY: &str = "supported-hash-algorithms";
@@ -76,7 +76,15 @@ fn select_hash(extra: &serde_json::Value) -> Result<HashAlgorithm, Problem> {
 }
 
 /// POST /kbs/v0/auth: Request → Challenge + session cookie.
-pub async fn auth(State(kbs): State<Arc<Kbs>>, body: Bytes) -> Result<Response, Problem> {
+pub async fn auth(
+    State(kbs): State<Arc<Kbs>>,
+    connection: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    // Served without connection info (an in-process router): one peer.
+    let peer = connection
+        .map(|c| crate::sessions::peer_of(c.0 .0.ip()))
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let request: Request = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request("request-format", format!("auth request: {e}")))?;
     if !version_compatible(&request.version) {
@@ -97,28 +105,22 @@ pub async fn auth(State(kbs): State<Arc<Kbs>>, body: Bytes) -> Result<Response, 
             .sessions
             .lock()
             .map_err(|_| Problem::internal("session table poisoned"))?;
-        if sessions.len() >= MAX_SESSIONS {
-            let now = Instant::now();
-            sessions.retain(|_, s| s.expires > now);
-            if sessions.len() >= MAX_SESSIONS {
-                return Err(Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "capacity",
-                    "too many open sessions; retry later",
-                ));
-            }
-        }
-        sessions.insert(
+        let dropped = sessions.insert_challenge(
             id.clone(),
             Session {
                 state: SessionState::Challenged {
                     nonce: nonce.clone(),
                     tee: request.tee,
                     hash,
+                    peer,
                 },
                 expires: Instant::now() + kbs.session_ttl,
             },
+            peer,
         );
+        if dropped > 0 {
+            log::warn!("auth: challenge bound reached; dropped {dropped} older challenge(s) of the busiest peer (now {peer})");
+        }
     }
     let challenge = Challenge {
         nonce,
@@ -163,7 +165,7 @@ pub async fn attest(
         .sessions
         .lock()
         .map_err(|_| Problem::internal("session table poisoned"))?
-        .remove(&id)
+        .take(&id)
         .ok_or_else(|| {
             Problem::unauthorized(
                 "session",
@@ -176,7 +178,10 @@ pub async fn attest(
             "the session expired before attestation; start again with /kbs/v0/auth",
         ));
     }
-    let SessionState::Challenged { nonce, tee, hash } = session.state else {
+    let SessionState::Challenged {
+        nonce, tee, hash, ..
+    } = session.state
+    else {
         return Err(Problem::unauthorized(
             "session",
             "this session has already attested; its challenge nonce is single-use",
@@ -290,13 +295,20 @@ pub async fn attest(
     kbs.sessions
         .lock()
         .map_err(|_| Problem::internal("session table poisoned"))?
-        .insert(
+        .insert_attested(
             id.clone(),
             Session {
                 state: SessionState::Attested(Box::new(token_claims)),
                 expires: Instant::now() + kbs.token_ttl,
             },
-        );
+        )
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity",
+                "too many attested sessions; retry later",
+            )
+        })?;
     let mut response = axum::Json(serde_json::json!({ "token": token })).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,

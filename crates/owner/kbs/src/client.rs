@@ -19,14 +19,18 @@ pub fn generate_admin_key() -> anyhow::Result<(String, String)> {
     Ok((private, public))
 }
 
-/// A short-lived admin token signed with `private_pem`.
+/// A short-lived, single-use admin token signed with `private_pem`.
 pub fn admin_token(private_pem: &[u8], subject: &str, ttl: Duration) -> anyhow::Result<String> {
     let key = EncodingKey::from_ec_pem(private_pem)
         .map_err(|e| anyhow::anyhow!("admin key: not an ES256 private key PEM: {e}"))?;
     let now = now_secs();
+    let mut jti = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut OsRng, &mut jti);
     let claims = AdminClaims {
         exp: now + ttl.as_secs(),
         iat: now,
+        aud: crate::admin::ADMIN_AUDIENCE.to_string(),
+        jti: hex::encode(jti),
         sub: subject.to_string(),
     };
     Ok(jsonwebtoken::encode(

@@ -6,7 +6,6 @@
 //! resources — encrypted to the guest's ephemeral key — when the resource
 //! policy allows. Admin calls need a JWT signed by a configured admin key.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod policy;
+pub mod sessions;
 pub mod store;
 pub mod token;
 
@@ -33,14 +33,14 @@ use token::{TokenClaims, TokenSigner};
 pub const PROTOCOL_VERSION: &str = "0.4.0";
 /// Largest request body accepted (resources and evidence).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
-/// Upper bound on concurrent challenge sessions (memory bound against floods).
-pub const MAX_SESSIONS: usize = 100_000;
 
 pub(crate) enum SessionState {
     Challenged {
         nonce: String,
         tee: kbs_types::Tee,
         hash: kbs_types::HashAlgorithm,
+        /// The address that asked for the challenge (bounds per peer).
+        peer: std::net::IpAddr,
     },
     Attested(Box<TokenClaims>),
 }
@@ -62,8 +62,10 @@ pub struct Kbs {
     pub(crate) attestation_policy: Policy,
     pub(crate) resource_policy: Policy,
     pub(crate) tokens: TokenSigner,
-    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) sessions: Mutex<sessions::SessionTable>,
     pub(crate) admin_keys: Vec<AdminKey>,
+    /// Admin token ids already used, with their expiry (unix seconds).
+    pub(crate) admin_jtis: Mutex<std::collections::HashMap<String, u64>>,
     pub(crate) session_ttl: Duration,
     pub(crate) token_ttl: Duration,
     base_anchors: TrustAnchors,
@@ -120,8 +122,9 @@ impl Kbs {
             verifier: RwLock::new(Arc::new(Verifier::new(base_anchors.clone()))),
             store,
             tokens,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(sessions::SessionTable::default()),
             admin_keys,
+            admin_jtis: Mutex::new(std::collections::HashMap::new()),
             session_ttl: Duration::from_secs(config.session_ttl_secs),
             token_ttl: Duration::from_secs(config.token_ttl_secs),
             base_anchors,
@@ -155,11 +158,22 @@ impl Kbs {
         }
     }
 
+    /// Records admin token `jti`; false if it was seen before. Only tokens
+    /// with a valid admin signature get here, so the set is bounded by what
+    /// admins send within the tokens' (capped) lifetimes.
+    pub(crate) fn admin_token_first_use(&self, jti: &str, exp: u64) -> bool {
+        let Ok(mut seen) = self.admin_jtis.lock() else {
+            return false;
+        };
+        let now = token::now_secs();
+        seen.retain(|_, e| *e + 60 >= now);
+        seen.insert(jti.to_string(), exp).is_none()
+    }
+
     /// Drops expired sessions.
     pub fn purge_expired(&self) {
-        let now = Instant::now();
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.retain(|_, s| s.expires > now);
+            sessions.purge_expired(Instant::now());
         }
     }
 
@@ -253,7 +267,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         axum_server::bind(config.listen)
             .handle(handle)
-            .serve(app.into_make_service())
+            .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .await?;
     } else {
         let (cert, key) = match (&config.tls.cert, &config.tls.key) {
@@ -269,7 +283,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         log::info!("serving HTTPS on {}", config.listen);
         axum_server::bind_rustls(config.listen, tls)
             .handle(handle)
-            .serve(app.into_make_service())
+            .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .await?;
     }
     Ok(())

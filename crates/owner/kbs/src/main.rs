@@ -51,7 +51,8 @@ enum AdminCommand {
         #[arg(long)]
         public: PathBuf,
     },
-    /// Print an admin token (for curl) valid for --ttl seconds.
+    /// Print a single-use admin token (for curl) valid for --ttl seconds
+    /// (at most 3600).
     Token {
         #[arg(long)]
         key: PathBuf,

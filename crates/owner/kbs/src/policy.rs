@@ -22,6 +22,9 @@ pub struct Policy {
     name: &'static str,
 }
 
+/// A policy that compiled, not yet in force.
+pub struct Prepared(Compiled);
+
 struct Compiled {
     rego: String,
     data_json: String,
@@ -67,6 +70,14 @@ impl Policy {
     /// Compiles `rego` and checks that it declares the package this policy
     /// is queried in, before it replaces the current one.
     pub fn replace(&self, rego: &str) -> Result<(), PolicyError> {
+        let compiled = self.prepare(rego)?;
+        self.install(compiled)
+    }
+
+    /// Checks and compiles `rego` without putting it in force: a caller
+    /// persists it first, then [`Policy::install`]s it, so a policy in force
+    /// is always the one a restart loads.
+    pub fn prepare(&self, rego: &str) -> Result<Prepared, PolicyError> {
         let package = self.rule.trim_start_matches("data.");
         let package = package.rsplit_once('.').map(|(p, _)| p).unwrap_or(package);
         if !rego.contains(&format!("package {package}")) {
@@ -81,11 +92,15 @@ impl Policy {
             .map_err(|_| PolicyError("policy lock poisoned".into()))?
             .data_json
             .clone();
-        let compiled = compile(self.name, self.rule, rego, &data_json)?;
+        Ok(Prepared(compile(self.name, self.rule, rego, &data_json)?))
+    }
+
+    /// Puts a prepared policy in force.
+    pub fn install(&self, prepared: Prepared) -> Result<(), PolicyError> {
         *self
             .state
             .write()
-            .map_err(|_| PolicyError("policy lock poisoned".into()))? = compiled;
+            .map_err(|_| PolicyError("policy lock poisoned".into()))? = prepared.0;
         Ok(())
     }
 

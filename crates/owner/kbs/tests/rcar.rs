@@ -56,6 +56,7 @@ impl Kbs {
         let port = free_port();
         let (private, public) = generate_admin_key().unwrap();
         std::fs::write(dir.path().join("admin.pub"), public).unwrap();
+        std::fs::write(dir.path().join("admin.key"), &private).unwrap();
         let (scheme, tls, ca_pem) = if options.tls {
             let key = rcgen::KeyPair::generate().unwrap();
             let params =
@@ -440,6 +441,45 @@ fn sessions_expire() {
     assert!(body.contains("expired"), "{body}");
 }
 
+/// Unauthenticated /auth calls cost nothing: a peer that floods them fills
+/// only its own share of the challenge table, and a guest that attests
+/// meanwhile is served (the table once filled for 300 s and answered 503).
+#[test]
+fn an_auth_flood_does_not_lock_guests_out() {
+    let kbs = Kbs::start(Options::default());
+    let fw = Firmware::start(INIT_DATA);
+    kbs.trust(&fw);
+    kbs.admin
+        .set_resource("default/key/1", b"still served")
+        .unwrap();
+    let client = kbs.client(&fw, Some(INIT_DATA));
+    let flooder = ureq::Agent::new();
+    let request = serde_json::json!({"version": "0.4.0", "tee": "sample", "extra-params": ""});
+    let flood = |n: usize| {
+        for _ in 0..n {
+            let response = flooder
+                .post(&format!("{}/kbs/v0/auth", kbs.url))
+                .send_json(&request)
+                .expect("auth");
+            assert_eq!(response.status(), 200);
+        }
+    };
+    // More than one peer may hold: the oldest are dropped, never a 503.
+    flood(kabuto_kbs::sessions::MAX_CHALLENGES_PER_PEER + 50);
+    assert_eq!(
+        client
+            .get_resource("kbs:///default/key/1")
+            .unwrap()
+            .as_slice(),
+        b"still served"
+    );
+    assert!(
+        kbs.log().contains("challenge bound reached"),
+        "{}",
+        kbs.log()
+    );
+}
+
 #[test]
 fn resource_policy_denies_by_path() {
     let kbs = Kbs::start(Options::default());
@@ -506,6 +546,63 @@ fn admin_api_needs_a_configured_key_and_role() {
     kbs.admin.set_resource("default/key/2", b"x").unwrap();
     let db = kbs.dir.path().join("store.redb");
     assert!(db.exists());
+}
+
+/// An admin token seen on the wire cannot be replayed; tokens for another
+/// audience or with an unbounded lifetime are no admin tokens.
+#[test]
+fn admin_tokens_are_single_use_bounded_and_for_this_api() {
+    let kbs = Kbs::start(Options::default());
+    let private = std::fs::read(kbs.dir.path().join("admin.key")).unwrap();
+    let post = |token: &str| {
+        ureq::post(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_bytes(b"value")
+    };
+    let token = kabuto_kbs::client::admin_token(&private, "test", Duration::from_secs(60)).unwrap();
+    assert_eq!(post(&token).unwrap().status(), 200);
+    let replayed = unauthorized(post(&token), "replayed admin token");
+    assert!(replayed.contains("already used"), "{replayed}");
+
+    let sign = |claims: serde_json::Value| {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&private).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &key,
+        )
+        .unwrap()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (claims, what) in [
+        (
+            serde_json::json!({"exp": now + 60, "iat": now, "jti": "a"}),
+            "no audience",
+        ),
+        (
+            serde_json::json!({"exp": now + 60, "iat": now, "aud": "other", "jti": "b"}),
+            "another audience",
+        ),
+        (
+            serde_json::json!({"exp": now + 30 * 86400, "iat": now, "aud": "kabuto-kbs-admin", "jti": "c"}),
+            "a 30-day lifetime",
+        ),
+        (
+            serde_json::json!({"exp": now + 60, "aud": "kabuto-kbs-admin", "jti": "d"}),
+            "no issue time",
+        ),
+        (
+            serde_json::json!({"exp": now + 60, "iat": now, "aud": "kabuto-kbs-admin"}),
+            "no jti",
+        ),
+    ] {
+        unauthorized(post(&sign(claims)), what);
+    }
+    // The resource holds what the one accepted call wrote.
+    kbs.admin.set_resource("default/key/2", b"x").unwrap();
 }
 
 #[test]

@@ -117,7 +117,7 @@ fn smaps_field(pid: u32, field: &str) -> u64 {
 
 /// Host processes of one sandbox (QEMU, helpers) and its shim: (name, pid).
 fn sandbox_pids(c: &Containerd, sandbox: &str) -> Vec<(String, u32)> {
-    let dir = c.state_dir().join("sandboxes").join(sandbox);
+    let dir = c.sandbox_dir(sandbox);
     let mut procs = processes_matching(&dir.display().to_string());
     // The shim serving this sandbox: its -id is the sandbox id.
     procs.extend(

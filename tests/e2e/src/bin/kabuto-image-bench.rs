@@ -262,11 +262,7 @@ fn in_guest(
     );
     let empty = d.join("empty");
     std::fs::create_dir(&empty).expect("empty");
-    let console = c
-        .state_dir()
-        .join("sandboxes")
-        .join(pod)
-        .join("console.log");
+    let console = c.sandbox_dir(pod).join("console.log");
 
     println!("\n| image (encrypted, 1 gzip layer) | host: skopeo copy --decryption-key (baseline) | guest: pull + decrypt + unpack (agent) | settings + key from KBS | manifest | fetch (user-mode net) | decrypt | unpack | ctr run, total | ratio to host | peak agent RSS during the pull (blob size) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
