@@ -15,6 +15,15 @@ const MEMBER: [&str; 4] = [
     "io.kubernetes.cri.sandbox-id=pod1",
 ];
 
+/// QEMU processes of this containerd's pods.
+fn vm_count(c: &Containerd) -> usize {
+    c.residue()
+        .processes
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .count()
+}
+
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn containers_of_a_pod_share_one_vm() {
@@ -32,13 +41,7 @@ fn containers_of_a_pod_share_one_vm() {
         stdout(&in_pod),
         "the container booted its own VM"
     );
-    let vms = c
-        .residue()
-        .processes
-        .iter()
-        .filter(|p| p.contains("qemu-system"))
-        .count();
-    assert_eq!(vms, 1, "{:?}", c.residue().processes);
+    assert_eq!(vm_count(&c), 1, "{:?}", c.residue().processes);
 
     c.kill_and_delete("pod1");
     c.assert_no_residue();
@@ -95,13 +98,7 @@ fn the_same_pod_id_in_two_namespaces_is_two_pods() {
     // Both answer, from two different guests.
     let first_boot = boot_id("default", "e1");
     assert_ne!(first_boot, boot_id("other", "e2"));
-    let vms = c
-        .residue()
-        .processes
-        .iter()
-        .filter(|p| p.contains("qemu-system"))
-        .count();
-    assert_eq!(vms, 2, "{:?}", c.residue().processes);
+    assert_eq!(vm_count(&c), 2, "{:?}", c.residue().processes);
 
     // Removing the second pod leaves the first as it was.
     let kill = c.ctr(&["-n", "other", "task", "kill", "-s", "SIGKILL", "twin"]);

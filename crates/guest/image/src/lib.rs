@@ -34,7 +34,12 @@ pub(crate) mod redact {
         if message.starts_with("unknown field") || message.starts_with("missing field") {
             return message.to_string();
         }
-        for kind in ["unknown variant", "invalid type", "invalid value", "invalid length"] {
+        for kind in [
+            "unknown variant",
+            "invalid type",
+            "invalid value",
+            "invalid length",
+        ] {
             if message.starts_with(kind) {
                 return format!("{kind} (value not shown)");
             }

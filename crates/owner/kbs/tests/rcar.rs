@@ -16,6 +16,12 @@ use kabuto_kbs::client::{generate_admin_key, AdminClient};
 
 const INIT_DATA: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"policy.rego\" = \"package agent_policy\"\n";
 
+/// The digest of [`INIT_DATA`] as the software TEE's HOST_DATA holds it (hex).
+fn init_data_digest() -> String {
+    let doc = kabuto_initdata::InitData::parse(INIT_DATA.as_bytes()).unwrap();
+    hex::encode(doc.digest_for_field(32))
+}
+
 struct Kbs {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -146,11 +152,8 @@ impl Kbs {
         self.admin
             .set_reference_values("measurement", &serde_json::json!([fw.measurement_hex()]))
             .unwrap();
-        let digest = kabuto_initdata::InitData::parse(INIT_DATA.as_bytes())
-            .unwrap()
-            .digest_for_field(32);
         self.admin
-            .set_reference_values("init_data", &serde_json::json!([hex::encode(digest)]))
+            .set_reference_values("init_data", &serde_json::json!([init_data_digest()]))
             .unwrap();
     }
 
@@ -347,11 +350,8 @@ fn appraisal_refusals_name_the_failed_check() {
     assert!(err.to_string().contains("HOST_DATA"), "{err}");
 
     // Everything registered correctly: released.
-    let digest = kabuto_initdata::InitData::parse(INIT_DATA.as_bytes())
-        .unwrap()
-        .digest_for_field(32);
     kbs.admin
-        .set_reference_values("init_data", &serde_json::json!([hex::encode(digest)]))
+        .set_reference_values("init_data", &serde_json::json!([init_data_digest()]))
         .unwrap();
     assert_eq!(
         kbs.client(&fw, Some(INIT_DATA))
