@@ -119,6 +119,32 @@ fn length_limits() -> regorus::PolicyLengthConfig {
     }
 }
 
+/// The state a policy starts from: its `initial_state` object if it defines
+/// one, else `{}`. Rules that record per-key entries declare the parent
+/// objects here, so every update is an `add` of its own key: two requests
+/// judged against the same state then both apply, where the first one's
+/// "create the whole object" would be replaced by the second's.
+fn initial_state(
+    engine: &mut regorus::Engine,
+    rego: &str,
+) -> Result<serde_json::Value, PolicyError> {
+    // Evaluating an undefined rule is an error in regorus; only a policy
+    // that names one is asked.
+    if !rego.contains("initial_state") {
+        return Ok(serde_json::json!({}));
+    }
+    let value = engine
+        .eval_rule("data.agent_policy.initial_state".into())
+        .map_err(|e| PolicyError::Parse(format!("initial_state: {e}")))?;
+    let json = value
+        .to_json_str()
+        .map_err(|e| PolicyError::Parse(format!("initial_state: {e}")))?;
+    match serde_json::from_str::<serde_json::Value>(&json) {
+        Ok(state @ serde_json::Value::Object(_)) => Ok(state),
+        _ => Err(PolicyError::Parse("initial_state must be an object".into())),
+    }
+}
+
 impl PolicyGate {
     /// Parses `rego`; refuses anything but a parseable `package agent_policy`.
     pub fn new(rego: &str) -> Result<PolicyGate, PolicyError> {
@@ -138,9 +164,10 @@ impl PolicyGate {
         } else {
             Vec::new()
         };
+        let state = initial_state(&mut engine, rego)?;
         Ok(PolicyGate {
             engine,
-            state: serde_json::json!({}),
+            state,
             always_allowed,
         })
     }
@@ -519,6 +546,34 @@ mod tests {
         assert!(gate
             .decide("CreateContainerRequest", &json!({"OCI": {"mounts": "x"}}))
             .is_ok());
+    }
+
+    #[test]
+    fn updates_judged_together_both_apply_under_an_initial_state() {
+        let rego = r#"package agent_policy
+import rego.v1
+initial_state := {"containers": {}}
+CreateContainerRequest := {"allowed": true, "ops": [
+    {"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": true},
+]}
+"#;
+        let mut gate = PolicyGate::new(rego).unwrap();
+        assert_eq!(gate.state(), &json!({"containers": {}}));
+        // Two creates judged before either commits (they run concurrently).
+        let a = gate
+            .judge("CreateContainerRequest", &json!({"container_id": "a"}))
+            .unwrap();
+        let b = gate
+            .judge("CreateContainerRequest", &json!({"container_id": "b"}))
+            .unwrap();
+        gate.commit(a.update.unwrap()).unwrap();
+        gate.commit(b.update.unwrap()).unwrap();
+        assert_eq!(gate.state(), &json!({"containers": {"a": true, "b": true}}));
+        // A non-object initial state is refused.
+        let bad = "package agent_policy
+initial_state := 1
+";
+        assert!(PolicyGate::new(bad).is_err());
     }
 
     #[test]

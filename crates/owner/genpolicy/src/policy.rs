@@ -90,14 +90,16 @@ pub struct PolicyMount {
 
 impl From<&MountRule> for PolicyMount {
     fn from(m: &MountRule) -> PolicyMount {
-        let (bind, any_type) = match m.kind.as_str() {
-            "bind" => (vec![true], true),
-            "" => (vec![true, false], true),
-            _ => (vec![false], false),
+        // "": a bind (CRI shares the sandbox's /dev/shm) or, if not a
+        // bind, a tmpfs (what a runtime mounts there itself).
+        let (bind, kind, any_type) = match m.kind.as_str() {
+            "bind" => (vec![true], "bind", true),
+            "" => (vec![true, false], "tmpfs", false),
+            other => (vec![false], other, false),
         };
         PolicyMount {
             bind,
-            kind: m.kind.clone(),
+            kind: kind.to_string(),
             any_type,
             options: if m.readonly {
                 vec!["ro".into()]

@@ -80,16 +80,16 @@ CreateContainerRequest := {"allowed": false, "reason": deny_reason} if not conta
 deny_reason := concat("; ", create_errors) if count(create_errors) > 0
 else := "the container does not match the pod's policy"
 
+# The policy state starts with both maps (see the gate's `initial_state`):
+# every record is an add of its own key, so concurrent creates all stay
+# recorded.
+initial_state := {"containers": {}, "processes": {}}
+
 # The container's name, and its process as created (what exec must keep:
 # env, user, capabilities, cwd, no_new_privileges).
 record_container := [
 	{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name},
 	{"op": "add", "path": concat("/", ["", "processes", input.container_id]), "value": created_process},
-] if {
-	data.state.containers
-} else := [
-	{"op": "add", "path": "/containers", "value": {input.container_id: policy_container.name}},
-	{"op": "add", "path": "/processes", "value": {input.container_id: created_process}},
 ]
 
 created_process := {
@@ -118,6 +118,7 @@ container_allowed if {
 	env_slow := {e | some e in env; not env_fast[e]}
 	every e in env_slow {
 		regex.match(c.env, e)
+		not regex.match(loader_env, e)
 	}
 	object.get(process, "cwd", "") == c.cwd
 	uid_ok := {true: true, false: object.get(user, "uid", 0) == c.uid}
@@ -142,15 +143,26 @@ container_allowed if {
 		by_type := {true: true, false: by_option["rbind" in options]}
 		is_bind := by_type[kind == "bind"]
 		is_bind in a.bind
-		type_ok := {true: true, false: kind == a.type}
-		type_ok[a.any_type]
+		type_ok := {true: true, false: {true: true, false: kind == a.type}[a.any_type]}
+		type_ok[is_bind]
 		every o in a.options {
 			o in options
 		}
-		source_ok := {true: startswith(m.source, prefix), false: true}
+		rw := "rw" in options
+		ro_ok := {true: rw == false, false: true}
+		ro_ok["ro" in a.options]
+		escapes := regex.match(`(^|/)\.\.(/|$)`, m.source)
+		shared_ok := {true: false, false: startswith(m.source, prefix)}
+		source_ok := {true: shared_ok[escapes], false: true}
 		source_ok[is_bind]
 	}
 }
+
+# Variables that change what a process loads or runs: only ever allowed by
+# name and value (env_exact, from the manifest or the image), never through
+# a pattern such as envFrom's `PREFIX*=.*` — a ConfigMap the host serves
+# must not set LD_PRELOAD=/volume/x.so or PATH=/volume.
+loader_env := `^(LD_[A-Z_]*|PATH|GCONV_PATH|HOSTALIASES|LOCALDOMAIN|RES_OPTIONS|NLSPATH|MALLOC_[A-Z_]*|GLIBC_TUNABLES)=`
 
 # Variables `c.env` accepts, found cheaply: literal ones by lookup, others
 # by the small regex of the parts of c.env that name them (each a subset
@@ -281,10 +293,13 @@ capabilities_ok if {
 
 # A mount is allowed by the container's rule at its destination (its own
 # mounts and the defaults). Rules say whether it must be a bind (`bind`:
-# the allowed values of "is a bind"), its filesystem type (unless
-# `any_type`) and the options it must carry (`ro` for read-only mounts).
-# Binds may only come from the directory the runtime shares into the
-# guest: never a guest path such as / or /dev.
+# the allowed values of "is a bind"), the filesystem type of a mount that
+# is not one (unless `any_type`) and the options it must carry (`ro` for
+# read-only mounts, which then must not also say `rw`). Binds may only come
+# from the directory the runtime shares into the guest, by a path without
+# `..`: never a guest path such as / or /dev. (Symlinks the host plants in
+# the shared directory are the agent's to refuse: it resolves every shared
+# bind source beneath that directory.)
 # (The same check as a function, for the denial's reasons.)
 mount_ok(m, rules, prefix) if {
 	a := rules[m.destination]
@@ -294,12 +309,17 @@ mount_ok(m, rules, prefix) if {
 	by_type := {true: true, false: by_option["rbind" in options]}
 	is_bind := by_type[kind == "bind"]
 	is_bind in a.bind
-	type_ok := {true: true, false: kind == a.type}
-	type_ok[a.any_type]
+	type_ok := {true: true, false: {true: true, false: kind == a.type}[a.any_type]}
+	type_ok[is_bind]
 	every o in a.options {
 		o in options
 	}
-	source_ok := {true: startswith(m.source, prefix), false: true}
+	rw := "rw" in options
+	ro_ok := {true: rw == false, false: true}
+	ro_ok["ro" in a.options]
+	escapes := regex.match(`(^|/)\.\.(/|$)`, m.source)
+	shared_ok := {true: false, false: startswith(m.source, prefix)}
+	source_ok := {true: shared_ok[escapes], false: true}
 	source_ok[is_bind]
 }
 
@@ -394,6 +414,13 @@ create_errors contains sprintf("env variable %s is not allowed for container %q"
 	c := policy_container
 	some e in env
 	not regex.match(c.env, e)
+}
+
+create_errors contains sprintf("env variable %s is only allowed with the exact value the pod or image gives it, not through a pattern (container %q)", [split(e, "=")[0], c.name]) if {
+	c := policy_container
+	some e in env
+	not c.env_exact[e]
+	regex.match(loader_env, e)
 }
 
 create_errors contains sprintf("working directory %q is not allowed for container %q (expected %q)", [object.get(process, "cwd", ""), c.name, c.cwd]) if {

@@ -1121,7 +1121,50 @@ fn host_changes_to_the_container_are_denied() {
     r["OCI"]["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/x.sock",
         "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_NOTIFY"}]});
     assert!(denied_reason(&mut gate, &r).contains("seccomp user notification is not allowed"));
-    assert_eq!(gate.state(), &json!({}), "denied requests change nothing");
+    // Mounts: a read-only mount also marked rw, a bind from outside the
+    // shared directory by `..`, a /dev/shm that is some other filesystem.
+    let mounts = req["OCI"]["mounts"].as_array().unwrap().clone();
+    let ro_index = mounts
+        .iter()
+        .position(|m| {
+            m["options"]
+                .as_array()
+                .is_some_and(|o| o.contains(&json!("ro")))
+        })
+        .expect("a read-only mount");
+    let mut r = req.clone();
+    r["OCI"]["mounts"][ro_index]["options"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("rw"));
+    let destination = mounts[ro_index]["destination"].as_str().unwrap();
+    assert!(denied_reason(&mut gate, &r).contains(&format!("mount {destination} is not allowed")));
+    let bind_index = mounts
+        .iter()
+        .position(|m| {
+            m["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("/run/kabuto/shared/"))
+        })
+        .expect("a shared bind");
+    let mut r = req.clone();
+    r["OCI"]["mounts"][bind_index]["source"] = json!("/run/kabuto/shared/../../../etc");
+    assert!(denied_reason(&mut gate, &r).contains("is not allowed"));
+    let mut r = req.clone();
+    r["OCI"]["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["destination"] != "/dev/shm");
+    r["OCI"]["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/dev/shm", "type": "proc", "source": "proc", "options": []}));
+    assert!(denied_reason(&mut gate, &r).contains("mount /dev/shm is not allowed"));
+    assert_eq!(
+        gate.state(),
+        &json!({"containers": {}, "processes": {}}),
+        "denied requests change nothing"
+    );
 
     // The valid request; then exec of the allowed probe, changed by the host.
     assert_eq!(
@@ -1224,4 +1267,55 @@ fn exec_capabilities_and_groups_compare_as_sets() {
         decide(&mut gate, "ExecProcessRequest", &exec),
         Decision::Denied { reason: Some(r) } if r.contains("user")
     ));
+}
+
+/// envFrom admits any name with its prefix (a ConfigMap's keys are not in
+/// the manifest); without a prefix, that must not include what changes
+/// what a process loads or runs.
+#[test]
+fn env_from_patterns_never_admit_loader_variables() {
+    let f = fixture();
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: envfrom\n  namespace: default\nspec:\n  containers:\n  - name: app\n    image: busybox:1.36\n    command: [\"sleep\", \"3600\"]\n    envFrom:\n    - configMapRef: {name: settings}\n";
+    let generated = gen(&f, yaml, &Settings::default()).unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    let with_env = |extra: &str| {
+        let mut r = req.clone();
+        r["OCI"]["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!(extra));
+        r
+    };
+    assert_eq!(
+        decide(
+            &mut gate,
+            "CreateContainerRequest",
+            &with_env("LOG_LEVEL=debug")
+        ),
+        Decision::Allowed,
+        "an ordinary ConfigMap key"
+    );
+    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    for var in [
+        "LD_PRELOAD=/vol/x.so",
+        "LD_LIBRARY_PATH=/vol",
+        "PATH=/vol:/bin",
+        "GLIBC_TUNABLES=x",
+    ] {
+        let reason = denied_reason(&mut gate, &with_env(var));
+        let name = var.split('=').next().unwrap();
+        assert!(
+            reason.contains(&format!(
+                "env variable {name} is only allowed with the exact value"
+            )),
+            "{var}: {reason}"
+        );
+    }
+    // The image's own PATH (exact) stays allowed: the plain request.
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
 }
