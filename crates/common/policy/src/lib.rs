@@ -557,17 +557,17 @@ CreateContainerRequest := {"allowed": true, "ops": [
     {"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": true},
 ]}
 "#;
-        let mut gate = PolicyGate::new(rego).unwrap();
+        let mut gate = PolicyGate::new(rego).expect("parses");
         assert_eq!(gate.state(), &json!({"containers": {}}));
         // Two creates judged before either commits (they run concurrently).
         let a = gate
             .judge("CreateContainerRequest", &json!({"container_id": "a"}))
-            .unwrap();
+            .expect("judge");
         let b = gate
             .judge("CreateContainerRequest", &json!({"container_id": "b"}))
-            .unwrap();
-        gate.commit(a.update.unwrap()).unwrap();
-        gate.commit(b.update.unwrap()).unwrap();
+            .expect("judge");
+        gate.commit(a.update.expect("update")).expect("commit");
+        gate.commit(b.update.expect("update")).expect("commit");
         assert_eq!(gate.state(), &json!({"containers": {"a": true, "b": true}}));
         // A non-object initial state is refused.
         let bad = "package agent_policy
