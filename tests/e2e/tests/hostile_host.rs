@@ -369,3 +369,75 @@ fn a_kbs_without_pinned_tls_is_refused() {
         sandbox.destroy();
     }
 }
+
+/// The shared directory is the host's: a symlink it plants there, named as
+/// a bind source, would be followed in the guest's namespace and give the
+/// container the guest's root. The agent resolves shared bind sources
+/// beneath the shared directory without following symlinks; a plain
+/// directory still binds.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = busybox_rootfs(dir.path());
+    let allow_all = init_data(kabuto_policy::ALLOW_ALL);
+    let sandbox = Sandbox::create(
+        &config(dir.path(), TeeKind::Software),
+        "default",
+        "planted",
+        "",
+        Some(&allow_all),
+    )
+    .expect("sandbox");
+    let agent = sandbox.agent();
+    let shared = sandbox.dir().join("shared");
+    let with_bind = |id: &str, source: &str| {
+        let spec = String::from_utf8(spec(id, &["cat", "/data/marker"], "")).expect("utf-8");
+        let bind = format!(
+            r#"{{"destination": "/data", "type": "bind", "source": "{}/{source}", "options": ["rbind", "ro"]}}, "#,
+            kabuto_protocol::GUEST_SHARED_DIR
+        );
+        CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: spec
+                .replacen(r#""mounts": ["#, &format!(r#""mounts": [{bind}"#), 1)
+                .into_bytes(),
+            ..Default::default()
+        }
+    };
+
+    // The planted link to the guest's root, and one through a subdirectory.
+    std::fs::create_dir_all(shared.join("evil")).expect("mkdir");
+    std::os::unix::fs::symlink("/", shared.join("evil/root")).expect("symlink");
+    std::os::unix::fs::symlink("/run", shared.join("evil/run")).expect("symlink");
+    for (id, source) in [
+        ("s1", "evil/root"),
+        ("s2", "evil/run/kabuto"),
+        ("s3", "evil/../evil/root"),
+    ] {
+        sandbox
+            .share_container(id, Some((&[], &rootfs)), &[])
+            .expect("share rootfs");
+        let err = agent
+            .create_container(&with_bind(id, source))
+            .expect_err(source);
+        let text = err.to_string();
+        assert!(
+            text.contains("resolves through a symlink") || text.contains("plain path"),
+            "{source}: {text}"
+        );
+        assert!(agent.list_processes(id).is_err(), "{id} exists");
+    }
+
+    // A plain directory from the host binds as before.
+    std::fs::create_dir_all(shared.join("ok")).expect("mkdir");
+    std::fs::write(shared.join("ok/marker"), b"from the volume").expect("marker");
+    sandbox
+        .share_container("ok", Some((&[], &rootfs)), &[])
+        .expect("share rootfs");
+    agent
+        .create_container(&with_bind("ok", "ok"))
+        .expect("a plain bind");
+    agent.start_container("ok").expect("start");
+    sandbox.destroy();
+}

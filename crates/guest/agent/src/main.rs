@@ -16,6 +16,7 @@ mod pause;
 mod process;
 mod reaper;
 mod service;
+mod shared_binds;
 mod stats;
 
 use std::sync::Arc;

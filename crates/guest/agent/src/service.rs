@@ -24,8 +24,35 @@ use crate::{
     images, pause,
     process::Stream,
     reaper::Reaper,
-    stats,
+    shared_binds, stats,
 };
+
+/// A container id claimed by the CreateContainer creating it; released
+/// when that create is done, whatever its outcome.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl<'a> Reservation<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, id: &str) -> Result<Reservation<'a>> {
+        if !lock(set).insert(id.to_string()) {
+            return Err(AgentError::ContainerExists(format!(
+                "{id} (another CreateContainer of it is under way)"
+            )));
+        }
+        Ok(Reservation {
+            set,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
+}
 
 /// How often the OOM watcher reads the containers' memory.events.
 const OOM_POLL: Duration = Duration::from_millis(500);
@@ -121,6 +148,8 @@ pub struct Agent {
     /// The containers whose processes the data hub answers: the pod's own,
     /// not the guest's pause.
     data_hub_clients: Arc<Mutex<HashSet<String>>>,
+    /// Container ids whose CreateContainer is under way.
+    creating: Mutex<HashSet<String>>,
     sandbox: Mutex<Sandbox>,
     loaded_modules: Vec<String>,
     oom_events: Mutex<VecDeque<String>>,
@@ -170,6 +199,7 @@ impl Agent {
             }),
             containers: RwLock::new(HashMap::new()),
             data_hub_clients: Arc::new(Mutex::new(HashSet::new())),
+            creating: Mutex::new(HashSet::new()),
             sandbox: Mutex::new(Sandbox::default()),
             loaded_modules,
             oom_events: Mutex::new(VecDeque::new()),
@@ -510,6 +540,9 @@ impl Agent {
 
     fn create_container(&self, req: agent::CreateContainerRequest) -> Result<agent::Empty> {
         containers::validate_id(&req.container_id)?;
+        // Reserved until this create is done: a second create of the same
+        // id (a guest pull takes minutes) is refused instead of racing it.
+        let _reservation = Reservation::take(&self.creating, &req.container_id)?;
         if self.container(&req.container_id).is_ok() {
             return Err(AgentError::ContainerExists(req.container_id));
         }
@@ -570,14 +603,19 @@ impl Agent {
                 true
             }
         };
-        let created =
-            containers::prepare_spec(spec, &req.container_id, sandbox_pid).and_then(|spec| {
+        let created = containers::prepare_spec(spec, &req.container_id, sandbox_pid)
+            .and_then(|mut spec| {
+                shared_binds::stage(&mut spec, &req.container_id)?;
+                Ok(spec)
+            })
+            .and_then(|spec| {
                 self.runtime
                     .create(&req.container_id, &req.sandbox_id, &spec)
             });
         let container = match created {
             Ok(c) => c,
             Err(e) => {
+                shared_binds::release(&req.container_id);
                 if pulled {
                     images::release(&req.container_id);
                 }
@@ -592,7 +630,12 @@ impl Agent {
         if !guest_pause {
             lock(&self.data_hub_clients).insert(container.id.clone());
         }
-        self.start_data_hub_once(container.init.pid);
+        // The data hub listens in the pod's network namespace: its sandbox
+        // container's (the pause of a CRI pod), never a member's, whose
+        // namespace a host could make its own.
+        if sandbox_pid.is_none() {
+            self.start_data_hub_once(container.init.pid);
+        }
         self.containers
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -632,6 +675,7 @@ impl Agent {
             .remove(&req.container_id);
         lock(&self.data_hub_clients).remove(&req.container_id);
         let removed = self.runtime.remove(&c);
+        shared_binds::release(&c.id);
         images::release(&c.id);
         removed?;
         Ok(agent::Empty::new())

@@ -1,0 +1,188 @@
+//! Bind mounts from the host-shared directory, resolved beneath it.
+//!
+//! The shared directory ([`GUEST_SHARED_DIR`], virtio-fs) is the host's: a
+//! symlink it plants there (`…/shared/c1/vol -> /`) would be followed in the
+//! guest's own namespace, and a bind of it would give a container the
+//! guest's root — other containers' decrypted images, the agent's files.
+//! So before a container is created, each bind source under the shared
+//! directory is opened beneath it without following any symlink
+//! (`openat2`, `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), bound from that
+//! open file to a guest-private staging path, and the spec points there:
+//! what the container gets is the inode that was checked, whatever the host
+//! renames or replaces afterwards.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use kabuto_protocol::GUEST_SHARED_DIR;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::Spec;
+
+use crate::error::{AgentError, Result};
+
+/// Guest tmpfs, never shared with the host.
+const STAGING_DIR: &str = "/run/kabuto/binds";
+
+fn staging_dir(container_id: &str) -> PathBuf {
+    Path::new(STAGING_DIR).join(container_id)
+}
+
+/// Opens `relative` beneath `dir` refusing symlinks, `..` and magic links
+/// anywhere on the way (O_PATH: nothing is read).
+fn open_beneath(dir: &File, relative: &Path) -> std::io::Result<File> {
+    let path = CString::new(relative.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain integers; all-zero is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an
+    // open_how of the size passed; the returned fd is owned by the File.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor returned by the kernel.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
+}
+
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Rewrites every bind whose source is under the shared directory to a
+/// staged bind of the inode found beneath it. On error nothing stays staged.
+pub fn stage(spec: &mut Spec, container_id: &str) -> Result<()> {
+    stage_under(spec, container_id, Path::new(GUEST_SHARED_DIR))
+}
+
+fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()> {
+    let Some(mut mounts) = spec.mounts().clone() else {
+        return Ok(());
+    };
+    let shared_dir = File::open(shared).map_err(|e| {
+        AgentError::InvalidArgument(format!("shared directory {}: {e}", shared.display()))
+    })?;
+    let staging = staging_dir(container_id);
+    let mut staged_any = false;
+    let result = (|| -> Result<()> {
+        for (index, m) in mounts.iter_mut().enumerate() {
+            let Some(source) = m.source().clone() else {
+                continue;
+            };
+            if !is_bind(m) {
+                continue;
+            }
+            let relative = match source.strip_prefix(shared) {
+                Ok(r) => r.to_path_buf(),
+                Err(_) => continue,
+            };
+            let refuse = |why: String| {
+                AgentError::InvalidArgument(format!(
+                    "container {container_id}: bind source {}: {why}",
+                    source.display()
+                ))
+            };
+            if relative
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+            {
+                return Err(refuse(
+                    "must be a plain path below the shared directory".into(),
+                ));
+            }
+            let opened = open_beneath(&shared_dir, &relative).map_err(|e| {
+                refuse(match e.raw_os_error() {
+                    Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                        "resolves through a symlink or out of the shared directory (refused)".into()
+                    }
+                    _ => e.to_string(),
+                })
+            })?;
+            let is_dir = opened
+                .metadata()
+                .map_err(|e| refuse(e.to_string()))?
+                .is_dir();
+            if !staged_any {
+                std::fs::create_dir_all(&staging).map_err(|e| refuse(e.to_string()))?;
+                staged_any = true;
+            }
+            let target = staging.join(index.to_string());
+            if is_dir {
+                std::fs::create_dir(&target)
+            } else {
+                File::create(&target).map(drop)
+            }
+            .map_err(|e| refuse(format!("staging {}: {e}", target.display())))?;
+            let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
+            mount(
+                Some(fd_path.as_str()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| refuse(format!("binding to {}: {e}", target.display())))?;
+            m.set_source(Some(target));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        release(container_id);
+        return Err(e);
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+/// Removes a container's staged binds (idempotent).
+pub fn release(container_id: &str) {
+    let staging = staging_dir(container_id);
+    let Ok(entries) = std::fs::read_dir(&staging) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+    }
+    let _ = std::fs::remove_dir(&staging);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resolution beneath a directory the test owns: a planted symlink (to
+    /// the root, or to a sibling via ..) is refused, a plain file opens.
+    #[test]
+    fn symlinks_and_dot_dot_do_not_resolve_beneath() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("c1")).expect("mkdir");
+        std::fs::write(dir.path().join("c1/file"), b"x").expect("file");
+        std::os::unix::fs::symlink("/", dir.path().join("c1/root")).expect("symlink");
+        std::os::unix::fs::symlink("../c1/file", dir.path().join("c1/rel")).expect("symlink");
+        let base = File::open(dir.path()).expect("open");
+        assert!(open_beneath(&base, Path::new("c1/file")).is_ok());
+        for path in ["c1/root", "c1/root/etc", "c1/rel", "../etc", "/etc"] {
+            let err = open_beneath(&base, Path::new(path)).expect_err(path);
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV)),
+                "{path}: {err}"
+            );
+        }
+    }
+}
