@@ -42,6 +42,43 @@ pub struct Container {
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
     pub started: Mutex<bool>,
+    /// A pod sandbox's network, IPC and UTS namespaces, held open from its
+    /// creation: members join these, not `/proc/<pid>/ns` of a pid that the
+    /// host could have the sandbox's init give up and another process take.
+    pub pod_namespaces: Option<PodNamespaces>,
+}
+
+/// Open namespace files of a pod sandbox, in [`POD_SHARED_NAMESPACES`] order.
+pub struct PodNamespaces(Vec<(LinuxNamespaceType, std::fs::File)>);
+
+impl PodNamespaces {
+    fn open(pid: i32) -> Result<PodNamespaces> {
+        let mut files = Vec::new();
+        for typ in POD_SHARED_NAMESPACES {
+            let path = format!("/proc/{pid}/ns/{}", namespace_file(typ));
+            let file =
+                std::fs::File::open(&path).map_err(AgentError::io(format!("opening {path}")))?;
+            files.push((typ, file));
+        }
+        Ok(PodNamespaces(files))
+    }
+
+    /// A path to the open namespace of `typ` that stays valid while this
+    /// agent holds it.
+    fn path(&self, typ: LinuxNamespaceType) -> Option<PathBuf> {
+        use std::os::fd::AsRawFd as _;
+        self.0.iter().find(|(t, _)| *t == typ).map(|(_, f)| {
+            PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+        })
+    }
+}
+
+fn namespace_file(typ: LinuxNamespaceType) -> &'static str {
+    match typ {
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Ipc => "ipc",
+        _ => "uts",
+    }
 }
 
 impl Container {
@@ -96,7 +133,7 @@ pub fn parse_spec(raw: &[u8]) -> Result<Spec> {
 ///
 /// `sandbox_init_pid` is the pid of the pod's sandbox container, whose
 /// network, IPC and UTS namespaces the other containers of the pod join.
-pub fn prepare_spec(mut spec: Spec, id: &str, sandbox_init_pid: Option<i32>) -> Result<Spec> {
+pub fn prepare_spec(mut spec: Spec, id: &str, sandbox: Option<&PodNamespaces>) -> Result<Spec> {
     if spec.process().is_none() {
         return Err(AgentError::InvalidArgument(
             "OCI spec has no process".into(),
@@ -136,17 +173,7 @@ pub fn prepare_spec(mut spec: Spec, id: &str, sandbox_init_pid: Option<i32>) -> 
         if let Some(namespaces) = linux.namespaces_mut() {
             for ns in namespaces.iter_mut() {
                 // Host namespace paths mean nothing in the guest.
-                let mut path = None;
-                if let Some(pid) = sandbox_init_pid {
-                    if POD_SHARED_NAMESPACES.contains(&ns.typ()) {
-                        let name = match ns.typ() {
-                            LinuxNamespaceType::Network => "net",
-                            LinuxNamespaceType::Ipc => "ipc",
-                            _ => "uts",
-                        };
-                        path = Some(PathBuf::from(format!("/proc/{pid}/ns/{name}")));
-                    }
-                }
+                let path = sandbox.and_then(|pod| pod.path(ns.typ()));
                 ns.set_path(path);
             }
         }
@@ -219,6 +246,13 @@ impl Runtime {
             .as_raw();
         drop(guard);
         let stdio = stdio.finish()?;
+        // A pod's sandbox (its own, or a stand-alone container): hold its
+        // namespaces for the members.
+        let pod_namespaces = if sandbox_id.is_empty() || sandbox_id == id {
+            Some(PodNamespaces::open(pid)?)
+        } else {
+            None
+        };
         Ok(Container {
             id: id.to_string(),
             sandbox_id: sandbox_id.to_string(),
@@ -226,6 +260,7 @@ impl Runtime {
             init: Arc::new(Process::new(pid, stdio)),
             execs: Mutex::new(HashMap::new()),
             started: Mutex::new(false),
+            pod_namespaces,
         })
     }
 
@@ -420,10 +455,12 @@ mod tests {
     }
 
     #[test]
-    fn pod_containers_join_the_sandbox_namespaces() {
+    fn pod_containers_join_the_sandbox_namespaces_held_open() {
+        // This test process's own namespaces stand in for a sandbox's.
+        let pod = PodNamespaces::open(std::process::id() as i32).expect("namespaces");
         let dir = std::env::temp_dir();
         let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
-            .and_then(|s| prepare_spec(s, "c1", Some(42)))
+            .and_then(|s| prepare_spec(s, "c1", Some(&pod)))
             .expect("spec");
         let linux = spec.linux().as_ref().expect("linux");
         assert_eq!(
@@ -435,18 +472,22 @@ mod tests {
             .iter()
             .any(|n| n.typ() == LinuxNamespaceType::Cgroup));
         for ns in namespaces {
-            let expected = match ns.typ() {
-                LinuxNamespaceType::Network => Some("/proc/42/ns/net"),
-                LinuxNamespaceType::Ipc => Some("/proc/42/ns/ipc"),
-                LinuxNamespaceType::Uts => Some("/proc/42/ns/uts"),
-                _ => None,
-            };
-            assert_eq!(
-                ns.path().as_deref(),
-                expected.map(Path::new),
-                "{:?}",
-                ns.typ()
-            );
+            let shared = POD_SHARED_NAMESPACES.contains(&ns.typ());
+            match ns.path() {
+                Some(path) => {
+                    assert!(shared, "{:?} joined", ns.typ());
+                    // The held file, through this process's fd table: the
+                    // same namespace as /proc/<pid>/ns/<name>.
+                    assert!(path.starts_with(format!("/proc/{}/fd/", std::process::id())));
+                    let held = std::fs::metadata(path).expect("held namespace");
+                    let own =
+                        std::fs::metadata(format!("/proc/self/ns/{}", namespace_file(ns.typ())))
+                            .expect("own namespace");
+                    use std::os::unix::fs::MetadataExt as _;
+                    assert_eq!(held.ino(), own.ino(), "{:?}", ns.typ());
+                }
+                None => assert!(!shared, "{:?} not joined", ns.typ()),
+            }
         }
     }
 }

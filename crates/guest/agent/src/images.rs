@@ -207,15 +207,31 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Half of the guest's available memory (at least 16 MiB): the size of one
+/// pull's tmpfs.
+fn tmpfs_size_bytes() -> u64 {
+    let available_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    (available_kib * 1024 / 2).max(16 << 20) & !4095
+}
+
 /// Pulls `reference` into a fresh tmpfs for `container_id`; returns the
 /// rootfs path and the image config. On error nothing remains.
 pub fn pull(
     container_id: &str,
     reference: &str,
     images: &PodImages,
+    deadline: Option<std::time::Instant>,
 ) -> Result<(PathBuf, ImageConfig)> {
     let started = std::time::Instant::now();
-    let settings = images.pull_settings().map_err(AgentError::Image)?;
+    let mut settings = images.pull_settings().map_err(AgentError::Image)?;
+    settings.deadline = deadline;
     let settings_time = started.elapsed();
     let dir = image_dir(container_id);
     if dir.exists() {
@@ -225,12 +241,17 @@ pub fn pull(
         )));
     }
     std::fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+    // Bounded by what the guest can spare now: tmpfs is guest RAM, and an
+    // unbounded one (the kernel's default is half of all RAM per mount)
+    // lets a large or hostile image exhaust it and take the agent down.
+    // An image that does not fit fails with ENOSPC, the agent stays.
+    let size = tmpfs_size_bytes();
     if let Err(e) = mount(
         Some("tmpfs"),
         &dir,
         Some("tmpfs"),
         MsFlags::MS_NOSUID,
-        Some("mode=0755"),
+        Some(format!("mode=0755,size={size}").as_str()),
     ) {
         let _ = std::fs::remove_dir(&dir);
         return Err(AgentError::sys(format!(

@@ -27,20 +27,27 @@ use crate::{
     shared_binds, stats,
 };
 
-/// A container id claimed by the CreateContainer creating it; released
-/// when that create is done, whatever its outcome.
+/// A container id claimed by the CreateContainer or RemoveContainer working
+/// on it, with the pod sandbox a create joins; released when that request
+/// is done, whatever its outcome.
 struct Reservation<'a> {
-    set: &'a Mutex<HashSet<String>>,
+    set: &'a Mutex<HashMap<String, String>>,
     id: String,
 }
 
 impl<'a> Reservation<'a> {
-    fn take(set: &'a Mutex<HashSet<String>>, id: &str) -> Result<Reservation<'a>> {
-        if !lock(set).insert(id.to_string()) {
+    fn take(
+        set: &'a Mutex<HashMap<String, String>>,
+        id: &str,
+        sandbox_id: &str,
+    ) -> Result<Reservation<'a>> {
+        let mut set_guard = lock(set);
+        if set_guard.contains_key(id) {
             return Err(AgentError::ContainerExists(format!(
-                "{id} (another CreateContainer of it is under way)"
+                "{id} (another CreateContainer or RemoveContainer of it is under way)"
             )));
         }
+        set_guard.insert(id.to_string(), sandbox_id.to_string());
         Ok(Reservation {
             set,
             id: id.to_string(),
@@ -148,8 +155,9 @@ pub struct Agent {
     /// The containers whose processes the data hub answers: the pod's own,
     /// not the guest's pause.
     data_hub_clients: Arc<Mutex<HashSet<String>>>,
-    /// Container ids whose CreateContainer is under way.
-    creating: Mutex<HashSet<String>>,
+    /// Container ids a CreateContainer or RemoveContainer is working on,
+    /// with the pod sandbox each create joins.
+    creating: Mutex<HashMap<String, String>>,
     sandbox: Mutex<Sandbox>,
     loaded_modules: Vec<String>,
     oom_events: Mutex<VecDeque<String>>,
@@ -199,7 +207,7 @@ impl Agent {
             }),
             containers: RwLock::new(HashMap::new()),
             data_hub_clients: Arc::new(Mutex::new(HashSet::new())),
-            creating: Mutex::new(HashSet::new()),
+            creating: Mutex::new(HashMap::new()),
             sandbox: Mutex::new(Sandbox::default()),
             loaded_modules,
             oom_events: Mutex::new(VecDeque::new()),
@@ -542,15 +550,25 @@ impl Agent {
         containers::validate_id(&req.container_id)?;
         // Reserved until this create is done: a second create of the same
         // id (a guest pull takes minutes) is refused instead of racing it.
-        let _reservation = Reservation::take(&self.creating, &req.container_id)?;
+        let _reservation = Reservation::take(&self.creating, &req.container_id, &req.sandbox_id)?;
         if self.container(&req.container_id).is_ok() {
             return Err(AgentError::ContainerExists(req.container_id));
         }
-        // Containers of a pod join the namespaces of its sandbox container.
-        let sandbox_pid = if req.sandbox_id.is_empty() || req.sandbox_id == req.container_id {
+        // Containers of a pod join the namespaces of its sandbox container
+        // (which cannot be removed while this create is under way).
+        let sandbox = if req.sandbox_id.is_empty() || req.sandbox_id == req.container_id {
             None
         } else {
-            Some(self.container(&req.sandbox_id)?.init.pid)
+            Some(self.container(&req.sandbox_id)?)
+        };
+        let pod_namespaces = match &sandbox {
+            None => None,
+            Some(s) => Some(s.pod_namespaces.as_ref().ok_or_else(|| {
+                AgentError::InvalidArgument(format!(
+                    "container {} is a member of pod {}, not a pod sandbox",
+                    s.id, s.sandbox_id
+                ))
+            })?),
         };
         let mut spec = containers::parse_spec(&req.oci_spec)?;
         let confidential = self.is_confidential();
@@ -593,7 +611,14 @@ impl Agent {
                 let pod_images = lock(&self.sandbox).images.clone().ok_or_else(|| {
                     AgentError::InvalidArgument("CreateSandbox must come first".into())
                 })?;
-                let (rootfs, config) = images::pull(&req.container_id, reference, &pod_images)?;
+                // The host's wait, as the pull's deadline: a create the host
+                // gave up on must not finish later and stay.
+                let deadline = (req.timeout_secs > 0).then(|| {
+                    std::time::Instant::now()
+                        + std::time::Duration::from_secs(req.timeout_secs.into())
+                });
+                let (rootfs, config) =
+                    images::pull(&req.container_id, reference, &pod_images, deadline)?;
                 if let Err(e) = images::merge_config(&mut spec, &config, &rootfs) {
                     images::release(&req.container_id);
                     return Err(AgentError::InvalidArgument(format!(
@@ -603,7 +628,7 @@ impl Agent {
                 true
             }
         };
-        let created = containers::prepare_spec(spec, &req.container_id, sandbox_pid)
+        let created = containers::prepare_spec(spec, &req.container_id, pod_namespaces)
             .and_then(|mut spec| {
                 shared_binds::stage(&mut spec, &req.container_id)?;
                 Ok(spec)
@@ -633,7 +658,7 @@ impl Agent {
         // The data hub listens in the pod's network namespace: its sandbox
         // container's (the pause of a CRI pod), never a member's, whose
         // namespace a host could make its own.
-        if sandbox_pid.is_none() {
+        if sandbox.is_none() {
             self.start_data_hub_once(container.init.pid);
         }
         self.containers
@@ -656,6 +681,19 @@ impl Agent {
     }
 
     fn remove_container(&self, req: agent::RemoveContainerRequest) -> Result<agent::Empty> {
+        // Not while it is being created (its staged binds are the new
+        // one's), nor while a member that joins it is.
+        let _reservation = Reservation::take(&self.creating, &req.container_id, "")?;
+        if let Some(member) = lock(&self.creating)
+            .iter()
+            .find(|(id, sandbox)| **sandbox == req.container_id && **id != req.container_id)
+            .map(|(id, _)| id.clone())
+        {
+            return Err(AgentError::InvalidArgument(format!(
+                "container {} is the sandbox of {member}, which is being created",
+                req.container_id
+            )));
+        }
         let c = self.container(&req.container_id)?;
         let others = self
             .containers

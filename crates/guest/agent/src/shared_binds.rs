@@ -138,6 +138,7 @@ fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()>
             )
             .map_err(|e| refuse(format!("binding to {}: {e}", target.display())))?;
             m.set_source(Some(target));
+            m.set_options(Some(host_file_options(m.options().as_deref())));
         }
         Ok(())
     })();
@@ -147,6 +148,27 @@ fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()>
     }
     spec.set_mounts(Some(mounts));
     Ok(())
+}
+
+/// A bind of host files keeps nosuid and nodev (setuid binaries and device
+/// nodes the host planted stay inert) and, when read-only, no `rw`: the
+/// options that would lift them (`suid`, `dev`, their recursive forms,
+/// `rrw` after `ro`) are dropped, whatever the request says.
+fn host_file_options(options: Option<&[String]>) -> Vec<String> {
+    let options = options.unwrap_or_default();
+    let read_only = options.iter().any(|o| o == "ro" || o == "rro");
+    let mut kept: Vec<String> = options
+        .iter()
+        .filter(|o| !matches!(o.as_str(), "suid" | "dev" | "rsuid" | "rdev"))
+        .filter(|o| !(read_only && matches!(o.as_str(), "rw" | "rrw")))
+        .cloned()
+        .collect();
+    for forced in ["nosuid", "nodev"] {
+        if !kept.iter().any(|o| o == forced) {
+            kept.push(forced.to_string());
+        }
+    }
+    kept
 }
 
 /// Removes a container's staged binds (idempotent).
@@ -165,6 +187,20 @@ pub fn release(container_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_file_binds_keep_nosuid_nodev_and_read_only() {
+        let given = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            host_file_options(Some(&given(&["rbind", "ro", "rrw", "rsuid", "dev"]))),
+            given(&["rbind", "ro", "nosuid", "nodev"])
+        );
+        assert_eq!(
+            host_file_options(Some(&given(&["rbind", "rw"]))),
+            given(&["rbind", "rw", "nosuid", "nodev"])
+        );
+        assert_eq!(host_file_options(None), given(&["nosuid", "nodev"]));
+    }
 
     /// Resolution beneath a directory the test owns: a planted symlink (to
     /// the root, or to a sibling via ..) is refused, a plain file opens.

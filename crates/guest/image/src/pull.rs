@@ -251,6 +251,9 @@ pub struct PullSettings {
     pub lookaside: crate::signature::Lookaside,
     pub keys: Vec<kabuto_jose::TeeKeyPair>,
     pub unpack: UnpackOptions,
+    /// The pull, with every request and the unpacking, ends by then or
+    /// fails (nothing remains at the rootfs).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// The parts of an image's config the runtime applies (OCI image spec
@@ -356,7 +359,8 @@ pub fn pull_and_unpack(
             .credentials
             .for_registry(&host)
             .or_else(|| settings.credentials.for_registry(&image.registry));
-        let mut client = RegistryClient::new(insecure, credentials);
+        let mut client =
+            RegistryClient::new(insecure, credentials).with_deadline(settings.deadline);
         match client.resolve(&source.image) {
             Ok(resolved) => {
                 found = Some((source, client, resolved));
@@ -409,6 +413,18 @@ pub fn pull_and_unpack(
     };
     crate::into_new_root(rootfs, unpack_err, || {
         for (descriptor, blob) in pulled.layers {
+            if settings
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                return Err(PullError::Registry {
+                    image: name.clone(),
+                    source: RegistryError::Http {
+                        url: reference.into(),
+                        reason: crate::registry::DEADLINE_PASSED.into(),
+                    },
+                });
+            }
             let started = std::time::Instant::now();
             let layer = PlainLayer::new(descriptor, blob, &settings.keys).map_err(|source| {
                 PullError::Decrypt {
@@ -437,6 +453,30 @@ mod tests {
 
     fn image(s: &str) -> ImageReference {
         ImageReference::parse(s).expect(s)
+    }
+
+    /// A pull whose deadline (the host's wait) has passed sends nothing
+    /// more, fails saying so, and leaves no rootfs.
+    #[test]
+    fn a_pull_past_its_deadline_fails_and_leaves_nothing() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let settings = PullSettings {
+            registries: RegistriesConf::insecure(&[&address]),
+            deadline: Some(std::time::Instant::now()),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("rootfs");
+        let err = pull_and_unpack(&format!("{address}/app:1"), &settings, &root)
+            .expect_err("past the deadline");
+        assert!(
+            err.to_string().contains(crate::registry::DEADLINE_PASSED),
+            "{err}"
+        );
+        assert!(!root.exists());
+        assert!(listener.accept().is_err(), "the registry was contacted");
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct RegistryClient {
     credentials: Option<(String, String)>,
     /// Bearer tokens by `registry/repository`.
     tokens: HashMap<String, String>,
+    /// No request may run past this (the whole pull's deadline).
+    deadline: Option<std::time::Instant>,
 }
 
 impl RegistryClient {
@@ -149,6 +151,25 @@ impl RegistryClient {
             insecure,
             credentials,
             tokens: HashMap::new(),
+            deadline: None,
+        }
+    }
+
+    /// Every request of this client ends by `deadline` (connect, send and
+    /// the whole body), or fails saying so.
+    pub fn with_deadline(mut self, deadline: Option<std::time::Instant>) -> RegistryClient {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The time left before the deadline; an error once it has passed.
+    fn time_left(&self) -> Result<Option<Duration>, String> {
+        match self.deadline {
+            None => Ok(None),
+            Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                Some(left) if !left.is_zero() => Ok(Some(left)),
+                _ => Err(DEADLINE_PASSED.into()),
+            },
         }
     }
 
@@ -193,6 +214,9 @@ impl RegistryClient {
         };
         for attempt in 0..2 {
             let mut request = self.agent.request(method, &url).set("Accept", accept);
+            if let Some(left) = self.time_left().map_err(http)? {
+                request = request.timeout(left);
+            }
             if let Some(range) = range {
                 request = request.set("Range", range);
             }
@@ -258,6 +282,9 @@ impl RegistryClient {
             ));
         }
         let mut request = self.agent.get(realm);
+        if let Some(left) = self.time_left()? {
+            request = request.timeout(left);
+        }
         for name in ["service", "scope"] {
             if let Some(v) = fields.get(name) {
                 request = request.query(name, v);
@@ -590,6 +617,9 @@ impl RegistryClient {
     }
 }
 
+/// What a request made after the pull's deadline fails with.
+pub const DEADLINE_PASSED: &str = "the pull's deadline passed";
+
 /// Whether a bearer realm may receive the registry credentials.
 fn realm_may_get_credentials(realm: &str, registry_url: &str) -> bool {
     let host_of = |rest: &str| {
@@ -616,6 +646,22 @@ fn realm_may_get_credentials(realm: &str, registry_url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_request_runs_past_the_deadline() {
+        let (address, seen) = flaky_blob_server(vec![7; 1024], 0);
+        let image = ImageReference::parse(&format!("{address}/app:1")).expect("reference");
+        let mut client = RegistryClient::new(vec![address.clone()], None)
+            .with_deadline(Some(std::time::Instant::now()));
+        let err = client
+            .blob(&image, "sha256:00", "layer", 4096, None)
+            .expect_err("past the deadline");
+        assert!(err.to_string().contains(DEADLINE_PASSED), "{err}");
+        assert!(
+            seen.lock().expect("log").is_empty(),
+            "nothing was sent after the deadline"
+        );
+    }
 
     #[test]
     fn credentials_go_only_to_realms_over_https_or_the_insecure_registry_itself() {

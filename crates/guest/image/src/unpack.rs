@@ -158,17 +158,82 @@ pub fn unpack_layer(
     let mut archive = tar::Archive::new(reader);
     // Paths this layer created: an opaque whiteout keeps them.
     let mut created: HashSet<PathBuf> = HashSet::new();
+    // Raw entries: GNU long names and PAX records are read here, bounded
+    // (the tar crate reads any size into memory, and a 4 GiB PAX header
+    // gzips to a few MB).
     let entries = archive
         .entries()
-        .map_err(|e| layer_err(format!("reading the tar stream: {e}")))?;
+        .map_err(|e| layer_err(format!("reading the tar stream: {e}")))?
+        .raw(true);
+    let mut pending = Extensions::default();
+    let mut count: u64 = 0;
     for entry in entries {
         let mut entry = entry.map_err(|e| layer_err(format!("reading the tar stream: {e}")))?;
-        let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        count += 1;
+        if count > MAX_ENTRIES {
+            return Err(layer_err(format!(
+                "more than {MAX_ENTRIES} tar entries in one layer"
+            )));
+        }
+        match entry.header().entry_type() {
+            tar::EntryType::GNULongName => {
+                pending.long_name =
+                    Some(read_extension(&mut entry, "GNU long name").map_err(layer_err)?);
+                continue;
+            }
+            tar::EntryType::GNULongLink => {
+                pending.long_link =
+                    Some(read_extension(&mut entry, "GNU long link").map_err(layer_err)?);
+                continue;
+            }
+            tar::EntryType::XHeader => {
+                let data = read_extension(&mut entry, "PAX header").map_err(layer_err)?;
+                pending.pax = parse_pax(&data).map_err(layer_err)?;
+                continue;
+            }
+            tar::EntryType::XGlobalHeader => {
+                read_extension(&mut entry, "PAX global header").map_err(layer_err)?;
+                continue;
+            }
+            tar::EntryType::GNUSparse => {
+                return Err(layer_err("GNU sparse entries are not supported".into()));
+            }
+            _ => {}
+        }
+        let ext = std::mem::take(&mut pending);
+        let raw_name = match (&ext.long_name, ext.pax_value("path")) {
+            (Some(long), _) => String::from_utf8_lossy(trim_nul(long)).into_owned(),
+            (None, Some(path)) => String::from_utf8_lossy(path).into_owned(),
+            (None, None) => String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+        };
+        let link_name: Option<PathBuf> = match (&ext.long_link, ext.pax_value("linkpath")) {
+            (Some(long), _) => Some(PathBuf::from(
+                String::from_utf8_lossy(trim_nul(long)).into_owned(),
+            )),
+            (None, Some(link)) => Some(PathBuf::from(String::from_utf8_lossy(link).into_owned())),
+            (None, None) => entry
+                .link_name_bytes()
+                .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned())),
+        };
         let entry_err = |reason: String| UnpackError::Entry {
             layer: layer.digest.into(),
             entry: raw_name.clone(),
             reason,
         };
+        // The stream is framed by the header's size: a PAX size that says
+        // otherwise would make this reading and others' disagree.
+        if let Some(size) = ext.pax_value("size") {
+            let header_size = entry.header().entry_size().unwrap_or(u64::MAX);
+            if std::str::from_utf8(size)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                != Some(header_size)
+            {
+                return Err(entry_err(
+                    "a PAX size that differs from the header's is not supported".into(),
+                ));
+            }
+        }
         let name = clean_name(&raw_name).map_err(entry_err)?;
         let Some(file_name) = name.file_name().map(OsStr::to_os_string) else {
             continue; // the root itself
@@ -218,16 +283,14 @@ pub fn unpack_layer(
                 io::copy(&mut entry, &mut file).map_err(|e| entry_err(e.to_string()))?;
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| entry_err(e.to_string()))?
+                let target = link_name
+                    .clone()
                     .ok_or_else(|| entry_err("symlink without a target".into()))?;
                 symlink(&target, &path).map_err(|e| entry_err(e.to_string()))?;
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| entry_err(e.to_string()))?
+                let target = link_name
+                    .clone()
                     .ok_or_else(|| entry_err("hard link without a target".into()))?;
                 let target_name = clean_name(&target.to_string_lossy())
                     .map_err(|r| entry_err(format!("hard link target: {r}")))?;
@@ -271,10 +334,9 @@ pub fn unpack_layer(
                 )
                 .map_err(|e| entry_err(e.to_string()))?;
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
             other => return Err(entry_err(format!("unsupported entry type {other:?}"))),
         }
-        apply_metadata(&mut entry, &path, kind, mode).map_err(entry_err)?;
+        apply_metadata(&entry, &ext, &path, kind, mode).map_err(entry_err)?;
         record_created(&mut created, root, path);
     }
     Ok(())
@@ -397,28 +459,124 @@ fn opaque(dir: &Path, created: &HashSet<PathBuf>) -> io::Result<()> {
     Ok(())
 }
 
-/// Owner, mode, extended attributes and modification time of the entry.
+/// Longest GNU long name / long link / PAX header read (each).
+pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+/// Most tar entries in one layer.
+pub const MAX_ENTRIES: u64 = 4_000_000;
+
+/// What GNU and PAX extension entries say about the next entry.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Vec<(String, Vec<u8>)>,
+}
+
+impl Extensions {
+    fn pax_value(&self, key: &str) -> Option<&[u8]> {
+        self.pax
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The data of an extension entry, refused beyond [`MAX_EXTENSION_BYTES`]
+/// before anything is read.
+fn read_extension<R: Read>(entry: &mut tar::Entry<'_, R>, what: &str) -> Result<Vec<u8>, String> {
+    let size = entry
+        .header()
+        .entry_size()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if size > MAX_EXTENSION_BYTES {
+        return Err(format!(
+            "a {what} of {size} bytes (more than {MAX_EXTENSION_BYTES})"
+        ));
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    entry
+        .take(MAX_EXTENSION_BYTES)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("{what}: {e}"))?;
+    Ok(data)
+}
+
+fn trim_nul(bytes: &[u8]) -> &[u8] {
+    bytes.strip_suffix(&[0]).unwrap_or(bytes)
+}
+
+/// PAX records: `<length> <key>=<value>\n`, the length counting the whole
+/// record.
+fn parse_pax(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut records = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = rest
+            .iter()
+            .position(|b| *b == b' ')
+            .ok_or("a PAX record without a length")?;
+        let length: usize = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|n| *n > space + 1 && *n <= rest.len())
+            .ok_or("a PAX record with a bad length")?;
+        let record = &rest[space + 1..length];
+        let record = record
+            .strip_suffix(b"\n")
+            .ok_or("a PAX record not ending in a newline")?;
+        let equals = record
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or("a PAX record without '='")?;
+        let key =
+            std::str::from_utf8(&record[..equals]).map_err(|_| "a PAX key that is not UTF-8")?;
+        records.push((key.to_string(), record[equals + 1..].to_vec()));
+        rest = &rest[length..];
+    }
+    Ok(records)
+}
+
+/// Owner, mode, extended attributes and modification time of the entry
+/// (PAX `uid`/`gid`/`mtime` records override the header's).
 fn apply_metadata<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
+    entry: &tar::Entry<'_, R>,
+    ext: &Extensions,
     path: &Path,
     kind: tar::EntryType,
     mode: u32,
 ) -> Result<(), String> {
     let header = entry.header();
+    let pax_number = |key: &str| -> Result<Option<u64>, String> {
+        match ext.pax_value(key) {
+            None => Ok(None),
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.split('.').next())
+                .and_then(|s| s.parse().ok())
+                .map(Some)
+                .ok_or_else(|| format!("PAX {key} is not a number")),
+        }
+    };
     // An empty owner field means 0 (as GNU tar reads it); garbage is an error.
     let blank = |field: &[u8]| field.iter().all(|b| *b == 0 || *b == b' ');
     let old = header.as_old();
-    let uid = match header.uid() {
-        Ok(uid) => uid,
-        Err(_) if blank(&old.uid) => 0,
-        Err(e) => return Err(e.to_string()),
+    let uid = match (pax_number("uid")?, header.uid()) {
+        (Some(uid), _) => uid,
+        (None, Ok(uid)) => uid,
+        (None, Err(_)) if blank(&old.uid) => 0,
+        (None, Err(e)) => return Err(e.to_string()),
     };
-    let gid = match header.gid() {
-        Ok(gid) => gid,
-        Err(_) if blank(&old.gid) => 0,
-        Err(e) => return Err(e.to_string()),
+    let gid = match (pax_number("gid")?, header.gid()) {
+        (Some(gid), _) => gid,
+        (None, Ok(gid)) => gid,
+        (None, Err(_)) if blank(&old.gid) => 0,
+        (None, Err(e)) => return Err(e.to_string()),
     };
-    let mtime = header.mtime().unwrap_or(0);
+    let mtime = match pax_number("mtime")? {
+        Some(t) => t,
+        None => header.mtime().unwrap_or(0),
+    };
     nix::unistd::fchownat(
         None,
         path,
@@ -432,13 +590,9 @@ fn apply_metadata<R: Read>(
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
             .map_err(|e| format!("chmod: {e}"))?;
     }
-    if let Ok(Some(extensions)) = entry.pax_extensions() {
-        for ext in extensions.flatten() {
-            let Ok(key) = ext.key() else { continue };
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                xattr::set(path, name, ext.value_bytes())
-                    .map_err(|e| format!("xattr {name}: {e}"))?;
-            }
+    for (key, value) in &ext.pax {
+        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            xattr::set(path, name, value).map_err(|e| format!("xattr {name}: {e}"))?;
         }
     }
     let time = nix::sys::time::TimeSpec::new(mtime as i64, 0);

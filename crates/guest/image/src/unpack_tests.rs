@@ -313,3 +313,119 @@ fn compressed_layers_and_bad_media_types() {
     .unwrap_err();
     assert!(err.to_string().contains("is not a layer"), "{err}");
 }
+
+/// A raw header of `kind` claiming `size` bytes, its data (`data`, which
+/// may be shorter than claimed: the refusal must come before any read),
+/// padded to a block.
+fn raw_entry(kind: tar::EntryType, name: &str, size: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A PAX extension entry holding `records`.
+fn pax_entry(records: &str) -> Vec<u8> {
+    raw_entry(
+        tar::EntryType::XHeader,
+        "pax",
+        records.len() as u64,
+        records.as_bytes(),
+    )
+}
+
+fn pax_record(key: &str, value: &str) -> String {
+    // The length counts itself: try widths until it fits.
+    let body = format!(" {key}={value}\n");
+    for digits in 1..10 {
+        let n = body.len() + digits;
+        if n.to_string().len() == digits {
+            return format!("{n}{body}");
+        }
+    }
+    unreachable!()
+}
+
+/// GNU long names and PAX headers are metadata the unpacker reads into
+/// memory: each is refused beyond 1 MiB before a byte of it is read (a
+/// 4 GiB PAX header gzips to a few MB and would kill the guest's PID 1).
+#[test]
+fn oversized_long_names_and_pax_headers_are_refused_unread() {
+    for kind in [
+        tar::EntryType::XHeader,
+        tar::EntryType::GNULongName,
+        tar::EntryType::GNULongLink,
+        tar::EntryType::XGlobalHeader,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let mut layer = raw_entry(kind, "././@LongLink", 4 << 30, b"");
+        layer.extend_from_slice(&[0; 1024]);
+        let err = unpack(&[layer], &root).unwrap_err().to_string();
+        assert!(err.contains("more than 1048576"), "{kind:?}: {err}");
+        assert!(!root.exists(), "nothing remains");
+    }
+}
+
+/// Long names the usual ways (GNU `L` entries, PAX `path`/`linkpath`/
+/// `uid`), read bounded, still unpack; a PAX size that disagrees with the
+/// header (a parser differential) is refused.
+#[test]
+fn long_names_and_pax_records_apply_to_the_next_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = format!("{}/file", "d".repeat(150));
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(5);
+    builder.append_data(&mut h, &long, &b"hello"[..]).unwrap();
+    let mut layer = builder.into_inner().unwrap();
+    layer.truncate(layer.len() - 1024); // drop the end marker
+    let pax_name = format!("{}/pax", "p".repeat(150));
+    let records = format!(
+        "{}{}",
+        pax_record("path", &pax_name),
+        pax_record("uid", "4242")
+    );
+    layer.extend(pax_entry(&records));
+    layer.extend(raw_entry(tar::EntryType::Regular, "short", 2, b"hi"));
+    let link = pax_record("linkpath", &pax_name);
+    layer.extend(pax_entry(&link));
+    layer.extend(raw_entry(tar::EntryType::Symlink, "to-pax", 0, b""));
+    layer.extend_from_slice(&[0; 1024]);
+    let root = dir.path().join("root");
+    unpack(&[layer], &root).unwrap();
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"hello");
+    assert_eq!(fs::read(root.join(&pax_name)).unwrap(), b"hi");
+    assert_eq!(
+        fs::symlink_metadata(root.join(&pax_name)).unwrap().uid(),
+        4242
+    );
+    assert!(
+        !root.join("short").exists(),
+        "the PAX path replaced the header's"
+    );
+    assert_eq!(
+        fs::read_link(root.join("to-pax")).unwrap(),
+        Path::new(&pax_name)
+    );
+
+    let size = pax_record("size", "1");
+    let mut layer = pax_entry(&size);
+    layer.extend(raw_entry(tar::EntryType::Regular, "f", 2, b"hi"));
+    layer.extend_from_slice(&[0; 1024]);
+    let err = unpack(&[layer], &dir.path().join("r2"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("PAX size"), "{err}");
+    let mut layer = raw_entry(tar::EntryType::XHeader, "pax", 7, b"9 bad\n\0");
+    layer.extend(raw_entry(tar::EntryType::Regular, "f", 0, b""));
+    layer.extend_from_slice(&[0; 1024]);
+    assert!(unpack(&[layer], &dir.path().join("r3")).is_err());
+}

@@ -94,17 +94,21 @@ pub fn sandbox_namespaces(config: &Config, id: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(sandboxes_dir(config)) else {
         return Vec::new();
     };
+    // Each directory records its namespace and id (long names are hashed).
     let mut found: Vec<String> = entries
         .flatten()
         .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (namespace, dir_id) = name.split_once(NAMESPACE_SEPARATOR)?;
-            (dir_id == id && e.path().is_dir()).then(|| namespace.to_string())
+            let text = fs::read_to_string(e.path().join(SANDBOX_NAME_FILE)).ok()?;
+            let (namespace, dir_id) = text.split_once('\n')?;
+            (dir_id.trim_end() == id).then(|| namespace.to_string())
         })
         .collect();
     found.sort();
     found
 }
+
+/// In each sandbox directory: `<namespace>\n<id>\n`.
+const SANDBOX_NAME_FILE: &str = "sandbox";
 
 /// Longest `<namespace>+<id>` used as a directory name unchanged.
 const MAX_DIR_NAME: usize = 40;
@@ -153,27 +157,40 @@ impl Claim {
         let dir = sandboxes_dir(config);
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join(format!("{}.lock", sandbox_dir_name(namespace, id)));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: flock on a file descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                format!(
-                    "sandbox {id} of namespace {namespace} already exists and is running (its owner holds {})",
-                    path.display()
-                )
-            } else {
-                format!("locking {}: {e}", path.display())
-            });
+        // A claim released meanwhile unlinks the file we may have opened:
+        // the lock only counts if it is on the file still at the path.
+        for _ in 0..8 {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            use std::os::fd::AsRawFd as _;
+            use std::os::unix::fs::MetadataExt as _;
+            // SAFETY: flock on a file descriptor we own.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    format!(
+                        "sandbox {id} of namespace {namespace} already exists and is running (its owner holds {})",
+                        path.display()
+                    )
+                } else {
+                    format!("locking {}: {e}", path.display())
+                });
+            }
+            let held = file.metadata().map(|m| m.ino()).ok();
+            let current = fs::metadata(&path).map(|m| m.ino()).ok();
+            if held.is_some() && held == current {
+                return Ok(Claim { file, path });
+            }
         }
-        Ok(Claim { file, path })
+        Err(format!(
+            "sandbox {id} of namespace {namespace}: its claim {} keeps changing",
+            path.display()
+        ))
     }
 
     /// Gives the claim up after the sandbox is gone.
@@ -325,9 +342,11 @@ impl Sandbox {
             firmware: None,
             claim: Some(claim),
         };
-        fs::create_dir_all(&dir).map_err(|e| {
-            fail("preparing the state directory")(format!("{}: {e}", dir.display()))
-        })?;
+        fs::create_dir_all(&dir)
+            .and_then(|_| fs::write(dir.join(SANDBOX_NAME_FILE), format!("{namespace}\n{id}\n")))
+            .map_err(|e| {
+                fail("preparing the state directory")(format!("{}: {e}", dir.display()))
+            })?;
         // The init-data's digest is fixed into the TEE's launch data.
         let host_data = match init_data {
             Some(raw) => kabuto_initdata::InitData::parse(raw)
@@ -939,7 +958,8 @@ pub fn cleanup_stale(dir: &Path) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
     }
-    let needle = dir.display().to_string();
+    // With the separator: `…/ns+pod/` is not a prefix of `…/ns+pod-2/`.
+    let needle = format!("{}/", dir.display());
     for pid in pids {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) {
@@ -1035,6 +1055,22 @@ mod tests {
         first.release();
         Claim::take(&config, "default", "pod").unwrap().release();
         other.release();
+    }
+
+    #[test]
+    fn kabuto_exec_finds_pods_by_id_even_with_hashed_directory_names() {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.runtime.state_dir = state.path().to_path_buf();
+        let cri = "562fe45dc616ef0b7ddde3f278e0d31079e099f12546d29b9e77f7df2788652f";
+        for (ns, id) in [("k8s.io", cri), ("default", "pod"), ("other", "pod")] {
+            let dir = sandbox_dir(&config, ns, id);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join(SANDBOX_NAME_FILE), format!("{ns}\n{id}\n")).unwrap();
+        }
+        assert_eq!(sandbox_namespaces(&config, cri), ["k8s.io"]);
+        assert_eq!(sandbox_namespaces(&config, "pod"), ["default", "other"]);
+        assert!(sandbox_namespaces(&config, "none").is_empty());
     }
 
     /// The AmdSev OVMF sample the `sev` crate publishes with its known

@@ -50,6 +50,9 @@ pub const RUNTIME_ID: &str = "io.containerd.kabuto.v2";
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// Exit status reported when the VM died under a process.
 const VM_GONE_STATUS: u32 = 255;
+/// How much longer than its own deadline the host waits for the agent to
+/// report an abandoned guest pull.
+const GUEST_PULL_ANSWER_GRACE: Duration = Duration::from_secs(15);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -563,9 +566,15 @@ impl Service {
             ..Default::default()
         };
         let created = if guest_image.is_some() {
+            // The agent abandons the pull at the timeout itself and cleans
+            // up; the host waits a little longer to hear that answer.
+            let mut create = create;
+            create.timeout_secs =
+                u32::try_from(config.confidential.image_pull_timeout_secs).unwrap_or(u32::MAX);
             sandbox.agent().create_container_within(
                 &create,
-                Duration::from_secs(config.confidential.image_pull_timeout_secs),
+                Duration::from_secs(config.confidential.image_pull_timeout_secs)
+                    + GUEST_PULL_ANSWER_GRACE,
             )
         } else {
             sandbox.agent().create_container(&create)

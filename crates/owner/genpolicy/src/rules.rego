@@ -148,9 +148,10 @@ container_allowed if {
 		every o in a.options {
 			o in options
 		}
-		rw := "rw" in options
+		rw := count({"rw", "rrw"} & {o | some o in options}) > 0
 		ro_ok := {true: rw == false, false: true}
 		ro_ok["ro" in a.options]
+		count(lifting_options & {o | some o in options}) == 0
 		escapes := regex.match(`(^|/)\.\.(/|$)`, m.source)
 		shared_ok := {true: false, false: startswith(m.source, prefix)}
 		source_ok := {true: shared_ok[escapes], false: true}
@@ -158,11 +159,14 @@ container_allowed if {
 	}
 }
 
-# Variables that change what a process loads or runs: only ever allowed by
-# name and value (env_exact, from the manifest or the image), never through
-# a pattern such as envFrom's `PREFIX*=.*` — a ConfigMap the host serves
-# must not set LD_PRELOAD=/volume/x.so or PATH=/volume.
-loader_env := `^(LD_[A-Z_]*|PATH|GCONV_PATH|HOSTALIASES|LOCALDOMAIN|RES_OPTIONS|NLSPATH|MALLOC_[A-Z_]*|GLIBC_TUNABLES)=`
+# Variables that change what a process loads, runs or trusts: only ever
+# allowed by name and value (env_exact, from the manifest or the image),
+# never through a pattern such as envFrom's `PREFIX*=.*` — a ConfigMap the
+# host serves must not set LD_PRELOAD=/volume/x.so, PATH=/volume or
+# NODE_OPTIONS=--require /volume/x.js. (A list cannot be complete: values
+# envFrom brings are the host's by nature; secrets and settings an owner
+# relies on belong in the data hub.)
+loader_env := `^(LD_[A-Z_]*|PATH|GCONV_PATH|HOSTALIASES|LOCALDOMAIN|RES_OPTIONS|NLSPATH|LOCPATH|MALLOC_[A-Z_]*|GLIBC_TUNABLES|TMPDIR|IFS|ENV|BASH_ENV|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND|NODE_OPTIONS|NODE_PATH|PYTHON[A-Z_]*|PERL5LIB|PERL5OPT|PERLLIB|RUBYLIB|RUBYOPT|GEM_PATH|GEM_HOME|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|JAVA_OPTS|CLASSPATH|DOTNET_[A-Z_]*|CORECLR_[A-Z_]*|GOFLAGS|OPENSSL_[A-Z_]*|SSL_CERT_FILE|SSL_CERT_DIR|CURL_CA_BUNDLE|REQUESTS_CA_BUNDLE|NODE_EXTRA_CA_CERTS|[Hh][Tt][Tt][Pp][Ss]?_[Pp][Rr][Oo][Xx][Yy]|[Aa][Ll][Ll]_[Pp][Rr][Oo][Xx][Yy]|[Nn][Oo]_[Pp][Rr][Oo][Xx][Yy])=`
 
 # Variables `c.env` accepts, found cheaply: literal ones by lookup, others
 # by the small regex of the parts of c.env that name them (each a subset
@@ -291,6 +295,10 @@ capabilities_ok if {
 	}
 }
 
+# Options that lift what a mount of host files must keep (nodev, nosuid;
+# the recursive forms apply after everything else).
+lifting_options := {"dev", "suid", "rdev", "rsuid", "rexec"}
+
 # A mount is allowed by the container's rule at its destination (its own
 # mounts and the defaults). Rules say whether it must be a bind (`bind`:
 # the allowed values of "is a bind"), the filesystem type of a mount that
@@ -314,9 +322,10 @@ mount_ok(m, rules, prefix) if {
 	every o in a.options {
 		o in options
 	}
-	rw := "rw" in options
+	rw := count({"rw", "rrw"} & {o | some o in options}) > 0
 	ro_ok := {true: rw == false, false: true}
 	ro_ok["ro" in a.options]
+	count(lifting_options & {o | some o in options}) == 0
 	escapes := regex.match(`(^|/)\.\.(/|$)`, m.source)
 	shared_ok := {true: false, false: startswith(m.source, prefix)}
 	source_ok := {true: shared_ok[escapes], false: true}

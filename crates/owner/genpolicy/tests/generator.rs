@@ -1139,6 +1139,19 @@ fn host_changes_to_the_container_are_denied() {
         .push(json!("rw"));
     let destination = mounts[ro_index]["destination"].as_str().unwrap();
     assert!(denied_reason(&mut gate, &r).contains(&format!("mount {destination} is not allowed")));
+    // The recursive forms libcontainer applies last: rrw lifts ro, rsuid /
+    // rdev lift nosuid / nodev on host files.
+    for lifting in ["rrw", "rsuid", "rdev", "suid", "dev"] {
+        let mut r = req.clone();
+        r["OCI"]["mounts"][ro_index]["options"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!(lifting));
+        assert!(
+            denied_reason(&mut gate, &r).contains(&format!("mount {destination} is not allowed")),
+            "{lifting}"
+        );
+    }
     let bind_index = mounts
         .iter()
         .position(|m| {

@@ -8,6 +8,8 @@
 #   init_data           init-data digests, as the TEE holds them     required
 #   rtmr0 ... rtmr3     TDX runtime measurement registers (hex)      required for TDX
 #   tdx_tcb_status      TCB statuses accepted besides "UpToDate"     optional
+#   snp_min_tcb         [{"bootloader": n, "tee": n, "snp": n, "microcode": n}]:
+#                       the lowest SNP TCB accepted (any one entry)  required for SNP
 #   allow               ["debug"] accepts debuggable guests          optional
 #
 # Produces `result`: {"trust_vector": {...}, "status": ..., "reasons": [...]}
@@ -45,6 +47,18 @@ configuration := 2 if {
 	input.claims.init_data in reference("init_data")
 } else := 96
 
+is_snp if input.claims.platform == "amd-sev-snp"
+
+# The platform's TCB (firmware and microcode SVNs, which the VCEK/VLEK
+# certifies) at or above a floor the owner registered: a host cannot run
+# the measured guest on firmware with known breaks.
+snp_tcb_accepted if {
+	some floor in reference("snp_min_tcb")
+	every field in ["bootloader", "tee", "snp", "microcode"] {
+		input.claims.tcb[field] >= floor[field]
+	}
+}
+
 tdx_tcb_accepted if input.claims.tcb.status == "UpToDate"
 
 tdx_tcb_accepted if input.claims.tcb.status in reference("tdx_tcb_status")
@@ -58,6 +72,13 @@ hardware := 96 if {
 } else := 96 if {
 	is_tdx
 	not tdx_tcb_accepted
+} else := 96 if {
+	is_snp
+	not snp_tcb_accepted
+} else := 96 if {
+	# A migration agent could export the guest's memory.
+	is_snp
+	input.claims.details.migrate_ma
 } else := 32 if {
 	input.claims.insecure
 } else := 2
@@ -95,6 +116,16 @@ reasons contains "init-data digest is not a registered reference value" if {
 reasons contains "the guest can be debugged" if {
 	input.claims.debug
 	not "debug" in reference("allow")
+}
+
+reasons contains "the SNP TCB is below every registered floor (reference-values \"snp_min_tcb\")" if {
+	is_snp
+	not snp_tcb_accepted
+}
+
+reasons contains "the SNP guest policy allows a migration agent" if {
+	is_snp
+	input.claims.details.migrate_ma
 }
 
 reasons contains sprintf("TDX TCB status %v is not accepted (reference-values \"tdx_tcb_status\")", [input.claims.tcb.status]) if {

@@ -56,6 +56,14 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
         if let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation) {
             let claims = data.claims;
             let now = crate::token::now_secs();
+            // Used ids are remembered by this process only: a token issued
+            // before it started could have been used already.
+            if claims.iat + LEEWAY_SECS < kbs.started_secs {
+                return Err(Problem::unauthorized(
+                    "admin-auth",
+                    "the admin token was issued before this KBS started: make a new one",
+                ));
+            }
             if claims.iat > now + LEEWAY_SECS
                 || claims.exp.saturating_sub(claims.iat) > MAX_ADMIN_TOKEN_SECS
             {
@@ -190,6 +198,12 @@ fn set_policy(
     let prepared = policy
         .prepare(&rego)
         .map_err(|e| Problem::bad_request("policy", e.to_string()))?;
+    // Stored and installed as one step: of two concurrent writes, the one
+    // stored last is the one in force.
+    let _writing = kbs
+        .policy_writes
+        .lock()
+        .map_err(|_| Problem::internal("policy write lock poisoned"))?;
     kbs.store.set_setting(key, rego.as_bytes())?;
     policy
         .install(prepared)

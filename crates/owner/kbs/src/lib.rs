@@ -66,6 +66,10 @@ pub struct Kbs {
     pub(crate) admin_keys: Vec<AdminKey>,
     /// Admin token ids already used, with their expiry (unix seconds).
     pub(crate) admin_jtis: Mutex<std::collections::HashMap<String, u64>>,
+    /// When this process started (unix seconds): older admin tokens are refused.
+    pub(crate) started_secs: u64,
+    /// Serialises storing and installing a policy.
+    pub(crate) policy_writes: Mutex<()>,
     pub(crate) session_ttl: Duration,
     pub(crate) token_ttl: Duration,
     base_anchors: TrustAnchors,
@@ -125,6 +129,8 @@ impl Kbs {
             sessions: Mutex::new(sessions::SessionTable::default()),
             admin_keys,
             admin_jtis: Mutex::new(std::collections::HashMap::new()),
+            started_secs: token::now_secs(),
+            policy_writes: Mutex::new(()),
             session_ttl: Duration::from_secs(config.session_ttl_secs),
             token_ttl: Duration::from_secs(config.token_ttl_secs),
             base_anchors,

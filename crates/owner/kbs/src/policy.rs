@@ -237,6 +237,36 @@ mod tests {
     }
 
     #[test]
+    fn snp_appraisal_needs_a_tcb_floor_and_no_migration_agent() {
+        let p = Policy::attestation(DEFAULT_ATTESTATION_POLICY).unwrap();
+        let snp = |microcode: u8, migrate_ma: bool| {
+            json!({"claims": {
+                "platform": "amd-sev-snp", "measurement": "m1", "init_data": "aa",
+                "insecure": false, "debug": false,
+                "tcb": {"bootloader": 4, "tee": 0, "snp": 24, "microcode": microcode},
+                "details": {"migrate_ma": migrate_ma},
+            }})
+        };
+        let mut refs = json!({"reference": {"measurement": ["m1"], "init_data": ["aa"]}});
+        // No floor registered: refused, naming it.
+        let r = p.evaluate(&snp(217, false), &refs).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert!(r["reasons"].to_string().contains("snp_min_tcb"), "{r}");
+        refs["reference"]["snp_min_tcb"] =
+            json!([{"bootloader": 4, "tee": 0, "snp": 22, "microcode": 213}]);
+        let r = p.evaluate(&snp(217, false), &refs).unwrap();
+        assert_eq!(r["status"], "affirming", "{r}");
+        // Older microcode than the floor (a host on known-broken firmware).
+        let r = p.evaluate(&snp(209, false), &refs).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert_eq!(r["trust_vector"]["hardware"], 96);
+        // A migration agent allowed by the guest policy.
+        let r = p.evaluate(&snp(217, true), &refs).unwrap();
+        assert_eq!(r["status"], "contraindicated", "{r}");
+        assert!(r["reasons"].to_string().contains("migration agent"), "{r}");
+    }
+
+    #[test]
     fn resource_policy_and_replacement() {
         let p = Policy::resource(DEFAULT_RESOURCE_POLICY).unwrap();
         let input =

@@ -40,6 +40,10 @@ pub(crate) struct SessionTable {
     /// Open challenges per peer, oldest first.
     challenges: HashMap<IpAddr, VecDeque<String>>,
     open_challenges: usize,
+    /// When a full table was last purged of expired sessions: a flood keeps
+    /// it full, and a purge per request would scan it under the lock each
+    /// time.
+    last_full_purge: Option<Instant>,
 }
 
 /// The attested-session bound was reached (only after purging expired ones).
@@ -63,7 +67,14 @@ impl SessionTable {
             dropped += usize::from(self.drop_oldest_of(peer));
         }
         if self.open_challenges >= MAX_CHALLENGES {
-            self.purge_expired(Instant::now());
+            let now = Instant::now();
+            if self
+                .last_full_purge
+                .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+            {
+                self.last_full_purge = Some(now);
+                self.purge_expired(now);
+            }
         }
         if self.open_challenges >= MAX_CHALLENGES {
             let busiest = self

@@ -231,6 +231,8 @@ pub(crate) fn verify_raw(
             "guest_svn": report.guest_svn,
             "policy": format!("{:#x}", u64::from_le_bytes(raw[0x08..0x10].try_into().unwrap_or_default())),
             "vmpl": report.vmpl,
+            "migrate_ma": report.policy.migrate_ma_allowed(),
+            "smt": report.policy.smt_allowed(),
             "family_id": hex::encode(report.family_id),
             "image_id": hex::encode(report.image_id),
             "id_key_digest": hex::encode(report.id_key_digest),
