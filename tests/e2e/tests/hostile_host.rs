@@ -373,8 +373,9 @@ fn a_kbs_without_pinned_tls_is_refused() {
 /// The shared directory is the host's: a symlink it plants there, named as
 /// a bind source, would be followed in the guest's namespace and give the
 /// container the guest's root. The agent resolves shared bind sources
-/// beneath the shared directory without following symlinks; a plain
-/// directory still binds.
+/// beneath the shared directory without following symlinks (and a shared
+/// root filesystem beneath the rootfs directory); a plain directory still
+/// binds.
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
@@ -428,6 +429,17 @@ fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
         );
         assert!(agent.list_processes(id).is_err(), "{id} exists");
     }
+
+    // The same for a root filesystem the host shares: its directory made a
+    // symlink to the guest's root.
+    std::os::unix::fs::symlink("/", sandbox.dir().join("rootfs/evilroot")).expect("symlink");
+    let err = agent
+        .create_container(&create_request("evilroot", &["true"]))
+        .expect_err("a symlinked root");
+    assert!(
+        err.to_string().contains("resolves through a symlink"),
+        "{err}"
+    );
 
     // A plain directory from the host binds as before.
     std::fs::create_dir_all(shared.join("ok")).expect("mkdir");

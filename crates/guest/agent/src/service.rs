@@ -631,6 +631,7 @@ impl Agent {
         let created = containers::prepare_spec(spec, &req.container_id, pod_namespaces)
             .and_then(|mut spec| {
                 shared_binds::stage(&mut spec, &req.container_id)?;
+                shared_binds::stage_root(&mut spec, &req.container_id)?;
                 Ok(spec)
             })
             .and_then(|spec| {

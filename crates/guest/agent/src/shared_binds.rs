@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use kabuto_protocol::GUEST_SHARED_DIR;
+use kabuto_protocol::{GUEST_ROOTFS_DIR, GUEST_SHARED_DIR};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::Spec;
 
@@ -33,11 +33,17 @@ fn staging_dir(container_id: &str) -> PathBuf {
 /// Opens `relative` beneath `dir` refusing symlinks, `..` and magic links
 /// anywhere on the way (O_PATH: nothing is read).
 fn open_beneath(dir: &File, relative: &Path) -> std::io::Result<File> {
+    open_beneath_with(dir, relative, 0)
+}
+
+/// [`open_beneath`] with extra open flags (`O_DIRECTORY` makes the lookup
+/// enter a host submount that virtio-fs announces as an automount point).
+fn open_beneath_with(dir: &File, relative: &Path, extra: libc::c_int) -> std::io::Result<File> {
     let path = CString::new(relative.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain integers; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | extra) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and an
     // open_how of the size passed; the returned fd is owned by the File.
@@ -117,6 +123,12 @@ fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()>
                 .metadata()
                 .map_err(|e| refuse(e.to_string()))?
                 .is_dir();
+            let opened = if is_dir {
+                open_beneath_with(&shared_dir, &relative, libc::O_DIRECTORY)
+                    .map_err(|e| refuse(e.to_string()))?
+            } else {
+                opened
+            };
             if !staged_any {
                 std::fs::create_dir_all(&staging).map_err(|e| refuse(e.to_string()))?;
                 staged_any = true;
@@ -169,6 +181,65 @@ fn host_file_options(options: Option<&[String]>) -> Vec<String> {
         }
     }
     kept
+}
+
+/// A root filesystem the host shares (`root.path` below
+/// [`GUEST_ROOTFS_DIR`]) is, like a bind source, the host's directory: it is
+/// opened beneath the rootfs directory without following symlinks and bound
+/// to a guest-private path, so `root.path` cannot be turned into the guest's
+/// `/` or another container's decrypted image by a planted symlink. Roots
+/// elsewhere (guest pulls, the guest's pause) are the guest's own.
+pub fn stage_root(spec: &mut Spec, container_id: &str) -> Result<()> {
+    stage_root_under(spec, container_id, Path::new(GUEST_ROOTFS_DIR))
+}
+
+fn stage_root_under(spec: &mut Spec, container_id: &str, rootfs_dir: &Path) -> Result<()> {
+    let Some(mut root) = spec.root().clone() else {
+        return Ok(());
+    };
+    let Ok(relative) = root.path().strip_prefix(rootfs_dir).map(Path::to_path_buf) else {
+        return Ok(());
+    };
+    let refuse = |why: String| {
+        AgentError::InvalidArgument(format!(
+            "container {container_id}: root.path {}: {why}",
+            root.path().display()
+        ))
+    };
+    if relative.as_os_str().is_empty()
+        || relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(refuse(
+            "must be a plain path below the rootfs directory".into(),
+        ));
+    }
+    let base = File::open(rootfs_dir).map_err(|e| refuse(e.to_string()))?;
+    let opened = open_beneath_with(&base, &relative, libc::O_DIRECTORY).map_err(|e| {
+        refuse(match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                "resolves through a symlink or out of the rootfs directory (refused)".into()
+            }
+            _ => e.to_string(),
+        })
+    })?;
+    let target = staging_dir(container_id).join("root");
+    std::fs::create_dir_all(&target).map_err(|e| refuse(format!("staging: {e}")))?;
+    let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
+    if let Err(e) = mount(
+        Some(fd_path.as_str()),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        release(container_id);
+        return Err(refuse(format!("binding to {}: {e}", target.display())));
+    }
+    root.set_path(target);
+    spec.set_root(Some(root));
+    Ok(())
 }
 
 /// Removes a container's staged binds (idempotent).
