@@ -397,48 +397,59 @@ pub fn pull_and_unpack(
         image: name.clone(),
         source,
     };
-    let pulled = client
-        .fetch(&source.image, resolved.digest.clone(), &resolved.manifest)
+    let (config_blob, descriptors) = client
+        .fetch_config(&source.image, &resolved.manifest)
         .map_err(registry_err)?;
-    lap(&mut timings.fetch);
-    let config = ImageConfig::parse(&pulled.config).map_err(|reason| PullError::Config {
+    let config = ImageConfig::parse(&config_blob).map_err(|reason| PullError::Config {
         image: name.clone(),
         reason,
     })?;
-    // One layer at a time: decrypted in place, applied, dropped — the
-    // memory a layer held is free before the next one is decrypted.
+    // One layer at a time as it arrives: decrypted in place, applied,
+    // dropped, while the next few download — never the whole image in
+    // memory.
     let unpack_err = |source| PullError::Unpack {
         image: name.clone(),
         source,
     };
+    let layers_started = std::time::Instant::now();
     crate::into_new_root(rootfs, unpack_err, || {
-        for (descriptor, blob) in pulled.layers {
-            if settings
-                .deadline
-                .is_some_and(|d| std::time::Instant::now() >= d)
-            {
-                return Err(PullError::Registry {
-                    image: name.clone(),
-                    source: RegistryError::Http {
-                        url: reference.into(),
-                        reason: crate::registry::DEADLINE_PASSED.into(),
-                    },
-                });
-            }
-            let started = std::time::Instant::now();
-            let layer = PlainLayer::new(descriptor, blob, &settings.keys).map_err(|source| {
-                PullError::Decrypt {
-                    image: name.clone(),
-                    source,
+        client.for_each_layer(
+            &source.image,
+            &descriptors,
+            |i, blob| {
+                if settings
+                    .deadline
+                    .is_some_and(|d| std::time::Instant::now() >= d)
+                {
+                    return Err(PullError::Registry {
+                        image: name.clone(),
+                        source: RegistryError::Http {
+                            url: reference.into(),
+                            reason: crate::registry::DEADLINE_PASSED.into(),
+                        },
+                    });
                 }
-            })?;
-            timings.decrypt += started.elapsed();
-            let started = std::time::Instant::now();
-            crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack).map_err(unpack_err)?;
-            timings.unpack += started.elapsed();
-        }
-        Ok(())
+                let started = std::time::Instant::now();
+                let layer = PlainLayer::new(descriptors[i].clone(), blob, &settings.keys).map_err(
+                    |source| PullError::Decrypt {
+                        image: name.clone(),
+                        source,
+                    },
+                )?;
+                timings.decrypt += started.elapsed();
+                let started = std::time::Instant::now();
+                crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack)
+                    .map_err(unpack_err)?;
+                timings.unpack += started.elapsed();
+                Ok(())
+            },
+            registry_err,
+        )
     })?;
+    // Downloads overlap the unpacking: what the layers took beyond it.
+    timings.fetch += layers_started
+        .elapsed()
+        .saturating_sub(timings.decrypt + timings.unpack);
     Ok(PulledRootfs {
         pinned: format!("{name}@{}", resolved.top_digest),
         source: format!("{}/{}", source.image.registry, source.image.repository),

@@ -540,6 +540,22 @@ impl RegistryClient {
         manifest_digest: String,
         manifest: &serde_json::Value,
     ) -> Result<PulledImage, RegistryError> {
+        let (config, descriptors) = self.fetch_config(image, manifest)?;
+        let blobs = self.fetch_layers(image, &descriptors)?;
+        Ok(PulledImage {
+            manifest_digest,
+            config,
+            layers: descriptors.into_iter().zip(blobs).collect(),
+        })
+    }
+
+    /// The config blob and the layer descriptors of a manifest (no layer is
+    /// fetched).
+    pub fn fetch_config(
+        &mut self,
+        image: &ImageReference,
+        manifest: &serde_json::Value,
+    ) -> Result<(Vec<u8>, Vec<LayerDescriptor>), RegistryError> {
         let config_digest = manifest["config"]["digest"]
             .as_str()
             .ok_or_else(|| RegistryError::Manifest("the manifest has no config".into()))?
@@ -555,65 +571,134 @@ impl RegistryClient {
                     .map_err(|e| RegistryError::Manifest(format!("a layer descriptor: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let blobs = self.fetch_layers(image, &descriptors)?;
-        Ok(PulledImage {
-            manifest_digest,
-            config,
-            layers: descriptors.into_iter().zip(blobs).collect(),
+        Ok((config, descriptors))
+    }
+
+    /// Hands each layer blob to `consume` in order while later ones are
+    /// fetched: up to [`PARALLEL_LAYER_FETCHES`] downloads at once, and no
+    /// fetch runs further than that ahead of `consume`, so at most that many
+    /// blobs (plus the one being consumed) are in memory, not the whole
+    /// image. Stops at the first error of either side.
+    pub fn for_each_layer<E>(
+        &mut self,
+        image: &ImageReference,
+        descriptors: &[LayerDescriptor],
+        mut consume: impl FnMut(usize, Vec<u8>) -> Result<(), E>,
+        fetch_error: impl Fn(RegistryError) -> E,
+    ) -> Result<(), E> {
+        use std::sync::{Condvar, Mutex};
+        struct Window {
+            next_to_fetch: usize,
+            consumed: usize,
+            in_flight: usize,
+            stop: bool,
+            slots: Vec<Option<Result<Vec<u8>, RegistryError>>>,
+        }
+        let n = descriptors.len();
+        let window = Mutex::new(Window {
+            next_to_fetch: 0,
+            consumed: 0,
+            in_flight: 0,
+            stop: false,
+            slots: (0..n).map(|_| None).collect(),
+        });
+        let changed = Condvar::new();
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        std::thread::scope(|scope| {
+            for _ in 0..PARALLEL_LAYER_FETCHES.min(n) {
+                // Clones share the connection pool and the tokens so far.
+                let mut client = self.clone();
+                let (window, changed) = (&window, &changed);
+                scope.spawn(move || loop {
+                    let i = {
+                        let mut w = lock(window);
+                        while !w.stop
+                            && w.next_to_fetch < n
+                            && w.next_to_fetch >= w.consumed + PARALLEL_LAYER_FETCHES
+                        {
+                            w = changed.wait(w).unwrap_or_else(|p| p.into_inner());
+                        }
+                        if w.stop || w.next_to_fetch >= n {
+                            break;
+                        }
+                        w.next_to_fetch += 1;
+                        w.in_flight += 1;
+                        w.next_to_fetch - 1
+                    };
+                    // The manifest's size bounds what the registry may send.
+                    let size = Some(descriptors[i].size).filter(|&s| s > 0);
+                    let limit = size.map_or(MAX_BLOB_BYTES, |s| s.min(MAX_BLOB_BYTES));
+                    let blob = client.blob(image, &descriptors[i].digest, "layer", limit, size);
+                    let mut w = lock(window);
+                    w.in_flight -= 1;
+                    w.stop |= blob.is_err();
+                    w.slots[i] = Some(blob);
+                    changed.notify_all();
+                });
+            }
+            let mut result = Ok(());
+            for i in 0..n {
+                let blob = {
+                    let mut w = lock(&window);
+                    while w.slots[i].is_none() && !(w.stop && w.in_flight == 0) {
+                        w = changed.wait(w).unwrap_or_else(|p| p.into_inner());
+                    }
+                    match w.slots[i].take() {
+                        Some(Ok(blob)) => {
+                            w.consumed = i + 1;
+                            changed.notify_all();
+                            blob
+                        }
+                        Some(Err(e)) => {
+                            result = Err(fetch_error(e));
+                            break;
+                        }
+                        None => {
+                            // Stopped by a failed fetch of a later layer.
+                            let e = w.slots.iter_mut().find_map(|s| match s.take() {
+                                Some(Err(e)) => Some(e),
+                                _ => None,
+                            });
+                            result = Err(fetch_error(e.unwrap_or_else(|| {
+                                RegistryError::Manifest("a layer was not fetched".into())
+                            })));
+                            break;
+                        }
+                    }
+                };
+                if let Err(e) = consume(i, blob) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let mut w = lock(&window);
+            w.stop = true;
+            changed.notify_all();
+            drop(w);
+            result
         })
     }
 
-    /// Layer blobs, up to [`PARALLEL_LAYER_FETCHES`] at a time, in order.
+    /// Layer blobs, up to [`PARALLEL_LAYER_FETCHES`] at a time, in order
+    /// (all of them in memory: for host tools; the guest pull streams).
     fn fetch_layers(
         &mut self,
         image: &ImageReference,
         descriptors: &[LayerDescriptor],
     ) -> Result<Vec<Vec<u8>>, RegistryError> {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        type Slot = Option<Result<Vec<u8>, RegistryError>>;
-        let results: std::sync::Mutex<Vec<Slot>> =
-            std::sync::Mutex::new((0..descriptors.len()).map(|_| None).collect());
-        std::thread::scope(|scope| {
-            for _ in 0..PARALLEL_LAYER_FETCHES.min(descriptors.len()) {
-                // Clones share the connection pool and the tokens so far.
-                let mut client = self.clone();
-                let (next, failed, results) = (&next, &failed, &results);
-                scope.spawn(move || loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= descriptors.len() || failed.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    // The manifest's size bounds what the registry may send.
-                    let size = Some(descriptors[i].size).filter(|&s| s > 0);
-                    let limit = size.map_or(MAX_BLOB_BYTES, |s| s.min(MAX_BLOB_BYTES));
-                    let blob = client.blob(image, &descriptors[i].digest, "layer", limit, size);
-                    failed.fetch_or(blob.is_err(), Ordering::SeqCst);
-                    if let Some(slot) = results.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i)
-                    {
-                        *slot = Some(blob);
-                    }
-                });
-            }
-        });
-        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut blobs = Vec::with_capacity(results.len());
-        let mut first_error = None;
-        for result in results {
-            match result {
-                Some(Ok(blob)) => blobs.push(blob),
-                Some(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                None => {}
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None if blobs.len() == descriptors.len() => Ok(blobs),
-            None => Err(RegistryError::Manifest("a layer was not fetched".into())),
-        }
+        let mut blobs = Vec::with_capacity(descriptors.len());
+        self.for_each_layer(
+            image,
+            descriptors,
+            |_, blob| {
+                blobs.push(blob);
+                Ok(())
+            },
+            |e| e,
+        )?;
+        Ok(blobs)
     }
 }
 
@@ -646,6 +731,64 @@ fn realm_may_get_credentials(realm: &str, registry_url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Layers reach the consumer in order while later ones download, and
+    /// downloads never run more than the window ahead of it: a pull holds a
+    /// few blobs, not the image. A consumer's error stops the downloads.
+    #[test]
+    fn layers_stream_in_order_within_the_read_ahead_window() {
+        use crate::sha256_digest;
+        let blob = vec![9u8; 4096];
+        let (address, seen) = flaky_blob_server(blob.clone(), 0);
+        let image = ImageReference::parse(&format!("{address}/app:1")).expect("reference");
+        let descriptor = crate::LayerDescriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: sha256_digest(&blob),
+            size: blob.len() as u64,
+            annotations: Default::default(),
+        };
+        let descriptors = vec![descriptor; 8];
+        let mut client = RegistryClient::new(vec![address.clone()], None);
+        let mut order = Vec::new();
+        let mut most_requested = 0;
+        client
+            .for_each_layer(
+                &image,
+                &descriptors,
+                |i, got| {
+                    // Give the fetchers time to run as far ahead as they may.
+                    std::thread::sleep(Duration::from_millis(150));
+                    let requested = seen.lock().expect("log").len();
+                    most_requested = most_requested.max(requested - i);
+                    assert_eq!(got, blob);
+                    order.push(i);
+                    Ok::<(), RegistryError>(())
+                },
+                |e| e,
+            )
+            .expect("streams");
+        assert_eq!(order, (0..8).collect::<Vec<_>>());
+        assert!(
+            most_requested <= PARALLEL_LAYER_FETCHES + 1,
+            "{most_requested} requests ahead of the consumer"
+        );
+
+        let before = seen.lock().expect("log").len();
+        let err = client
+            .for_each_layer(
+                &image,
+                &descriptors,
+                |i, _| if i == 1 { Err("stop") } else { Ok(()) },
+                |_| "fetch",
+            )
+            .expect_err("consumer error");
+        assert_eq!(err, "stop");
+        let fetched = seen.lock().expect("log").len() - before;
+        assert!(
+            fetched < descriptors.len(),
+            "{fetched} fetched after the stop"
+        );
+    }
 
     #[test]
     fn no_request_runs_past_the_deadline() {
