@@ -122,7 +122,7 @@ pub fn input(i: usize) -> serde_json::Value {
             },
             "root": {"path": format!("/run/kabuto/rootfs/c{i}"), "readonly": false},
             "mounts": mounts,
-            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys"], "readonlyPaths": ["/proc/sys"],
+            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"], "readonlyPaths": ["/proc/bus", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
                       "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]},
         }
     })

@@ -53,6 +53,18 @@ capabilities := object.get(process, "capabilities", {})
 
 masked_paths := object.get(object.get(input.OCI, "linux", {}), "maskedPaths", [])
 
+readonly_paths := object.get(object.get(input.OCI, "linux", {}), "readonlyPaths", [])
+
+# What containerd (ctr and CRI) always masks and makes read-only for an
+# unprivileged container: without them a container reads kernel memory and
+# keys, or writes the guest kernel's sysctls (kernel.core_pattern runs a
+# program as root in the guest).
+required_masked_paths := {"/proc/kcore", "/proc/keys", "/sys/firmware"}
+
+required_readonly_paths := {"/proc/bus", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
+
+missing_protected_paths := (required_masked_paths - {p | some p in masked_paths}) | (required_readonly_paths - {p | some p in readonly_paths})
+
 image_name := object.get(annotations, "io.kubernetes.cri.image-name", "")
 
 # Guest pull: the image the agent will pull is the storage's source, not
@@ -125,7 +137,7 @@ container_allowed if {
 	uid_ok[c.uid == null]
 	gid_ok := {true: true, false: object.get(user, "gid", 0) == c.gid}
 	gid_ok[c.gid == null]
-	masks_ok := {true: true, false: count(masked_paths) > 0}
+	masks_ok := {true: true, false: count(missing_protected_paths) == 0}
 	masks_ok[c.privileged]
 	capabilities_ok
 	root_ok := {true: object.get(object.get(input.OCI, "root", {}), "readonly", false), false: true}
@@ -456,6 +468,13 @@ create_errors contains sprintf("privileged mode is not allowed for container %q 
 	c := policy_container
 	not c.privileged
 	count(masked_paths) == 0
+}
+
+create_errors contains sprintf("container %q must keep %s masked or read-only", [c.name, concat(", ", sort(missing_protected_paths))]) if {
+	c := policy_container
+	not c.privileged
+	count(masked_paths) > 0
+	count(missing_protected_paths) > 0
 }
 
 create_errors contains sprintf("capability %s is not allowed for container %q", [cap, c.name]) if {

@@ -402,7 +402,8 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
             "linux": {
                 "maskedPaths": if privileged { json!([]) } else {
                     json!(["/proc/acpi", "/proc/kcore", "/proc/keys", "/sys/firmware"]) },
-                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/sys"],
+                "readonlyPaths": if privileged { json!([]) } else {
+                    json!(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]) },
                 "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
                 "seccomp": seccomp,
                 "sysctl": sysctl,
@@ -430,7 +431,8 @@ fn sandbox_request() -> Value {
             "root": {"path": format!("{ROOTFS}/pod1"), "readonly": true},
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
                        {"destination": "/dev/shm", "type": "bind", "source": format!("{SHARED}/pod1/mounts/1-shm"), "options": ["rbind", "ro"]}],
-            "linux": {"maskedPaths": ["/proc/kcore"],
+            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+                      "readonlyPaths": ["/proc/bus", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
                       "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]},
         }
     })
@@ -1121,6 +1123,19 @@ fn host_changes_to_the_container_are_denied() {
     r["OCI"]["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/x.sock",
         "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_NOTIFY"}]});
     assert!(denied_reason(&mut gate, &r).contains("seccomp user notification is not allowed"));
+    // A writable /proc/sys (the guest kernel's sysctls) or an unmasked /proc/kcore.
+    let mut r = req.clone();
+    r["OCI"]["linux"]["readonlyPaths"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p != "/proc/sys");
+    assert!(denied_reason(&mut gate, &r).contains("must keep /proc/sys masked or read-only"));
+    let mut r = req.clone();
+    r["OCI"]["linux"]["maskedPaths"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p != "/proc/kcore");
+    assert!(denied_reason(&mut gate, &r).contains("must keep /proc/kcore masked or read-only"));
     // Mounts: a read-only mount also marked rw, a bind from outside the
     // shared directory by `..`, a /dev/shm that is some other filesystem.
     let mounts = req["OCI"]["mounts"].as_array().unwrap().clone();
