@@ -32,6 +32,12 @@ fn config(state: &Path, tee: TeeKind) -> Config {
     c
 }
 
+/// A software-TEE guest booted with `doc` as its init-data and sent nothing
+/// (the test plays the shim).
+fn boot_confidential(dir: &Path, id: &str, doc: &[u8]) -> Sandbox {
+    Sandbox::boot(&config(dir, TeeKind::Software), "default", id, Some(doc)).expect("boot")
+}
+
 /// An init-data document with `policy` as its policy.rego.
 fn init_data(policy: &str) -> Vec<u8> {
     let doc = format!(
@@ -153,13 +159,7 @@ ExecProcessRequest if data.state[input.container_id] == "true"
 fn a_confidential_guest_is_closed_until_its_one_create_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let doc = init_data(POD_POLICY);
-    let sandbox = Sandbox::boot(
-        &config(dir.path(), TeeKind::Software),
-        "default",
-        "closed",
-        Some(&doc),
-    )
-    .expect("boot");
+    let sandbox = boot_confidential(dir.path(), "closed", &doc);
     let agent = sandbox.agent();
 
     assert_blocked(
@@ -200,13 +200,7 @@ fn a_confidential_guest_is_closed_until_its_one_create_sandbox() {
 fn a_failed_create_sandbox_leaves_the_guest_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let doc = init_data("package agent_policy\nthis is not rego");
-    let sandbox = Sandbox::boot(
-        &config(dir.path(), TeeKind::Software),
-        "default",
-        "failed",
-        Some(&doc),
-    )
-    .expect("boot");
+    let sandbox = boot_confidential(dir.path(), "failed", &doc);
     let agent = sandbox.agent();
     let err = create_sandbox(agent, "failed", &doc).expect_err("unparseable policy");
     assert!(err.contains("init-data policy.rego refused"), "{err}");
@@ -225,13 +219,7 @@ fn a_failed_create_sandbox_leaves_the_guest_closed() {
 fn init_data_altered_after_launch_is_refused_by_the_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let doc = init_data(POD_POLICY);
-    let sandbox = Sandbox::boot(
-        &config(dir.path(), TeeKind::Software),
-        "default",
-        "altered",
-        Some(&doc),
-    )
-    .expect("boot");
+    let sandbox = boot_confidential(dir.path(), "altered", &doc);
     let agent = sandbox.agent();
     let mut altered = doc.clone();
     altered.extend_from_slice(b"\n# altered by the host\n");
@@ -356,13 +344,7 @@ fn a_kbs_without_pinned_tls_is_refused() {
         )
         .into_bytes();
         let id = format!("tls{i}");
-        let sandbox = Sandbox::boot(
-            &config(dir.path(), TeeKind::Software),
-            "default",
-            &id,
-            Some(&doc),
-        )
-        .expect("boot");
+        let sandbox = boot_confidential(dir.path(), &id, &doc);
         let err = create_sandbox(sandbox.agent(), &id, &doc).expect_err("refused");
         assert!(err.contains(why), "{kbs}: {err}");
         assert_stays_closed(sandbox.agent(), &id, &doc);

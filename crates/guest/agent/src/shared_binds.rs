@@ -73,18 +73,14 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
 /// Rewrites every bind whose source is under the shared directory to a
 /// staged bind of the inode found beneath it. On error nothing stays staged.
 pub fn stage(spec: &mut Spec, container_id: &str) -> Result<()> {
-    stage_under(spec, container_id, Path::new(GUEST_SHARED_DIR))
-}
-
-fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()> {
     let Some(mut mounts) = spec.mounts().clone() else {
         return Ok(());
     };
+    let shared = Path::new(GUEST_SHARED_DIR);
     let shared_dir = File::open(shared).map_err(|e| {
         AgentError::InvalidArgument(format!("shared directory {}: {e}", shared.display()))
     })?;
     let staging = staging_dir(container_id);
-    let mut staged_any = false;
     let result = (|| -> Result<()> {
         for (index, m) in mounts.iter_mut().enumerate() {
             let Some(source) = m.source().clone() else {
@@ -93,62 +89,16 @@ fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()>
             if !is_bind(m) {
                 continue;
             }
-            let relative = match source.strip_prefix(shared) {
-                Ok(r) => r.to_path_buf(),
-                Err(_) => continue,
+            let Ok(relative) = source.strip_prefix(shared) else {
+                continue;
             };
-            let refuse = |why: String| {
+            let target = staging.join(index.to_string());
+            bind_beneath(&shared_dir, relative, "shared directory", &target).map_err(|why| {
                 AgentError::InvalidArgument(format!(
                     "container {container_id}: bind source {}: {why}",
                     source.display()
                 ))
-            };
-            if relative
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-            {
-                return Err(refuse(
-                    "must be a plain path below the shared directory".into(),
-                ));
-            }
-            let opened = open_beneath(&shared_dir, &relative).map_err(|e| {
-                refuse(match e.raw_os_error() {
-                    Some(libc::ELOOP) | Some(libc::EXDEV) => {
-                        "resolves through a symlink or out of the shared directory (refused)".into()
-                    }
-                    _ => e.to_string(),
-                })
             })?;
-            let is_dir = opened
-                .metadata()
-                .map_err(|e| refuse(e.to_string()))?
-                .is_dir();
-            let opened = if is_dir {
-                open_beneath_with(&shared_dir, &relative, libc::O_DIRECTORY)
-                    .map_err(|e| refuse(e.to_string()))?
-            } else {
-                opened
-            };
-            if !staged_any {
-                std::fs::create_dir_all(&staging).map_err(|e| refuse(e.to_string()))?;
-                staged_any = true;
-            }
-            let target = staging.join(index.to_string());
-            if is_dir {
-                std::fs::create_dir(&target)
-            } else {
-                File::create(&target).map(drop)
-            }
-            .map_err(|e| refuse(format!("staging {}: {e}", target.display())))?;
-            let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
-            mount(
-                Some(fd_path.as_str()),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| refuse(format!("binding to {}: {e}", target.display())))?;
             m.set_source(Some(target));
             m.set_options(Some(host_file_options(m.options().as_deref())));
         }
@@ -160,6 +110,55 @@ fn stage_under(spec: &mut Spec, container_id: &str, shared: &Path) -> Result<()>
     }
     spec.set_mounts(Some(mounts));
     Ok(())
+}
+
+/// Opens `relative` beneath `base` (the `what`) — plain components only,
+/// no symlink anywhere — and binds that very inode, with what is mounted
+/// below it, to `target`, created to match (directory or file).
+fn bind_beneath(
+    base: &File,
+    relative: &Path,
+    what: &str,
+    target: &Path,
+) -> std::result::Result<(), String> {
+    if relative.as_os_str().is_empty()
+        || relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(format!("must be a plain path below the {what}"));
+    }
+    let beneath_error = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) => {
+            format!("resolves through a symlink or out of the {what} (refused)")
+        }
+        _ => e.to_string(),
+    };
+    let opened = open_beneath(base, relative).map_err(beneath_error)?;
+    let is_dir = opened.metadata().map_err(|e| e.to_string())?.is_dir();
+    let opened = if is_dir {
+        open_beneath_with(base, relative, libc::O_DIRECTORY).map_err(beneath_error)?
+    } else {
+        opened
+    };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("staging: {e}"))?;
+    }
+    if is_dir {
+        std::fs::create_dir(target)
+    } else {
+        File::create(target).map(drop)
+    }
+    .map_err(|e| format!("staging {}: {e}", target.display()))?;
+    let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
+    mount(
+        Some(fd_path.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding to {}: {e}", target.display()))
 }
 
 /// A bind of host files keeps nosuid and nodev (setuid binaries and device
@@ -190,52 +189,23 @@ fn host_file_options(options: Option<&[String]>) -> Vec<String> {
 /// `/` or another container's decrypted image by a planted symlink. Roots
 /// elsewhere (guest pulls, the guest's pause) are the guest's own.
 pub fn stage_root(spec: &mut Spec, container_id: &str) -> Result<()> {
-    stage_root_under(spec, container_id, Path::new(GUEST_ROOTFS_DIR))
-}
-
-fn stage_root_under(spec: &mut Spec, container_id: &str, rootfs_dir: &Path) -> Result<()> {
     let Some(mut root) = spec.root().clone() else {
         return Ok(());
     };
-    let Ok(relative) = root.path().strip_prefix(rootfs_dir).map(Path::to_path_buf) else {
+    let rootfs_dir = Path::new(GUEST_ROOTFS_DIR);
+    let Ok(relative) = root.path().strip_prefix(rootfs_dir) else {
         return Ok(());
     };
-    let refuse = |why: String| {
-        AgentError::InvalidArgument(format!(
+    let target = staging_dir(container_id).join("root");
+    let staged = File::open(rootfs_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|base| bind_beneath(&base, relative, "rootfs directory", &target));
+    if let Err(why) = staged {
+        release(container_id);
+        return Err(AgentError::InvalidArgument(format!(
             "container {container_id}: root.path {}: {why}",
             root.path().display()
-        ))
-    };
-    if relative.as_os_str().is_empty()
-        || relative
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_)))
-    {
-        return Err(refuse(
-            "must be a plain path below the rootfs directory".into(),
-        ));
-    }
-    let base = File::open(rootfs_dir).map_err(|e| refuse(e.to_string()))?;
-    let opened = open_beneath_with(&base, &relative, libc::O_DIRECTORY).map_err(|e| {
-        refuse(match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::EXDEV) => {
-                "resolves through a symlink or out of the rootfs directory (refused)".into()
-            }
-            _ => e.to_string(),
-        })
-    })?;
-    let target = staging_dir(container_id).join("root");
-    std::fs::create_dir_all(&target).map_err(|e| refuse(format!("staging: {e}")))?;
-    let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
-    if let Err(e) = mount(
-        Some(fd_path.as_str()),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    ) {
-        release(container_id);
-        return Err(refuse(format!("binding to {}: {e}", target.display())));
+        )));
     }
     root.set_path(target);
     spec.set_root(Some(root));

@@ -123,14 +123,19 @@ fn sandbox_dir_name(namespace: &str, id: &str) -> String {
     if name.len() <= MAX_DIR_NAME {
         return name;
     }
+    let digest = hex::encode(sandbox_key_digest(namespace, id));
+    let prefix: String = name.chars().take(15).collect();
+    format!("{prefix}-{}", &digest[..16])
+}
+
+/// SHA-256 of a sandbox's namespace and id (NUL-separated: neither holds one).
+fn sandbox_key_digest(namespace: &str, id: &str) -> [u8; 32] {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     hasher.update(namespace.as_bytes());
     hasher.update([0]);
     hasher.update(id.as_bytes());
-    let digest = hex::encode(hasher.finalize());
-    let prefix: String = name.chars().take(15).collect();
-    format!("{prefix}-{}", &digest[..16])
+    hasher.finalize().into()
 }
 
 /// containerd's identifier rule (namespaces and ids): alphanumeric words
@@ -920,12 +925,7 @@ fn wait_for_agent(
 /// namespace and id so that concurrent sandboxes rarely collide (QEMU
 /// refuses a CID in use).
 pub fn guest_cid(namespace: &str, id: &str) -> u32 {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(namespace.as_bytes());
-    hasher.update([0]);
-    hasher.update(id.as_bytes());
-    let d = hasher.finalize();
+    let d = sandbox_key_digest(namespace, id);
     let n = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
     3 + n % (u32::MAX / 2)
 }

@@ -759,17 +759,12 @@ fn changed_requests_are_denied_naming_the_check() {
 
 #[test]
 fn restricted_security_context_is_enforced() {
-    let f = fixture();
-    let generated = gen(
-        &f,
+    let (rego, req) = first_container_case(
+        &fixture(),
         &manifest("09-pod-restricted.yaml"),
         &Settings::default(),
-    )
-    .unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let web = template["spec"]["containers"][0].clone();
-    let req = cri_request(&template, &ns, &web, "c1");
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    );
+    let mut gate = PolicyGate::new(&rego).unwrap();
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -819,15 +814,12 @@ fn namespaces_and_privileged_daemonsets() {
 
     // The privileged node exporter is allowed to be privileged; its image
     // user is a name, so any uid is accepted.
-    let generated = gen(
+    let (rego, mut req) = first_container_case(
         &f,
         &manifest("06-daemonset-node-exporter.yaml"),
         &Settings::default(),
-    )
-    .unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    );
+    let mut gate = PolicyGate::new(&rego).unwrap();
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -1051,19 +1043,24 @@ fn env_fast_paths_decide_as_the_full_regex() {
     }
 }
 
+/// The generated policy of `yaml`'s first pod and a valid CreateContainer
+/// of its first container as `c1`.
+fn first_container_case(f: &Fixture, yaml: &str, settings: &Settings) -> (String, Value) {
+    let generated = gen(f, yaml, settings).unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    (generated.pods[0].rego.clone(), req)
+}
+
 /// The generated policy of 03 (redis, with an exec readiness probe) and a
 /// valid CreateContainer of its container as `c1`.
 fn redis_case() -> (Gate, Value) {
-    let f = fixture();
-    let generated = gen(
-        &f,
+    let (rego, req) = first_container_case(
+        &fixture(),
         &manifest("03-statefulset-redis.yaml"),
         &Settings::default(),
-    )
-    .unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
-    (PolicyGate::new(&generated.pods[0].rego).unwrap(), req)
+    );
+    (PolicyGate::new(&rego).unwrap(), req)
 }
 
 /// What a hostile host changes in an otherwise valid CreateContainer of a
@@ -1252,10 +1249,8 @@ fn host_changes_to_the_container_are_denied() {
 fn host_rootfs_only_when_the_owner_allows_it() {
     let f = fixture();
     let settings = Settings::from_json(r#"{"allow_host_rootfs": true}"#).unwrap();
-    let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &settings).unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let mut req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let (rego, mut req) = first_container_case(&f, &manifest("01-pod-busybox.yaml"), &settings);
+    let mut gate = PolicyGate::new(&rego).unwrap();
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -1304,10 +1299,8 @@ fn exec_capabilities_and_groups_compare_as_sets() {
 fn env_from_patterns_never_admit_loader_variables() {
     let f = fixture();
     let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: envfrom\n  namespace: default\nspec:\n  containers:\n  - name: app\n    image: busybox:1.36\n    command: [\"sleep\", \"3600\"]\n    envFrom:\n    - configMapRef: {name: settings}\n";
-    let generated = gen(&f, yaml, &Settings::default()).unwrap();
-    let (template, ns) = pod_templates(&generated.manifest).remove(0);
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
-    let req = cri_request(&template, &ns, &template["spec"]["containers"][0], "c1");
+    let (rego, req) = first_container_case(&f, yaml, &Settings::default());
+    let mut gate = PolicyGate::new(&rego).unwrap();
     let with_env = |extra: &str| {
         let mut r = req.clone();
         r["OCI"]["process"]["env"]
@@ -1325,7 +1318,7 @@ fn env_from_patterns_never_admit_loader_variables() {
         Decision::Allowed,
         "an ordinary ConfigMap key"
     );
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let mut gate = PolicyGate::new(&rego).unwrap();
     for var in [
         "LD_PRELOAD=/vol/x.so",
         "LD_LIBRARY_PATH=/vol",

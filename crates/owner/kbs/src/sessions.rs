@@ -132,13 +132,9 @@ impl SessionTable {
     }
 
     fn drop_oldest_of(&mut self, peer: IpAddr) -> bool {
-        let Some(oldest) = self.challenges.get_mut(&peer).and_then(VecDeque::pop_front) else {
+        let Some(oldest) = self.challenges.get(&peer).and_then(|q| q.front()).cloned() else {
             return false;
         };
-        // Put back so that `take` finds and removes it consistently.
-        if let Some(q) = self.challenges.get_mut(&peer) {
-            q.push_front(oldest.clone());
-        }
         self.take(&oldest).is_some()
     }
 
