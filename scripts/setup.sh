@@ -25,8 +25,10 @@ if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_DEVICE_VSOCK_VER
   cargo install vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" --locked
 fi
 
-echo "== building kabuto (release)"
-cargo build --release --workspace --bins
+echo "== building kabuto (release, with the software TEE the tests and the demo use)"
+# A production build leaves the feature off: `cargo build --release -p kabuto-shim
+# -p kabuto-cli` has no software TEE (see crates/host/runtime/README.md).
+cargo build --release --workspace --bins --features kabuto-shim/software-tee,kabuto-cli/software-tee
 # The pause of confidential pods runs alone in its container's root: linked
 # statically (its own target dir, so these flags touch nothing else).
 RUSTFLAGS="-C target-feature=+crt-static" \

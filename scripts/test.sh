@@ -12,7 +12,7 @@ export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace --no-fail-fast -- --include-ignored --test-threads=2 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast --features kabuto-shim/software-tee,kabuto-cli/software-tee -- --include-ignored --test-threads=2 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"

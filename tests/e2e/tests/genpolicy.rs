@@ -1,4 +1,4 @@
-//! `kabuto genpolicy` end to end: a pod manifest's images resolved from a
+//! `kabuto-owner genpolicy` end to end: a pod manifest's images resolved from a
 //! real registry (docker-registry, pushed with skopeo) and from an OCI
 //! layout; the generated init-data run through containerd in a real VM,
 //! where the pod's own container runs and every change is blocked by the
@@ -33,7 +33,7 @@ spec:
         command: ["true"]
 "#;
 
-/// Runs `kabuto genpolicy`; returns (annotated manifest, stderr).
+/// Runs `kabuto-owner genpolicy`; returns (annotated manifest, stderr).
 fn genpolicy(dir: &Path, manifest: &str, settings: &Settings, extra: &[&str]) -> (String, String) {
     let pod = dir.join("pod.yaml");
     let settings_path = dir.join("settings.json");
@@ -43,14 +43,14 @@ fn genpolicy(dir: &Path, manifest: &str, settings: &Settings, extra: &[&str]) ->
         serde_json::to_string(settings).expect("settings"),
     )
     .expect("settings.json");
-    let out = Command::new(paths().bin_dir.join("kabuto"))
+    let out = Command::new(paths().bin_dir.join("kabuto-owner"))
         .arg("genpolicy")
         .arg(&pod)
         .arg("--settings")
         .arg(&settings_path)
         .args(extra)
         .output()
-        .expect("running kabuto genpolicy");
+        .expect("running kabuto-owner genpolicy");
     assert!(out.status.success(), "genpolicy: {}", stderr(&out));
     (stdout(&out), stderr(&out))
 }
@@ -147,11 +147,11 @@ fn images_resolve_from_a_registry_and_a_layout_alike() {
         POD.replace("IMAGE", &format!("{}/kabuto/missing:1", registry.host)),
     )
     .expect("pod");
-    let out = Command::new(paths().bin_dir.join("kabuto"))
+    let out = Command::new(paths().bin_dir.join("kabuto-owner"))
         .args(["genpolicy", "--insecure-registry", &registry.host])
         .arg(&pod)
         .output()
-        .expect("kabuto genpolicy");
+        .expect("kabuto-owner genpolicy");
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("kabuto/missing:1: from the registry"),

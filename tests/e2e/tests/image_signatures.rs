@@ -130,7 +130,7 @@ fn repository_policy(public: &std::path::Path) -> SignaturePolicy {
     .expect("policy")
 }
 
-/// `kabuto image sign` (the owner's tool) pushes a signature in cosign's
+/// `kabuto-owner image sign` (the owner's tool) pushes a signature in cosign's
 /// format (SIGNATURE_SPEC: OCI manifest at `sha256-<hex>.sig`, one
 /// `application/vnd.dev.cosign.simplesigning.v1+json` layer whose
 /// `dev.cosignproject.cosign/signature` annotation is the base64 ECDSA
@@ -138,7 +138,7 @@ fn repository_policy(public: &std::path::Path) -> SignaturePolicy {
 /// inspect` sees it and an image's encrypted layers.
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
-fn kabuto_image_sign_makes_cosign_signatures() {
+fn kabuto_owner_image_sign_makes_cosign_signatures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let plain = d.join("plain");
@@ -147,10 +147,10 @@ fn kabuto_image_sign_makes_cosign_signatures() {
     let reference = registry.push_layout(&plain, "latest", "owner/app");
     let (private, public) = kabuto_e2e::openssl_key_pair(d, "cosign", true);
     let kabuto = |args: &[&str]| {
-        let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto"))
+        let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto-owner"))
             .args(args)
             .output()
-            .expect("kabuto");
+            .expect("kabuto-owner");
         assert!(
             out.status.success(),
             "kabuto {args:?}: {}",
@@ -211,7 +211,7 @@ fn kabuto_image_sign_makes_cosign_signatures() {
     let policy = repository_policy(&public);
     policy
         .check(&image, &digest, &mut client)
-        .expect("signed by kabuto image sign");
+        .expect("signed by kabuto-owner image sign");
 
     let mut inspect = vec!["image", "inspect"];
     inspect.extend(insecure);
@@ -283,12 +283,12 @@ fn signatures_of_an_index_cover_its_platform_image() {
     );
 
     let (private, public) = kabuto_e2e::openssl_key_pair(d, "cosign", true);
-    let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto"))
+    let out = std::process::Command::new(kabuto_e2e::paths().bin_dir.join("kabuto-owner"))
         .args(["image", "sign", "--key"])
         .arg(&private)
         .args(["--insecure-registry", &registry.host, &reference])
         .output()
-        .expect("kabuto");
+        .expect("kabuto-owner");
     assert!(out.status.success(), "{}", kabuto_e2e::stderr(&out));
 
     let image = ImageReference::parse(&reference).expect("reference");

@@ -494,6 +494,7 @@ mod tests {
             ]),
             user: Some("app".into()),
             working_dir: Some("/srv".into()),
+            volumes: None,
         };
         let mut s = spec(&[], &[DEFAULT_PATH_ENV, "MODE=user"]);
         merge_config(&mut s, &config, root.path()).expect("merges");

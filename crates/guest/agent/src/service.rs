@@ -848,43 +848,9 @@ impl Agent {
     }
 }
 
-/// The request as the policy sees it: the protobuf message as JSON (proto
-/// field names, defaults included), with the fields that carry JSON (the OCI
-/// spec, an exec's process, resources) expanded into objects. The spec
-/// appears as `input.OCI`, as in Kata's policies.
+/// The request as the policy sees it ([`kabuto_policy::request_input`]).
 pub fn policy_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value> {
-    let options = protobuf_json_mapping::PrintOptions {
-        proto_field_name: true,
-        always_output_default_values: true,
-        ..Default::default()
-    };
-    let text = protobuf_json_mapping::print_to_string_with_options(req, &options)
-        .map_err(|e| AgentError::InvalidArgument(format!("request to JSON: {e}")))?;
-    let mut value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| AgentError::InvalidArgument(format!("request to JSON: {e}")))?;
-    if let Some(obj) = value.as_object_mut() {
-        for (field, name) in [
-            ("oci_spec", "OCI"),
-            ("process", "process"),
-            ("resources", "resources"),
-        ] {
-            let Some(encoded) = obj.get(field).and_then(|v| v.as_str()).map(String::from) else {
-                continue;
-            };
-            let decoded = base64_decode(&encoded)
-                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-                .ok_or_else(|| AgentError::InvalidArgument(format!("{field} is not JSON")))?;
-            obj.remove(field);
-            obj.insert(name.to_string(), decoded);
-        }
-    }
-    Ok(value)
-}
-
-/// Standard base64, as protobuf's JSON mapping prints bytes.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).ok()
+    kabuto_policy::request_input(req).map_err(AgentError::InvalidArgument)
 }
 
 fn is_mount_point(path: &str) -> bool {
@@ -1021,8 +987,11 @@ mod tests {
 
     #[test]
     fn base64_matches_the_standard() {
-        assert_eq!(base64_decode("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
-        assert_eq!(base64_decode("").as_deref(), Some(&b""[..]));
-        assert_eq!(base64_decode("!!").as_deref(), None);
+        assert_eq!(
+            kabuto_policy::base64_decode("aGVsbG8=").as_deref(),
+            Some(&b"hello"[..])
+        );
+        assert_eq!(kabuto_policy::base64_decode("").as_deref(), Some(&b""[..]));
+        assert_eq!(kabuto_policy::base64_decode("!!").as_deref(), None);
     }
 }

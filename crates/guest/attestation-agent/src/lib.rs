@@ -15,8 +15,6 @@ pub mod evidence;
 
 pub use evidence::{provider, Connector, EvidenceProvider, TeeKind};
 
-/// The KBS protocol version this client speaks.
-pub const PROTOCOL_VERSION: &str = "0.4.0";
 const SESSION_COOKIE: &str = "kbs-session-id";
 /// Upper bound of a resource response (a JWE around up to 8 MiB).
 const MAX_RESOURCE_RESPONSE: u64 = 12 << 20;
@@ -53,41 +51,11 @@ impl AttestError {
     }
 }
 
-/// A resource URI: `kbs:///repository/type/tag` (a host part is ignored:
-/// the KBS is the one this client was configured with).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResourceUri {
-    pub repository: String,
-    pub kind: String,
-    pub tag: String,
-}
+pub use kabuto_kbs_protocol::{ResourceUri, PROTOCOL_VERSION};
 
-impl std::str::FromStr for ResourceUri {
-    type Err = AttestError;
-    fn from_str(uri: &str) -> Result<Self, AttestError> {
-        let rest = uri
-            .strip_prefix("kbs://")
-            .ok_or_else(|| AttestError::Resource(format!("{uri:?} is not a kbs:// URI")))?;
-        let (_host, path) = rest
-            .split_once('/')
-            .ok_or_else(|| AttestError::Resource(format!("{uri:?} has no path")))?;
-        let parts: Vec<&str> = path.split('/').collect();
-        match parts.as_slice() {
-            [repository, kind, tag]
-                if parts
-                    .iter()
-                    .all(|p| !p.is_empty() && *p != "." && *p != "..") =>
-            {
-                Ok(ResourceUri {
-                    repository: repository.to_string(),
-                    kind: kind.to_string(),
-                    tag: tag.to_string(),
-                })
-            }
-            _ => Err(AttestError::Resource(format!(
-                "{uri:?}: expected kbs:///<repository>/<type>/<tag>"
-            ))),
-        }
+impl From<kabuto_kbs_protocol::ResourceUriError> for AttestError {
+    fn from(e: kabuto_kbs_protocol::ResourceUriError) -> Self {
+        AttestError::Resource(e.to_string())
     }
 }
 
@@ -131,13 +99,8 @@ pub fn attestation(
         tee_pubkey: key.public_jwk(),
     };
     let additional_evidence = String::new();
-    let canonical = kabuto_jose::canonical_json(&serde_json::json!({
-        "tee-pubkey": runtime_data.tee_pubkey,
-        "nonce": runtime_data.nonce,
-        "additional-evidence": additional_evidence,
-    }))
-    .map_err(|e| AttestError::Evidence(e.to_string()))?;
-    let report_data = hash.digest(&canonical);
+    let report_data = kabuto_kbs_protocol::report_data(hash, &runtime_data, &additional_evidence)
+        .map_err(|e| AttestError::Evidence(e.to_string()))?;
     let primary_evidence = provider.evidence(&report_data)?;
     Ok((
         Attestation {
@@ -402,17 +365,6 @@ fn check(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn resource_uris() {
-        let u: ResourceUri = "kbs:///default/key/1".parse().unwrap();
-        assert_eq!(u.repository, "default");
-        assert_eq!(u.tag, "1");
-        assert!("kbs:///default/key".parse::<ResourceUri>().is_err());
-        assert!("kbs:///default/../1".parse::<ResourceUri>().is_err());
-        assert!("https://x/default/key/1".parse::<ResourceUri>().is_err());
-        assert!("kbs:///a/b/c/d".parse::<ResourceUri>().is_err());
-    }
 
     #[test]
     fn no_fallback_when_a_tee_is_missing() {

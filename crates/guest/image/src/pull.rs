@@ -257,33 +257,9 @@ pub struct PullSettings {
 }
 
 /// The parts of an image's config the runtime applies (OCI image spec
-/// `config`), as containerd reads them.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct ImageConfig {
-    #[serde(rename = "Entrypoint")]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(rename = "Cmd")]
-    pub cmd: Option<Vec<String>>,
-    #[serde(rename = "Env")]
-    pub env: Option<Vec<String>>,
-    #[serde(rename = "User")]
-    pub user: Option<String>,
-    #[serde(rename = "WorkingDir")]
-    pub working_dir: Option<String>,
-}
-
-impl ImageConfig {
-    pub fn parse(config_blob: &[u8]) -> Result<ImageConfig, String> {
-        #[derive(Deserialize)]
-        struct File {
-            #[serde(default)]
-            config: Option<ImageConfig>,
-        }
-        let file: File = serde_json::from_slice(config_blob).map_err(|e| e.to_string())?;
-        Ok(file.config.unwrap_or_default())
-    }
-}
+/// `config`), as containerd reads them; the owner's genpolicy reads the same
+/// type.
+pub use kabuto_oci::ImageConfig;
 
 /// Where a pull's time went.
 #[derive(Debug, Clone, Copy, Default)]
@@ -333,9 +309,9 @@ pub fn pull_and_unpack(
     settings: &PullSettings,
     rootfs: &Path,
 ) -> Result<PulledRootfs, PullError> {
-    let image = ImageReference::parse(reference).map_err(|source| PullError::Registry {
+    let image = ImageReference::parse(reference).map_err(|e| PullError::Registry {
         image: reference.into(),
-        source,
+        source: e.into(),
     })?;
     let name = format!("{}/{}", image.registry, image.repository);
     let mut timings = PullTimings::default();

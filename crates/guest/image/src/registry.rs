@@ -10,6 +10,7 @@ use std::{collections::HashMap, io::Read, time::Duration};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
 use crate::ocicrypt::LayerDescriptor;
+pub use kabuto_oci::{platform_entry, ImageReference, INDEX_TYPES, MANIFEST_TYPES};
 
 /// Largest manifest or config accepted.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -19,15 +20,6 @@ const MAX_BLOB_BYTES: u64 = 8 << 30;
 const PARALLEL_LAYER_FETCHES: usize = 3;
 /// How often one blob download resumes (`Range`) after a dropped connection.
 const MAX_RESUMES: usize = 3;
-
-const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -45,67 +37,10 @@ pub enum RegistryError {
     Manifest(String),
 }
 
-/// `registry/repository` with a tag or a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageReference {
-    pub registry: String,
-    pub repository: String,
-    /// `sha256:…` or a tag.
-    pub reference: String,
-}
-
-impl ImageReference {
-    pub fn parse(text: &str) -> Result<ImageReference, RegistryError> {
-        let bad = || RegistryError::Reference(text.into());
-        let (name, reference) = match text.split_once('@') {
-            Some((n, d)) => (n, d.to_string()),
-            None => {
-                let slash = text.rfind('/').map(|i| i + 1).unwrap_or(0);
-                match text[slash..].rfind(':') {
-                    Some(c) => (&text[..slash + c], text[slash + c + 1..].to_string()),
-                    None => (text, "latest".to_string()),
-                }
-            }
-        };
-        let (registry, repository) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                (first.to_string(), rest.to_string())
-            }
-            _ if name.contains('/') => ("docker.io".to_string(), name.to_string()),
-            _ => ("docker.io".to_string(), format!("library/{name}")),
-        };
-        let valid = |s: &str| {
-            s.split('/').all(|part| !part.is_empty())
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
-        };
-        if !valid(&repository) || reference.is_empty() || reference.contains('/') {
-            return Err(bad());
-        }
-        Ok(ImageReference {
-            registry,
-            repository,
-            reference,
-        })
+impl From<kabuto_oci::ReferenceError> for RegistryError {
+    fn from(e: kabuto_oci::ReferenceError) -> Self {
+        RegistryError::Reference(e.0)
     }
-
-    fn api_host(&self) -> &str {
-        if self.registry == "docker.io" {
-            "registry-1.docker.io"
-        } else {
-            &self.registry
-        }
-    }
-}
-
-/// The linux/amd64 entry of an image index (or Docker manifest list).
-pub fn platform_entry(index: &serde_json::Value) -> Option<&serde_json::Value> {
-    index["manifests"].as_array()?.iter().find(|m| {
-        m["platform"]["os"].as_str() == Some("linux")
-            && m["platform"]["architecture"].as_str() == Some("amd64")
-    })
 }
 
 /// A reference resolved to its platform's image manifest.

@@ -778,7 +778,7 @@ fn identity_matches(
 }
 
 /// Signs `payload` the way cosign does (ECDSA P-256 over SHA-256, DER,
-/// base64): for `kabuto image sign` and tests.
+/// base64): for `kabuto-owner image sign` and tests.
 pub fn sign_payload(key: &p256::ecdsa::SigningKey, payload: &[u8]) -> String {
     use p256::ecdsa::signature::Signer as _;
     let signature: Signature = key.sign(payload);

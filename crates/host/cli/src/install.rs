@@ -174,30 +174,10 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         rec.write(&config_path, text.as_bytes(), 0o644)?;
     }
     // The software TEE (insecure; for hosts without TEE hardware): its key
-    // pair is made here, once, so each host has its own root.
-    let swtee = under(
-        root,
-        Path::new(kabuto_runtime::config::DEFAULT_SOFTWARE_TEE_DIR),
-    );
-    if swtee.join("firmware.key").exists() {
-        println!("kept existing software TEE keys in {}", swtee.display());
-    } else {
-        if let Some(parent) = swtee.parent() {
-            rec.mkdir(parent)?;
-        }
-        rec.dirs.push(swtee.clone());
-        kabuto_swtee::init(&swtee)?;
-        for f in ["root.crt", "firmware.crt", "firmware.key"] {
-            let path = swtee.join(f);
-            let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            rec.files.push((path, sha256_hex(&data)));
-        }
-        println!(
-            "created the software TEE in {} (INSECURE; a KBS trusts {} only if you tell it to)",
-            swtee.display(),
-            swtee.join("root.crt").display()
-        );
-    }
+    // pair is made here, once, so each host has its own root. A production
+    // build (no software-tee feature) has no signer and makes no keys.
+    #[cfg(feature = "software-tee")]
+    install_software_tee(root, &mut rec)?;
     let manifest = json!({
         "files": rec.files.iter().map(|(p, d)| json!({"path": p, "sha256": d})).collect::<Vec<_>>(),
         "dirs": rec.dirs,
@@ -266,4 +246,32 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     }
     let manifest = read_manifest(&manifest_path)?;
     remove_recorded(&manifest, &manifest_path)
+}
+
+#[cfg(feature = "software-tee")]
+fn install_software_tee(root: &Path, rec: &mut Recorder) -> anyhow::Result<()> {
+    let swtee = under(
+        root,
+        Path::new(kabuto_runtime::config::DEFAULT_SOFTWARE_TEE_DIR),
+    );
+    if swtee.join("firmware.key").exists() {
+        println!("kept existing software TEE keys in {}", swtee.display());
+    } else {
+        if let Some(parent) = swtee.parent() {
+            rec.mkdir(parent)?;
+        }
+        rec.dirs.push(swtee.clone());
+        kabuto_swtee::init(&swtee)?;
+        for f in ["root.crt", "firmware.crt", "firmware.key"] {
+            let path = swtee.join(f);
+            let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            rec.files.push((path, sha256_hex(&data)));
+        }
+        println!(
+            "created the software TEE in {} (INSECURE; a KBS trusts {} only if you tell it to)",
+            swtee.display(),
+            swtee.join("root.crt").display()
+        );
+    }
+    Ok(())
 }

@@ -1,12 +1,11 @@
 //! `kabuto`: the host command line. Each subcommand parses its arguments,
 //! calls the library and reports; exit code 0 on success, 1 on failure,
-//! 2 on bad usage.
+//! 2 on bad usage. The owner's tools (genpolicy, image signing, evidence
+//! verification) are `kabuto-owner` (crates/owner/cli): nothing here links
+//! them or reads an owner's key.
 
-mod attest;
 mod check;
 mod exec;
-mod genpolicy;
-mod image;
 mod install;
 
 use std::path::PathBuf;
@@ -37,18 +36,15 @@ enum Command {
     Check,
     /// Print the effective configuration.
     Env,
-    /// Attestation tools for operators.
-    Attest {
-        #[command(subcommand)]
-        command: AttestCommand,
-    },
-    /// Generate a pod's policy and init-data annotation from its manifest.
-    Genpolicy(genpolicy::GenPolicyArgs),
-    /// The image owner's tools: cosign-format signing, inspection.
-    Image {
-        #[command(subcommand)]
-        command: image::ImageCommand,
-    },
+    /// Moved to `kabuto-owner` (the owner's machine, not the host).
+    #[command(hide = true)]
+    Attest(MovedArgs),
+    /// Moved to `kabuto-owner`.
+    #[command(hide = true)]
+    Genpolicy(MovedArgs),
+    /// Moved to `kabuto-owner`.
+    #[command(hide = true)]
+    Image(MovedArgs),
     /// Open the debug shell of a running pod (needs hypervisor.debug_console).
     Exec {
         /// The pod (sandbox) id.
@@ -59,11 +55,19 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum AttestCommand {
-    /// Verify SNP/TDX evidence offline; prints the verified claims as JSON,
-    /// or names the failed check and exits 1.
-    Verify(attest::VerifyArgs),
+/// The arguments of a subcommand that moved to `kabuto-owner`, kept so the
+/// refusal can say where it went.
+#[derive(clap::Args)]
+struct MovedArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
+
+fn moved(command: &str) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "`kabuto {command}` is an owner tool and moved to `kabuto-owner {command}` \
+         (crates/owner/cli): it runs on the workload owner's machine, not on the host"
+    )
 }
 
 #[derive(Subcommand)]
@@ -157,7 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 TeeKind::Tdx => Err(
                     "TDX: MRTD depends on the TDVF build and is not computed here; \
                      register the MRTD and RTMR0-3 of a first launch's quote \
-                     (kabuto attest verify --tee tdx prints them)"
+                     (kabuto-owner attest verify --tee tdx prints them)"
                         .into(),
                 ),
             }
@@ -189,11 +193,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
-        Command::Attest {
-            command: AttestCommand::Verify(args),
-        } => attest::verify(&args),
-        Command::Genpolicy(args) => genpolicy::run(&args),
-        Command::Image { command } => image::run(&command),
+        Command::Attest(_) => moved("attest"),
+        Command::Genpolicy(_) => moved("genpolicy"),
+        Command::Image(_) => moved("image"),
         Command::Exec { pod, namespace } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {

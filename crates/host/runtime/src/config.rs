@@ -144,6 +144,12 @@ impl TeeKind {
     }
 }
 
+/// Why `tee = "software"` is refused by a production build.
+pub const SOFTWARE_TEE_NOT_BUILT: &str =
+    "confidential.tee = \"software\" needs a kabuto built with the \
+     software-tee feature (scripts/setup.sh builds one for tests); a production build has no \
+     software TEE: the host would sign its own attestation reports";
+
 /// Where `kabuto install` creates the software TEE's key material.
 pub const DEFAULT_SOFTWARE_TEE_DIR: &str = "/var/lib/kabuto/swtee";
 
@@ -424,6 +430,9 @@ impl Config {
                     "snapshotter.guest_pull_images: {pattern:?} is not \"*\", \"PREFIX*\", a repository or a reference"
                 ));
             }
+        }
+        if self.confidential.tee == TeeKind::Software && !cfg!(feature = "software-tee") {
+            return Err(SOFTWARE_TEE_NOT_BUILT.into());
         }
         if matches!(self.confidential.tee, TeeKind::Snp | TeeKind::Tdx) {
             let tee = self.confidential.tee.kernel_param().unwrap_or_default();

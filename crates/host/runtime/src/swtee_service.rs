@@ -1,19 +1,23 @@
 //! The software TEE's "firmware" for one pod: answers the guest's report
 //! requests on vsock port [`kabuto_protocol::SWTEE_VSOCK_PORT`] with reports
 //! carrying the launch data fixed before boot. Insecure by construction
-//! (see `kabuto-swtee`); only for hosts without TEE hardware.
+//! (see `kabuto-swtee`); only for hosts without TEE hardware, and only in a
+//! build with the `software-tee` feature: without it this module holds no
+//! signer and [`FirmwareService::start`] refuses.
 
-use std::io::ErrorKind;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+#[cfg(feature = "software-tee")]
+use std::{io::ErrorKind, os::unix::net::UnixListener, time::Duration};
 
-use kabuto_swtee::{Firmware, LaunchData};
+#[cfg(feature = "software-tee")]
+use kabuto_swtee::Firmware;
+use kabuto_swtee::LaunchData;
 
 /// A guest that stalls mid-request does not block the next one for longer.
+#[cfg(feature = "software-tee")]
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct FirmwareService {
@@ -26,6 +30,12 @@ impl FirmwareService {
     /// Serves on `socket`: the Unix socket a vhost-user vsock device
     /// connects to for guest connections to the host's port
     /// (`<uds-path>_<port>`).
+    #[cfg(not(feature = "software-tee"))]
+    pub fn start(_key_dir: &Path, _socket: PathBuf, _launch: LaunchData) -> Result<Self, String> {
+        Err(crate::config::SOFTWARE_TEE_NOT_BUILT.into())
+    }
+
+    #[cfg(feature = "software-tee")]
     pub fn start(key_dir: &Path, socket: PathBuf, launch: LaunchData) -> Result<Self, String> {
         let firmware = Firmware::load(key_dir).map_err(|e| {
             format!("{e} (create the software TEE with `kabuto install`, or set confidential.software_tee_dir)")

@@ -1,13 +1,9 @@
 //! Resolving an image reference to its manifest digest and config: from
 //! local OCI image layouts (offline) first, then from its registry.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use oci_client::{secrets::RegistryAuth, Reference};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::GenPolicyError;
@@ -22,34 +18,12 @@ pub struct ResolvedImage {
     pub config: ImageConfig,
 }
 
-/// The `config` object of an OCI image configuration.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ImageConfig {
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub env: Option<Vec<String>>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-}
-
-#[derive(Deserialize)]
-struct ImageConfigFile {
-    #[serde(default)]
-    config: Option<ImageConfig>,
-}
+/// The `config` object of an OCI image configuration: the guest's type, so
+/// what the policy pins is what the guest computes.
+pub use kabuto_oci::ImageConfig;
 
 pub fn parse_config(json: &[u8]) -> Result<ImageConfig, String> {
-    let file: ImageConfigFile =
-        serde_json::from_slice(json).map_err(|e| format!("image config is not valid: {e}"))?;
-    Ok(file.config.unwrap_or_default())
+    ImageConfig::parse(json).map_err(|e| format!("image config is not valid: {e}"))
 }
 
 /// Something that turns an image reference into a [`ResolvedImage`].
@@ -292,7 +266,7 @@ impl OciLayout {
         if !INDEX_TYPES.contains(&media_type) && manifest.get("manifests").is_none() {
             return Ok((digest, manifest));
         }
-        let entry = kabuto_image::registry::platform_entry(&manifest)
+        let entry = kabuto_oci::platform_entry(&manifest)
             .ok_or_else(|| format!("index {digest} has no linux/amd64 image"))?;
         self.platform_manifest(entry, depth + 1)
     }

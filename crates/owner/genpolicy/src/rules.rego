@@ -1,4 +1,4 @@
-# The rules of every generated policy. `kabuto genpolicy` appends
+# The rules of every generated policy. `kabuto-owner genpolicy` appends
 # `policy_namespace`, `policy_shared_prefix`, `policy_data` (what exec
 # decisions read), `policy_container` (the sandbox's definition, then the
 # pod's containers as the generator resolved them, each with the default

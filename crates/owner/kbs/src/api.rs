@@ -93,7 +93,7 @@ pub async fn auth(
             format!(
                 "protocol version {} is not supported (this KBS speaks {})",
                 request.version,
-                crate::PROTOCOL_VERSION
+                kabuto_kbs_protocol::PROTOCOL_VERSION
             ),
         ));
     }
@@ -140,7 +140,7 @@ fn version_compatible(version: &str) -> bool {
         let mut parts = v.split('.');
         Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
     };
-    match (parse(version), parse(crate::PROTOCOL_VERSION)) {
+    match (parse(version), parse(kabuto_kbs_protocol::PROTOCOL_VERSION)) {
         (Some((major, minor)), Some((our_major, our_minor))) => {
             major == our_major && minor <= our_minor && minor >= 1
         }
@@ -197,14 +197,12 @@ pub async fn attest(
     }
 
     // Report data binds nonce, key and additional evidence (JCS, then hash).
-    let runtime = serde_json::json!({
-        "tee-pubkey": attestation.runtime_data.tee_pubkey,
-        "nonce": attestation.runtime_data.nonce,
-        "additional-evidence": attestation.tee_evidence.additional_evidence,
-    });
-    let canonical = kabuto_jose::canonical_json(&runtime)
-        .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
-    let report_data = hash.digest(&canonical);
+    let report_data = kabuto_kbs_protocol::report_data(
+        hash,
+        &attestation.runtime_data,
+        &attestation.tee_evidence.additional_evidence,
+    )
+    .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
 
     let init_data = match &attestation.init_data {
         Some(doc) => {
@@ -317,26 +315,12 @@ pub async fn attest(
     Ok(response)
 }
 
-/// Resource path segments: no separators, no dot-only names.
-pub(crate) fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+pub(crate) use kabuto_kbs_protocol::valid_segment;
 
 pub(crate) fn resource_path(repository: &str, kind: &str, tag: &str) -> Result<String, Problem> {
-    for (what, s) in [("repository", repository), ("type", kind), ("tag", tag)] {
-        if !valid_segment(s) {
-            return Err(Problem::bad_request(
-                "resource-path",
-                format!("resource {what} {s:?} must be 1-128 characters of [A-Za-z0-9._-]"),
-            ));
-        }
-    }
-    Ok(format!("{repository}/{kind}/{tag}"))
+    kabuto_kbs_protocol::ResourceUri::from_segments(repository, kind, tag)
+        .map(|uri| uri.path())
+        .map_err(|e| Problem::bad_request("resource-path", e.to_string()))
 }
 
 /// The attested claims behind a resource request: a Bearer token, or an

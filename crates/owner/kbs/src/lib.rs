@@ -30,7 +30,7 @@ use store::Store;
 use token::{TokenClaims, TokenSigner};
 
 /// Protocol version this KBS speaks (CoCo KBS protocol).
-pub const PROTOCOL_VERSION: &str = "0.4.0";
+pub use kabuto_kbs_protocol::PROTOCOL_VERSION;
 /// Largest request body accepted (resources and evidence).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 

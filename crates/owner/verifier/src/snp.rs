@@ -313,7 +313,7 @@ fn no_asvk(leaf: &x509_cert::Certificate) -> VerifyError {
     VerifyError::UntrustedChain(format!(
         "the VLEK certificate (issuer {}) is not signed by an ASVK that AMD's pinned Milan, Genoa or Turin ARK signed; \
          the evidence's cert_chain carried none that fits: configure AMD's ASVK chain \
-         (https://kdsintf.amd.com/vlek/v1/<product>/cert_chain; kabuto-kbs [attestation] amd_certs, kabuto attest verify --cert)",
+         (https://kdsintf.amd.com/vlek/v1/<product>/cert_chain; kabuto-kbs [attestation] amd_certs, kabuto-owner attest verify --cert)",
         leaf.tbs_certificate.issuer
     ))
 }

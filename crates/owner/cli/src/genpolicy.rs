@@ -1,4 +1,4 @@
-//! `kabuto genpolicy`: a pod manifest in, the same manifest with each pod's
+//! `kabuto-owner genpolicy`: a pod manifest in, the same manifest with each pod's
 //! init-data annotation (its generated policy) out.
 
 use std::{io::Write as _, path::PathBuf};
@@ -43,7 +43,7 @@ pub fn run(args: &GenPolicyArgs) -> anyhow::Result<()> {
     let manifest_path = args
         .manifest
         .as_ref()
-        .context("no manifest given (kabuto genpolicy POD.yaml)")?;
+        .context("no manifest given (kabuto-owner genpolicy POD.yaml)")?;
     let manifest = std::fs::read_to_string(manifest_path)
         .with_context(|| format!("reading {}", manifest_path.display()))?;
     let settings = match &args.settings {
@@ -65,7 +65,7 @@ pub fn run(args: &GenPolicyArgs) -> anyhow::Result<()> {
     let generated = kabuto_genpolicy::generate(&manifest, &settings, &mut resolver)?;
     for pod in &generated.pods {
         eprintln!(
-            "kabuto genpolicy: {}: init-data {} digest {}",
+            "kabuto-owner genpolicy: {}: init-data {} digest {}",
             pod.source,
             settings.algorithm,
             hex::encode(pod.init_data.digest())

@@ -1,4 +1,4 @@
-//! `kabuto attest verify`: offline verification of TEE evidence for
+//! `kabuto-owner attest verify`: offline verification of TEE evidence for
 //! operators debugging attestation.
 
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! `kabuto image`: the image owner's tools. `sign` makes cosign-format
+//! `kabuto-owner image`: the image owner's tools. `sign` makes cosign-format
 //! signatures (Debian's skopeo has sigstore signing disabled and cosign is
 //! not packaged); `inspect` shows what a guest pull will see. Images are
 //! encrypted with skopeo (`--encryption-key jwe:…`), which guests decrypt.
