@@ -630,6 +630,25 @@ mod tests {
     }
 
     #[test]
+    fn the_software_tee_needs_a_build_with_its_feature() {
+        let parsed = Config::parse(
+            "[hypervisor]\nguest_network = \"user\"\n[confidential]\ntee = \"software\"\n",
+            Path::new("c.toml"),
+        );
+        if cfg!(feature = "software-tee") {
+            assert_eq!(
+                parsed.expect("accepted").confidential.tee,
+                TeeKind::Software
+            );
+        } else {
+            let err = parsed
+                .expect_err("a production build refuses it")
+                .to_string();
+            assert!(err.contains(SOFTWARE_TEE_NOT_BUILT), "{err}");
+        }
+    }
+
+    #[test]
     fn a_complete_snp_config_is_accepted() {
         let c = Config::parse(
             "[hypervisor]\nmachine = \"q35\"\n[confidential]\ntee = \"snp\"\nfirmware = \"/fw/OVMF.amdsev.fd\"\nsnp_cpu = \"EPYC-Milan\"\n",
