@@ -129,7 +129,9 @@ target/release/kabuto-kbs admin set-resource "${admin[@]}" default/demo/secret "
 target/release/kabuto-kbs admin set-resource "${admin[@]}" default/image-key/demo "$owner/image-key.pem" >/dev/null
 
 echo -n "secret read inside the confidential pod: "
-ctr --address "$demo/containerd.sock" run --rm --runtime io.containerd.kabuto.v2 \
+# --net-host: the guest reaches the KBS over the host's network (the VM
+# runs in the pod's network namespace, which `ctr run` makes empty).
+ctr --address "$demo/containerd.sock" run --rm --net-host --runtime io.containerd.kabuto.v2 \
   --runtime-config-path "$demo/confidential.toml" --annotation "$annotation" \
   localhost/busybox:latest confidential \
   wget -qO- http://127.0.0.1:8006/cdh/resource/default/demo/secret
@@ -138,7 +140,7 @@ echo
 echo "== confidential image: encrypted by skopeo, pulled and decrypted inside the guest"
 # --rootfs with an empty directory: containerd fetches nothing; the guest
 # pulls the image the annotation names.
-ctr --address "$demo/containerd.sock" run --rm --runtime io.containerd.kabuto.v2 \
+ctr --address "$demo/containerd.sock" run --rm --net-host --runtime io.containerd.kabuto.v2 \
   --runtime-config-path "$demo/confidential-guest-pull.toml" --annotation "$annotation" \
   --annotation "io.kabuto.image=$encrypted_image" --rootfs "$owner/empty" confidential-image \
   sh -c 'echo "ran from the encrypted image $0 on kernel $(uname -r)"' "$encrypted_image"

@@ -295,6 +295,42 @@ impl Containerd {
         );
     }
 
+    /// Stops containerd (SIGTERM, as systemd would) and waits for it; the
+    /// shims it started keep running, as they do after a real containerd
+    /// stop.
+    pub fn stop_containerd(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    /// The pid of the kabuto shim serving container `id` of this containerd.
+    pub fn shim_pid(&self, id: &str) -> Option<u32> {
+        let needle = self.dir.path().display().to_string();
+        processes_matching(&needle)
+            .into_iter()
+            .find(|(_, cmd)| {
+                let args: Vec<&str> = cmd.split_whitespace().collect();
+                args.first()
+                    .is_some_and(|a| a.ends_with("containerd-shim-kabuto-v2"))
+                    && args.windows(2).any(|w| w == ["-id", id])
+            })
+            .map(|(pid, _)| pid)
+    }
+
+    /// Runs the host's `kabuto` with this containerd's kabuto config.
+    pub fn kabuto(&self, args: &[&str]) -> Output {
+        Command::new(paths().bin_dir.join("kabuto"))
+            .args(args)
+            .env("KABUTO_CONFIG_PATH", self.config_path())
+            .output()
+            .expect("running kabuto")
+    }
+
     /// Polls until `f` is true or `limit` passes.
     pub fn eventually(&self, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + limit;
@@ -397,6 +433,27 @@ pub fn busybox_initramfs(dir: &Path, name: &str, init: &str) -> PathBuf {
         .status()
         .expect("cpio");
     assert!(status.success(), "cpio failed");
+    out
+}
+
+/// Zombie children of `parent` (exited, never waited for): their pids.
+pub fn zombie_children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if state == Some("Z") && ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
     out
 }
 

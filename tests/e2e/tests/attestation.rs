@@ -34,7 +34,11 @@ fn confidential_pod_gets_its_secret_only_after_attestation() {
         .set_resource("default/key/1", SECRET.as_bytes())
         .expect("resource");
 
-    let out = c.run("attested", &["--annotation", &annotation(&doc)], &FETCH);
+    let out = c.run(
+        "attested",
+        &["--net-host", "--annotation", &annotation(&doc)],
+        &FETCH,
+    );
     assert!(out.status.success(), "{}\n{}", stderr(&out), stdout(&out));
     assert_eq!(stdout(&out), SECRET);
 
@@ -42,7 +46,7 @@ fn confidential_pod_gets_its_secret_only_after_attestation() {
     let other = init_data(&kbs, "\"note.txt\" = \"another pod\"\n");
     let out = c.run(
         "unregistered",
-        &["--annotation", &annotation(&other)],
+        &["--net-host", "--annotation", &annotation(&other)],
         &FETCH,
     );
     assert!(!out.status.success());

@@ -402,6 +402,9 @@ fn confidential_images_are_pulled_verified_and_decrypted_in_the_guest() {
     c.run_detached(
         POD,
         &[
+            // The guest reaches the KBS and the registry over the host's
+            // network (QEMU's user networking in the pod's namespace).
+            "--net-host",
             "--annotation",
             "io.kubernetes.cri.container-type=sandbox",
             "--annotation",

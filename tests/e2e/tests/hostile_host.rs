@@ -11,6 +11,7 @@ use kabuto_protocol::agent::{CreateContainerRequest, CreateSandboxRequest, ExecP
 use kabuto_runtime::{
     agent_client::AgentClient,
     config::{Config, TeeKind},
+    hypervisor::NetworkNamespace,
     sandbox::Sandbox,
 };
 
@@ -35,7 +36,14 @@ fn config(state: &Path, tee: TeeKind) -> Config {
 /// A software-TEE guest booted with `doc` as its init-data and sent nothing
 /// (the test plays the shim).
 fn boot_confidential(dir: &Path, id: &str, doc: &[u8]) -> Sandbox {
-    Sandbox::boot(&config(dir, TeeKind::Software), "default", id, Some(doc)).expect("boot")
+    Sandbox::boot(
+        &config(dir, TeeKind::Software),
+        "default",
+        id,
+        Some(doc),
+        &NetworkNamespace::Host,
+    )
+    .expect("boot")
 }
 
 /// An init-data document with `policy` as its policy.rego.
@@ -244,6 +252,7 @@ fn a_failed_request_does_not_change_how_later_ones_are_judged() {
         "state",
         "",
         Some(&doc),
+        &NetworkNamespace::Host,
     )
     .expect("sandbox");
     let agent = sandbox.agent();
@@ -292,6 +301,7 @@ fn the_pause_of_a_confidential_pod_is_the_guests_own() {
             id,
             "",
             Some(&allow_all),
+            &NetworkNamespace::Host,
         )
         .expect("sandbox");
         let agent = sandbox.agent();
@@ -370,6 +380,7 @@ fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
         "planted",
         "",
         Some(&allow_all),
+        &NetworkNamespace::Host,
     )
     .expect("sandbox");
     let agent = sandbox.agent();

@@ -146,6 +146,9 @@ fn nothing_host_visible_holds_a_confidential_pods_secrets() {
     c.run_detached(
         POD,
         &[
+            // The guest reaches the KBS and the registry over the host's
+            // network (QEMU's user networking in the pod's namespace).
+            "--net-host",
             "--annotation",
             "io.kubernetes.cri.container-type=sandbox",
             "--annotation",

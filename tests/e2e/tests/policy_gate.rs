@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kabuto_e2e::paths;
 use kabuto_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
-use kabuto_runtime::{config::Config, sandbox::Sandbox};
+use kabuto_runtime::{config::Config, hypervisor::NetworkNamespace, sandbox::Sandbox};
 
 fn config(state: &std::path::Path) -> Config {
     let mut c = Config::default();
@@ -20,8 +20,15 @@ fn config(state: &std::path::Path) -> Config {
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
 fn denied_requests_are_blocked_and_run_nothing() {
     let state = tempfile::tempdir().expect("tempdir");
-    let sandbox =
-        Sandbox::create(&config(state.path()), "default", "gate", "", None).expect("sandbox");
+    let sandbox = Sandbox::create(
+        &config(state.path()),
+        "default",
+        "gate",
+        "",
+        None,
+        &NetworkNamespace::Host,
+    )
+    .expect("sandbox");
     let agent = sandbox.agent().clone();
 
     // Non-confidential pods start with allow-all.

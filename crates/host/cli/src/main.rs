@@ -7,6 +7,7 @@
 mod check;
 mod exec;
 mod install;
+mod sandboxes;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,12 @@ enum Command {
     /// Moved to `kabuto-owner`.
     #[command(hide = true)]
     Image(MovedArgs),
+    /// The sandboxes on this host; removal of orphaned ones (a shim that
+    /// died, or lost its containerd).
+    Sandbox {
+        #[command(subcommand)]
+        command: sandboxes::SandboxCommand,
+    },
     /// Open the debug shell of a running pod (needs hypervisor.debug_console).
     Exec {
         /// The pod (sandbox) id.
@@ -196,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attest(_) => moved("attest"),
         Command::Genpolicy(_) => moved("genpolicy"),
         Command::Image(_) => moved("image"),
+        Command::Sandbox { command } => sandboxes::run(&Config::load()?, command),
         Command::Exec { pod, namespace } => {
             let config = Config::load()?;
             if !config.hypervisor.debug_console {

@@ -5,6 +5,7 @@
 //! - [`hypervisor`]: the VMM boundary and the QEMU driver.
 //! - [`agent_client`]: the agent connection (vsock, hybrid vsock) and client.
 //! - [`sandbox`]: one pod VM with its helpers, created all-or-nothing.
+//! - [`inventory`]: the sandboxes on this host; removal of orphaned ones.
 //! - [`spec`]: host OCI spec → guest OCI spec.
 //! - [`mount`]: rootfs and bind mounts in the shared directory.
 //! - [`guest_image`]: builds the guest kernel + initramfs reproducibly.
@@ -16,6 +17,7 @@ pub mod agent_client;
 pub mod config;
 pub mod guest_image;
 pub mod hypervisor;
+pub mod inventory;
 pub mod mount;
 pub mod sandbox;
 pub mod spec;

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::{
     agent_client::{AgentAddress, AgentClient},
     config::{AgentChannel, Config, GuestNetwork, MachineType, TeeKind},
-    hypervisor::{self, Accel, TeeLaunch, Vm, VmSpec, VsockBackend},
+    hypervisor::{self, Accel, NetworkNamespace, TeeLaunch, Vm, VmSpec, VsockBackend},
     mount::{self, MountSpec},
     spec::SharedBind,
     swtee_service::FirmwareService,
@@ -84,7 +84,7 @@ pub fn sandbox_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
     sandboxes_dir(config).join(sandbox_dir_name(namespace, id))
 }
 
-fn sandboxes_dir(config: &Config) -> PathBuf {
+pub(crate) fn sandboxes_dir(config: &Config) -> PathBuf {
     config.runtime.state_dir.join("sandboxes")
 }
 
@@ -108,7 +108,7 @@ pub fn sandbox_namespaces(config: &Config, id: &str) -> Vec<String> {
 }
 
 /// In each sandbox directory: `<namespace>\n<id>\n`.
-const SANDBOX_NAME_FILE: &str = "sandbox";
+pub(crate) const SANDBOX_NAME_FILE: &str = "sandbox";
 
 /// Longest `<namespace>+<id>` used as a directory name unchanged.
 const MAX_DIR_NAME: usize = 40;
@@ -207,6 +207,19 @@ impl Claim {
     }
 }
 
+/// Whether a live process holds the claim on `namespace`/`id`, without
+/// taking it (a lock on our own open of the file, dropped at once).
+pub(crate) fn claim_is_held(config: &Config, namespace: &str, id: &str) -> bool {
+    let path = sandboxes_dir(config).join(format!("{}.lock", sandbox_dir_name(namespace, id)));
+    let Ok(file) = fs::File::open(&path) else {
+        return false;
+    };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a file descriptor we own; closing it unlocks.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 /// What `create` has started so far; dropped (and so undone) on failure.
 struct Partial {
     armed: bool,
@@ -291,8 +304,9 @@ impl Sandbox {
         id: &str,
         hostname: &str,
         init_data: Option<&[u8]>,
+        network: &NetworkNamespace,
     ) -> Result<Sandbox, SandboxError> {
-        let sandbox = Sandbox::boot(config, namespace, id, init_data)?;
+        let sandbox = Sandbox::boot(config, namespace, id, init_data, network)?;
         let request = CreateSandboxRequest {
             sandbox_id: id.to_string(),
             hostname: hostname.to_string(),
@@ -320,6 +334,7 @@ impl Sandbox {
         namespace: &str,
         id: &str,
         init_data: Option<&[u8]>,
+        network: &NetworkNamespace,
     ) -> Result<Sandbox, SandboxError> {
         let fail = |stage: &'static str| {
             let id = id.to_string();
@@ -512,6 +527,7 @@ impl Sandbox {
             vsock,
             tee,
             user_network: config.hypervisor.guest_network == GuestNetwork::User,
+            network_namespace: network.clone(),
         };
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             if !path.is_file() {
@@ -577,6 +593,27 @@ impl Sandbox {
                 .map(|c| c.id()),
         );
         pids
+    }
+
+    /// Reaps the helpers (virtiofsd, the vsock device) that exited on their
+    /// own — a virtiofsd ends with its VM — so that none stays a zombie;
+    /// returns how each one ended, for the log.
+    pub fn reap_exited_helpers(&self) -> Vec<String> {
+        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = Vec::new();
+        helpers.retain_mut(|child| match child.try_wait() {
+            Ok(Some(status)) => {
+                ended.push(format!("helper {} exited ({status})", child.id()));
+                false
+            }
+            _ => true,
+        });
+        ended
+    }
+
+    /// Stops and reaps the helpers: after the VM is gone they serve nothing.
+    pub fn stop_helpers(&self) {
+        stop_helpers(&mut self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// True once the VM process has exited.
@@ -654,7 +691,7 @@ impl Sandbox {
                 Err(e) => log::warn!("sandbox {}: stopping the VM: {e}", self.id),
             }
         }
-        stop_helpers(&mut self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+        self.stop_helpers();
         self.firmware
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -939,13 +976,29 @@ fn write_pids(dir: &Path, helpers: &[Child]) {
 /// claim; does nothing while the sandbox's owner is alive (it holds the
 /// claim).
 pub fn cleanup_stale_sandbox(config: &Config, namespace: &str, id: &str) {
-    match Claim::take(config, namespace, id) {
-        Ok(claim) => {
-            cleanup_stale(&sandbox_dir(config, namespace, id));
-            claim.release();
-        }
-        Err(e) => log::warn!("not cleaning up sandbox {id}: {e}"),
+    if let Err(e) = remove_stale_sandbox(config, namespace, id) {
+        log::warn!("not cleaning up sandbox {id}: {e}");
     }
+}
+
+/// [`cleanup_stale_sandbox`], with the reason when the sandbox's owner is
+/// still alive (it holds the claim) or the directory stays.
+pub(crate) fn remove_stale_sandbox(
+    config: &Config,
+    namespace: &str,
+    id: &str,
+) -> Result<(), String> {
+    let claim = Claim::take(config, namespace, id)?;
+    let dir = sandbox_dir(config, namespace, id);
+    cleanup_stale(&dir);
+    claim.release();
+    if dir.exists() {
+        return Err(format!(
+            "{} could not be removed (see the log)",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Removes what a crashed shim left of a sandbox: kills its processes (only

@@ -34,6 +34,8 @@ use kabuto_protocol::{
 };
 use kabuto_runtime::{
     config::{Config, ImagePull},
+    hypervisor::NetworkNamespace,
+    inventory,
     mount::MountSpec,
     sandbox::{self, Sandbox},
     spec,
@@ -85,6 +87,9 @@ struct Process {
     exec_spec: Vec<u8>,
     state: Mutex<ProcState>,
     exited: Condvar,
+    /// Set once a waiter for this process runs (started by Start, or by a
+    /// kill before Start): one waiter per process.
+    waited: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -101,6 +106,7 @@ impl Process {
                 exited_at: None,
             }),
             exited: Condvar::new(),
+            waited: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -159,6 +165,8 @@ struct State {
 
 struct Inner {
     namespace: String,
+    /// containerd's API socket, recorded for `kabuto sandbox list`.
+    containerd_address: String,
     exit: ExitSignal,
     events: Mutex<EventSender>,
     config: OnceLock<Config>,
@@ -287,8 +295,17 @@ impl Service {
             id,
             &hostname,
             init_data.as_ref().map(|d| d.raw()),
+            &NetworkNamespace::of_spec(spec),
         )
         .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
+        let owner = inventory::Owner {
+            pid: std::process::id(),
+            containerd_address: self.inner.containerd_address.clone(),
+        };
+        // Without the record `kabuto sandbox remove` cannot tell an orphan.
+        if let Err(e) = owner.record(sandbox.dir()) {
+            log::warn!("sandbox {id}: recording its owner: {e}");
+        }
         let sandbox = Arc::new(sandbox);
         lock(&self.inner.state).sandbox = Some(sandbox.clone());
         self.watch_sandbox(&sandbox);
@@ -317,6 +334,9 @@ impl Service {
             .spawn(move || loop {
                 thread::sleep(Duration::from_millis(200));
                 let Some(sb) = weak.upgrade() else { return };
+                for ended in sb.reap_exited_helpers() {
+                    log::warn!("sandbox {}: {ended}", sb.id);
+                }
                 if let Some(status) = sb.vm_exited() {
                     let owned = lock(&service.inner.state)
                         .sandbox
@@ -326,6 +346,7 @@ impl Service {
                         log::error!("sandbox {}: the VM exited unexpectedly ({status})", sb.id);
                         service.vm_gone(&sb);
                     }
+                    sb.stop_helpers();
                     return;
                 }
             });
@@ -379,6 +400,9 @@ impl Service {
 
     /// Waits in the guest for the process to exit, then reports it.
     fn spawn_waiter(&self, sandbox: Arc<Sandbox>, p: Arc<Process>, output: Option<OutputCopiers>) {
+        if p.waited.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let service = self.clone();
         let agent = sandbox.agent().clone();
         let _ = thread::Builder::new()
@@ -431,6 +455,52 @@ impl Service {
             }
         }
         c.sandbox.unshare_container(&c.id);
+    }
+
+    /// SIGTERM or SIGINT ends the shim with its sandbox: containerd-shim's
+    /// own handler only logs them, which left shims (and their VMs) behind
+    /// that only SIGKILL ended. Only the serving shim installs this.
+    fn handle_termination(&self) {
+        let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("shim: cannot handle SIGTERM: {e}");
+                return;
+            }
+        };
+        let service = self.clone();
+        let _ = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    service.terminate(signal);
+                }
+            });
+    }
+
+    /// Tears everything down — the VM, its helpers, mounts and state — and
+    /// ends the shim, reporting every process that still ran as exited.
+    fn terminate(&self, signal: i32) {
+        log::warn!("shim: signal {signal}: tearing down the sandbox and exiting");
+        let (containers, sandbox) = {
+            let mut state = lock(&self.inner.state);
+            let containers: Vec<Arc<Container>> =
+                state.containers.drain().map(|(_, c)| c).collect();
+            (containers, state.sandbox.take())
+        };
+        for c in &containers {
+            let mut procs: Vec<Arc<Process>> = lock(&c.execs).values().cloned().collect();
+            procs.push(c.init.clone());
+            for p in procs {
+                self.report_exit(&p, VM_GONE_STATUS, now());
+            }
+        }
+        if let Some(sb) = sandbox {
+            // Also unmounts every container's rootfs and binds (all of
+            // them live under the sandbox directory).
+            sb.destroy();
+        }
+        self.inner.exit.signal();
     }
 
     fn destroy_sandbox_if_idle(&self) {
@@ -655,6 +725,7 @@ impl containerd_shim::Shim for Service {
         Service {
             inner: Arc::new(Inner {
                 namespace: args.namespace.clone(),
+                containerd_address: args.address.clone(),
                 exit: ExitSignal::default(),
                 events: Mutex::new(EventSender::disconnected()),
                 config: OnceLock::new(),
@@ -709,6 +780,7 @@ impl containerd_shim::Shim for Service {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         *lock(&self.inner.events) = EventSender::start(publisher, self.inner.namespace.clone());
+        self.handle_termination();
         self.clone()
     }
 }
@@ -903,10 +975,25 @@ impl containerd_shim::Task for Service {
                 format!("{}/{}: process already finished", req.id, req.exec_id),
             ));
         }
+        let created = lock(&p.state).status == Status::Created;
+        if created && !req.exec_id.is_empty() {
+            // An exec that was never started has no process in the guest:
+            // the signal ends it before it runs.
+            self.report_exit(&p, 128 + req.signal, now());
+            return Ok(api::Empty::new());
+        }
         c.sandbox
             .agent()
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)
             .map_err(agent_error)?;
+        if created {
+            // The init of a created container exists in the guest and may
+            // die of the signal before Start: its exit must be reported, or
+            // the task stays "created" and containerd never deletes it (as
+            // after `ctr run -d` failed in CNI setup and `ctr task kill`).
+            let output = lock(&c.init_output).take();
+            self.spawn_waiter(c.sandbox.clone(), p.clone(), output);
+        }
         Ok(api::Empty::new())
     }
 

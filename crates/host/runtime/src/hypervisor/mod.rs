@@ -24,6 +24,12 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the pod's network namespace {path}")]
+    NetworkNamespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("waiting for the VM process")]
@@ -93,6 +99,44 @@ pub struct VmSpec {
     pub tee: TeeLaunch,
     /// QEMU user-mode networking for the guest (virtio-net).
     pub user_network: bool,
+    /// The host network namespace the VMM runs in.
+    pub network_namespace: NetworkNamespace,
+}
+
+/// The pod's network namespace, where the VMM runs: the pod's network is
+/// what that namespace has (CNI's interfaces; QEMU's user-mode networking
+/// reaches what the namespace reaches). ctr's `--cni` configures the
+/// namespace of the task's pid — the VMM's — so a VMM left in the host's
+/// namespace would have CNI rewire the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NetworkNamespace {
+    /// The host's: the spec names no network namespace (host-network pods,
+    /// `ctr run --net-host`).
+    #[default]
+    Host,
+    /// A new, empty one: the spec asks for one without a path (`ctr run`).
+    New,
+    /// An existing one: the spec's path (CRI's pod network namespace).
+    Path(PathBuf),
+}
+
+impl NetworkNamespace {
+    /// From the OCI spec's `linux.namespaces`.
+    pub fn of_spec(spec: &oci_spec::runtime::Spec) -> NetworkNamespace {
+        use oci_spec::runtime::LinuxNamespaceType;
+        let network = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|n| n.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+        match network {
+            None => NetworkNamespace::Host,
+            Some(n) => match n.path() {
+                Some(path) if !path.as_os_str().is_empty() => NetworkNamespace::Path(path.clone()),
+                _ => NetworkNamespace::New,
+            },
+        }
+    }
 }
 
 impl VmSpec {
@@ -174,6 +218,31 @@ pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec_with(namespaces: &str) -> oci_spec::runtime::Spec {
+        serde_json::from_str(&format!(
+            r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{namespaces}}}}}"#
+        ))
+        .expect("spec")
+    }
+
+    #[test]
+    fn the_vmm_runs_in_the_network_namespace_the_spec_names() {
+        assert_eq!(
+            NetworkNamespace::of_spec(&spec_with(r#"[{"type":"pid"},{"type":"mount"}]"#)),
+            NetworkNamespace::Host
+        );
+        assert_eq!(
+            NetworkNamespace::of_spec(&spec_with(r#"[{"type":"network"}]"#)),
+            NetworkNamespace::New
+        );
+        assert_eq!(
+            NetworkNamespace::of_spec(&spec_with(
+                r#"[{"type":"network","path":"/var/run/netns/cni-1"}]"#
+            )),
+            NetworkNamespace::Path("/var/run/netns/cni-1".into())
+        );
+    }
 
     #[test]
     fn kvm_needs_hardware_virtualization() {

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Accel, Hypervisor, HypervisorError, TeeLaunch, Vm, VmSpec, VsockBackend};
+use super::{
+    Accel, Hypervisor, HypervisorError, NetworkNamespace, TeeLaunch, Vm, VmSpec, VsockBackend,
+};
 use crate::config::{HypervisorConfig, MachineType};
 
 pub struct Qemu {
@@ -261,21 +263,67 @@ impl Hypervisor for Qemu {
             source,
         })?;
         log::debug!("qemu {}", args.join(" "));
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|source| HypervisorError::Spawn {
-                program: self.binary.clone(),
-                source,
-            })?;
+            .stderr(log_err);
+        // Open before the fork; closed (O_CLOEXEC) at QEMU's exec.
+        let _netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
+        let child = command.spawn().map_err(|source| HypervisorError::Spawn {
+            program: self.binary.clone(),
+            source,
+        })?;
         let _ = std::fs::write(spec.dir.join("qemu.pid"), child.id().to_string());
         Ok(Box::new(QemuVm {
             child,
             qmp: qmp_socket(&spec.dir),
         }))
+    }
+}
+
+/// Makes `command` start in `netns`; returns the namespace file to keep
+/// open until the spawn.
+fn enter_network_namespace(
+    command: &mut Command,
+    netns: &NetworkNamespace,
+) -> Result<Option<std::fs::File>, HypervisorError> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let netns_error = |path: &Path, source: std::io::Error| HypervisorError::NetworkNamespace {
+        path: path.to_path_buf(),
+        source,
+    };
+    match netns {
+        NetworkNamespace::Host => Ok(None),
+        NetworkNamespace::New => {
+            // SAFETY: unshare(2) is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Ok(None)
+        }
+        NetworkNamespace::Path(path) => {
+            let file = std::fs::File::open(path).map_err(|e| netns_error(path, e))?;
+            let fd = file.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; `fd` stays open until
+            // the spawn returns (the caller holds `file`).
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Ok(Some(file))
+        }
     }
 }
 
@@ -372,6 +420,7 @@ mod tests {
             vsock,
             tee: TeeLaunch::None,
             user_network: false,
+            network_namespace: NetworkNamespace::Host,
         }
     }
 
