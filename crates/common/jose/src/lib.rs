@@ -357,6 +357,7 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
             let mut other_fields = serde_json::Map::new();
             let epk = serde_json::to_value(ec_jwk(&ephemeral.public_key()))
                 .map_err(|e| JoseError::Encrypt(e.to_string()))?;
+            let epk = with_sorted_keys(epk);
             other_fields.insert("epk".into(), epk);
             (
                 ProtectedHeader {
@@ -415,6 +416,32 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
         ciphertext,
         tag: tag.to_vec(),
     })
+}
+
+/// `value` with every object's keys inserted in sorted order. CoCo's KBS
+/// client does not authenticate the protected header as received: it
+/// re-serializes kbs-types' `ProtectedHeader`, whose maps come out sorted
+/// when its serde_json lacks `preserve_order` and in wire order when it has
+/// it. A header sorted at every level is the same bytes either way, whatever
+/// our own build unifies (dcap-qvl turns `preserve_order` on here, and
+/// `TeePubKey` serializes `kty, crv, alg, x, y`).
+fn with_sorted_keys(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, with_sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(with_sorted_keys).collect())
+        }
+        other => other,
+    }
 }
 
 fn ec_jwk(key: &p256::PublicKey) -> TeePubKey {

@@ -166,3 +166,47 @@ fn rejects_bad_keys_and_algorithms() {
         Err(JoseError::UnsupportedAlgorithm { field: "enc", .. })
     ));
 }
+
+/// How CoCo's KBS client decrypts a response: it parses the protected
+/// header into kbs-types' `ProtectedHeader` and re-serializes it for the
+/// authenticated data. Built with serde_json's default features (no
+/// `preserve_order`), that re-serialization sorts every object's keys —
+/// what `canonical_json` writes for a header of strings. Our KBS's own
+/// build has `preserve_order` on (dcap-qvl enables it), so a header is only
+/// safe when its keys are sorted at every level on the wire.
+fn decrypt_as_coco_client_does(key: &TeeKeyPair, wire: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    let doc: serde_json::Value = serde_json::from_slice(wire).unwrap();
+    let protected = B64URL.decode(doc["protected"].as_str().unwrap()).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+    let reserialized = B64URL.encode(canonical_json(&header).unwrap());
+    let jwe: Response = serde_json::from_value(doc).unwrap();
+    key.decrypt_with_aad(&jwe, reserialized.as_bytes())
+}
+
+#[test]
+fn a_coco_client_re_serializing_the_header_decrypts_our_responses() {
+    let ec = TeeKeyPair::generate_ec();
+    let rsa = TeeKeyPair::generate_rsa(2048).unwrap();
+    for key in [&ec, &rsa] {
+        let jwe = encrypt(&key.public_jwk(), b"for a coco client").unwrap();
+        let wire = serde_json::to_vec(&jwe).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        let protected = B64URL.decode(doc["protected"].as_str().unwrap()).unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+        assert_eq!(
+            String::from_utf8(protected.clone()).unwrap(),
+            String::from_utf8(canonical_json(&header).unwrap()).unwrap(),
+            "the protected header on the wire is not in sorted-key form"
+        );
+        assert_eq!(
+            decrypt_as_coco_client_does(key, &wire).unwrap().as_slice(),
+            b"for a coco client"
+        );
+        // And a client that keeps the wire order (preserve_order on), or
+        // takes the bytes as sent, agrees.
+        assert_eq!(
+            key.decrypt_json(&wire).unwrap().as_slice(),
+            b"for a coco client"
+        );
+    }
+}

@@ -735,6 +735,26 @@ fn sample_evidence_and_bearer_tokens() {
         key.decrypt_json(response.as_bytes()).unwrap().as_slice(),
         b"via bearer"
     );
+    // As CoCo's client decrypts it: the header re-serialized (kbs-types'
+    // ProtectedHeader, serde_json's default features: sorted keys) is the
+    // authenticated data. This KBS's build has preserve_order on.
+    {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut doc: serde_json::Value = serde_json::from_str(&response).unwrap();
+        let protected = b64.decode(doc["protected"].as_str().unwrap()).unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+        doc["protected"] = b64
+            .encode(kabuto_jose::canonical_json(&header).unwrap())
+            .into();
+        assert_eq!(
+            key.decrypt_json(&serde_json::to_vec(&doc).unwrap())
+                .unwrap()
+                .as_slice(),
+            b"via bearer",
+            "a CoCo client cannot decrypt this KBS's response"
+        );
+    }
     // The token says what was attested: insecure evidence is a warning.
     let claims = kabuto_attestation_agent::token_expiry(&token);
     assert!(claims.is_some());
