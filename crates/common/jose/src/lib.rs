@@ -25,6 +25,10 @@ pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
 /// RSA-OAEP with SHA-1, what ocicrypt (go-jose `RSA_OAEP`) writes for RSA keys.
 pub const ALG_RSA_OAEP: &str = "RSA-OAEP";
+/// RSAES-PKCS1-v1_5: what CoCo's KBS client may ask for with an RSA key.
+/// Only ever produced (a KBS answering such a client), never accepted: a
+/// decryptor that tells padding errors apart is Bleichenbacher's oracle.
+pub const ALG_RSA1_5: &str = "RSA1_5";
 /// The only content encryption we produce or accept.
 pub const ENC_A256GCM: &str = "A256GCM";
 
@@ -368,7 +372,9 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
                 wrapped,
             )
         }
-        TeePubKey::RSA { k_mod, k_exp, .. } => {
+        TeePubKey::RSA {
+            alg, k_mod, k_exp, ..
+        } => {
             let n = decode_b64url("n", k_mod)?;
             let e = decode_b64url("e", k_exp)?;
             let key = RsaPublicKey::new(BigUint::from_bytes_be(&n), BigUint::from_bytes_be(&e))
@@ -379,12 +385,28 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
                     key.size() * 8
                 )));
             }
-            let wrapped = key
-                .encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref())
-                .map_err(|e| JoseError::Encrypt(format!("RSA-OAEP: {e}")))?;
+            // The algorithm the recipient's key names (RFC 7517 §4.4): a
+            // client decrypts with the one it asked for.
+            let alg = match alg.as_str() {
+                "" | ALG_RSA_OAEP_256 => ALG_RSA_OAEP_256,
+                ALG_RSA_OAEP => ALG_RSA_OAEP,
+                ALG_RSA1_5 => ALG_RSA1_5,
+                other => {
+                    return Err(JoseError::UnsupportedAlgorithm {
+                        field: "alg",
+                        value: format!("{other} for an RSA key"),
+                    })
+                }
+            };
+            let wrapped = match alg {
+                ALG_RSA_OAEP => key.encrypt(&mut OsRng, Oaep::new::<sha1::Sha1>(), cek.as_ref()),
+                ALG_RSA1_5 => key.encrypt(&mut OsRng, rsa::Pkcs1v15Encrypt, cek.as_ref()),
+                _ => key.encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref()),
+            }
+            .map_err(|e| JoseError::Encrypt(format!("{alg}: {e}")))?;
             (
                 ProtectedHeader {
-                    alg: ALG_RSA_OAEP_256.into(),
+                    alg: alg.into(),
                     enc: ENC_A256GCM.into(),
                     other_fields: serde_json::Map::new(),
                 },

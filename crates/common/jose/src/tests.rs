@@ -210,3 +210,56 @@ fn a_coco_client_re_serializing_the_header_decrypts_our_responses() {
         );
     }
 }
+
+/// An RSA key's `alg` picks the key wrapping, as CoCo's client expects:
+/// RSA-OAEP-256 (also for no alg), RSA-OAEP (SHA-1), RSA1_5. The guest never
+/// accepts RSA1_5 itself.
+#[test]
+fn rsa_responses_use_the_algorithm_the_key_names() {
+    use rsa::traits::PublicKeyParts as _;
+    let private = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+    let jwk = |alg: &str| TeePubKey::RSA {
+        alg: alg.into(),
+        k_mod: B64URL.encode(private.n().to_bytes_be()),
+        k_exp: B64URL.encode(private.e().to_bytes_be()),
+    };
+    let key = TeeKeyPair::Rsa(Box::new(private.clone()));
+    for (asked, sent) in [
+        ("", ALG_RSA_OAEP_256),
+        (ALG_RSA_OAEP_256, ALG_RSA_OAEP_256),
+        (ALG_RSA_OAEP, ALG_RSA_OAEP),
+    ] {
+        let jwe = encrypt(&jwk(asked), b"wrapped as asked").unwrap();
+        assert_eq!(jwe.protected.alg, sent);
+        let wire = serde_json::to_vec(&jwe).unwrap();
+        assert_eq!(
+            decrypt_as_coco_client_does(&key, &wire).unwrap().as_slice(),
+            b"wrapped as asked"
+        );
+    }
+    let jwe = encrypt(&jwk(ALG_RSA1_5), b"pkcs1").unwrap();
+    assert_eq!(jwe.protected.alg, ALG_RSA1_5);
+    let cek = private
+        .decrypt(rsa::Pkcs1v15Encrypt, &jwe.encrypted_key)
+        .unwrap();
+    assert_eq!(
+        decrypt_a256gcm(
+            &cek,
+            &jwe.iv,
+            &jwe.ciphertext,
+            &jwe.tag,
+            &jwe.protected.generate_aad().unwrap()
+        )
+        .unwrap()
+        .as_slice(),
+        b"pkcs1"
+    );
+    assert!(matches!(
+        key.decrypt(&jwe),
+        Err(JoseError::UnsupportedAlgorithm { field: "alg", .. })
+    ));
+    assert!(matches!(
+        encrypt(&jwk("RSA-OAEP-512"), b"x"),
+        Err(JoseError::UnsupportedAlgorithm { field: "alg", .. })
+    ));
+}
