@@ -438,6 +438,29 @@ pub fn container_rule(
         Some(uid) => (Some(uid), gid.or(image_gid.filter(|_| image_uid.is_some()))),
         None => (image_uid, gid.or(image_gid)),
     };
+    // A user or group the image names (`USER nginx`, `USER 10:staff`) is
+    // resolved by the host from the rootfs' /etc/passwd and /etc/group,
+    // which genpolicy does not read (it fetches no layers): pinning nothing
+    // would let the host run the container as any uid, root included.
+    // Refused, with the fix.
+    let image_user_text = config.user.as_deref().unwrap_or("");
+    let (named_user, named_group) = match image_user_text.split_once(':') {
+        Some((u, g)) => (u.parse::<i64>().is_err(), g.parse::<i64>().is_err()),
+        None => (
+            !image_user_text.is_empty() && image_user_text.parse::<i64>().is_err(),
+            false,
+        ),
+    };
+    if uid.is_none() && named_user {
+        return Err(err(format!(
+            "the image runs as user {image_user_text:?}, a name genpolicy cannot resolve to a uid              (it reads no image layers): set securityContext.runAsUser (and runAsGroup) to its              numeric ids, or build the image with a numeric USER"
+        )));
+    }
+    if gid.is_none() && named_group {
+        return Err(err(format!(
+            "the image runs as group {image_user_text:?}, a name genpolicy cannot resolve to a gid:              set securityContext.runAsGroup to its numeric id"
+        )));
+    }
     let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
 
     let mut mounts = Vec::new();

@@ -813,7 +813,7 @@ fn namespaces_and_privileged_daemonsets() {
     );
 
     // The privileged node exporter is allowed to be privileged; its image
-    // user is a name, so any uid is accepted.
+    // user is a name, so the pod gives the ids and they are pinned.
     let (rego, mut req) = first_container_case(
         &f,
         &manifest("06-daemonset-node-exporter.yaml"),
@@ -823,6 +823,13 @@ fn namespaces_and_privileged_daemonsets() {
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
+    );
+    let mut as_root = req.clone();
+    as_root["OCI"]["process"]["user"]["uid"] = json!(0);
+    assert_ne!(
+        decide(&mut gate, "CreateContainerRequest", &as_root),
+        Decision::Allowed,
+        "a named image user must not admit uid 0"
     );
     // ... but its host root stays read-only.
     for m in req["OCI"]["mounts"].as_array_mut().unwrap() {
@@ -955,6 +962,11 @@ fn bad_manifests_and_images_are_refused() {
          "hostPID: true is not supported"),
         ("kind: Pod\nmetadata: {name: p}\nspec:\n  hostIPC: true\n  containers:\n  - {name: a, image: busybox:1.36}\n",
          "hostIPC: true is not supported"),
+        // An image USER that is a name: its uid is the host's to choose.
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - {name: a, image: \"quay.io/prometheus/node-exporter:v1.7.0\"}\n",
+         "runs as user \"nobody\", a name genpolicy cannot resolve to a uid"),
+        ("kind: Pod\nmetadata: {name: p}\nspec:\n  securityContext: {runAsGroup: 1}\n  containers:\n  - {name: a, image: \"quay.io/prometheus/node-exporter:v1.7.0\"}\n",
+         "set securityContext.runAsUser"),
     ];
     for (yaml, why) in cases {
         let e = gen(&f, yaml, &s).unwrap_err().to_string();
