@@ -207,19 +207,68 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Half of the guest's available memory (at least 16 MiB): the size of one
-/// pull's tmpfs.
-fn tmpfs_size_bytes() -> u64 {
-    let available_kib = std::fs::read_to_string("/proc/meminfo")
+/// The guest's available memory now, in bytes.
+fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
             text.lines()
                 .find_map(|l| l.strip_prefix("MemAvailable:"))
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
-        .unwrap_or(0);
-    (available_kib * 1024 / 2).max(16 << 20) & !4095
+        .unwrap_or(0)
+        * 1024
 }
+
+/// The smallest tmpfs a pull gets.
+const MIN_PULL_TMPFS: u64 = 16 << 20;
+
+/// The tmpfs sizes of the pulls in flight. A tmpfs takes memory only as it
+/// fills, so `MemAvailable` does not show what running pulls will still
+/// use: all pulls together get at most half of the available memory (the
+/// rest is for their blobs and the pod), each reserving its size until it
+/// ends (a finished rootfs then shows in `MemAvailable` itself).
+#[derive(Default)]
+pub(crate) struct PullBudget {
+    reserved: std::sync::Mutex<u64>,
+}
+
+/// One pull's share of the [`PullBudget`], given back when dropped.
+pub(crate) struct PullReservation<'a> {
+    budget: &'a PullBudget,
+    pub size: u64,
+}
+
+impl PullBudget {
+    /// Reserves a tmpfs size for one more pull, given `available` bytes of
+    /// guest memory; refused when the pulls in flight hold the budget.
+    pub(crate) fn reserve(&self, available: u64) -> Result<PullReservation<'_>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let size = (available / 2).saturating_sub(*reserved) & !4095;
+        if size < MIN_PULL_TMPFS {
+            return Err(AgentError::Image(format!(
+                "not enough guest memory for another image pull: the pulls in flight hold {} MiB of {} MiB available; retry when they finish, or give the VM more memory",
+                *reserved >> 20,
+                available >> 20
+            )));
+        }
+        *reserved += size;
+        Ok(PullReservation { budget: self, size })
+    }
+}
+
+impl Drop for PullReservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self
+            .budget
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *reserved = reserved.saturating_sub(self.size);
+    }
+}
+
+static PULL_BUDGET: std::sync::LazyLock<PullBudget> = std::sync::LazyLock::new(PullBudget::default);
 
 /// Pulls `reference` into a fresh tmpfs for `container_id`; returns the
 /// rootfs path and the image config. On error nothing remains.
@@ -240,12 +289,15 @@ pub fn pull(
             dir.display()
         )));
     }
-    std::fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
     // Bounded by what the guest can spare now: tmpfs is guest RAM, and an
     // unbounded one (the kernel's default is half of all RAM per mount)
     // lets a large or hostile image exhaust it and take the agent down.
     // An image that does not fit fails with ENOSPC, the agent stays.
-    let size = tmpfs_size_bytes();
+    // Concurrent pulls share one budget (two each sized to half of the
+    // same MemAvailable once added up to all of it).
+    let reservation = PULL_BUDGET.reserve(available_memory_bytes())?;
+    let size = reservation.size;
+    std::fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
     if let Err(e) = mount(
         Some("tmpfs"),
         &dir,
@@ -463,6 +515,37 @@ mod tests {
         process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
         process.set_env(Some(env.iter().map(|s| s.to_string()).collect()));
         spec
+    }
+
+    #[test]
+    fn concurrent_pulls_share_half_of_the_available_memory() {
+        let budget = PullBudget::default();
+        let available = 1024 << 20;
+        let first = budget.reserve(available).expect("first pull");
+        assert_eq!(first.size, 512 << 20);
+        // While the first is in flight its tmpfs has not filled, so the
+        // same MemAvailable is seen: the second gets what is left.
+        let refused = budget
+            .reserve(available)
+            .err()
+            .expect("the budget is spent");
+        assert!(
+            refused
+                .to_string()
+                .contains("the pulls in flight hold 512 MiB of 1024 MiB"),
+            "{refused}"
+        );
+        // With more memory free, a second pull gets the rest of the half.
+        let second = budget.reserve(available * 2).expect("second pull");
+        assert_eq!(second.size, 512 << 20);
+        drop(second);
+        drop(first);
+        let third = budget.reserve(available).expect("third pull");
+        assert_eq!(
+            third.size,
+            512 << 20,
+            "finished pulls give their share back"
+        );
     }
 
     fn rootfs() -> tempfile::TempDir {

@@ -453,12 +453,12 @@ pub fn container_rule(
     };
     if uid.is_none() && named_user {
         return Err(err(format!(
-            "the image runs as user {image_user_text:?}, a name genpolicy cannot resolve to a uid              (it reads no image layers): set securityContext.runAsUser (and runAsGroup) to its              numeric ids, or build the image with a numeric USER"
+            "the image runs as user {image_user_text:?}, a name genpolicy cannot resolve to a uid (it reads no image layers): set securityContext.runAsUser (and runAsGroup) to its numeric ids, or build the image with a numeric USER"
         )));
     }
     if gid.is_none() && named_group {
         return Err(err(format!(
-            "the image runs as group {image_user_text:?}, a name genpolicy cannot resolve to a gid:              set securityContext.runAsGroup to its numeric id"
+            "the image runs as group {image_user_text:?}, a name genpolicy cannot resolve to a gid: set securityContext.runAsGroup to its numeric id"
         )));
     }
     let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
