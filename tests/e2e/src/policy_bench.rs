@@ -128,6 +128,26 @@ pub fn input(i: usize) -> serde_json::Value {
     })
 }
 
+/// The pod's pause, created before its containers (they join it).
+fn sandbox_input() -> serde_json::Value {
+    json!({
+        "container_id": "pod", "exec_id": "", "sandbox_id": "pod",
+        "OCI": {
+            "ociVersion": "1.1.0",
+            "annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"},
+            "process": {"user": {"uid": 65535, "gid": 65535}, "args": ["/pause"],
+                        "env": [PATH], "cwd": "/",
+                        "capabilities": {"bounding": ["CAP_CHOWN"]}, "noNewPrivileges": true},
+            "root": {"path": "/run/kabuto/rootfs/pod", "readonly": true},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                       {"destination": "/dev/shm", "type": "bind", "source": "/run/kabuto/shared/pod/mounts/1-shm", "options": ["rbind", "ro"]}],
+            "linux": {"maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+                      "readonlyPaths": ["/proc/bus", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+                      "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]},
+        }
+    })
+}
+
 /// One row of the benchmark: a request kind's p50 and p99 under the
 /// generated policy and under allow-all (the gate's floor: JSON in, a
 /// trivial rule, JSON out).
@@ -174,6 +194,11 @@ fn time_request(
 pub fn measure(rounds: usize) -> Vec<Row> {
     let policy = generated_policy();
     let mut gate = PolicyGate::new(&policy).expect("generated policy parses");
+    assert_eq!(
+        gate.decide("CreateContainerRequest", &sandbox_input()).ok(),
+        Some(Decision::Allowed),
+        "the bench pod's pause"
+    );
     let mut floor = PolicyGate::allow_all();
     let mut denied = input(3);
     denied["OCI"]["process"]["args"][1] = json!("--instance=evil");

@@ -92,6 +92,27 @@ CreateContainerRequest := {"allowed": false, "reason": deny_reason} if not conta
 deny_reason := concat("; ", create_errors) if count(create_errors) > 0
 else := "the container does not match the pod's policy"
 
+# The pod's sandbox (pause) container is created once, as its own sandbox;
+# every other container joins that one (its `sandbox_id` picks whose
+# namespaces it enters in the guest). Without this a host could create a
+# second pause and have members join it instead of the pod's.
+recorded_sandbox := object.get(data.state, "sandbox", "")
+
+sandbox_ok if {
+	container_type == "sandbox"
+	recorded_sandbox == ""
+	object.get(input, "sandbox_id", "") in {"", input.container_id}
+}
+
+sandbox_ok if {
+	container_type != "sandbox"
+	recorded_sandbox != ""
+	object.get(input, "sandbox_id", "") == recorded_sandbox
+}
+
+record_sandbox := [{"op": "add", "path": "/sandbox", "value": input.container_id}] if container_type == "sandbox"
+else := []
+
 # The policy state starts with both maps (see the gate's `initial_state`):
 # every record is an add of its own key, so concurrent creates all stay
 # recorded.
@@ -99,10 +120,13 @@ initial_state := {"containers": {}, "processes": {}}
 
 # The container's name, and its process as created (what exec must keep:
 # env, user, capabilities, cwd, no_new_privileges).
-record_container := [
-	{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name},
-	{"op": "add", "path": concat("/", ["", "processes", input.container_id]), "value": created_process},
-]
+record_container := array.concat(
+	[
+		{"op": "add", "path": concat("/", ["", "containers", input.container_id]), "value": policy_container.name},
+		{"op": "add", "path": concat("/", ["", "processes", input.container_id]), "value": created_process},
+	],
+	record_sandbox,
+)
 
 created_process := {
 	"env": env,
@@ -117,6 +141,7 @@ created_process := {
 container_allowed if {
 	c := policy_container
 	namespace_ok
+	sandbox_ok
 	image_ok
 	storages_ok
 	root_path == concat("", [policy_rootfs_prefix, input.container_id])
@@ -354,6 +379,27 @@ create_errors contains "the container has no io.kubernetes.cri.container-name an
 create_errors contains sprintf("container %q is not in the pod's policy", [container_name]) if {
 	container_type != "sandbox"
 	not policy_container
+}
+
+create_errors contains sprintf("the pod's sandbox is %q already: a second one is not allowed", [recorded_sandbox]) if {
+	container_type == "sandbox"
+	recorded_sandbox != ""
+}
+
+create_errors contains sprintf("a sandbox container must be its own sandbox, not a member of %q", [object.get(input, "sandbox_id", "")]) if {
+	container_type == "sandbox"
+	not object.get(input, "sandbox_id", "") in {"", input.container_id}
+}
+
+create_errors contains "the pod's sandbox container has not been created: a container cannot come first" if {
+	container_type != "sandbox"
+	recorded_sandbox == ""
+}
+
+create_errors contains sprintf("sandbox_id %q is not the pod's sandbox %q", [object.get(input, "sandbox_id", ""), recorded_sandbox]) if {
+	container_type != "sandbox"
+	recorded_sandbox != ""
+	object.get(input, "sandbox_id", "") != recorded_sandbox
 }
 
 create_errors contains sprintf("the pod's namespace is %q, not %q", [policy_namespace, namespace]) if {

@@ -460,6 +460,18 @@ fn pod_templates(output: &str) -> Vec<(Value, String)> {
 
 type Gate = PolicyGate;
 
+/// A gate for `rego` that has admitted the pod's sandbox (pause), as the
+/// guest's gate has before any of the pod's containers.
+fn pod_gate(rego: &str) -> Gate {
+    let mut gate = PolicyGate::new(rego).unwrap();
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &sandbox_request()),
+        Decision::Allowed,
+        "the pause container"
+    );
+    gate
+}
+
 /// The ExecProcessRequest containerd sends for `args` in the container
 /// created by `create`: the container's process with other args.
 fn exec_request(create: &Value, args: &Value) -> Value {
@@ -586,7 +598,7 @@ fn sidecar_case(f: &Fixture) -> (Gate, Value, Value, String) {
     let (template, ns) = pod_templates(&generated.manifest).remove(0);
     let app = template["spec"]["containers"][0].clone();
     let req = cri_request(&template, &ns, &app, "c1");
-    let gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let gate = pod_gate(&generated.pods[0].rego);
     (gate, template, req, ns)
 }
 
@@ -754,7 +766,10 @@ fn changed_requests_are_denied_naming_the_check() {
     assert!(denied_reason(&mut gate, &r).contains("args"));
 
     // Only the allowed request changed the state.
-    assert_eq!(gate.state()["containers"], json!({"c1": "app"}));
+    assert_eq!(
+        gate.state()["containers"],
+        json!({"pod1": "(sandbox)", "c1": "app"})
+    );
 }
 
 #[test]
@@ -764,7 +779,7 @@ fn restricted_security_context_is_enforced() {
         &manifest("09-pod-restricted.yaml"),
         &Settings::default(),
     );
-    let mut gate = PolicyGate::new(&rego).unwrap();
+    let mut gate = pod_gate(&rego);
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -803,7 +818,7 @@ fn namespaces_and_privileged_daemonsets() {
         &template["spec"]["containers"][0],
         "c1",
     );
-    let mut gate = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    let mut gate = pod_gate(&generated.pods[0].rego);
     assert!(denied_reason(&mut gate, &req)
         .contains("the pod's namespace is \"cache\", not \"default\""));
     req["OCI"]["annotations"]["io.kubernetes.cri.sandbox-namespace"] = json!("cache");
@@ -819,7 +834,7 @@ fn namespaces_and_privileged_daemonsets() {
         &manifest("06-daemonset-node-exporter.yaml"),
         &Settings::default(),
     );
-    let mut gate = PolicyGate::new(&rego).unwrap();
+    let mut gate = pod_gate(&rego);
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -881,7 +896,7 @@ fn settings_tune_the_policy() {
     let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &settings).unwrap();
     let pod = &generated.pods[0];
     assert!(pod.init_data.data["aa.toml"].contains("10.0.2.2:8080"));
-    let mut gate = PolicyGate::new(&pod.rego).unwrap();
+    let mut gate = pod_gate(&pod.rego);
     assert_eq!(
         decide(&mut gate, "ReadStreamRequest", &json!({})),
         Decision::Denied { reason: None }
@@ -1006,7 +1021,7 @@ fn env_fast_paths_decide_as_the_full_regex() {
         let generated = gen(&f, &manifest(name), &Settings::default()).unwrap();
         let (template, ns) = pod_templates(&generated.manifest).remove(0);
         let rego = &generated.pods[0].rego;
-        let mut gate = PolicyGate::new(rego).unwrap();
+        let mut gate = pod_gate(rego);
         for container in template["spec"]["containers"].as_array().unwrap() {
             let cname = container["name"].as_str().unwrap();
             let full =
@@ -1072,7 +1087,7 @@ fn redis_case() -> (Gate, Value) {
         &manifest("03-statefulset-redis.yaml"),
         &Settings::default(),
     );
-    (PolicyGate::new(&rego).unwrap(), req)
+    (pod_gate(&rego), req)
 }
 
 /// What a hostile host changes in an otherwise valid CreateContainer of a
@@ -1197,9 +1212,10 @@ fn host_changes_to_the_container_are_denied() {
         .unwrap()
         .push(json!({"destination": "/dev/shm", "type": "proc", "source": "proc", "options": []}));
     assert!(denied_reason(&mut gate, &r).contains("mount /dev/shm is not allowed"));
+    let (sandbox_only, _) = redis_case();
     assert_eq!(
         gate.state(),
-        &json!({"containers": {}, "processes": {}}),
+        sandbox_only.state(),
         "denied requests change nothing"
     );
 
@@ -1262,7 +1278,7 @@ fn host_rootfs_only_when_the_owner_allows_it() {
     let f = fixture();
     let settings = Settings::from_json(r#"{"allow_host_rootfs": true}"#).unwrap();
     let (rego, mut req) = first_container_case(&f, &manifest("01-pod-busybox.yaml"), &settings);
-    let mut gate = PolicyGate::new(&rego).unwrap();
+    let mut gate = pod_gate(&rego);
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
@@ -1312,7 +1328,7 @@ fn env_from_patterns_never_admit_loader_variables() {
     let f = fixture();
     let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: envfrom\n  namespace: default\nspec:\n  containers:\n  - name: app\n    image: busybox:1.36\n    command: [\"sleep\", \"3600\"]\n    envFrom:\n    - configMapRef: {name: settings}\n";
     let (rego, req) = first_container_case(&f, yaml, &Settings::default());
-    let mut gate = PolicyGate::new(&rego).unwrap();
+    let mut gate = pod_gate(&rego);
     let with_env = |extra: &str| {
         let mut r = req.clone();
         r["OCI"]["process"]["env"]
@@ -1330,7 +1346,7 @@ fn env_from_patterns_never_admit_loader_variables() {
         Decision::Allowed,
         "an ordinary ConfigMap key"
     );
-    let mut gate = PolicyGate::new(&rego).unwrap();
+    let mut gate = pod_gate(&rego);
     for var in [
         "LD_PRELOAD=/vol/x.so",
         "LD_LIBRARY_PATH=/vol",
@@ -1351,4 +1367,38 @@ fn env_from_patterns_never_admit_loader_variables() {
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
     );
+}
+
+/// The pod's members join its one pause: a second pause, a member naming
+/// another sandbox, or a member before the pause are denied, each named.
+#[test]
+fn members_join_the_pods_one_sandbox() {
+    let (mut gate, req) = redis_case();
+    let mut second = sandbox_request();
+    second["container_id"] = json!("pod2");
+    second["sandbox_id"] = json!("pod2");
+    second["OCI"]["root"]["path"] = json!(format!("{ROOTFS}/pod2"));
+    assert!(denied_reason(&mut gate, &second).contains("the pod's sandbox is \"pod1\" already"));
+    let mut elsewhere = req.clone();
+    elsewhere["sandbox_id"] = json!("pod2");
+    assert!(denied_reason(&mut gate, &elsewhere)
+        .contains("sandbox_id \"pod2\" is not the pod's sandbox \"pod1\""));
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+
+    // A fresh guest: no member before its pause, and a pause is its own sandbox.
+    let f = fixture();
+    let generated = gen(
+        &f,
+        &manifest("03-statefulset-redis.yaml"),
+        &Settings::default(),
+    )
+    .unwrap();
+    let mut fresh = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    assert!(denied_reason(&mut fresh, &req).contains("sandbox container has not been created"));
+    let mut member_pause = sandbox_request();
+    member_pause["sandbox_id"] = json!("other");
+    assert!(denied_reason(&mut fresh, &member_pause).contains("must be its own sandbox"));
 }
