@@ -262,7 +262,26 @@ no_hooks if {
 # No devices (e.g. /dev/sev-guest) unless the container is privileged.
 devices_ok if policy_container.privileged
 
-devices_ok if count(object.get(linux, "devices", [])) == 0
+devices_ok if {
+	count(object.get(linux, "devices", [])) == 0
+	count(device_grants_denied) == 0
+}
+
+# The device cgroup's allow rules containerd writes for an unprivileged
+# container: null, zero, full, random, urandom, tty, console, ptmx, the pts
+# (any minor) and tun. With CAP_MKNOD (containerd's default) any other
+# allow rule — a block device, "a"ll devices — would let the container
+# open the guest's disks or memory through a node it creates.
+default_device_grants := {
+	["c", 1, 3], ["c", 1, 5], ["c", 1, 7], ["c", 1, 8], ["c", 1, 9],
+	["c", 5, 0], ["c", 5, 1], ["c", 5, 2], ["c", 136, null], ["c", 10, 200],
+}
+
+device_grants_denied contains g if {
+	some g in object.get(object.get(linux, "resources", {}), "devices", [])
+	object.get(g, "allow", false) == true
+	not [object.get(g, "type", "a"), object.get(g, "major", null), object.get(g, "minor", null)] in default_device_grants
+}
 
 namespaces_ok if {
 	types := {n.type | some n in object.get(linux, "namespaces", [])}
@@ -434,6 +453,12 @@ create_errors contains sprintf("hooks (%s) are not allowed for container %q", [k
 	c := policy_container
 	some kind, list in object.get(input.OCI, "hooks", {})
 	count(list) > 0
+}
+
+create_errors contains sprintf("device cgroup rule %v is not allowed for container %q (only containerd's defaults)", [g, c.name]) if {
+	c := policy_container
+	not c.privileged
+	some g in device_grants_denied
 }
 
 create_errors contains sprintf("device %s is not allowed for container %q", [object.get(d, "path", ""), c.name]) if {

@@ -407,6 +407,20 @@ fn cri_request(pod: &Value, namespace: &str, container: &Value, cid: &str) -> Va
                 "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
                 "seccomp": seccomp,
                 "sysctl": sysctl,
+                // containerd's device cgroup for an unprivileged container.
+                "resources": {"devices": [
+                    {"allow": false, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 1, "minor": 8, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 1, "minor": 7, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 5, "minor": 0, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 5, "minor": 1, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 136, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 5, "minor": 2, "access": "rwm"},
+                    {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"},
+                ]},
             },
         }
     });
@@ -1126,6 +1140,23 @@ fn host_changes_to_the_container_are_denied() {
     r["OCI"]["linux"]["devices"] =
         json!([{"path": "/dev/sev-guest", "type": "c", "major": 10, "minor": 124}]);
     assert!(denied_reason(&mut gate, &r).contains("device /dev/sev-guest is not allowed"));
+    // Device cgroup grants beyond containerd's (with CAP_MKNOD a container
+    // makes the node itself): the guest's disk, every device.
+    for grant in [
+        json!({"allow": true, "type": "b", "major": 254, "minor": 0, "access": "rw"}),
+        json!({"allow": true, "access": "rwm"}),
+        json!({"allow": true, "type": "c", "major": 1, "minor": 1, "access": "r"}),
+    ] {
+        let mut r = req.clone();
+        r["OCI"]["linux"]["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(grant.clone());
+        assert!(
+            denied_reason(&mut gate, &r).contains("device cgroup rule"),
+            "{grant}"
+        );
+    }
     for ns_type in ["mount", "pid", "network"] {
         let mut r = req.clone();
         r["OCI"]["linux"]["namespaces"]
