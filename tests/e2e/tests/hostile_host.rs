@@ -446,3 +446,50 @@ fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
     agent.start_container("ok").expect("start");
     sandbox.destroy();
 }
+
+/// A confidential guest runs one pod: a second pod sandbox (a second pause,
+/// or a container claiming to be its own sandbox) is refused by the agent
+/// itself, even under a policy that allows everything — the policy judges
+/// concurrent creates against the same state, so it cannot be the only
+/// check.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_confidential_guest_refuses_a_second_pod_sandbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = busybox_rootfs(dir.path());
+    let allow_all = init_data(kabuto_policy::ALLOW_ALL);
+    let sandbox = Sandbox::create(
+        &config(dir.path(), TeeKind::Software),
+        "default",
+        "one-pod",
+        "",
+        Some(&allow_all),
+        &NetworkNamespace::Host,
+    )
+    .expect("sandbox");
+    let agent = sandbox.agent();
+    let pause = r#""io.kubernetes.cri.container-type": "sandbox""#;
+    let create = |id: &str, sandbox_id: &str, annotations: &str| {
+        sandbox
+            .share_container(id, Some((&[], &rootfs)), &[])
+            .expect("share rootfs");
+        agent.create_container(&CreateContainerRequest {
+            container_id: id.into(),
+            sandbox_id: sandbox_id.into(),
+            oci_spec: spec(id, &["sleep", "1000"], annotations),
+            ..Default::default()
+        })
+    };
+    create("one-pod", "one-pod", pause).expect("the pod's pause");
+    for (id, annotations) in [("second-pause", pause), ("own-sandbox", "")] {
+        let err = create(id, id, annotations).expect_err("a second pod sandbox");
+        assert!(
+            err.to_string()
+                .contains("pod sandbox is one-pod; a second one is refused"),
+            "{id}: {err}"
+        );
+    }
+    // A member of the pod is still created.
+    create("member", "one-pod", "").expect("a member joins the pod");
+    sandbox.destroy();
+}

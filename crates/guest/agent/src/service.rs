@@ -546,6 +546,35 @@ impl Agent {
         Ok(agent::Empty::new())
     }
 
+    /// A confidential guest runs one pod: one container with namespaces of
+    /// its own (its sandbox), never a second one created beside it or at
+    /// the same time. The policy admits one pause, but judges concurrent
+    /// creates against the same state; this check, made while holding the
+    /// id's reservation, sees every create under way.
+    fn check_one_pod_sandbox(&self, container_id: &str) -> Result<()> {
+        let other_creating = lock(&self.creating)
+            .iter()
+            .any(|(id, sandbox)| id != container_id && (sandbox.is_empty() || sandbox == id));
+        let existing = self
+            .containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|c| c.pod_namespaces.is_some())
+            .map(|c| c.id.clone());
+        if let Some(existing) = existing {
+            return Err(AgentError::InvalidArgument(format!(
+                "container {container_id}: this confidential guest's pod sandbox is {existing}; a second one is refused (join it with its sandbox_id)"
+            )));
+        }
+        if other_creating {
+            return Err(AgentError::InvalidArgument(format!(
+                "container {container_id}: another pod sandbox is being created in this confidential guest; a second one is refused"
+            )));
+        }
+        Ok(())
+    }
+
     fn create_container(&self, req: agent::CreateContainerRequest) -> Result<agent::Empty> {
         containers::validate_id(&req.container_id)?;
         // Reserved until this create is done: a second create of the same
@@ -561,6 +590,9 @@ impl Agent {
         } else {
             Some(self.container(&req.sandbox_id)?)
         };
+        if sandbox.is_none() && self.is_confidential() {
+            self.check_one_pod_sandbox(&req.container_id)?;
+        }
         let pod_namespaces = match &sandbox {
             None => None,
             Some(s) => Some(s.pod_namespaces.as_ref().ok_or_else(|| {

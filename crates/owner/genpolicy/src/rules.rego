@@ -108,6 +108,9 @@ sandbox_ok if {
 	container_type != "sandbox"
 	recorded_sandbox != ""
 	object.get(input, "sandbox_id", "") == recorded_sandbox
+	# Not under the pause's id (after the pause was removed): the agent
+	# would make it a pod sandbox of its own.
+	input.container_id != recorded_sandbox
 }
 
 record_sandbox := [{"op": "add", "path": "/sandbox", "value": input.container_id}] if container_type == "sandbox"
@@ -413,6 +416,11 @@ create_errors contains sprintf("a sandbox container must be its own sandbox, not
 create_errors contains "the pod's sandbox container has not been created: a container cannot come first" if {
 	container_type != "sandbox"
 	recorded_sandbox == ""
+}
+
+create_errors contains sprintf("container id %q is the pod sandbox's", [input.container_id]) if {
+	container_type != "sandbox"
+	input.container_id == recorded_sandbox
 }
 
 create_errors contains sprintf("sandbox_id %q is not the pod's sandbox %q", [object.get(input, "sandbox_id", ""), recorded_sandbox]) if {

@@ -1414,6 +1414,12 @@ fn members_join_the_pods_one_sandbox() {
     elsewhere["sandbox_id"] = json!("pod2");
     assert!(denied_reason(&mut gate, &elsewhere)
         .contains("sandbox_id \"pod2\" is not the pod's sandbox \"pod1\""));
+    let mut as_pause = req.clone();
+    as_pause["container_id"] = json!("pod1");
+    as_pause["OCI"]["root"]["path"] = json!(format!("{ROOTFS}/pod1"));
+    assert!(
+        denied_reason(&mut gate, &as_pause).contains("container id \"pod1\" is the pod sandbox's")
+    );
     assert_eq!(
         decide(&mut gate, "CreateContainerRequest", &req),
         Decision::Allowed
