@@ -87,6 +87,22 @@ fn containerd_reachable(address: &str) -> bool {
     }
 }
 
+/// How long containerd must stay unreachable before its pods count as
+/// orphans to remove: a `systemctl restart containerd` is not "gone".
+const CONTAINERD_GONE_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether containerd answers on `address` again within the grace period.
+fn containerd_returns(address: &str) -> bool {
+    let deadline = Instant::now() + CONTAINERD_GONE_GRACE;
+    while Instant::now() < deadline {
+        if containerd_reachable(address) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    false
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxState {
     /// Its shim runs and its containerd answers: remove it through containerd.
@@ -252,6 +268,15 @@ pub fn remove(config: &Config, entry: &SandboxEntry, force: bool) -> Result<(), 
             return Err(InventoryError::UnknownOwner {
                 namespace: entry.namespace.clone(),
                 id: entry.id.clone(),
+            })
+        }
+        (SandboxState::ContainerdGone { address }, Some(_))
+            if !force && containerd_returns(address) =>
+        {
+            return Err(InventoryError::StillManaged {
+                namespace: entry.namespace.clone(),
+                id: entry.id.clone(),
+                address: address.clone(),
             })
         }
         (_, Some(owner)) => stop_shim(config, entry, owner).map_err(removal)?,

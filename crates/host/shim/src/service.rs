@@ -171,6 +171,10 @@ struct Inner {
     events: Mutex<EventSender>,
     config: OnceLock<Config>,
     state: Mutex<State>,
+    /// True once SIGTERM tore the shim down. Creates hold it read for their
+    /// whole run, so the teardown waits for those under way (a VM booting
+    /// then is torn down too, never left behind) and refuses later ones.
+    terminating: std::sync::RwLock<bool>,
 }
 
 #[derive(Clone)]
@@ -482,6 +486,12 @@ impl Service {
     /// ends the shim, reporting every process that still ran as exited.
     fn terminate(&self, signal: i32) {
         log::warn!("shim: signal {signal}: tearing down the sandbox and exiting");
+        // Waits for the creates under way: what they boot is torn down below.
+        *self
+            .inner
+            .terminating
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = true;
         let (containers, sandbox) = {
             let mut state = lock(&self.inner.state);
             let containers: Vec<Arc<Container>> =
@@ -518,6 +528,17 @@ impl Service {
     }
 
     fn do_create(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
+        let terminating = self
+            .inner
+            .terminating
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if *terminating {
+            return Err(err(
+                Code::UNAVAILABLE,
+                format!("container {}: the shim is shutting down (SIGTERM)", req.id),
+            ));
+        }
         if !req.checkpoint.is_empty() {
             return Err(err(
                 Code::UNIMPLEMENTED,
@@ -730,6 +751,7 @@ impl containerd_shim::Shim for Service {
                 events: Mutex::new(EventSender::disconnected()),
                 config: OnceLock::new(),
                 state: Mutex::new(State::default()),
+                terminating: std::sync::RwLock::new(false),
             }),
         }
     }
