@@ -231,6 +231,8 @@ const MIN_PULL_TMPFS: u64 = 16 << 20;
 #[derive(Default)]
 pub(crate) struct PullBudget {
     reserved: std::sync::Mutex<u64>,
+    /// Notified when a pull gives its share back.
+    released: std::sync::Condvar,
 }
 
 /// One pull's share of the [`PullBudget`], given back when dropped.
@@ -265,6 +267,33 @@ impl Drop for PullReservation<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *reserved = reserved.saturating_sub(self.size);
+        self.budget.released.notify_all();
+    }
+}
+
+impl PullBudget {
+    /// [`PullBudget::reserve`], waiting while pulls in flight hold the
+    /// budget (until `deadline`): concurrent pulls run one after another
+    /// instead of failing.
+    pub(crate) fn reserve_waiting(
+        &self,
+        available: impl Fn() -> u64,
+        deadline: std::time::Instant,
+    ) -> Result<PullReservation<'_>> {
+        loop {
+            let refused = match self.reserve(available()) {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let now = std::time::Instant::now();
+            let reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+            // Nothing in flight to wait for, or no time left: refused.
+            if now >= deadline || *reserved == 0 {
+                return Err(refused);
+            }
+            let wait = (deadline - now).min(std::time::Duration::from_secs(1));
+            let _ = self.released.wait_timeout(reserved, wait);
+        }
     }
 }
 
@@ -295,7 +324,9 @@ pub fn pull(
     // An image that does not fit fails with ENOSPC, the agent stays.
     // Concurrent pulls share one budget (two each sized to half of the
     // same MemAvailable once added up to all of it).
-    let reservation = PULL_BUDGET.reserve(available_memory_bytes())?;
+    let wait_until =
+        deadline.unwrap_or_else(|| std::time::Instant::now() + std::time::Duration::from_secs(300));
+    let reservation = PULL_BUDGET.reserve_waiting(available_memory_bytes, wait_until)?;
     let size = reservation.size;
     std::fs::create_dir_all(&dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
     if let Err(e) = mount(
@@ -546,6 +577,32 @@ mod tests {
             512 << 20,
             "finished pulls give their share back"
         );
+
+        // A pull that finds the budget spent waits for the one in flight.
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                budget
+                    .reserve_waiting(
+                        || available,
+                        std::time::Instant::now() + std::time::Duration::from_secs(10),
+                    )
+                    .map(|r| r.size)
+                    .ok()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(third);
+            assert_eq!(waiter.join().ok().flatten(), Some(512 << 20));
+        });
+        // ... until its deadline.
+        let held = budget.reserve(available).expect("held");
+        let started = std::time::Instant::now();
+        assert!(budget
+            .reserve_waiting(
+                || available,
+                started + std::time::Duration::from_millis(300)
+            )
+            .is_err());
+        drop(held);
     }
 
     fn rootfs() -> tempfile::TempDir {
