@@ -310,8 +310,28 @@ fn enter_network_namespace(
             Ok(None)
         }
         NetworkNamespace::Path(path) => {
-            let file = std::fs::File::open(path).map_err(|e| netns_error(path, e))?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // O_NONBLOCK: a FIFO planted at the path must not hang the shim.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| netns_error(path, e))?;
             let fd = file.as_raw_fd();
+            // NS_GET_NSTYPE (_IO(0xb7, 0x3)): refuse anything but a network
+            // namespace here, with its path, not as QEMU's spawn failing.
+            const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+            // SAFETY: an ioctl without arguments on a descriptor we own.
+            let kind = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
+            if kind != libc::CLONE_NEWNET {
+                return Err(netns_error(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a network namespace",
+                    ),
+                ));
+            }
             // SAFETY: setns(2) is async-signal-safe; `fd` stays open until
             // the spawn returns (the caller holds `file`).
             unsafe {
@@ -404,6 +424,28 @@ pub fn qmp_command(socket: &Path, command: &str) -> std::io::Result<serde_json::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_namespace_path_must_be_one() {
+        let mut command = Command::new("true");
+        let own = NetworkNamespace::Path("/proc/self/ns/net".into());
+        assert!(enter_network_namespace(&mut command, &own).is_ok());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+        for path in [
+            PathBuf::from("/proc/self/ns/pid"),
+            PathBuf::from("/etc/hostname"),
+            fifo,
+            dir.path().join("missing"),
+        ] {
+            let mut command = Command::new("true");
+            let e = enter_network_namespace(&mut command, &NetworkNamespace::Path(path.clone()))
+                .err()
+                .unwrap_or_else(|| panic!("{} accepted", path.display()));
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
+    }
 
     fn spec(accel: Accel, vsock: VsockBackend) -> VmSpec {
         VmSpec {
