@@ -33,8 +33,19 @@ const SHIM_TERM_GRACE: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
+    /// The process's start time (clock ticks since boot, /proc/PID/stat
+    /// field 22): with the pid, names one process, never a reused pid.
+    pub start_time: u64,
     /// containerd's API socket (the shim's `-address`).
     pub containerd_address: String,
+}
+
+/// Start time of process `pid` (field 22 of /proc/PID/stat).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl Owner {
@@ -42,29 +53,39 @@ impl Owner {
     pub fn record(&self, dir: &Path) -> io::Result<()> {
         fs::write(
             dir.join(OWNER_FILE),
-            format!("pid {}\ncontainerd {}\n", self.pid, self.containerd_address),
+            format!(
+                "pid {}\nstart_time {}\ncontainerd {}\n",
+                self.pid, self.start_time, self.containerd_address
+            ),
         )
     }
 
     fn read(dir: &Path) -> Option<Owner> {
         let text = fs::read_to_string(dir.join(OWNER_FILE)).ok()?;
         let mut pid = None;
+        let mut start_time = None;
         let mut containerd_address = None;
         for line in text.lines() {
             match line.split_once(' ') {
                 Some(("pid", v)) => pid = v.trim().parse().ok(),
+                Some(("start_time", v)) => start_time = v.trim().parse().ok(),
                 Some(("containerd", v)) => containerd_address = Some(v.trim().to_string()),
                 _ => {}
             }
         }
         Some(Owner {
             pid: pid?,
+            start_time: start_time?,
             containerd_address: containerd_address?,
         })
     }
 
-    /// Whether the recorded pid is still a kabuto shim.
+    /// Whether the recorded process still runs and is a kabuto shim (same
+    /// pid and start time: a reused pid is another process).
     fn shim_alive(&self) -> bool {
+        if process_start_time(self.pid) != Some(self.start_time) {
+            return false;
+        }
         let cmdline = fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
         cmdline
             .split(|&b| b == 0)
@@ -351,13 +372,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let owner = Owner {
             pid: 4242,
+            start_time: 77,
             containerd_address: "/run/containerd/containerd.sock".into(),
         };
         owner.record(dir.path()).unwrap();
         assert_eq!(Owner::read(dir.path()), Some(owner));
-        fs::write(dir.path().join(OWNER_FILE), "pid 12\n").unwrap();
+        fs::write(dir.path().join(OWNER_FILE), "pid 12\ncontainerd /s\n").unwrap();
         assert_eq!(Owner::read(dir.path()), None);
-        fs::write(dir.path().join(OWNER_FILE), "pid x\ncontainerd /s\n").unwrap();
+        fs::write(
+            dir.path().join(OWNER_FILE),
+            "pid x\nstart_time 1\ncontainerd /s\n",
+        )
+        .unwrap();
         assert_eq!(Owner::read(dir.path()), None);
     }
 
@@ -377,8 +403,12 @@ mod tests {
     fn a_recorded_pid_that_is_not_a_shim_is_not_alive() {
         let me = Owner {
             pid: std::process::id(),
+            start_time: process_start_time(std::process::id()).unwrap(),
             containerd_address: String::new(),
         };
         assert!(!me.shim_alive(), "the test binary is not {SHIM_PROGRAM}");
+        // A live process's start time is found and stable.
+        assert_eq!(process_start_time(std::process::id()), Some(me.start_time));
+        assert_eq!(process_start_time(u32::MAX), None);
     }
 }

@@ -173,8 +173,21 @@ impl Claim {
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             use std::os::fd::AsRawFd as _;
             use std::os::unix::fs::MetadataExt as _;
-            // SAFETY: flock on a file descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            // `kabuto sandbox list` probes claims by locking them for a
+            // moment: a few short retries tell that from a live owner.
+            let mut rc = -1;
+            for attempt in 0..5 {
+                if attempt > 0 {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                // SAFETY: flock on a file descriptor we own.
+                rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+                if rc == 0
+                    || std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK)
+                {
+                    break;
+                }
+            }
             if rc != 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {

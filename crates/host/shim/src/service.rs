@@ -304,6 +304,7 @@ impl Service {
         .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
         let owner = inventory::Owner {
             pid: std::process::id(),
+            start_time: inventory::process_start_time(std::process::id()).unwrap_or_default(),
             containerd_address: self.inner.containerd_address.clone(),
         };
         // Without the record `kabuto sandbox remove` cannot tell an orphan.
