@@ -410,7 +410,8 @@ impl Service {
         }
         let service = self.clone();
         let agent = sandbox.agent().clone();
-        let _ = thread::Builder::new()
+        let waited = p.clone();
+        let spawned = thread::Builder::new()
             .name(format!("wait-{}", p.container_id))
             .spawn(move || {
                 let result = agent.wait_process(&p.container_id, &p.exec_id);
@@ -449,6 +450,18 @@ impl Service {
                     }
                 }
             });
+        if let Err(e) = spawned {
+            // Without a waiter the exit would never be reported: let a
+            // later Start or kill try again.
+            log::error!(
+                "waiting for {}/{}: {e}",
+                waited.container_id,
+                waited.exec_id
+            );
+            waited
+                .waited
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn remove_container(&self, c: &Container) {
@@ -1001,8 +1014,10 @@ impl containerd_shim::Task for Service {
         let created = lock(&p.state).status == Status::Created;
         if created && !req.exec_id.is_empty() {
             // An exec that was never started has no process in the guest:
-            // the signal ends it before it runs.
-            self.report_exit(&p, 128 + req.signal, now());
+            // a signal ends it before it runs (signal 0 only probes).
+            if req.signal != 0 {
+                self.report_exit(&p, 128 + req.signal, now());
+            }
             return Ok(api::Empty::new());
         }
         c.sandbox
