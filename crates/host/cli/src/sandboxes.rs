@@ -2,6 +2,11 @@
 //! host and the removal of orphans — sandboxes whose shim died without its
 //! cleanup, or whose shim lost its containerd (a shim keeps its pods when
 //! containerd goes away, in case it comes back).
+//!
+//! They look in the state directory of the effective config
+//! (`/etc/kabuto/config.toml`, or `KABUTO_CONFIG_PATH`): sandboxes of a
+//! runtime class with another config file (another `runtime.state_dir`)
+//! are found by running them with `KABUTO_CONFIG_PATH` set to that file.
 
 use kabuto_runtime::{config::Config, inventory};
 
