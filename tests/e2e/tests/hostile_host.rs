@@ -373,16 +373,7 @@ fn a_kbs_without_pinned_tls_is_refused() {
 fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = busybox_rootfs(dir.path());
-    let allow_all = init_data(kabuto_policy::ALLOW_ALL);
-    let sandbox = Sandbox::create(
-        &config(dir.path(), TeeKind::Software),
-        "default",
-        "planted",
-        "",
-        Some(&allow_all),
-        &NetworkNamespace::Host,
-    )
-    .expect("sandbox");
+    let sandbox = allow_all_confidential_sandbox(dir.path(), "planted");
     let agent = sandbox.agent();
     let shared = sandbox.dir().join("shared");
     let with_bind = |id: &str, source: &str| {
@@ -457,16 +448,7 @@ fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
 fn a_confidential_guest_refuses_a_second_pod_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = busybox_rootfs(dir.path());
-    let allow_all = init_data(kabuto_policy::ALLOW_ALL);
-    let sandbox = Sandbox::create(
-        &config(dir.path(), TeeKind::Software),
-        "default",
-        "one-pod",
-        "",
-        Some(&allow_all),
-        &NetworkNamespace::Host,
-    )
-    .expect("sandbox");
+    let sandbox = allow_all_confidential_sandbox(dir.path(), "one-pod");
     let agent = sandbox.agent();
     let pause = r#""io.kubernetes.cri.container-type": "sandbox""#;
     let create = |id: &str, sandbox_id: &str, annotations: &str| {
@@ -492,4 +474,19 @@ fn a_confidential_guest_refuses_a_second_pod_sandbox() {
     // A member of the pod is still created.
     create("member", "one-pod", "").expect("a member joins the pod");
     sandbox.destroy();
+}
+
+/// A software-TEE sandbox whose pod policy allows everything: what the
+/// agent refuses then, it refuses by itself.
+fn allow_all_confidential_sandbox(dir: &Path, id: &str) -> Sandbox {
+    let allow_all = init_data(kabuto_policy::ALLOW_ALL);
+    Sandbox::create(
+        &config(dir, TeeKind::Software),
+        "default",
+        id,
+        "",
+        Some(&allow_all),
+        &NetworkNamespace::Host,
+    )
+    .expect("sandbox")
 }
