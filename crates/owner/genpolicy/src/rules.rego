@@ -101,8 +101,18 @@ recorded_sandbox := object.get(data.state, "sandbox", "")
 sandbox_ok if {
 	container_type == "sandbox"
 	recorded_sandbox == ""
-	object.get(input, "sandbox_id", "") in {"", input.container_id}
+	own_sandbox
 }
+
+# A container of the pod run as a VM of its own (ctr run, no pause): it is
+# the pod's sandbox, the first and only one.
+sandbox_ok if {
+	container_type != "sandbox"
+	recorded_sandbox == ""
+	own_sandbox
+}
+
+own_sandbox if object.get(input, "sandbox_id", "") in {"", input.container_id}
 
 sandbox_ok if {
 	container_type != "sandbox"
@@ -113,7 +123,7 @@ sandbox_ok if {
 	input.container_id != recorded_sandbox
 }
 
-record_sandbox := [{"op": "add", "path": "/sandbox", "value": input.container_id}] if container_type == "sandbox"
+record_sandbox := [{"op": "add", "path": "/sandbox", "value": input.container_id}] if own_sandbox
 else := []
 
 # The policy state starts with both maps (see the gate's `initial_state`):
@@ -410,12 +420,20 @@ create_errors contains sprintf("the pod's sandbox is %q already: a second one is
 
 create_errors contains sprintf("a sandbox container must be its own sandbox, not a member of %q", [object.get(input, "sandbox_id", "")]) if {
 	container_type == "sandbox"
-	not object.get(input, "sandbox_id", "") in {"", input.container_id}
+	not own_sandbox
 }
 
-create_errors contains "the pod's sandbox container has not been created: a container cannot come first" if {
+create_errors contains sprintf("the pod's sandbox %q has not been created: a member cannot come first", [object.get(input, "sandbox_id", "")]) if {
 	container_type != "sandbox"
 	recorded_sandbox == ""
+	not own_sandbox
+}
+
+create_errors contains sprintf("the pod's sandbox is %q already: container %q cannot be a second one", [recorded_sandbox, input.container_id]) if {
+	container_type != "sandbox"
+	recorded_sandbox != ""
+	own_sandbox
+	input.container_id != recorded_sandbox
 }
 
 create_errors contains sprintf("container id %q is the pod sandbox's", [input.container_id]) if {

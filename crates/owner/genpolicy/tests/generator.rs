@@ -1414,6 +1414,9 @@ fn members_join_the_pods_one_sandbox() {
     elsewhere["sandbox_id"] = json!("pod2");
     assert!(denied_reason(&mut gate, &elsewhere)
         .contains("sandbox_id \"pod2\" is not the pod's sandbox \"pod1\""));
+    let mut own = req.clone();
+    own["sandbox_id"] = own["container_id"].clone();
+    assert!(denied_reason(&mut gate, &own).contains("cannot be a second one"));
     let mut as_pause = req.clone();
     as_pause["container_id"] = json!("pod1");
     as_pause["OCI"]["root"]["path"] = json!(format!("{ROOTFS}/pod1"));
@@ -1434,8 +1437,19 @@ fn members_join_the_pods_one_sandbox() {
     )
     .unwrap();
     let mut fresh = PolicyGate::new(&generated.pods[0].rego).unwrap();
-    assert!(denied_reason(&mut fresh, &req).contains("sandbox container has not been created"));
+    assert!(
+        denied_reason(&mut fresh, &req).contains("the pod's sandbox \"pod1\" has not been created")
+    );
     let mut member_pause = sandbox_request();
     member_pause["sandbox_id"] = json!("other");
     assert!(denied_reason(&mut fresh, &member_pause).contains("must be its own sandbox"));
+    // A container run as a VM of its own (ctr run, no pause) is the pod's
+    // sandbox, and then the only one.
+    let mut alone = req.clone();
+    alone["sandbox_id"] = alone["container_id"].clone();
+    assert_eq!(
+        decide(&mut fresh, "CreateContainerRequest", &alone),
+        Decision::Allowed
+    );
+    assert!(denied_reason(&mut fresh, &sandbox_request()).contains("already"));
 }
