@@ -490,3 +490,63 @@ fn allow_all_confidential_sandbox(dir: &Path, id: &str) -> Sandbox {
     )
     .expect("sandbox")
 }
+
+/// No device cgroup is attached in the guest yet, so a confidential
+/// container must not mknod (it would open the TEE's device or the guest's
+/// disks through its own node): the agent drops CAP_MKNOD the host asks
+/// for. The control, without a TEE, keeps it.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_confidential_container_cannot_make_device_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = busybox_rootfs(dir.path());
+    let probe = [
+        "sh",
+        "-c",
+        "mknod /dev/probe c 1 3 2>/dev/null && echo made || echo refused",
+    ];
+    let run = |tee: TeeKind, id: &str| -> String {
+        let allow_all = init_data(kabuto_policy::ALLOW_ALL);
+        let sandbox = Sandbox::create(
+            &config(dir.path(), tee),
+            "default",
+            id,
+            "",
+            Some(&allow_all),
+            &NetworkNamespace::Host,
+        )
+        .expect("sandbox");
+        let agent = sandbox.agent();
+        sandbox
+            .share_container(id, Some((&[], &rootfs)), &[])
+            .expect("share rootfs");
+        let mut oci: serde_json::Value =
+            serde_json::from_slice(&spec(id, &probe, "")).expect("spec");
+        let caps = serde_json::json!(["CAP_MKNOD", "CAP_CHOWN"]);
+        oci["process"]["capabilities"] = serde_json::json!({
+            "bounding": caps, "effective": caps, "permitted": caps
+        });
+        agent
+            .create_container(&CreateContainerRequest {
+                container_id: id.into(),
+                sandbox_id: id.into(),
+                oci_spec: serde_json::to_vec(&oci).expect("json"),
+                ..Default::default()
+            })
+            .expect("create");
+        agent.start_container(id).expect("start");
+        let mut out = Vec::new();
+        loop {
+            let chunk = agent.read_stream(id, "", false).expect("stdout");
+            if chunk.is_empty() {
+                break;
+            }
+            out.extend(chunk);
+        }
+        agent.wait_process(id, "").expect("wait");
+        sandbox.destroy();
+        String::from_utf8_lossy(&out).trim().to_string()
+    };
+    assert_eq!(run(TeeKind::None, "mknod-plain"), "made", "the control");
+    assert_eq!(run(TeeKind::Software, "mknod-cc"), "refused");
+}

@@ -30,6 +30,31 @@ use crate::{
 /// A container id claimed by the CreateContainer or RemoveContainer working
 /// on it, with the pod sandbox a create joins; released when that request
 /// is done, whatever its outcome.
+/// The OCI JSON `document` with CAP_MKNOD taken out of every capability
+/// set of its process (`at`: the member holding the process, or the
+/// document itself). In a confidential guest no device cgroup is attached
+/// yet (libcontainer's `cgroupsv2_devices` is off), so a container that can
+/// mknod could open any device — the TEE's, the guest's disks: it may not.
+fn without_mknod(document: &[u8], at: Option<&str>) -> Result<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(document)
+        .map_err(|e| AgentError::InvalidArgument(format!("OCI JSON: {e}")))?;
+    let process = match at {
+        Some(member) => value.get_mut(member),
+        None => Some(&mut value),
+    };
+    if let Some(sets) = process
+        .and_then(|p| p.get_mut("capabilities"))
+        .and_then(|c| c.as_object_mut())
+    {
+        for set in sets.values_mut() {
+            if let Some(list) = set.as_array_mut() {
+                list.retain(|cap| cap.as_str() != Some("CAP_MKNOD"));
+            }
+        }
+    }
+    serde_json::to_vec(&value).map_err(|e| AgentError::InvalidArgument(format!("OCI JSON: {e}")))
+}
+
 struct Reservation<'a> {
     set: &'a Mutex<HashMap<String, String>>,
     id: String,
@@ -602,8 +627,13 @@ impl Agent {
                 ))
             })?),
         };
-        let mut spec = containers::parse_spec(&req.oci_spec)?;
         let confidential = self.is_confidential();
+        let oci_spec = if confidential {
+            without_mknod(&req.oci_spec, Some("process"))?
+        } else {
+            req.oci_spec.clone()
+        };
+        let mut spec = containers::parse_spec(&oci_spec)?;
         if confidential {
             // Hooks are programs the runtime would run, some as root in the
             // guest's namespaces; in a confidential pod they could only be
@@ -754,7 +784,12 @@ impl Agent {
 
     fn exec_process(&self, req: agent::ExecProcessRequest) -> Result<agent::ExecProcessResponse> {
         let c = self.container(&req.container_id)?;
-        let pid = self.runtime.exec(&c, &req.exec_id, &req.process)?;
+        let process = if self.is_confidential() {
+            without_mknod(&req.process, None)?
+        } else {
+            req.process.clone()
+        };
+        let pid = self.runtime.exec(&c, &req.exec_id, &process)?;
         Ok(agent::ExecProcessResponse {
             pid: pid as u32,
             ..Default::default()
@@ -1006,6 +1041,32 @@ mod tests {
         assert_eq!(input["OCI"]["process"]["args"][0], "sh");
         assert!(input.get("oci_spec").is_none());
         assert_eq!(input["sandbox_id"], "", "defaults are present");
+    }
+
+    #[test]
+    fn confidential_processes_lose_cap_mknod() {
+        let spec = br#"{"ociVersion":"1.1.0","process":{"args":["sh"],"capabilities":{"bounding":["CAP_CHOWN","CAP_MKNOD"],"effective":["CAP_MKNOD"],"permitted":["CAP_MKNOD","CAP_KILL"]}}}"#;
+        let out: serde_json::Value =
+            serde_json::from_slice(&without_mknod(spec, Some("process")).expect("spec"))
+                .expect("json");
+        assert_eq!(
+            out["process"]["capabilities"]["bounding"],
+            serde_json::json!(["CAP_CHOWN"])
+        );
+        assert_eq!(
+            out["process"]["capabilities"]["effective"],
+            serde_json::json!([])
+        );
+        assert_eq!(
+            out["process"]["capabilities"]["permitted"],
+            serde_json::json!(["CAP_KILL"])
+        );
+        assert_eq!(out["process"]["args"][0], "sh");
+        let exec = br#"{"args":["id"],"capabilities":{"ambient":["CAP_MKNOD"]}}"#;
+        let out: serde_json::Value =
+            serde_json::from_slice(&without_mknod(exec, None).expect("exec")).expect("json");
+        assert_eq!(out["capabilities"]["ambient"], serde_json::json!([]));
+        assert!(without_mknod(b"not json", None).is_err());
     }
 
     #[test]
