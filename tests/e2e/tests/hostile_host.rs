@@ -294,16 +294,7 @@ fn the_pause_of_a_confidential_pod_is_the_guests_own() {
     let hostile_pause = ["sh", "-c", "echo ran > /host-code-ran; exec sleep 1000"];
     let sandbox_annotations = r#""io.kubernetes.cri.container-type": "sandbox""#;
     let run_pause = |tee: TeeKind, id: &str| {
-        let allow_all = init_data(kabuto_policy::ALLOW_ALL);
-        let sandbox = Sandbox::create(
-            &config(dir.path(), tee),
-            "default",
-            id,
-            "",
-            Some(&allow_all),
-            &NetworkNamespace::Host,
-        )
-        .expect("sandbox");
+        let sandbox = allow_all_sandbox(dir.path(), tee, id);
         let agent = sandbox.agent();
         sandbox
             .share_container(id, Some((&[], &rootfs)), &[])
@@ -373,7 +364,7 @@ fn a_kbs_without_pinned_tls_is_refused() {
 fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = busybox_rootfs(dir.path());
-    let sandbox = allow_all_confidential_sandbox(dir.path(), "planted");
+    let sandbox = allow_all_sandbox(dir.path(), TeeKind::Software, "planted");
     let agent = sandbox.agent();
     let shared = sandbox.dir().join("shared");
     let with_bind = |id: &str, source: &str| {
@@ -448,7 +439,7 @@ fn a_symlink_the_host_plants_in_the_shared_directory_is_not_followed() {
 fn a_confidential_guest_refuses_a_second_pod_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = busybox_rootfs(dir.path());
-    let sandbox = allow_all_confidential_sandbox(dir.path(), "one-pod");
+    let sandbox = allow_all_sandbox(dir.path(), TeeKind::Software, "one-pod");
     let agent = sandbox.agent();
     let pause = r#""io.kubernetes.cri.container-type": "sandbox""#;
     let create = |id: &str, sandbox_id: &str, annotations: &str| {
@@ -476,12 +467,12 @@ fn a_confidential_guest_refuses_a_second_pod_sandbox() {
     sandbox.destroy();
 }
 
-/// A software-TEE sandbox whose pod policy allows everything: what the
-/// agent refuses then, it refuses by itself.
-fn allow_all_confidential_sandbox(dir: &Path, id: &str) -> Sandbox {
+/// A sandbox in `tee` whose pod policy allows everything: what the agent
+/// refuses then, it refuses by itself.
+fn allow_all_sandbox(dir: &Path, tee: TeeKind, id: &str) -> Sandbox {
     let allow_all = init_data(kabuto_policy::ALLOW_ALL);
     Sandbox::create(
-        &config(dir, TeeKind::Software),
+        &config(dir, tee),
         "default",
         id,
         "",
@@ -506,16 +497,7 @@ fn a_confidential_container_cannot_make_device_nodes() {
         "mknod /dev/probe c 1 3 2>/dev/null && echo made || echo refused",
     ];
     let run = |tee: TeeKind, id: &str| -> String {
-        let allow_all = init_data(kabuto_policy::ALLOW_ALL);
-        let sandbox = Sandbox::create(
-            &config(dir.path(), tee),
-            "default",
-            id,
-            "",
-            Some(&allow_all),
-            &NetworkNamespace::Host,
-        )
-        .expect("sandbox");
+        let sandbox = allow_all_sandbox(dir.path(), tee, id);
         let agent = sandbox.agent();
         sandbox
             .share_container(id, Some((&[], &rootfs)), &[])
