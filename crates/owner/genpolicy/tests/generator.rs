@@ -1429,14 +1429,12 @@ fn members_join_the_pods_one_sandbox() {
     );
 
     // A fresh guest: no member before its pause, and a pause is its own sandbox.
-    let f = fixture();
-    let generated = gen(
-        &f,
+    let (rego, _) = first_container_case(
+        &fixture(),
         &manifest("03-statefulset-redis.yaml"),
         &Settings::default(),
-    )
-    .unwrap();
-    let mut fresh = PolicyGate::new(&generated.pods[0].rego).unwrap();
+    );
+    let mut fresh = PolicyGate::new(&rego).unwrap();
     assert!(
         denied_reason(&mut fresh, &req).contains("the pod's sandbox \"pod1\" has not been created")
     );
