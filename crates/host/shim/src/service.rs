@@ -365,13 +365,18 @@ impl Service {
             .filter(|c| Arc::ptr_eq(&c.sandbox, sb))
             .cloned()
             .collect();
+        self.report_gone(&containers);
+    }
+
+    /// Reports every process of `containers` that still ran as exited
+    /// (their VM is gone).
+    fn report_gone(&self, containers: &[Arc<Container>]) {
         for c in containers {
             let mut procs: Vec<Arc<Process>> = lock(&c.execs).values().cloned().collect();
             procs.push(c.init.clone());
             for p in procs {
-                if lock(&p.state).status != Status::Stopped {
-                    self.report_exit(&p, VM_GONE_STATUS, now());
-                }
+                // report_exit skips processes already stopped.
+                self.report_exit(&p, VM_GONE_STATUS, now());
             }
         }
     }
@@ -512,13 +517,7 @@ impl Service {
                 state.containers.drain().map(|(_, c)| c).collect();
             (containers, state.sandbox.take())
         };
-        for c in &containers {
-            let mut procs: Vec<Arc<Process>> = lock(&c.execs).values().cloned().collect();
-            procs.push(c.init.clone());
-            for p in procs {
-                self.report_exit(&p, VM_GONE_STATUS, now());
-            }
-        }
+        self.report_gone(&containers);
         if let Some(sb) = sandbox {
             // Also unmounts every container's rootfs and binds (all of
             // them live under the sandbox directory).
