@@ -10,8 +10,11 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
+use elliptic_curve::generic_array::typenum::Unsigned;
+use elliptic_curve::generic_array::GenericArray;
+use elliptic_curve::sec1::{EncodedPoint, FromEncodedPoint, ModulusSize, ToEncodedPoint};
+use elliptic_curve::{AffinePoint, CurveArithmetic, FieldBytesSize, PublicKey, SecretKey};
 pub use kbs_types::{ProtectedHeader, Response, TeePubKey};
-use p256::elliptic_curve::sec1::{EncodedPoint, FromEncodedPoint, ToEncodedPoint};
 use rand_core::{OsRng, RngCore};
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
@@ -19,7 +22,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// Key management algorithm for EC (P-256) recipient keys.
+/// Key management algorithm for EC (P-256, P-521) recipient keys.
 pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 /// Key management algorithm for RSA recipient keys.
 pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
@@ -34,6 +37,9 @@ pub const ENC_A256GCM: &str = "A256GCM";
 
 /// RSA keys smaller than this are refused on both sides.
 const MIN_RSA_BITS: usize = 2048;
+/// JWK `crv` names (RFC 7518 §6.2.1.1) of the curves we speak.
+const CRV_P256: &str = "P-256";
+const CRV_P521: &str = "P-521";
 const GCM_IV_LEN: usize = 12;
 const GCM_TAG_LEN: usize = 16;
 
@@ -65,7 +71,10 @@ pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 /// An ephemeral key pair a guest generates per attestation; the public half
 /// travels as `tee-pubkey`, the private half never leaves the guest.
 pub enum TeeKeyPair {
+    /// P-256: what our attestation agent and CoCo's client use by default.
     Ec(p256::SecretKey),
+    /// P-521, which CoCo's client may send instead.
+    EcP521(p521::SecretKey),
     Rsa(Box<RsaPrivateKey>),
 }
 
@@ -74,6 +83,7 @@ impl std::fmt::Debug for TeeKeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TeeKeyPair::Ec(_) => f.write_str("TeeKeyPair::Ec(<private>)"),
+            TeeKeyPair::EcP521(_) => f.write_str("TeeKeyPair::EcP521(<private>)"),
             TeeKeyPair::Rsa(_) => f.write_str("TeeKeyPair::Rsa(<private>)"),
         }
     }
@@ -83,6 +93,11 @@ impl TeeKeyPair {
     /// A fresh P-256 key (fast to generate; the default).
     pub fn generate_ec() -> Self {
         TeeKeyPair::Ec(p256::SecretKey::random(&mut OsRng))
+    }
+
+    /// A fresh P-521 key.
+    pub fn generate_ec_p521() -> Self {
+        TeeKeyPair::EcP521(p521::SecretKey::random(&mut OsRng))
     }
 
     /// A fresh RSA key of `bits` (>= 2048) for KBSs that only speak RSA.
@@ -97,8 +112,8 @@ impl TeeKeyPair {
             .map_err(|e| JoseError::InvalidKey(e.to_string()))
     }
 
-    /// A private key from PEM: RSA (PKCS#1 or PKCS#8) or P-256 (SEC1 or
-    /// PKCS#8), as `openssl genrsa` / `openssl ecparam -genkey` write them —
+    /// A private key from PEM: RSA (PKCS#1 or PKCS#8), P-256 or P-521 (SEC1
+    /// or PKCS#8), as `openssl genrsa` / `openssl ecparam -genkey` write them —
     /// the image-decryption keys an owner stores in the KBS.
     pub fn from_pem(pem: &str) -> Result<Self> {
         use p256::pkcs8::DecodePrivateKey as _;
@@ -115,8 +130,14 @@ impl TeeKeyPair {
         if let Ok(key) = p256::SecretKey::from_pkcs8_pem(pem) {
             return Ok(TeeKeyPair::Ec(key));
         }
+        if let Ok(key) = p521::SecretKey::from_sec1_pem(pem) {
+            return Ok(TeeKeyPair::EcP521(key));
+        }
+        if let Ok(key) = p521::SecretKey::from_pkcs8_pem(pem) {
+            return Ok(TeeKeyPair::EcP521(key));
+        }
         Err(JoseError::UnsupportedKey(
-            "not a PEM RSA or P-256 private key (PKCS#1, SEC1 or PKCS#8)".into(),
+            "not a PEM RSA, P-256 or P-521 private key (PKCS#1, SEC1 or PKCS#8)".into(),
         ))
     }
 
@@ -214,27 +235,10 @@ impl TeeKeyPair {
     ) -> Result<Zeroizing<Vec<u8>>> {
         let cek = match (self, alg) {
             (TeeKeyPair::Ec(secret), ALG_ECDH_ES_A256KW) => {
-                let epk =
-                    epk.ok_or_else(|| JoseError::Malformed("ECDH-ES header has no epk".into()))?;
-                // An epk need not carry `alg` (go-jose's does not), which
-                // kbs_types' JWK type requires: read the point's fields.
-                let member = |name: &str| epk.get(name).and_then(|v| v.as_str()).unwrap_or("");
-                if member("kty") != "EC" {
-                    return Err(JoseError::Malformed("epk is not an EC key".into()));
-                }
-                let epk = ec_public_key(&TeePubKey::EC {
-                    crv: member("crv").into(),
-                    alg: String::new(),
-                    x: member("x").into(),
-                    y: member("y").into(),
-                })?;
-                let shared =
-                    p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
-                Zeroizing::new(
-                    ecdh_kek(&shared)?
-                        .unwrap_vec(encrypted_key)
-                        .map_err(|_| JoseError::Decrypt)?,
-                )
+                ecdh_es_unwrap(secret, CRV_P256, epk, encrypted_key)?
+            }
+            (TeeKeyPair::EcP521(secret), ALG_ECDH_ES_A256KW) => {
+                ecdh_es_unwrap(secret, CRV_P521, epk, encrypted_key)?
             }
             (TeeKeyPair::Rsa(key), ALG_RSA_OAEP_256) => Zeroizing::new(
                 key.decrypt(Oaep::new::<Sha256>(), encrypted_key)
@@ -260,7 +264,8 @@ impl TeeKeyPair {
     /// The public JWK, as the `tee-pubkey` of the KBS protocol.
     pub fn public_jwk(&self) -> TeePubKey {
         match self {
-            TeeKeyPair::Ec(secret) => ec_jwk(&secret.public_key()),
+            TeeKeyPair::Ec(secret) => ec_jwk(&secret.public_key(), CRV_P256),
+            TeeKeyPair::EcP521(secret) => ec_jwk(&secret.public_key(), CRV_P521),
             TeeKeyPair::Rsa(key) => TeePubKey::RSA {
                 alg: ALG_RSA_OAEP_256.to_string(),
                 k_mod: B64URL.encode(key.n().to_bytes_be()),
@@ -343,26 +348,28 @@ fn decrypt_a256gcm(
 }
 
 /// Encrypts `plaintext` to `recipient` (A256GCM content; ECDH-ES+A256KW for
-/// EC keys, RSA-OAEP-256 for RSA keys).
+/// EC keys on P-256 or P-521; for RSA keys the wrapping their `alg` names).
 pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
     let mut cek = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(cek.as_mut());
     let (protected, encrypted_key) = match recipient {
-        TeePubKey::EC { .. } => {
-            let recipient_key = ec_public_key(recipient)?;
-            let ephemeral = p256::SecretKey::random(&mut OsRng);
-            let shared = p256::ecdh::diffie_hellman(
-                ephemeral.to_nonzero_scalar(),
-                recipient_key.as_affine(),
-            );
-            let wrapped = ecdh_kek(&shared)?
-                .wrap_vec(cek.as_ref())
-                .map_err(|e| JoseError::Encrypt(format!("AES key wrap: {e}")))?;
+        TeePubKey::EC { crv, x, y, .. } => {
+            let (epk, wrapped) = match crv.as_str() {
+                CRV_P256 => {
+                    ecdh_es_wrap(&ec_point::<p256::NistP256>(crv, x, y)?, crv, cek.as_ref())?
+                }
+                CRV_P521 => {
+                    ecdh_es_wrap(&ec_point::<p521::NistP521>(crv, x, y)?, crv, cek.as_ref())?
+                }
+                other => {
+                    return Err(JoseError::UnsupportedKey(format!(
+                        "EC curve {other} (only {CRV_P256} and {CRV_P521})"
+                    )))
+                }
+            };
             let mut other_fields = serde_json::Map::new();
-            let epk = serde_json::to_value(ec_jwk(&ephemeral.public_key()))
-                .map_err(|e| JoseError::Encrypt(e.to_string()))?;
-            let epk = with_sorted_keys(epk);
-            other_fields.insert("epk".into(), epk);
+            let epk = serde_json::to_value(epk).map_err(|e| JoseError::Encrypt(e.to_string()))?;
+            other_fields.insert("epk".into(), with_sorted_keys(epk));
             (
                 ProtectedHeader {
                     alg: ALG_ECDH_ES_A256KW.into(),
@@ -466,17 +473,100 @@ fn with_sorted_keys(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
-fn ec_jwk(key: &p256::PublicKey) -> TeePubKey {
+/// ECDH-ES+A256KW (RFC 7518 §4.6) toward `recipient`: a fresh ephemeral
+/// key on the recipient's curve, whose public half goes out as `epk`, and
+/// the content key wrapped under the agreed key.
+fn ecdh_es_wrap<C>(recipient: &PublicKey<C>, crv: &str, cek: &[u8]) -> Result<(TeePubKey, Vec<u8>)>
+where
+    C: CurveArithmetic,
+    FieldBytesSize<C>: ModulusSize,
+    AffinePoint<C>: FromEncodedPoint<C> + ToEncodedPoint<C>,
+{
+    let ephemeral = SecretKey::<C>::random(&mut OsRng);
+    let shared =
+        elliptic_curve::ecdh::diffie_hellman(ephemeral.to_nonzero_scalar(), recipient.as_affine());
+    let wrapped = ecdh_kek(shared.raw_secret_bytes())?
+        .wrap_vec(cek)
+        .map_err(|e| JoseError::Encrypt(format!("AES key wrap: {e}")))?;
+    Ok((ec_jwk(&ephemeral.public_key(), crv), wrapped))
+}
+
+/// The content key of an ECDH-ES+A256KW recipient, from the sender's `epk`
+/// (which must be on our key's curve).
+fn ecdh_es_unwrap<C>(
+    secret: &SecretKey<C>,
+    crv: &str,
+    epk: Option<&serde_json::Value>,
+    encrypted_key: &[u8],
+) -> Result<Zeroizing<Vec<u8>>>
+where
+    C: CurveArithmetic,
+    FieldBytesSize<C>: ModulusSize,
+    AffinePoint<C>: FromEncodedPoint<C> + ToEncodedPoint<C>,
+{
+    let epk = epk.ok_or_else(|| JoseError::Malformed("ECDH-ES header has no epk".into()))?;
+    // An epk need not carry `alg` (go-jose's does not), which kbs_types'
+    // JWK type requires: read the point's fields.
+    let member = |name: &str| epk.get(name).and_then(|v| v.as_str()).unwrap_or("");
+    if member("kty") != "EC" {
+        return Err(JoseError::Malformed("epk is not an EC key".into()));
+    }
+    if member("crv") != crv {
+        return Err(JoseError::Malformed(format!(
+            "epk is on {}, this key on {crv}",
+            member("crv")
+        )));
+    }
+    let epk = ec_point::<C>(crv, member("x"), member("y"))?;
+    let shared = elliptic_curve::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
+    Ok(Zeroizing::new(
+        ecdh_kek(shared.raw_secret_bytes())?
+            .unwrap_vec(encrypted_key)
+            .map_err(|_| JoseError::Decrypt)?,
+    ))
+}
+
+fn ec_jwk<C>(key: &PublicKey<C>, crv: &str) -> TeePubKey
+where
+    C: CurveArithmetic,
+    FieldBytesSize<C>: ModulusSize,
+    AffinePoint<C>: FromEncodedPoint<C> + ToEncodedPoint<C>,
+{
     let point = key.to_encoded_point(false);
     // An uncompressed point always has both coordinates.
     let x = point.x().map(|x| B64URL.encode(x)).unwrap_or_default();
     let y = point.y().map(|y| B64URL.encode(y)).unwrap_or_default();
     TeePubKey::EC {
-        crv: "P-256".into(),
+        crv: crv.into(),
         alg: ALG_ECDH_ES_A256KW.into(),
         x,
         y,
     }
+}
+
+/// A point from base64url JWK coordinates, each exactly the curve's field
+/// size (RFC 7518 §6.2.1.2), rejected when off the curve.
+fn ec_point<C>(crv: &str, x: &str, y: &str) -> Result<PublicKey<C>>
+where
+    C: CurveArithmetic,
+    FieldBytesSize<C>: ModulusSize,
+    AffinePoint<C>: FromEncodedPoint<C> + ToEncodedPoint<C>,
+{
+    let x = decode_b64url("x", x)?;
+    let y = decode_b64url("y", y)?;
+    let size = FieldBytesSize::<C>::USIZE;
+    if x.len() != size || y.len() != size {
+        return Err(JoseError::InvalidKey(format!(
+            "{crv} coordinates must be {size} bytes"
+        )));
+    }
+    let point = EncodedPoint::<C>::from_affine_coordinates(
+        GenericArray::from_slice(&x),
+        GenericArray::from_slice(&y),
+        false,
+    );
+    Option::from(PublicKey::<C>::from_encoded_point(&point))
+        .ok_or_else(|| JoseError::InvalidKey(format!("point is not on {crv}")))
 }
 
 /// Parses an EC JWK into a P-256 public key (rejecting points off the curve).
@@ -484,25 +574,12 @@ pub fn ec_public_key(jwk: &TeePubKey) -> Result<p256::PublicKey> {
     let TeePubKey::EC { crv, x, y, .. } = jwk else {
         return Err(JoseError::UnsupportedKey("expected an EC key".into()));
     };
-    if crv != "P-256" {
+    if crv != CRV_P256 {
         return Err(JoseError::UnsupportedKey(format!(
-            "EC curve {crv} (only P-256)"
+            "EC curve {crv} (only {CRV_P256})"
         )));
     }
-    let x = decode_b64url("x", x)?;
-    let y = decode_b64url("y", y)?;
-    if x.len() != 32 || y.len() != 32 {
-        return Err(JoseError::InvalidKey(
-            "P-256 coordinates must be 32 bytes".into(),
-        ));
-    }
-    let point = EncodedPoint::<p256::NistP256>::from_affine_coordinates(
-        x.as_slice().into(),
-        y.as_slice().into(),
-        false,
-    );
-    Option::from(p256::PublicKey::from_encoded_point(&point))
-        .ok_or_else(|| JoseError::InvalidKey("point is not on P-256".into()))
+    ec_point::<p256::NistP256>(crv, x, y)
 }
 
 fn decode_b64url_field(field: &str, value: &str) -> Result<Vec<u8>> {
@@ -539,9 +616,10 @@ fn concat_kdf(
     Zeroizing::new(digest[..(bits / 8) as usize].to_vec())
 }
 
-/// The AES-256 key-encryption key for ECDH-ES+A256KW.
-fn ecdh_kek(shared: &p256::ecdh::SharedSecret) -> Result<aes_kw::KekAes256> {
-    let kek = concat_kdf(shared.raw_secret_bytes(), ALG_ECDH_ES_A256KW, b"", b"", 256);
+/// The AES-256 key-encryption key for ECDH-ES+A256KW from the shared
+/// secret's x coordinate.
+fn ecdh_kek(shared: &[u8]) -> Result<aes_kw::KekAes256> {
+    let kek = concat_kdf(shared, ALG_ECDH_ES_A256KW, b"", b"", 256);
     aes_kw::KekAes256::try_from(kek.as_slice()).map_err(|_| JoseError::Decrypt)
 }
 

@@ -59,6 +59,32 @@ fn ec_round_trip() {
     assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), b"the secret");
 }
 
+/// P-521 keys, which CoCo's client may send: the epk is on P-521 with
+/// 66-byte coordinates, and a P-256 key cannot take it.
+#[test]
+fn p521_round_trip() {
+    let key = TeeKeyPair::generate_ec_p521();
+    let TeePubKey::EC { crv, x, .. } = key.public_jwk() else {
+        panic!("not an EC JWK");
+    };
+    assert_eq!((crv.as_str(), b64(&x).len()), ("P-521", 66));
+    let jwe = encrypt(&key.public_jwk(), b"p521 secret").unwrap();
+    assert_eq!(jwe.protected.other_fields["epk"]["crv"], "P-521");
+    assert_eq!(key.decrypt(&jwe).unwrap().as_slice(), b"p521 secret");
+    let p256 = TeeKeyPair::generate_ec();
+    let err = p256.decrypt(&jwe).unwrap_err();
+    assert!(err.to_string().contains("epk is on P-521"), "{err}");
+    // A P-521 JWK with P-256-sized coordinates is refused by size.
+    let short = TeePubKey::EC {
+        crv: "P-521".into(),
+        alg: ALG_ECDH_ES_A256KW.into(),
+        x: B64URL.encode([1u8; 32]),
+        y: B64URL.encode([2u8; 32]),
+    };
+    let err = encrypt(&short, b"x").unwrap_err();
+    assert!(err.to_string().contains("66 bytes"), "{err}");
+}
+
 #[test]
 fn rsa_round_trip() {
     let key = TeeKeyPair::generate_rsa(2048).unwrap();
@@ -186,8 +212,9 @@ fn decrypt_as_coco_client_does(key: &TeeKeyPair, wire: &[u8]) -> Result<Zeroizin
 #[test]
 fn a_coco_client_re_serializing_the_header_decrypts_our_responses() {
     let ec = TeeKeyPair::generate_ec();
+    let p521 = TeeKeyPair::generate_ec_p521();
     let rsa = TeeKeyPair::generate_rsa(2048).unwrap();
-    for key in [&ec, &rsa] {
+    for key in [&ec, &p521, &rsa] {
         let jwe = encrypt(&key.public_jwk(), b"for a coco client").unwrap();
         let wire = serde_json::to_vec(&jwe).unwrap();
         let doc: serde_json::Value = serde_json::from_slice(&wire).unwrap();

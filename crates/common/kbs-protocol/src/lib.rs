@@ -27,6 +27,21 @@ pub fn report_data(
     Ok(hash.digest(&canonical))
 }
 
+/// The report data a device attester's evidence binds (CoCo's additional
+/// evidence): the runtime data alone, `{nonce, tee-pubkey}`, in JCS and
+/// hashed. The primary evidence then binds the devices' evidence through
+/// [`report_data`]'s `additional-evidence`.
+pub fn device_report_data(
+    hash: HashAlgorithm,
+    runtime_data: &RuntimeData,
+) -> Result<Vec<u8>, kabuto_jose::JoseError> {
+    let canonical = kabuto_jose::canonical_json(&serde_json::json!({
+        "tee-pubkey": runtime_data.tee_pubkey,
+        "nonce": runtime_data.nonce,
+    }))?;
+    Ok(hash.digest(&canonical))
+}
+
 /// The longest resource path segment.
 pub const MAX_SEGMENT_LEN: usize = 128;
 

@@ -1,6 +1,15 @@
-//! The admin API. Each call carries `Authorization: Bearer <JWT>`, ES256,
-//! signed by a key listed in the configuration; the key's roles decide
-//! what it may change. Refused calls change nothing.
+//! The admin API. Each call carries `Authorization: Bearer <JWT>` signed by
+//! a key listed in the configuration; the key's roles decide what it may
+//! change. Refused calls change nothing.
+//!
+//! Two kinds of token, by the key's type:
+//! - P-256 keys sign ours (ES256): `aud` [`ADMIN_AUDIENCE`], single-use
+//!   `jti`, at most [`MAX_ADMIN_TOKEN_SECS`] long.
+//! - Ed25519 keys sign trustee's, as CoCo's `kbs-client` makes them (EdDSA,
+//!   `iat`, `nbf`, `exp` two hours later, no `aud` or `jti`): the lifetime is
+//!   capped at [`MAX_TRUSTEE_TOKEN_SECS`], an `aud` other than ours is
+//!   refused, a `jti` if present is single-use; without one a token can be
+//!   replayed within its lifetime, as on a trustee KBS.
 
 use std::sync::Arc;
 
@@ -15,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{resource_path, valid_segment};
 use crate::config::Role;
 use crate::error::Problem;
-use crate::{store, Kbs};
+use crate::{store, AdminKeyKind, Kbs};
 
 /// Claims of an admin token: `aud` must be [`ADMIN_AUDIENCE`] (a token the
 /// key signed for something else is not an admin token), `exp - iat` at
@@ -25,7 +34,9 @@ use crate::{store, Kbs};
 pub struct AdminClaims {
     pub exp: u64,
     pub iat: u64,
+    #[serde(default)]
     pub aud: String,
+    #[serde(default)]
     pub jti: String,
     #[serde(default)]
     pub sub: String,
@@ -34,6 +45,9 @@ pub struct AdminClaims {
 pub const ADMIN_AUDIENCE: &str = "kabuto-kbs-admin";
 /// The longest lifetime an admin token may claim.
 pub const MAX_ADMIN_TOKEN_SECS: u64 = 3600;
+/// The longest lifetime a trustee-style (Ed25519) admin token may claim:
+/// `kbs-client` signs two hours.
+pub const MAX_TRUSTEE_TOKEN_SECS: u64 = 7200;
 /// Clock skew allowed between the admin's machine and the KBS.
 const LEEWAY_SECS: u64 = 5;
 
@@ -48,45 +62,79 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
                 "missing `Authorization: Bearer <admin token>`",
             )
         })?;
-    let mut validation = Validation::new(Algorithm::ES256);
-    validation.leeway = LEEWAY_SECS;
-    validation.set_required_spec_claims(&["exp", "aud"]);
-    validation.set_audience(&[ADMIN_AUDIENCE]);
     for key in &kbs.admin_keys {
-        if let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation) {
-            let claims = data.claims;
-            let now = crate::token::now_secs();
-            // Used ids are remembered by this process only: a token issued
-            // before it started could have been used already.
-            if claims.iat + LEEWAY_SECS < kbs.started_secs {
-                return Err(Problem::unauthorized(
-                    "admin-auth",
-                    "the admin token was issued before this KBS started: make a new one",
-                ));
+        let (validation, max_lifetime) = match key.kind {
+            AdminKeyKind::Es256 => {
+                let mut validation = Validation::new(Algorithm::ES256);
+                validation.set_required_spec_claims(&["exp", "aud"]);
+                validation.set_audience(&[ADMIN_AUDIENCE]);
+                (validation, MAX_ADMIN_TOKEN_SECS)
             }
-            if claims.iat > now + LEEWAY_SECS
-                || claims.exp.saturating_sub(claims.iat) > MAX_ADMIN_TOKEN_SECS
-            {
-                return Err(Problem::unauthorized(
-                    "admin-auth",
-                    format!("the admin token's lifetime must lie within {MAX_ADMIN_TOKEN_SECS} s from an issue time that is not in the future"),
-                ));
+            AdminKeyKind::TrusteeEd25519 => {
+                let mut validation = Validation::new(Algorithm::EdDSA);
+                validation.set_required_spec_claims(&["exp"]);
+                validation.validate_nbf = true;
+                // kbs-client sends no `aud`; one naming something else is
+                // refused below.
+                validation.validate_aud = false;
+                (validation, MAX_TRUSTEE_TOKEN_SECS)
             }
-            if claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp) {
-                return Err(Problem::unauthorized(
-                    "admin-auth",
-                    "the admin token was already used (or has no jti): admin tokens are single-use",
-                ));
-            }
-            if key.roles.contains(&Role::Admin) || key.roles.contains(&needed) {
-                return Ok(claims.sub);
-            }
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "admin-role",
-                format!("this admin key lacks the {needed:?} role"),
+        };
+        let mut validation = validation;
+        validation.leeway = LEEWAY_SECS;
+        let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation)
+        else {
+            continue;
+        };
+        let claims = data.claims;
+        let now = crate::token::now_secs();
+        if key.kind == AdminKeyKind::TrusteeEd25519
+            && !claims.aud.is_empty()
+            && claims.aud != ADMIN_AUDIENCE
+        {
+            return Err(Problem::unauthorized(
+                "admin-auth",
+                format!(
+                    "the admin token is for {:?}, not this KBS's admin API",
+                    claims.aud
+                ),
             ));
         }
+        // Used ids are remembered by this process only: a token issued
+        // before it started could have been used already.
+        if key.kind == AdminKeyKind::Es256 && claims.iat + LEEWAY_SECS < kbs.started_secs {
+            return Err(Problem::unauthorized(
+                "admin-auth",
+                "the admin token was issued before this KBS started: make a new one",
+            ));
+        }
+        if claims.iat > now + LEEWAY_SECS || claims.exp.saturating_sub(claims.iat) > max_lifetime {
+            return Err(Problem::unauthorized(
+                "admin-auth",
+                format!("the admin token's lifetime must lie within {max_lifetime} s from an issue time that is not in the future"),
+            ));
+        }
+        let single_use = key.kind == AdminKeyKind::Es256 || !claims.jti.is_empty();
+        if single_use
+            && (claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp))
+        {
+            return Err(Problem::unauthorized(
+                "admin-auth",
+                "the admin token was already used (or has no jti): admin tokens are single-use",
+            ));
+        }
+        if key.roles.contains(&Role::Admin) || key.roles.contains(&needed) {
+            return Ok(if claims.sub.is_empty() {
+                format!("{:?} key", key.kind)
+            } else {
+                claims.sub
+            });
+        }
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "admin-role",
+            format!("this admin key lacks the {needed:?} role"),
+        ));
     }
     Err(Problem::unauthorized(
         "admin-auth",
@@ -102,12 +150,30 @@ fn ok(what: String) -> Response {
         .into_response()
 }
 
-/// Accepts raw Rego, or trustee's JSON form `{"policy": base64(rego)}`.
+/// Accepts raw Rego, or trustee's JSON forms: `{"policy": base64(rego)}`
+/// (resource policy) and `{"type": "rego", "policy_id": "default",
+/// "policy": base64(rego)}` (attestation policy; this KBS keeps one, so
+/// the id must be "default").
 fn policy_text(body: &[u8]) -> Result<String, Problem> {
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) {
-        let encoded = map
-            .get("policy")
-            .and_then(|p| p.as_str())
+        let member = |name: &str| map.get(name).and_then(|v| v.as_str());
+        if let Some(kind) = member("type") {
+            if kind != "rego" {
+                return Err(Problem::bad_request(
+                    "policy",
+                    format!("policy type {kind:?}: only \"rego\""),
+                ));
+            }
+        }
+        if let Some(id) = member("policy_id") {
+            if id != "default" {
+                return Err(Problem::bad_request(
+                    "policy",
+                    format!("policy_id {id:?}: this KBS has one policy of each kind, \"default\""),
+                ));
+            }
+        }
+        let encoded = member("policy")
             .ok_or_else(|| Problem::bad_request("policy", "JSON body without a `policy` string"))?;
         let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(encoded.trim_end_matches('='))

@@ -12,7 +12,10 @@ use kbs_types::{Attestation, Challenge, HashAlgorithm, Request};
 use rand_core::{OsRng, RngCore};
 
 use crate::error::Problem;
-use crate::token::{now_secs, TokenClaims, ISSUER};
+use crate::token::{
+    self, now_secs, AnnotatedEvidence, Appraisal, RuntimeDataClaims, TokenClaims, VerifierId,
+    ISSUER,
+};
 use crate::{Kbs, Session, SessionState};
 
 pub const SESSION_COOKIE: &str = "kbs-session-id";
@@ -148,6 +151,87 @@ fn version_compatible(version: &str) -> bool {
     }
 }
 
+/// CoCo's additional evidence: a JSON object (sent as a string) from a
+/// device attester's TEE name to its evidence, which binds the runtime data
+/// alone (the primary evidence binds this string). Every entry must verify,
+/// and becomes a `gpuN` appraisal as trustee names device submods; a device
+/// this KBS cannot verify is refused, never ignored.
+fn appraise_devices(
+    verifier: &kabuto_verifier::Verifier,
+    hash: HashAlgorithm,
+    attestation: &Attestation,
+) -> Result<Vec<(String, Appraisal)>, Problem> {
+    let text = &attestation.tee_evidence.additional_evidence;
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let devices: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| {
+            Problem::bad_request(
+                "additional-evidence",
+                format!("additional evidence is not a JSON object of device evidence: {e}"),
+            )
+        })?;
+    let report_data = kabuto_kbs_protocol::device_report_data(hash, &attestation.runtime_data)
+        .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
+    let mut appraisals = Vec::new();
+    for (name, evidence) in devices {
+        let refused = |detail: String| Problem::unauthorized("additional-evidence", detail);
+        let tee: kbs_types::Tee = serde_json::from_value(serde_json::Value::String(name.clone()))
+            .map_err(|_| {
+            refused(format!("additional evidence from {name:?}: not a TEE name"))
+        })?;
+        if !matches!(tee, kbs_types::Tee::SampleDevice) {
+            return Err(refused(format!(
+                "additional evidence from {name}: the only device this KBS verifies is sampledevice"
+            )));
+        }
+        let claims = verifier
+            .verify(
+                tee,
+                &evidence,
+                kabuto_verifier::Expected {
+                    report_data: Some(&report_data),
+                    init_data: None,
+                },
+                SystemTime::now(),
+            )
+            .map_err(|e| {
+                Problem::unauthorized(e.check(), format!("additional evidence from {name}: {e}"))
+            })?;
+        let insecure = claims.insecure;
+        let claims =
+            serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
+        appraisals.push((
+            format!("gpu{}", appraisals.len()),
+            Appraisal {
+                status: if insecure { "warning" } else { "affirming" }.into(),
+                trust_vector: serde_json::json!({ "hardware": if insecure { 32 } else { 2 } }),
+                policy_id: token::POLICY_ID.into(),
+                evidence: AnnotatedEvidence {
+                    platform: [(name, claims)].into(),
+                    init_data: None,
+                    init_data_claims: None,
+                    runtime_data_claims: RuntimeDataClaims {
+                        nonce: attestation.runtime_data.nonce.clone(),
+                        tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
+                    },
+                },
+            },
+        ));
+    }
+    Ok(appraisals)
+}
+
+/// The TEE's name in the KBS protocol (`snp`, `tdx`, `sample`, ...), under
+/// which trustee's tokens file its claims.
+fn tee_name(tee: kbs_types::Tee) -> String {
+    match serde_json::to_value(tee) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{tee:?}").to_lowercase(),
+    }
+}
+
 /// POST /kbs/v0/attest: Attestation → {"token": JWT}. The challenge is
 /// consumed by the first attempt, successful or not: a nonce is single-use.
 pub async fn attest(
@@ -275,16 +359,39 @@ pub async fn attest(
         ));
     }
 
+    let devices = appraise_devices(&verifier, hash, &attestation)?;
+
     let now = now_secs();
+    let mut platform = std::collections::BTreeMap::new();
+    platform.insert(tee_name(tee), claims_json);
+    let cpu = Appraisal {
+        status,
+        trust_vector: appraisal.get("trust_vector").cloned().unwrap_or_default(),
+        policy_id: token::POLICY_ID.into(),
+        evidence: AnnotatedEvidence {
+            platform,
+            init_data: init_digest.map(hex::encode),
+            init_data_claims: init_data
+                .as_ref()
+                .map(|d| serde_json::to_value(&d.data).unwrap_or_default()),
+            runtime_data_claims: RuntimeDataClaims {
+                nonce: attestation.runtime_data.nonce,
+                tee_pubkey: attestation.runtime_data.tee_pubkey,
+            },
+        },
+    };
     let token_claims = TokenClaims {
+        eat_profile: token::EAT_PROFILE.into(),
         iss: ISSUER.into(),
         iat: now,
         exp: now + kbs.token_ttl.as_secs(),
-        ear_status: status,
-        trust_vector: appraisal.get("trust_vector").cloned().unwrap_or_default(),
-        claims: claims_json,
-        init_data_digest: init_digest.map(hex::encode),
-        tee_pubkey: attestation.runtime_data.tee_pubkey,
+        verifier_id: VerifierId {
+            developer: "https://github.com/kabuto".into(),
+            build: concat!("kabuto-kbs ", env!("CARGO_PKG_VERSION")).into(),
+        },
+        submods: std::iter::once((token::CPU_SUBMOD.to_string(), cpu))
+            .chain(devices)
+            .collect(),
     };
     let token = kbs
         .tokens
@@ -376,14 +483,28 @@ pub async fn get_resource(
 ) -> Result<Response, Problem> {
     let path = resource_path(&repository, &kind, &tag)?;
     let claims = requester(&kbs, &headers)?;
-    let input = serde_json::json!({
-        "token": claims,
-        "resource": {"repository": repository, "type": kind, "tag": tag, "path": path},
-    });
+    let tee_pubkey = claims
+        .cpu()
+        .map(|cpu| cpu.evidence.runtime_data_claims.tee_pubkey.clone())
+        .ok_or_else(|| Problem::unauthorized("token", "the token has no cpu0 appraisal"))?;
+    // The input is the token's claims, as trustee's resource policies read
+    // them (`input.submods.cpu0["ear.status"]`), plus the resource asked
+    // for; `data` also names it the way trustee's does (`resource-path`).
+    let mut input =
+        serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
+    input["resource"] =
+        serde_json::json!({"repository": repository, "type": kind, "tag": tag, "path": path});
     let reference = kbs.store.reference_values()?;
     let allowed = kbs
         .resource_policy
-        .evaluate(&input, &serde_json::json!({ "reference": reference }))
+        .evaluate(
+            &input,
+            &serde_json::json!({
+                "reference": reference,
+                "plugin": "resource",
+                "resource-path": path,
+            }),
+        )
         .map_err(|e| Problem::internal(format!("resource policy: {e}")))?;
     if allowed != serde_json::Value::Bool(true) {
         log::info!("resource {path}: denied by the resource policy");
@@ -400,7 +521,7 @@ pub async fn get_resource(
             format!("no resource {path}"),
         ));
     };
-    let jwe = kabuto_jose::encrypt(&claims.tee_pubkey, &value)
+    let jwe = kabuto_jose::encrypt(&tee_pubkey, &value)
         .map_err(|e| Problem::bad_request("tee-pubkey", e.to_string()))?;
     log::info!("resource {path}: released");
     Ok(axum::Json(jwe).into_response())

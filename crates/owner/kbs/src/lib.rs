@@ -53,6 +53,18 @@ pub(crate) struct Session {
 pub(crate) struct AdminKey {
     key: jsonwebtoken::DecodingKey,
     roles: Vec<Role>,
+    kind: AdminKeyKind,
+}
+
+/// Which admin tokens a key signs, decided by the key's type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AdminKeyKind {
+    /// P-256: our own admin tokens (ES256, `aud`, single-use `jti`, at most
+    /// an hour).
+    Es256,
+    /// Ed25519: trustee's admin auth, as CoCo's `kbs-client` signs it
+    /// (EdDSA, `iat`/`nbf`/`exp` two hours apart, no `aud` or `jti`).
+    TrusteeEd25519,
 }
 
 /// Shared server state.
@@ -85,15 +97,27 @@ impl Kbs {
         for key in &config.admin_keys {
             let pem = std::fs::read(&key.public_key)
                 .map_err(|e| anyhow::anyhow!("admin key {}: {e}", key.public_key.display()))?;
-            let decoding = jsonwebtoken::DecodingKey::from_ec_pem(&pem).map_err(|e| {
-                anyhow::anyhow!(
-                    "admin key {}: not an ES256 public key PEM: {e}",
+            let (decoding, kind) = if let Ok(ec) = jsonwebtoken::DecodingKey::from_ec_pem(&pem) {
+                (ec, AdminKeyKind::Es256)
+            } else if let Ok(ed) = jsonwebtoken::DecodingKey::from_ed_pem(&pem) {
+                log::warn!(
+                    "admin key {}: Ed25519, accepting trustee-style admin tokens (kbs-client): \
+                     no audience and no single-use id, so a token seen on the wire can be \
+                     replayed until it expires (at most {} s); serve the KBS over TLS",
+                    key.public_key.display(),
+                    admin::MAX_TRUSTEE_TOKEN_SECS
+                );
+                (ed, AdminKeyKind::TrusteeEd25519)
+            } else {
+                anyhow::bail!(
+                    "admin key {}: not a P-256 (ES256) or Ed25519 public key PEM",
                     key.public_key.display()
-                )
-            })?;
+                );
+            };
             admin_keys.push(AdminKey {
                 key: decoding,
                 roles: key.roles.clone(),
+                kind,
             });
         }
         let tdx_collateral = match &config.attestation.tdx_collateral {

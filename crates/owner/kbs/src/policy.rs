@@ -1,24 +1,31 @@
 //! Rego policies (regorus): the appraisal policy that turns claims into an
 //! EAR-style result, and the resource policy deciding each release.
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
 
 pub const DEFAULT_ATTESTATION_POLICY: &str = include_str!("../policies/attestation.rego");
 pub const DEFAULT_RESOURCE_POLICY: &str = include_str!("../policies/resource.rego");
 
-const ATTESTATION_RULE: &str = "data.kabuto.attestation.result";
-const RESOURCE_RULE: &str = "data.kabuto.resource.allow";
+const ATTESTATION_RULES: &[&str] = &["data.kabuto.attestation.result"];
+/// Ours, and trustee's (`package policy`, `allow`), so an owner's trustee
+/// resource policy works unchanged.
+const RESOURCE_RULES: &[&str] = &["data.kabuto.resource.allow", "data.policy.allow"];
+/// Compiled variants kept per distinct `data` (reference values, and the
+/// resource path trustee's policies read from `data`); beyond this many the
+/// cache starts over.
+const MAX_VARIANTS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PolicyError(pub String);
 
-/// A policy compiled together with the data it was last evaluated with;
-/// data (reference values) rarely changes, so most evaluations reuse the
-/// compiled form and only bind the input.
+/// A policy with its compiled forms, one per `data` it was evaluated with:
+/// data (reference values, resource paths) takes few distinct values, so
+/// most evaluations reuse a compiled form and only bind the input.
 pub struct Policy {
     state: RwLock<Compiled>,
-    rule: &'static str,
+    rules: &'static [&'static str],
     name: &'static str,
 }
 
@@ -27,11 +34,17 @@ pub struct Prepared(Compiled);
 
 struct Compiled {
     rego: String,
-    data_json: String,
-    policy: regorus::CompiledPolicy,
+    /// The entry point this policy's package defines.
+    rule: &'static str,
+    variants: Mutex<HashMap<String, regorus::CompiledPolicy>>,
 }
 
-fn compile(name: &str, rule: &str, rego: &str, data_json: &str) -> Result<Compiled, PolicyError> {
+fn compile(
+    name: &str,
+    rule: &str,
+    rego: &str,
+    data_json: &str,
+) -> Result<regorus::CompiledPolicy, PolicyError> {
     let mut engine = regorus::Engine::new();
     engine
         .add_policy(name.to_string(), rego.to_string())
@@ -40,34 +53,47 @@ fn compile(name: &str, rule: &str, rego: &str, data_json: &str) -> Result<Compil
     engine
         .add_data(data)
         .map_err(|e| PolicyError(e.to_string()))?;
-    let policy = engine
+    engine
         .compile_with_entrypoint(&rule.into())
-        .map_err(|e| PolicyError(format!("{name}: {e}")))?;
-    Ok(Compiled {
-        rego: rego.to_string(),
-        data_json: data_json.to_string(),
-        policy,
-    })
+        .map_err(|e| PolicyError(format!("{name}: {e}")))
+}
+
+/// The package a Rego module declares (its first `package` line).
+fn declared_package(rego: &str) -> Option<&str> {
+    rego.lines()
+        .map(str::trim)
+        .find_map(|line| line.strip_prefix("package "))
+        .map(str::trim)
 }
 
 impl Policy {
     pub fn attestation(rego: &str) -> Result<Self, PolicyError> {
-        Self::new("attestation.rego", ATTESTATION_RULE, rego)
+        Self::new("attestation.rego", ATTESTATION_RULES, rego)
     }
 
     pub fn resource(rego: &str) -> Result<Self, PolicyError> {
-        Self::new("resource.rego", RESOURCE_RULE, rego)
+        Self::new("resource.rego", RESOURCE_RULES, rego)
     }
 
-    fn new(name: &'static str, rule: &'static str, rego: &str) -> Result<Self, PolicyError> {
-        Ok(Policy {
-            state: RwLock::new(compile(name, rule, rego, "{}")?),
-            rule,
+    fn new(
+        name: &'static str,
+        rules: &'static [&'static str],
+        rego: &str,
+    ) -> Result<Self, PolicyError> {
+        let policy = Policy {
+            state: RwLock::new(Compiled {
+                rego: String::new(),
+                rule: rules[0],
+                variants: Mutex::default(),
+            }),
+            rules,
             name,
-        })
+        };
+        policy.replace(rego)?;
+        Ok(policy)
     }
 
-    /// Compiles `rego` and checks that it declares the package this policy
+    /// Compiles `rego` and checks that it declares a package this policy
     /// is queried in, before it replaces the current one.
     pub fn replace(&self, rego: &str) -> Result<(), PolicyError> {
         let compiled = self.prepare(rego)?;
@@ -78,21 +104,38 @@ impl Policy {
     /// persists it first, then [`Policy::install`]s it, so a policy in force
     /// is always the one a restart loads.
     pub fn prepare(&self, rego: &str) -> Result<Prepared, PolicyError> {
-        let package = self.rule.trim_start_matches("data.");
-        let package = package.rsplit_once('.').map(|(p, _)| p).unwrap_or(package);
-        if !rego.contains(&format!("package {package}")) {
-            return Err(PolicyError(format!(
-                "{} must declare `package {package}` and define {}",
-                self.name, self.rule
-            )));
-        }
-        let data_json = self
-            .state
-            .read()
-            .map_err(|_| PolicyError("policy lock poisoned".into()))?
-            .data_json
-            .clone();
-        Ok(Prepared(compile(self.name, self.rule, rego, &data_json)?))
+        let package_of = |rule: &str| {
+            let path = rule.trim_start_matches("data.");
+            path.rsplit_once('.')
+                .map(|(p, _)| p)
+                .unwrap_or(path)
+                .to_string()
+        };
+        let declared = declared_package(rego);
+        let rule = self
+            .rules
+            .iter()
+            .find(|rule| declared == Some(package_of(rule).as_str()))
+            .ok_or_else(|| {
+                let wanted: Vec<String> = self
+                    .rules
+                    .iter()
+                    .map(|r| format!("`package {}` defining {r}", package_of(r)))
+                    .collect();
+                PolicyError(format!(
+                    "{} must declare {}",
+                    self.name,
+                    wanted.join(", or ")
+                ))
+            })?;
+        // Compiled against empty data as a check; evaluation compiles the
+        // variant for its data.
+        let checked = compile(self.name, rule, rego, "{}")?;
+        Ok(Prepared(Compiled {
+            rego: rego.to_string(),
+            rule,
+            variants: Mutex::new(HashMap::from([("{}".to_string(), checked)])),
+        }))
     }
 
     /// Puts a prepared policy in force.
@@ -110,34 +153,34 @@ impl Policy {
         data: &serde_json::Value,
     ) -> Result<serde_json::Value, PolicyError> {
         let data_json = data.to_string();
-        let policy = {
-            let state = self
-                .state
-                .read()
-                .map_err(|_| PolicyError("policy lock poisoned".into()))?;
-            if state.data_json == data_json {
-                Some(state.policy.clone())
-            } else {
-                None
-            }
-        };
-        let policy = match policy {
-            Some(p) => p,
-            None => {
-                let mut state = self
-                    .state
-                    .write()
-                    .map_err(|_| PolicyError("policy lock poisoned".into()))?;
-                let recompiled = compile(self.name, self.rule, &state.rego, &data_json)?;
-                *state = recompiled;
-                state.policy.clone()
-            }
+        let poisoned = || PolicyError("policy lock poisoned".into());
+        let (policy, rule) = {
+            let state = self.state.read().map_err(|_| poisoned())?;
+            let cached = state
+                .variants
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&data_json)
+                .cloned();
+            let policy = match cached {
+                Some(policy) => policy,
+                None => {
+                    let policy = compile(self.name, state.rule, &state.rego, &data_json)?;
+                    let mut variants = state.variants.lock().map_err(|_| poisoned())?;
+                    if variants.len() >= MAX_VARIANTS {
+                        variants.clear();
+                    }
+                    variants.insert(data_json, policy.clone());
+                    policy
+                }
+            };
+            (policy, state.rule)
         };
         let input = regorus::Value::from_json_str(&input.to_string())
             .map_err(|e| PolicyError(e.to_string()))?;
         let value = policy
             .eval_with_input(input)
-            .map_err(|e| PolicyError(format!("evaluating {}: {e}", self.rule)))?;
+            .map_err(|e| PolicyError(format!("evaluating {rule}: {e}")))?;
         if value == regorus::Value::Undefined {
             return Ok(serde_json::Value::Null);
         }
@@ -269,13 +312,50 @@ mod tests {
     #[test]
     fn resource_policy_and_replacement() {
         let p = Policy::resource(DEFAULT_RESOURCE_POLICY).unwrap();
-        let input =
-            json!({"token": {"ear.status": "warning"}, "resource": {"repository": "default"}});
+        let input = json!({"submods": {"cpu0": {"ear.status": "warning"}}, "resource": {"repository": "default"}});
         assert_eq!(p.evaluate(&input, &json!({})).unwrap(), json!(true));
         assert!(p.replace("package other\nallow := true").is_err());
         assert!(p.replace("package kabuto.resource\nallow if {").is_err());
         p.replace("package kabuto.resource\nimport rego.v1\ndefault allow := false\nallow if input.resource.repository == \"other\"")
             .unwrap();
         assert_eq!(p.evaluate(&input, &json!({})).unwrap(), json!(false));
+    }
+
+    /// A resource policy written for trustee (`package policy`, the token's
+    /// EAR claims as input, the path in `data["resource-path"]`) runs as is,
+    /// each path's variant compiled once.
+    #[test]
+    fn trustee_resource_policies_run_unchanged() {
+        let trustee = r#"package policy
+import rego.v1
+default allow = false
+allow if {
+    input["submods"]["cpu0"]["ear.status"] == "affirming"
+    startswith(data["resource-path"], "default/")
+}
+"#;
+        let p = Policy::resource(trustee).unwrap();
+        let token = |status: &str| json!({"submods": {"cpu0": {"ear.status": status}}});
+        let data = |path: &str| json!({"resource-path": path, "plugin": "resource"});
+        assert_eq!(
+            p.evaluate(&token("affirming"), &data("default/key/1"))
+                .unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            p.evaluate(&token("warning"), &data("default/key/1"))
+                .unwrap(),
+            json!(false)
+        );
+        assert_eq!(
+            p.evaluate(&token("affirming"), &data("other/key/1"))
+                .unwrap(),
+            json!(false)
+        );
+        let err = Policy::resource("package elsewhere\nallow := true")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("`package policy`"), "{err}");
     }
 }

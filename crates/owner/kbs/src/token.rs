@@ -1,5 +1,13 @@
-//! Attestation tokens: ES256 JWTs with EAR-style claims, signed by the KBS.
+//! Attestation tokens: ES256 JWTs in the EAR layout trustee's attestation
+//! service issues (draft-ietf-rats-ear, veraison profile), signed by the KBS.
+//!
+//! The one appraisal is `submods.cpu0` (trustee names the primary attester
+//! so); its `ear.veraison.annotated-evidence` holds the verified claims
+//! under the TEE's name, the init-data digest, and `runtime_data_claims`
+//! with the `tee-pubkey` a trustee KBS reads in passport mode
+//! (`/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,29 +17,83 @@ use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
 
 pub const ISSUER: &str = "kabuto-kbs";
+/// The EAR profile trustee's tokens name.
+pub const EAT_PROFILE: &str = "tag:github.com,2023:veraison/ear";
+/// The submod of the primary (CPU) attester, as trustee names it.
+pub const CPU_SUBMOD: &str = "cpu0";
+/// The appraisal policy id trustee reports for its default policy.
+pub const POLICY_ID: &str = "default";
 
-/// The token's claims. `tee-pubkey` lets a bearer fetch resources without
-/// the session cookie; they are still encrypted to that key.
+/// The token's claims. `tee-pubkey` (in the CPU appraisal) lets a bearer
+/// fetch resources without the session cookie; they are still encrypted to
+/// that key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenClaims {
+    pub eat_profile: String,
     pub iss: String,
     pub iat: u64,
     pub exp: u64,
+    #[serde(rename = "ear.verifier-id")]
+    pub verifier_id: VerifierId,
+    pub submods: BTreeMap<String, Appraisal>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifierId {
+    pub developer: String,
+    pub build: String,
+}
+
+/// One EAR appraisal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Appraisal {
     #[serde(rename = "ear.status")]
-    pub ear_status: String,
+    pub status: String,
     #[serde(rename = "ear.trustworthiness-vector")]
     pub trust_vector: serde_json::Value,
-    /// The verified evidence claims.
-    pub claims: serde_json::Value,
+    #[serde(rename = "ear.appraisal-policy-id")]
+    pub policy_id: String,
+    #[serde(rename = "ear.veraison.annotated-evidence")]
+    pub evidence: AnnotatedEvidence,
+}
+
+/// What the appraisal saw, as trustee's attestation service annotates it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnotatedEvidence {
+    /// The verified claims (kabuto-verifier `Claims`) under the TEE's name
+    /// (`snp`, `tdx`, `sample`, ...).
+    #[serde(flatten)]
+    pub platform: BTreeMap<String, serde_json::Value>,
     /// Digest of the init-data the guest presented (hex), if any.
-    pub init_data_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_data: Option<String>,
+    /// The parsed init-data (its `data` table), when the guest sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_data_claims: Option<serde_json::Value>,
+    pub runtime_data_claims: RuntimeDataClaims,
+}
+
+/// The runtime data the evidence's report data binds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuntimeDataClaims {
+    pub nonce: String,
     #[serde(rename = "tee-pubkey")]
     pub tee_pubkey: kbs_types::TeePubKey,
+}
+
+impl TokenClaims {
+    /// The primary (CPU) appraisal. Tokens without one are refused at
+    /// verification, so every accepted token has it.
+    pub fn cpu(&self) -> Option<&Appraisal> {
+        self.submods.get(CPU_SUBMOD)
+    }
 }
 
 pub struct TokenSigner {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The verification key as a JWK, for the tokens' header.
+    jwk: jsonwebtoken::jwk::Jwk,
     /// The verification key, for relying parties (PEM).
     pub public_pem: String,
 }
@@ -79,23 +141,60 @@ impl TokenSigner {
             encoding: EncodingKey::from_ec_pem(private_pem.as_bytes())
                 .map_err(|e| e.to_string())?,
             decoding: DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|e| e.to_string())?,
+            jwk: public_jwk(&secret.public_key()),
             public_pem,
         })
     }
 
+    /// Signs `claims`. The header carries the verification key as `jwk`,
+    /// as trustee's tokens do; relying parties must still pin that key
+    /// (`/kbs/v0/token-key`), not trust the header's.
     pub fn sign(&self, claims: &TokenClaims) -> Result<String, String> {
-        jsonwebtoken::encode(&Header::new(Algorithm::ES256), claims, &self.encoding)
-            .map_err(|e| e.to_string())
+        let mut header = Header::new(Algorithm::ES256);
+        header.jwk = Some(self.jwk.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| e.to_string())
     }
 
-    /// Verifies signature, issuer and expiry (no leeway).
+    /// Verifies signature, issuer and expiry (no leeway) with this KBS's
+    /// own key (never the header's `jwk`), and that the token has a CPU
+    /// appraisal.
     pub fn verify(&self, token: &str) -> Result<TokenClaims, String> {
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_issuer(&[ISSUER]);
         validation.leeway = 0;
-        jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &validation)
+        let claims = jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &validation)
             .map(|d| d.claims)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if claims.cpu().is_none() {
+            return Err(format!("the token has no {CPU_SUBMOD} appraisal"));
+        }
+        Ok(claims)
+    }
+}
+
+fn public_jwk(key: &p256::PublicKey) -> jsonwebtoken::jwk::Jwk {
+    use base64::Engine;
+    use jsonwebtoken::jwk::{
+        AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
+        EllipticCurveKeyType, Jwk, KeyAlgorithm,
+    };
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let point = key.to_encoded_point(false);
+    let b64 = |c: Option<&p256::FieldBytes>| {
+        c.map(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c))
+            .unwrap_or_default()
+    };
+    Jwk {
+        common: CommonParameters {
+            key_algorithm: Some(KeyAlgorithm::ES256),
+            ..Default::default()
+        },
+        algorithm: AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
+            key_type: EllipticCurveKeyType::EC,
+            curve: EllipticCurve::P256,
+            x: b64(point.x()),
+            y: b64(point.y()),
+        }),
     }
 }
 

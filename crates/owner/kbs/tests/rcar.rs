@@ -35,6 +35,9 @@ struct Options {
     tls: bool,
     admin_roles: &'static str,
     accept_sample: bool,
+    /// Also trust an Ed25519 admin key (trustee's admin auth), made with
+    /// openssl as trustee's docs say, at `trustee-admin.key` / `.pub`.
+    trustee_admin_key: bool,
 }
 
 impl Default for Options {
@@ -44,6 +47,7 @@ impl Default for Options {
             tls: false,
             admin_roles: "\"admin\"",
             accept_sample: false,
+            trustee_admin_key: false,
         }
     }
 }
@@ -89,6 +93,35 @@ impl Kbs {
             ttl = options.session_ttl,
             roles = options.admin_roles,
         );
+        let config = if options.trustee_admin_key {
+            let key = dir.path().join("trustee-admin.key");
+            let public = dir.path().join("trustee-admin.pub");
+            let run = |args: &[&std::ffi::OsStr]| {
+                let status = Command::new("openssl").args(args).status().unwrap();
+                assert!(status.success(), "openssl {args:?}");
+            };
+            run(&[
+                "genpkey".as_ref(),
+                "-algorithm".as_ref(),
+                "ed25519".as_ref(),
+                "-out".as_ref(),
+                key.as_os_str(),
+            ]);
+            run(&[
+                "pkey".as_ref(),
+                "-in".as_ref(),
+                key.as_os_str(),
+                "-pubout".as_ref(),
+                "-out".as_ref(),
+                public.as_os_str(),
+            ]);
+            format!(
+                "{config}\n[[admin_keys]]\npublic_key = \"{}\"\nroles = [\"admin\"]\n",
+                public.display()
+            )
+        } else {
+            config
+        };
         std::fs::write(dir.path().join("kbs.toml"), config).unwrap();
         let host = if options.tls {
             "localhost"
@@ -669,19 +702,48 @@ fn handshake(
     tee: kbs_types::Tee,
     evidence: impl Fn(&[u8]) -> serde_json::Value,
 ) -> Result<(String, kabuto_jose::TeeKeyPair), ureq::Error> {
+    let key = kabuto_jose::TeeKeyPair::generate_ec();
+    let token = handshake_with_key(url, tee, &key.public_jwk(), evidence)?;
+    Ok((token, key))
+}
+
+/// [`handshake`] with the client's `tee-pubkey` chosen by the caller.
+fn handshake_with_key(
+    url: &str,
+    tee: kbs_types::Tee,
+    tee_pubkey: &kbs_types::TeePubKey,
+    evidence: impl Fn(&[u8]) -> serde_json::Value,
+) -> Result<String, ureq::Error> {
+    handshake_with_devices(url, tee, tee_pubkey, |_| String::new(), evidence)
+}
+
+/// The whole RCAR handshake as CoCo's client runs it: the devices'
+/// evidence (`devices`, given the digest of the runtime data alone) is the
+/// `additional-evidence` string, which the primary evidence then binds.
+fn handshake_with_devices(
+    url: &str,
+    tee: kbs_types::Tee,
+    tee_pubkey: &kbs_types::TeePubKey,
+    devices: impl Fn(&[u8]) -> String,
+    evidence: impl Fn(&[u8]) -> serde_json::Value,
+) -> Result<String, ureq::Error> {
     let agent = ureq::Agent::new();
     let (cookie, challenge) = auth(&agent, url, tee);
-    let key = kabuto_jose::TeeKeyPair::generate_ec();
-    let runtime = serde_json::json!({
-        "tee-pubkey": key.public_jwk(),
+    let sha384 = |value: &serde_json::Value| {
+        kbs_types::HashAlgorithm::Sha384.digest(&kabuto_jose::canonical_json(value).unwrap())
+    };
+    let additional = devices(&sha384(&serde_json::json!({
+        "tee-pubkey": tee_pubkey,
         "nonce": challenge.nonce,
-        "additional-evidence": "",
-    });
-    let digest =
-        kbs_types::HashAlgorithm::Sha384.digest(&kabuto_jose::canonical_json(&runtime).unwrap());
+    })));
+    let digest = sha384(&serde_json::json!({
+        "tee-pubkey": tee_pubkey,
+        "nonce": challenge.nonce,
+        "additional-evidence": additional,
+    }));
     let attestation = serde_json::json!({
-        "runtime-data": {"nonce": challenge.nonce, "tee-pubkey": key.public_jwk()},
-        "tee-evidence": {"primary_evidence": evidence(&digest), "additional_evidence": ""},
+        "runtime-data": {"nonce": challenge.nonce, "tee-pubkey": tee_pubkey},
+        "tee-evidence": {"primary_evidence": evidence(&digest), "additional_evidence": additional},
     });
     let response: serde_json::Value = agent
         .post(&format!("{url}/kbs/v0/attest"))
@@ -689,20 +751,56 @@ fn handshake(
         .send_json(attestation)?
         .into_json()
         .unwrap();
-    Ok((response["token"].as_str().unwrap().to_string(), key))
+    Ok(response["token"].as_str().unwrap().to_string())
+}
+
+/// CoCo's sample attester's evidence for `report_data`.
+fn sample_evidence(report_data: &[u8]) -> serde_json::Value {
+    use base64::Engine;
+    serde_json::json!({
+        "svn": "1",
+        "report_data": base64::engine::general_purpose::STANDARD.encode(report_data),
+    })
+}
+
+/// A KBS that takes sample evidence, with reference values that sample
+/// evidence (no measurement, no init-data) meets, holding `resource`.
+fn sample_kbs(resource: &str, value: &[u8]) -> Kbs {
+    let kbs = Kbs::start(Options {
+        accept_sample: true,
+        ..Default::default()
+    });
+    kbs.admin.set_resource(resource, value).unwrap();
+    for name in ["measurement", "init_data"] {
+        kbs.admin
+            .set_reference_values(name, &serde_json::json!([""]))
+            .unwrap();
+    }
+    kbs
+}
+
+/// `response` (a resource JWE from the KBS) with its protected header
+/// replaced by what CoCo's client authenticates: the header parsed and
+/// re-serialized by kbs-types with serde_json's default features, which
+/// sorts keys (this test's build has preserve_order on, so sort explicitly).
+fn as_coco_client_reads_it(response: &str) -> (serde_json::Value, Vec<u8>) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut doc: serde_json::Value = serde_json::from_str(response).unwrap();
+    let protected = b64.decode(doc["protected"].as_str().unwrap()).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+    doc["protected"] = b64
+        .encode(kabuto_jose::canonical_json(&header).unwrap())
+        .into();
+    let wire = serde_json::to_vec(&doc).unwrap();
+    (header, wire)
 }
 
 /// CoCo's `sample` attester output, as existing guest tooling sends it;
 /// the token then works as a bearer credential without the cookie.
 #[test]
 fn sample_evidence_and_bearer_tokens() {
-    use base64::Engine;
-    let sample = |digest: &[u8]| {
-        serde_json::json!({
-            "svn": "1",
-            "report_data": base64::engine::general_purpose::STANDARD.encode(digest),
-        })
-    };
+    let sample = sample_evidence;
     // Refused unless the KBS is configured to accept it.
     let strict = Kbs::start(Options::default());
     let body = unauthorized(
@@ -711,19 +809,7 @@ fn sample_evidence_and_bearer_tokens() {
     );
     assert!(body.contains("sample-trust"), "{body}");
 
-    let kbs = Kbs::start(Options {
-        accept_sample: true,
-        ..Default::default()
-    });
-    kbs.admin
-        .set_resource("default/key/1", b"via bearer")
-        .unwrap();
-    // Sample evidence has no measurement and no init-data.
-    for name in ["measurement", "init_data"] {
-        kbs.admin
-            .set_reference_values(name, &serde_json::json!([""]))
-            .unwrap();
-    }
+    let kbs = sample_kbs("default/key/1", b"via bearer");
     let (token, key) = handshake(&kbs.url, kbs_types::Tee::Sample, sample).unwrap();
     let response = ureq::get(&format!("{}/kbs/v0/resource/default/key/1", kbs.url))
         .set("Authorization", &format!("Bearer {token}"))
@@ -738,26 +824,14 @@ fn sample_evidence_and_bearer_tokens() {
     // As CoCo's client decrypts it: the header re-serialized (kbs-types'
     // ProtectedHeader, serde_json's default features: sorted keys) is the
     // authenticated data. This KBS's build has preserve_order on.
-    {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let mut doc: serde_json::Value = serde_json::from_str(&response).unwrap();
-        let protected = b64.decode(doc["protected"].as_str().unwrap()).unwrap();
-        let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
-        doc["protected"] = b64
-            .encode(kabuto_jose::canonical_json(&header).unwrap())
-            .into();
-        assert_eq!(
-            key.decrypt_json(&serde_json::to_vec(&doc).unwrap())
-                .unwrap()
-                .as_slice(),
-            b"via bearer",
-            "a CoCo client cannot decrypt this KBS's response"
-        );
-    }
-    // The token says what was attested: insecure evidence is a warning.
-    let claims = kabuto_attestation_agent::token_expiry(&token);
-    assert!(claims.is_some());
+    let (_, wire) = as_coco_client_reads_it(&response);
+    assert_eq!(
+        key.decrypt_json(&wire).unwrap().as_slice(),
+        b"via bearer",
+        "a CoCo client cannot decrypt this KBS's response"
+    );
+    assert!(kabuto_attestation_agent::token_expiry(&token).is_some());
+    check_ear_layout(&kbs, &token, &key.public_jwk());
 
     // A token with one changed character is refused.
     let mut forged = token.into_bytes();
@@ -773,4 +847,366 @@ fn sample_evidence_and_bearer_tokens() {
     let unbound = handshake(&kbs.url, kbs_types::Tee::Sample, |_| sample(&[0u8; 48]));
     let body = unauthorized(unbound.map(|(t, _)| t), "unbound evidence");
     assert!(body.contains("report-data"), "{body}");
+}
+
+/// The token in trustee's EAR layout, read at the paths trustee's docs name:
+/// the CPU appraisal `submods.cpu0` with `ear.status` (sample evidence is
+/// a warning), the trust vector, and `ear.veraison.annotated-evidence`
+/// holding the claims under the TEE's name and, at the path a trustee KBS
+/// reads in passport mode, the `tee-pubkey`. The header's `jwk` is the key
+/// `/kbs/v0/token-key` serves, and it verifies the signature.
+fn check_ear_layout(kbs: &Kbs, token: &str, tee_pubkey: &kbs_types::TeePubKey) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let part = |i: usize| -> serde_json::Value {
+        serde_json::from_slice(&b64.decode(token.split('.').nth(i).unwrap()).unwrap()).unwrap()
+    };
+    let (header, claims) = (part(0), part(1));
+    assert_eq!(claims["eat_profile"], "tag:github.com,2023:veraison/ear");
+    assert!(claims["ear.verifier-id"]["build"].is_string(), "{claims}");
+    let cpu = &claims["submods"]["cpu0"];
+    assert_eq!(cpu["ear.status"], "warning", "{claims}");
+    assert!(
+        cpu["ear.trustworthiness-vector"]["hardware"].is_number(),
+        "{claims}"
+    );
+    assert_eq!(cpu["ear.appraisal-policy-id"], "default");
+    let evidence = &cpu["ear.veraison.annotated-evidence"];
+    assert_eq!(evidence["sample"]["platform"], "sample", "{claims}");
+    assert_eq!(
+        claims
+            .pointer("/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey")
+            .unwrap(),
+        &serde_json::to_value(tee_pubkey).unwrap()
+    );
+    assert!(evidence["runtime_data_claims"]["nonce"].is_string());
+    // The header key is the published one and verifies the token.
+    assert_eq!(header["alg"], "ES256");
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(header["jwk"].clone()).unwrap();
+    let published = ureq::get(&format!("{}/kbs/v0/token-key", kbs.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let from_header = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+    let from_pem = jsonwebtoken::DecodingKey::from_ec_pem(published.as_bytes()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_issuer(&["kabuto-kbs"]);
+    for key in [&from_header, &from_pem] {
+        jsonwebtoken::decode::<serde_json::Value>(token, key, &validation).unwrap();
+    }
+}
+
+/// CoCo's `sample_device` attester beside the sample CPU: its evidence (a
+/// JSON map from TEE name to evidence, as a string) binds the runtime data,
+/// becomes the token's `gpu0` appraisal, and is accepted only when sample
+/// evidence is; a device this KBS cannot verify, or device evidence bound
+/// to something else, is refused.
+#[test]
+fn sample_device_evidence_is_a_gpu_appraisal() {
+    let device = |report_data: &[u8]| {
+        serde_json::json!({"sampledevice": {
+            "svn": "2",
+            "report_data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, report_data),
+        }})
+        .to_string()
+    };
+    let strict = Kbs::start(Options::default());
+    let key = kabuto_jose::TeeKeyPair::generate_ec();
+    let attest = |kbs: &Kbs, devices: &dyn Fn(&[u8]) -> String| {
+        handshake_with_devices(
+            &kbs.url,
+            kbs_types::Tee::Sample,
+            &key.public_jwk(),
+            devices,
+            sample_evidence,
+        )
+    };
+    let body = unauthorized(attest(&strict, &device), "sample evidence");
+    assert!(body.contains("sample-trust"), "{body}");
+
+    let kbs = sample_kbs("default/test/key", b"x");
+    let token = attest(&kbs, &device).unwrap();
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let gpu = &claims["submods"]["gpu0"];
+    assert_eq!(gpu["ear.status"], "warning", "{claims}");
+    assert_eq!(
+        gpu["ear.veraison.annotated-evidence"]["sampledevice"]["platform"], "sample-device",
+        "{claims}"
+    );
+    assert_eq!(claims["submods"]["cpu0"]["ear.status"], "warning");
+
+    // Refused: a device this KBS does not verify, device evidence bound to
+    // other runtime data, additional evidence that is no JSON object.
+    let nvidia = |_: &[u8]| serde_json::json!({"nvidia": {"evidence_list": []}}).to_string();
+    let body = unauthorized(attest(&kbs, &nvidia), "unverifiable device");
+    assert!(body.contains("only device this KBS verifies"), "{body}");
+    let unbound = |_: &[u8]| device(&[7u8; 48]);
+    let body = unauthorized(attest(&kbs, &unbound), "unbound device evidence");
+    assert!(
+        body.contains("additional evidence from sampledevice"),
+        "{body}"
+    );
+    assert!(body.contains("report-data"), "{body}");
+    let garbage = |_: &[u8]| "not json".to_string();
+    let err = attest(&kbs, &garbage).unwrap_err();
+    assert!(matches!(err, ureq::Error::Status(400, _)), "{err:?}");
+}
+
+/// An admin token as CoCo's `kbs-client` signs it with trustee's Ed25519
+/// admin key: EdDSA, `iat`/`nbf` now, `exp` two hours on, nothing else
+/// unless `extra` adds claims.
+fn trustee_admin_token(kbs: &Kbs, lifetime: u64, extra: serde_json::Value) -> String {
+    let pem = std::fs::read(kbs.dir.path().join("trustee-admin.key")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut claims = serde_json::json!({"iat": now, "nbf": now, "exp": now + lifetime});
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+/// trustee's admin API as `kbs-client` drives it: set a resource (raw
+/// bytes), the resource policy (`{"policy": base64url}`) and the
+/// attestation policy (`{"type", "policy_id", "policy"}`), each with an
+/// Ed25519-signed token; then a guest reads what was set.
+#[test]
+fn kbs_client_administers_this_kbs_with_trustee_admin_tokens() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let kbs = Kbs::start(Options {
+        accept_sample: true,
+        trustee_admin_key: true,
+        ..Default::default()
+    });
+    for name in ["measurement", "init_data"] {
+        kbs.admin
+            .set_reference_values(name, &serde_json::json!([""]))
+            .unwrap();
+    }
+    let two_hours = 7200;
+    let post = |path: &str, token: &str, content_type: &str, body: &[u8]| {
+        ureq::post(&format!("{}/kbs/v0/{path}", kbs.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Content-Type", content_type)
+            .send_bytes(body)
+    };
+    // kbs-client config set-resource --path default/test/key
+    post(
+        "resource/default/test/key",
+        &trustee_admin_token(&kbs, two_hours, serde_json::json!({})),
+        "application/octet-stream",
+        b"set by kbs-client",
+    )
+    .unwrap();
+    // kbs-client config set-resource-policy: a trustee policy.
+    let resource_policy = "package policy\nimport rego.v1\ndefault allow = false\nallow if {\n  input[\"submods\"][\"cpu0\"][\"ear.status\"] != \"contraindicated\"\n  data[\"resource-path\"] == \"default/test/key\"\n}\n";
+    post(
+        "resource-policy",
+        &trustee_admin_token(&kbs, two_hours, serde_json::json!({})),
+        "application/json",
+        &serde_json::to_vec(&serde_json::json!({"policy": b64.encode(resource_policy)})).unwrap(),
+    )
+    .unwrap();
+    // kbs-client config set-attestation-policy (our policy language).
+    let attestation_policy = |id: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "type": "rego",
+            "policy_id": id,
+            "policy": b64.encode(kabuto_kbs::policy::DEFAULT_ATTESTATION_POLICY),
+        }))
+        .unwrap()
+    };
+    post(
+        "attestation-policy",
+        &trustee_admin_token(&kbs, two_hours, serde_json::json!({})),
+        "application/json",
+        &attestation_policy("default"),
+    )
+    .unwrap();
+    let body = unauthorized_or(
+        post(
+            "attestation-policy",
+            &trustee_admin_token(&kbs, two_hours, serde_json::json!({})),
+            "application/json",
+            &attestation_policy("other"),
+        ),
+        400,
+    );
+    assert!(body.contains("policy_id \"other\""), "{body}");
+
+    // A guest reads the resource the policy releases, and only that one.
+    let key = kabuto_jose::TeeKeyPair::generate_ec();
+    let token = handshake_with_key(
+        &kbs.url,
+        kbs_types::Tee::Sample,
+        &key.public_jwk(),
+        sample_evidence,
+    )
+    .unwrap();
+    let get = |path: &str| {
+        ureq::get(&format!("{}/kbs/v0/resource/{path}", kbs.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+    };
+    let response = get("default/test/key").unwrap().into_string().unwrap();
+    assert_eq!(
+        key.decrypt_json(response.as_bytes()).unwrap().as_slice(),
+        b"set by kbs-client"
+    );
+    assert!(matches!(
+        get("default/test/other"),
+        Err(ureq::Error::Status(403, _))
+    ));
+
+    // Refused: longer than kbs-client's two hours, for another audience, a
+    // jti used twice, and a token from an Ed25519 key not configured.
+    let refused = |token: &str| {
+        unauthorized_or(
+            post(
+                "resource/default/test/key",
+                token,
+                "application/octet-stream",
+                b"evil",
+            ),
+            401,
+        )
+    };
+    let body = refused(&trustee_admin_token(&kbs, 3 * 3600, serde_json::json!({})));
+    assert!(body.contains("lifetime"), "{body}");
+    let body = refused(&trustee_admin_token(
+        &kbs,
+        two_hours,
+        serde_json::json!({"aud": "elsewhere"}),
+    ));
+    assert!(body.contains("elsewhere"), "{body}");
+    let once = trustee_admin_token(&kbs, two_hours, serde_json::json!({"jti": "one"}));
+    post(
+        "resource/default/test/jti",
+        &once,
+        "application/octet-stream",
+        b"x",
+    )
+    .unwrap();
+    let body = refused(&once);
+    assert!(body.contains("single-use"), "{body}");
+    let stranger = Kbs::start(Options {
+        trustee_admin_key: true,
+        ..Default::default()
+    });
+    let body = refused(&trustee_admin_token(
+        &stranger,
+        two_hours,
+        serde_json::json!({}),
+    ));
+    assert!(
+        body.contains("not signed by a configured admin key"),
+        "{body}"
+    );
+    // None of the refused calls changed the resource.
+    let response = get("default/test/key").unwrap().into_string().unwrap();
+    assert_eq!(
+        key.decrypt_json(response.as_bytes()).unwrap().as_slice(),
+        b"set by kbs-client"
+    );
+}
+
+/// The `detail` of a refused call's error body (trustee's ErrorInformation
+/// shape: `type` and `detail`) with `status`.
+fn unauthorized_or(result: Result<ureq::Response, ureq::Error>, status: u16) -> String {
+    match result {
+        Err(ureq::Error::Status(code, response)) if code == status => {
+            let body: serde_json::Value = response.into_json().unwrap();
+            assert!(body["type"].is_string(), "{body}");
+            body["detail"].as_str().unwrap().to_string()
+        }
+        other => panic!("expected HTTP {status}, got {other:?}"),
+    }
+}
+
+/// Every TEE key type CoCo's client may attest with gets a response it can
+/// decrypt the way it does (header re-serialized): EC P-256, EC P-521, and
+/// RSA with the wrapping its JWK's `alg` asks for, RSA1_5 included.
+#[test]
+fn coco_clients_of_every_key_type_decrypt_their_resources() {
+    let kbs = sample_kbs("default/test/key", b"for every key");
+    let fetch = |jwk: &kbs_types::TeePubKey| {
+        let token =
+            handshake_with_key(&kbs.url, kbs_types::Tee::Sample, jwk, sample_evidence).unwrap();
+        ureq::get(&format!("{}/kbs/v0/resource/default/test/key", kbs.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    for key in [
+        kabuto_jose::TeeKeyPair::generate_ec(),
+        kabuto_jose::TeeKeyPair::generate_ec_p521(),
+        kabuto_jose::TeeKeyPair::generate_rsa(2048).unwrap(),
+    ] {
+        let (header, wire) = as_coco_client_reads_it(&fetch(&key.public_jwk()));
+        assert_eq!(
+            key.decrypt_json(&wire).unwrap().as_slice(),
+            b"for every key",
+            "{key:?}: header {header}"
+        );
+    }
+    // RSA1_5 and RSA-OAEP, as the client may ask: the CEK is wrapped that
+    // way (our own decryptor never takes RSA1_5, so unwrap it here).
+    let kabuto_jose::TeeKeyPair::Rsa(private) =
+        kabuto_jose::TeeKeyPair::generate_rsa(2048).unwrap()
+    else {
+        unreachable!()
+    };
+    use base64::Engine as _;
+    use rsa::traits::PublicKeyParts;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    for (alg, unwrap) in [
+        (
+            "RSA1_5",
+            &(|k: &[u8]| private.decrypt(rsa::Pkcs1v15Encrypt, k)) as &dyn Fn(&[u8]) -> _,
+        ),
+        (
+            "RSA-OAEP",
+            &(|k: &[u8]| private.decrypt(rsa::Oaep::new::<sha1::Sha1>(), k)),
+        ),
+    ] {
+        let jwk = kbs_types::TeePubKey::RSA {
+            alg: alg.into(),
+            k_mod: b64.encode(private.n().to_bytes_be()),
+            k_exp: b64.encode(private.e().to_bytes_be()),
+        };
+        let (header, wire) = as_coco_client_reads_it(&fetch(&jwk));
+        assert_eq!(header["alg"], alg);
+        let doc: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        let field = |name: &str| b64.decode(doc[name].as_str().unwrap()).unwrap();
+        let cek = unwrap(&field("encrypted_key")).unwrap();
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&cek).unwrap();
+        let mut sealed = field("ciphertext");
+        sealed.extend(field("tag"));
+        let plain = cipher
+            .decrypt(
+                aes_gcm::Nonce::from_slice(&field("iv")),
+                Payload {
+                    msg: &sealed,
+                    aad: doc["protected"].as_str().unwrap().as_bytes(),
+                },
+            )
+            .unwrap();
+        assert_eq!(plain, b"for every key", "{alg}");
+    }
 }

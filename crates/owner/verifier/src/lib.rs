@@ -104,6 +104,16 @@ pub enum Platform {
     IntelTdx,
     SoftwareTee,
     Sample,
+    /// CoCo's `sample_device` attester: a stand-in for a device (GPU)
+    /// beside the CPU's TEE, sent as additional evidence.
+    SampleDevice,
+}
+
+impl Platform {
+    /// CoCo's sample attesters: no TEE at all.
+    fn is_sample(self) -> bool {
+        matches!(self, Platform::Sample | Platform::SampleDevice)
+    }
 }
 
 /// Verified claims. Serialized as the `input.claims` of appraisal policies.
@@ -164,7 +174,8 @@ impl Verifier {
         let claims = match tee {
             Tee::Snp => snp::verify_json(&self.anchors, &self.chains, evidence)?,
             Tee::Tdx => tdx::verify_json(&self.anchors, evidence, now)?,
-            Tee::Sample => self.verify_sample(evidence)?,
+            Tee::Sample => self.verify_sample(evidence, Platform::Sample)?,
+            Tee::SampleDevice => self.verify_sample(evidence, Platform::SampleDevice)?,
             other => return Err(VerifyError::UnsupportedTee(other.to_string())),
         };
         check_bindings(&claims, expected)?;
@@ -190,7 +201,8 @@ impl Verifier {
         tdx::verify_raw(quote, event_log, collateral, now)
     }
 
-    fn verify_sample(&self, evidence: &serde_json::Value) -> Result<Claims> {
+    /// CoCo's sample and sample_device evidence (the same shape).
+    fn verify_sample(&self, evidence: &serde_json::Value, platform: Platform) -> Result<Claims> {
         if !self.anchors.accept_sample {
             return Err(VerifyError::SampleNotAccepted);
         }
@@ -214,7 +226,7 @@ impl Verifier {
             .map_err(|e| VerifyError::Malformed(format!("sample report_data: {e}")))?;
         let svn = evidence.get("svn").cloned().unwrap_or_default();
         Ok(Claims {
-            platform: Platform::Sample,
+            platform,
             insecure: true,
             report_data: hex::encode(report_data),
             init_data: String::new(),
@@ -234,7 +246,7 @@ fn check_bindings(claims: &Claims, expected: Expected<'_>) -> Result<()> {
         let want = hex::encode(fit_digest(want, field_len));
         // The sample attester sends the unpadded digest.
         let matches = found == want
-            || (claims.platform == Platform::Sample
+            || (claims.platform.is_sample()
                 && hex::encode(expected.report_data.unwrap_or_default()) == found);
         if !matches {
             return Err(VerifyError::ReportDataMismatch {
@@ -244,7 +256,7 @@ fn check_bindings(claims: &Claims, expected: Expected<'_>) -> Result<()> {
         }
     }
     if let Some(want) = expected.init_data {
-        if claims.platform == Platform::Sample {
+        if claims.platform.is_sample() {
             return Ok(());
         }
         let field = match claims.platform {
