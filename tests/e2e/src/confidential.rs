@@ -31,6 +31,12 @@ impl Kbs {
     /// The real KBS binary with TLS; its certificate names 10.0.2.2, the
     /// host as the guest's user-mode network sees it.
     pub fn start(dir: &Path) -> Kbs {
+        Kbs::start_with(dir, "")
+    }
+
+    /// [`Kbs::start`] with `extra` appended to its configuration (e.g. an
+    /// `[attestation]` table).
+    pub fn start_with(dir: &Path, extra: &str) -> Kbs {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -53,7 +59,7 @@ impl Kbs {
             format!(
                 "listen = \"127.0.0.1:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\n\
                  [tls]\ncert = \"{d}/tls.crt\"\nkey = \"{d}/tls.key\"\n\
-                 [[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [\"admin\"]\n",
+                 [[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [\"admin\"]\n{extra}",
                 d = dir.display()
             ),
         )
@@ -93,8 +99,18 @@ impl Kbs {
     /// An init-data document naming this KBS (`aa.toml`), with `policy`
     /// as its `policy.rego` and `extra` appended to `[data]`.
     pub fn init_data(&self, policy: &str, extra: &str) -> kabuto_initdata::InitData {
+        self.init_data_with_aa(policy, "", extra)
+    }
+
+    /// [`Kbs::init_data`] with `aa_extra` appended to its `aa.toml`.
+    pub fn init_data_with_aa(
+        &self,
+        policy: &str,
+        aa_extra: &str,
+        extra: &str,
+    ) -> kabuto_initdata::InitData {
         let doc = format!(
-            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs.kbs]\nurl = \"https://10.0.2.2:{}\"\ncert = \"\"\"\n{}\"\"\"\n'''\n\"policy.rego\" = '''\n{policy}\n'''\n{extra}",
+            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs.kbs]\nurl = \"https://10.0.2.2:{}\"\ncert = \"\"\"\n{}\"\"\"\n{aa_extra}'''\n\"policy.rego\" = '''\n{policy}\n'''\n{extra}",
             self.port, self.cert_pem,
         );
         kabuto_initdata::InitData::parse(doc.as_bytes()).expect("test init-data parses")

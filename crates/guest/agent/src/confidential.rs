@@ -138,6 +138,39 @@ pub fn check_binding(digest: &[u8], launch: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the owner's init-data allows CoCo's sample attester: `aa.toml`
+/// `[kabuto] allow_sample_attester = true`. CoCo falls back to sample
+/// evidence when it finds no TEE; kabuto uses it only when the host
+/// launched the guest with `kabuto.tee=sample`, this says yes, and the guest
+/// has no TEE hardware.
+pub fn sample_attester_allowed(aa_toml: Option<&str>) -> Result<(), String> {
+    const HOW: &str = "init-data aa.toml [kabuto] allow_sample_attester = true";
+    if let Some(hardware) = tee_hardware() {
+        return Err(format!(
+            "kabuto.tee=sample on a guest with {hardware}: a TEE guest attests with its TEE, never with sample evidence"
+        ));
+    }
+    let Some(aa_toml) = aa_toml else {
+        return Err(format!(
+            "kabuto.tee=sample needs init-data that allows CoCo's sample attester ({HOW})"
+        ));
+    };
+    let doc: toml::Value =
+        toml::from_str(aa_toml).map_err(|e| format!("init-data aa.toml: {e}"))?;
+    match doc
+        .get("kabuto")
+        .and_then(|k| k.get("allow_sample_attester"))
+    {
+        Some(toml::Value::Boolean(true)) => Ok(()),
+        Some(toml::Value::Boolean(false)) | None => Err(format!(
+            "kabuto.tee=sample, but the init-data does not allow CoCo's sample attester ({HOW})"
+        )),
+        Some(other) => Err(format!(
+            "init-data aa.toml: kabuto.allow_sample_attester must be true or false, not {other}"
+        )),
+    }
+}
+
 /// KBS settings from init-data `aa.toml`, as CoCo writes them:
 /// `[token_configs.kbs] url = "...", cert = "PEM"`.
 #[derive(Debug)]
@@ -515,6 +548,40 @@ mod tests {
             Ok(Some(TeeKind::SoftwareTee))
         );
         assert_eq!(tee_from_cmdline("console=hvc0"), Ok(None));
+        assert_eq!(
+            tee_from_cmdline("kabuto.tee=sample"),
+            Ok(Some(TeeKind::Sample))
+        );
+    }
+
+    /// The sample attester needs the owner's explicit yes in init-data, and
+    /// never replaces TEE hardware.
+    #[test]
+    fn the_sample_attester_only_when_init_data_allows_it() {
+        if let Some(hardware) = tee_hardware() {
+            eprintln!("SKIPPED: this machine has {hardware}; the sample attester is refused on it");
+            assert!(
+                sample_attester_allowed(Some("[kabuto]\nallow_sample_attester = true")).is_err()
+            );
+            return;
+        }
+        assert!(sample_attester_allowed(Some("[kabuto]\nallow_sample_attester = true\n")).is_ok());
+        for (aa, says) in [
+            (None, "needs init-data"),
+            (Some(""), "does not allow"),
+            (
+                Some("[kabuto]\nallow_sample_attester = false\n"),
+                "does not allow",
+            ),
+            (
+                Some("[kabuto]\nallow_sample_attester = \"yes\"\n"),
+                "true or false",
+            ),
+        ] {
+            let err = sample_attester_allowed(aa).unwrap_err();
+            assert!(err.contains(says), "{aa:?}: {err}");
+            assert!(err.contains("allow_sample_attester"), "{err}");
+        }
         assert!(tee_from_cmdline("kabuto.tee=bogus").is_err());
         assert!(names_a_tee("a kabuto.tee=bogus"));
         assert!(names_a_tee("kabuto.tee=software"));

@@ -471,14 +471,31 @@ impl Agent {
                 // init-data whose digest is not the TEE's launch data is
                 // refused here, and with it every later request.
                 let provider = confidential::provider(kind).map_err(AgentError::Confidential)?;
-                let launch = confidential::launch_data(provider.as_ref())
+                if kind == kabuto_attestation_agent::TeeKind::Sample {
+                    // No TEE, so no launch data to bind the init-data to.
+                    confidential::sample_attester_allowed(
+                        init_data
+                            .as_ref()
+                            .and_then(|d| d.data.get("aa.toml"))
+                            .map(String::as_str),
+                    )
                     .map_err(AgentError::Confidential)?;
-                let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
-                confidential::check_binding(&digest, &launch).map_err(AgentError::Confidential)?;
-                log::info!(
-                    "init-data bound to the TEE's launch data ({})",
-                    provider.describe()
-                );
+                    log::warn!(
+                        "CoCo's sample attester, as the init-data allows: no TEE, the init-data \
+                         is bound to nothing, and a KBS releases secrets only if its owner \
+                         accepts sample evidence (interop tests only)"
+                    );
+                } else {
+                    let launch = confidential::launch_data(provider.as_ref())
+                        .map_err(AgentError::Confidential)?;
+                    let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
+                    confidential::check_binding(&digest, &launch)
+                        .map_err(AgentError::Confidential)?;
+                    log::info!(
+                        "init-data bound to the TEE's launch data ({})",
+                        provider.describe()
+                    );
+                }
                 if let Some(aa) = init_data.as_ref().and_then(|d| d.data.get("aa.toml")) {
                     if let Some(settings) =
                         confidential::kbs_settings(aa).map_err(AgentError::Confidential)?

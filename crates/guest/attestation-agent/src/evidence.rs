@@ -32,6 +32,10 @@ pub enum TeeKind {
     Tdx,
     /// Insecure by construction; only when explicitly configured.
     SoftwareTee,
+    /// CoCo's sample attester: no TEE at all, evidence anyone can forge.
+    /// For interop tests with CoCo's KBS; the agent uses it only when the
+    /// owner's init-data allows it (never as a fallback).
+    Sample,
 }
 
 impl std::str::FromStr for TeeKind {
@@ -41,8 +45,9 @@ impl std::str::FromStr for TeeKind {
             "snp" | "amd-sev-snp" => Ok(TeeKind::Snp),
             "tdx" | "intel-tdx" => Ok(TeeKind::Tdx),
             "software" | "software-tee" => Ok(TeeKind::SoftwareTee),
+            "sample" => Ok(TeeKind::Sample),
             other => Err(AttestError::NoTee(format!(
-                "unknown TEE kind {other:?} (snp, tdx, software)"
+                "unknown TEE kind {other:?} (snp, tdx, software, sample)"
             ))),
         }
     }
@@ -88,6 +93,7 @@ pub fn provider(
                 "the software TEE was requested but no firmware channel is configured".into(),
             )),
         },
+        TeeKind::Sample => Ok(Box::new(SampleAttester)),
     }
 }
 
@@ -205,6 +211,26 @@ impl EvidenceProvider for Tsm {
     }
     fn describe(&self) -> String {
         format!("{} (configfs-tsm)", self.tee)
+    }
+}
+
+/// CoCo's sample attester, in its evidence format: `{"svn": "1",
+/// "report_data": base64(report data)}` (the digest unpadded). No TEE signs
+/// it; a KBS takes it only when its owner turned that on.
+pub struct SampleAttester;
+
+impl EvidenceProvider for SampleAttester {
+    fn tee(&self) -> Tee {
+        Tee::Sample
+    }
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, AttestError> {
+        Ok(serde_json::json!({
+            "svn": "1",
+            "report_data": base64::engine::general_purpose::STANDARD.encode(report_data),
+        }))
+    }
+    fn describe(&self) -> String {
+        "CoCo sample attester (no TEE, INSECURE)".into()
     }
 }
 

@@ -165,6 +165,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 TeeKind::Software | TeeKind::None => {
                     kabuto_runtime::sandbox::software_tee_measurement(&config)
                 }
+                TeeKind::Sample => {
+                    Err("tee = \"sample\" has no launch measurement: there is no TEE".into())
+                }
                 TeeKind::Tdx => Err(
                     "TDX: MRTD depends on the TDVF build and is not computed here; \
                      register the MRTD and RTMR0-3 of a first launch's quote \

@@ -130,6 +130,10 @@ pub enum TeeKind {
     Snp,
     Tdx,
     Software,
+    /// CoCo's sample attester in the guest: no TEE at all, for interop
+    /// tests with CoCo's KBS. The guest also needs its init-data to allow
+    /// it. Built only with the software-tee feature, like the software TEE.
+    Sample,
 }
 
 impl TeeKind {
@@ -140,6 +144,7 @@ impl TeeKind {
             TeeKind::Snp => Some("snp"),
             TeeKind::Tdx => Some("tdx"),
             TeeKind::Software => Some("software"),
+            TeeKind::Sample => Some("sample"),
         }
     }
 }
@@ -149,6 +154,11 @@ pub const SOFTWARE_TEE_NOT_BUILT: &str =
     "confidential.tee = \"software\" needs a kabuto built with the \
      software-tee feature (scripts/setup.sh builds one for tests); a production build has no \
      software TEE: the host would sign its own attestation reports";
+
+/// Why `tee = "sample"` is refused by a production build.
+pub const SAMPLE_NOT_BUILT: &str =
+    "confidential.tee = \"sample\" (CoCo's sample attester, no TEE) needs a kabuto built with \
+     the software-tee feature; a production build has no insecure TEE kinds";
 
 /// Where `kabuto install` creates the software TEE's key material.
 pub const DEFAULT_SOFTWARE_TEE_DIR: &str = "/var/lib/kabuto/swtee";
@@ -434,6 +444,9 @@ impl Config {
         if self.confidential.tee == TeeKind::Software && !cfg!(feature = "software-tee") {
             return Err(SOFTWARE_TEE_NOT_BUILT.into());
         }
+        if self.confidential.tee == TeeKind::Sample && !cfg!(feature = "software-tee") {
+            return Err(SAMPLE_NOT_BUILT.into());
+        }
         if matches!(self.confidential.tee, TeeKind::Snp | TeeKind::Tdx) {
             let tee = self.confidential.tee.kernel_param().unwrap_or_default();
             if h.machine != MachineType::Q35 {
@@ -525,8 +538,10 @@ log_level = "info"
 agent_log_level = "info"
 
 [confidential]
-# The TEE pod VMs launch in: "none", "snp", "tdx", or "software" (an
-# insecure software TEE for hosts without TEE hardware; testing only).
+# The TEE pod VMs launch in: "none", "snp", "tdx", "software" (an
+# insecure software TEE for hosts without TEE hardware; testing only), or
+# "sample" (no TEE: the guest attests with CoCo's sample evidence, if its
+# init-data allows it; interop tests with CoCo's KBS only).
 tee = "none"
 # The software TEE's firmware key and certificates (made by `kabuto install`).
 software_tee_dir = "/var/lib/kabuto/swtee"
@@ -645,6 +660,21 @@ mod tests {
                 .expect_err("a production build refuses it")
                 .to_string();
             assert!(err.contains(SOFTWARE_TEE_NOT_BUILT), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_sample_tee_only_in_a_software_tee_build() {
+        let parsed = Config::parse("[confidential]\ntee = \"sample\"\n", Path::new("c.toml"));
+        if cfg!(feature = "software-tee") {
+            let config = parsed.expect("accepted");
+            assert_eq!(config.confidential.tee, TeeKind::Sample);
+            assert_eq!(config.confidential.tee.kernel_param(), Some("sample"));
+        } else {
+            let err = parsed
+                .expect_err("a production build refuses it")
+                .to_string();
+            assert!(err.contains(SAMPLE_NOT_BUILT), "{err}");
         }
     }
 

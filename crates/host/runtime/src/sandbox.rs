@@ -494,6 +494,12 @@ impl Sandbox {
         let kernel_params = guest_kernel_params(config);
         let tee = match config.confidential.tee {
             TeeKind::None => TeeLaunch::None,
+            TeeKind::Sample => {
+                log::warn!(
+                    "sandbox {id}: no TEE, CoCo's sample attester (insecure, for interop tests)"
+                );
+                TeeLaunch::None
+            }
             TeeKind::Snp => TeeLaunch::Snp {
                 host_data: fit(&host_data),
                 firmware: config.confidential.firmware.clone(),
