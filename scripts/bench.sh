@@ -13,5 +13,6 @@ export KABUTO_E2E_GUEST_DIR="$PWD/target/guest"
 target/release/kabuto-bench "$@"
 # The KBS (attestation) benchmark needs no VM.
 target/release/kabuto-kbs-bench --seconds 5
+target/release/kabuto-kbs-bench --seconds 5 --coco
 # Confidential-image pull path (library on the host, against skopeo).
 target/release/kabuto-image-bench --runs 3 --in-guest
