@@ -193,6 +193,64 @@ mod tests {
         assert_ne!(d.digest(), d2.digest());
     }
 
+    /// An init-data document as CoCo's tooling and docs write it (aa.toml,
+    /// cdh.toml, policy.rego), under each algorithm: accepted unchanged, the
+    /// digest over its exact bytes, truncated or zero-padded to the TEE's
+    /// field (SNP HOST_DATA 32 bytes, TDX MRCONFIGID 48).
+    #[test]
+    fn coco_written_init_data_is_accepted_unchanged() {
+        const BODY: &str = r#"
+[data]
+"aa.toml" = '''
+[token_configs]
+[token_configs.coco_as]
+url = 'http://127.0.0.1:8080'
+
+[token_configs.kbs]
+url = 'https://127.0.0.1:8080'
+cert = """
+-----BEGIN CERTIFICATE-----
+MIIB
+-----END CERTIFICATE-----
+"""
+'''
+
+"cdh.toml"  = '''
+socket = 'unix:///run/confidential-containers/cdh.sock'
+credentials = []
+
+[kbc]
+name = 'cc_kbc'
+url = 'https://127.0.0.1:8080'
+'''
+
+"policy.rego" = '''
+package agent_policy
+
+default AllowRequestsFailingPolicy := true
+'''
+"#;
+        for algorithm in ["sha256", "sha384", "sha512"] {
+            let doc = format!("algorithm = \"{algorithm}\"\nversion = \"0.1.0\"\n{BODY}");
+            let d = InitData::parse(doc.as_bytes()).expect("CoCo's init-data parses");
+            assert_eq!(d.data.len(), 3);
+            assert!(d.data["cdh.toml"].contains("cc_kbc"));
+            let expected = match algorithm {
+                "sha256" => Sha256::digest(doc.as_bytes()).to_vec(),
+                "sha384" => sha2::Sha384::digest(doc.as_bytes()).to_vec(),
+                _ => sha2::Sha512::digest(doc.as_bytes()).to_vec(),
+            };
+            assert_eq!(d.digest(), expected);
+            for field in [32, 48] {
+                let fitted = d.digest_for_field(field);
+                assert_eq!(fitted.len(), field);
+                let kept = expected.len().min(field);
+                assert_eq!(fitted[..kept], expected[..kept]);
+                assert!(fitted[kept..].iter().all(|&b| b == 0));
+            }
+        }
+    }
+
     #[test]
     fn known_digest() {
         // sha384 of the empty-data document, computed independently (Python hashlib).

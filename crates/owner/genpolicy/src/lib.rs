@@ -278,6 +278,36 @@ fn init_data(rego: &str, settings: &Settings) -> Result<kabuto_initdata::InitDat
 mod tests {
     use super::*;
 
+    /// What genpolicy writes passes an init-data parser built as CoCo's is
+    /// (a TOML table of exactly `version` "0.1.0", `algorithm` and a
+    /// `[data]` table of strings; unknown keys refused).
+    #[test]
+    fn init_data_output_parses_as_coco_parses_it() {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct CocoInitData {
+            version: String,
+            algorithm: String,
+            data: std::collections::HashMap<String, String>,
+        }
+        let settings = Settings {
+            algorithm: "sha384".into(),
+            init_data: [(
+                "aa.toml".to_string(),
+                "[token_configs.kbs]\nurl = 'https://kbs'\n".to_string(),
+            )]
+            .into(),
+            ..Settings::default()
+        };
+        let doc = init_data("package agent_policy\n", &settings).expect("init-data");
+        let text = std::str::from_utf8(doc.raw()).expect("UTF-8");
+        let coco: CocoInitData = toml::from_str(text).expect("CoCo's parser accepts it");
+        assert_eq!(coco.version, "0.1.0");
+        assert_eq!(coco.algorithm, "sha384");
+        assert_eq!(coco.data["policy.rego"], "package agent_policy\n");
+        assert!(coco.data.contains_key("aa.toml"));
+    }
+
     #[test]
     fn pins_written_references() {
         let d = "sha256:00";
