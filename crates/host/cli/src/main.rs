@@ -79,7 +79,7 @@ fn moved(command: &str) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 enum GuestCommand {
-    /// Download the pinned kernel, build the initramfs, print the digests.
+    /// Fetch the pinned kernel (apt-get download), build the initramfs, print the digests.
     Build {
         /// Where to write vmlinux, initramfs.cpio and manifest.json.
         #[arg(long)]
@@ -91,7 +91,7 @@ enum GuestCommand {
         /// kabuto-pause-static beside this binary, which scripts/setup.sh builds).
         #[arg(long)]
         pause: Option<PathBuf>,
-        /// Use this kernel .deb instead of downloading it (must match the pin).
+        /// Use this kernel .deb instead of fetching it with apt (must match the pin).
         #[arg(long)]
         kernel_deb: Option<PathBuf>,
         /// Add a static busybox for the debug console (`kabuto exec`). Makes a

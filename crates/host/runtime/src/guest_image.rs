@@ -17,20 +17,18 @@ use std::{
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-/// The kernel package the guest boots. Debian's archive keeps only the
-/// newest build of a package, so when a point release replaces it the
-/// download fails and this pin must move (see [`GuestImageError::PinMoved`]).
+/// The kernel package the guest boots, fetched with `apt-get download`
+/// through the machine's own apt sources, mirror, proxy and keyring (no
+/// archive address in the code). Debian's archive keeps only the newest
+/// build of a package, so when a point release replaces it apt no longer
+/// finds this version and the pin must move (see
+/// [`GuestImageError::PinMoved`]).
 pub const KERNEL_PIN: KernelPin = KernelPin {
     package: "linux-image-6.1.0-50-cloud-amd64",
     version: "6.1.176-1",
-    pool_path:
-        "pool/main/l/linux-signed-amd64/linux-image-6.1.0-50-cloud-amd64_6.1.176-1_amd64.deb",
     sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
     release: "6.1.0-50-cloud-amd64",
 };
-
-/// Default Debian mirror; `KABUTO_DEBIAN_MIRROR` overrides it.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// Modules the guest loads at boot (their dependencies are added): the
 /// virtio transports, virtio-fs and virtio-vsock.
@@ -47,7 +45,6 @@ pub const GUEST_MODULES: &[&str] = &[
 pub struct KernelPin {
     pub package: &'static str,
     pub version: &'static str,
-    pub pool_path: &'static str,
     pub sha256: &'static str,
     pub release: &'static str,
 }
@@ -55,21 +52,21 @@ pub struct KernelPin {
 #[derive(Debug, Error)]
 pub enum GuestImageError {
     #[error(
-        "Debian's archive no longer serves {package} {version} ({url}: {reason}).\n\
-         The kernel pin has moved. To update it: run `apt-get update`, then \
-         `apt-cache show 'linux-image-*-cloud-amd64' | grep -E '^(Package|Version|Filename|SHA256)'` \
-         and copy the newest Package, Version, Filename and SHA256 into KERNEL_PIN in \
+        "apt cannot fetch {package}={version}: {reason}\n\
+         If `apt-get update` does not help, the kernel pin has moved (Debian's archive keeps \
+         only a package's newest build). To update it: run `apt-get update`, then \
+         `apt-cache show 'linux-image-*-cloud-amd64' | grep -E '^(Package|Version|SHA256)'` \
+         and copy the newest Package, Version and SHA256 into KERNEL_PIN in \
          crates/host/runtime/src/guest_image.rs (release = the package name without \
          'linux-image-'). Rebuild; the image digests (attestation reference values) change."
     )]
     PinMoved {
         package: &'static str,
         version: &'static str,
-        url: String,
         reason: String,
     },
-    #[error("downloading {url}: {reason}")]
-    Download { url: String, reason: String },
+    #[error("fetching the kernel package with apt-get: {0}")]
+    Download(String),
     #[error("{what} has sha256 {actual}, but the pin says {expected}: refusing to use it")]
     DigestMismatch {
         what: String,
@@ -220,50 +217,81 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), GuestImageError> {
     fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
 }
 
+/// The pinned kernel package from the cache, or fetched into it with
+/// `apt-get download` (the machine's apt configuration decides where from).
 fn fetch_kernel_package(cache: &Path) -> Result<Vec<u8>, GuestImageError> {
-    let file_name = KERNEL_PIN
-        .pool_path
-        .rsplit('/')
-        .next()
-        .unwrap_or(KERNEL_PIN.pool_path);
-    let cached = cache.join(file_name);
+    let cached = cache.join(format!(
+        "{}_{}_amd64.deb",
+        KERNEL_PIN.package, KERNEL_PIN.version
+    ));
     if let Ok(data) = fs::read(&cached) {
         if sha256_hex(&data) == KERNEL_PIN.sha256 {
             return Ok(data);
         }
     }
-    let mirror = std::env::var("KABUTO_DEBIAN_MIRROR").unwrap_or_else(|_| DEFAULT_MIRROR.into());
-    let url = format!("{}/{}", mirror.trim_end_matches('/'), KERNEL_PIN.pool_path);
-    log::info!("downloading {url}");
-    let response = match ureq::get(&url).call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(404, _)) => {
-            return Err(GuestImageError::PinMoved {
-                package: KERNEL_PIN.package,
-                version: KERNEL_PIN.version,
-                url,
-                reason: "404 Not Found".into(),
-            })
-        }
-        Err(e) => {
-            return Err(GuestImageError::Download {
-                url,
-                reason: e.to_string(),
-            })
-        }
-    };
-    let mut data = Vec::new();
-    response
-        .into_reader()
-        .take(512 << 20)
-        .read_to_end(&mut data)
-        .map_err(|e| GuestImageError::Download {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
     fs::create_dir_all(cache).map_err(io_err(format!("mkdir {}", cache.display())))?;
-    write_atomic(&cached, &data)?;
-    Ok(data)
+    let work = cache.join(format!("apt-download.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(io_err(format!("mkdir {}", work.display())))?;
+    let result = apt_download(&work, KERNEL_PIN.package, KERNEL_PIN.version).and_then(|data| {
+        write_atomic(&cached, &data)?;
+        Ok(data)
+    });
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+/// Runs `apt-get download PACKAGE=VERSION` in `dir` and reads the one
+/// package it writes. `package`/`version` are the pin's (parameters for
+/// the test of a moved pin).
+fn apt_download(
+    dir: &Path,
+    package: &'static str,
+    version: &'static str,
+) -> Result<Vec<u8>, GuestImageError> {
+    let wanted = format!("{package}={version}");
+    log::info!("apt-get download {wanted}");
+    let output = std::process::Command::new("apt-get")
+        .args(["download", "-q", &wanted])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            GuestImageError::Download(format!(
+                "running apt-get: {e} (kabuto guest build needs Debian's apt, or --kernel-deb)"
+            ))
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = stderr
+            .lines()
+            .filter(|l| l.starts_with("E:"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let reason = if reason.is_empty() {
+            format!("apt-get exited with {}", output.status)
+        } else {
+            reason
+        };
+        return Err(GuestImageError::PinMoved {
+            package,
+            version,
+            reason,
+        });
+    }
+    let debs: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(format!("reading {}", dir.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    match debs.as_slice() {
+        [deb] => fs::read(deb).map_err(io_err(format!("reading {}", deb.display()))),
+        other => Err(GuestImageError::Download(format!(
+            "apt-get download {wanted} left {} packages, expected one",
+            other.len()
+        ))),
+    }
 }
 
 struct KernelPackage {
@@ -714,18 +742,33 @@ mod tests {
         assert!(lz4_legacy_decompress(&payload).is_err());
     }
 
+    /// A version apt does not know (as when Debian's archive replaced the
+    /// pinned build) fails naming the package, the version and how to move
+    /// the pin. Needs apt's package lists, not the network.
     #[test]
-    fn pin_moved_message_says_how_to_update() {
-        let e = GuestImageError::PinMoved {
-            package: KERNEL_PIN.package,
-            version: KERNEL_PIN.version,
-            url: "http://x/y.deb".into(),
-            reason: "404 Not Found".into(),
-        };
-        let text = e.to_string();
-        assert!(
-            text.contains("KERNEL_PIN") && text.contains("apt-cache show"),
-            "{text}"
-        );
+    fn a_moved_pin_says_how_to_update() {
+        if std::process::Command::new("apt-get")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: no apt-get on this machine");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = apt_download(dir.path(), KERNEL_PIN.package, "0.0-not-a-version")
+            .expect_err("apt cannot have that version");
+        assert!(matches!(err, GuestImageError::PinMoved { .. }), "{err:?}");
+        let text = err.to_string();
+        for needle in [
+            KERNEL_PIN.package,
+            "0.0-not-a-version",
+            "KERNEL_PIN",
+            "apt-cache show",
+            "E:",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing: {text}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
     }
 }
