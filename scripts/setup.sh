@@ -36,6 +36,11 @@ RUSTFLAGS="-C target-feature=+crt-static" \
 cp target/x86_64-unknown-linux-gnu/release/kabuto-pause target/release/kabuto-pause-static
 
 echo "== building the guest image"
+# The kernel comes through apt (apt-get download): make sure its package
+# lists exist when the package is not cached yet.
+if ! ls target/guest/cache/*.deb >/dev/null 2>&1 && [[ -z $(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial) ]]; then
+  apt-get update -q
+fi
 target/release/kabuto guest build
 # A debug image (with a shell for `kabuto exec`) for the debug-console tests.
 target/release/kabuto guest build --debug-console --out target/guest-debug \
