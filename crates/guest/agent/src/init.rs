@@ -133,6 +133,22 @@ pub fn setup_guest() -> Result<(), String> {
         fs::create_dir_all(m.target).map_err(|e| format!("mkdir {}: {e}", m.target))?;
         mount_base(m).map_err(|e| format!("mount {} on {}: {e}", m.fstype, m.target))?;
     }
+    // configfs holds the TEE report interface (configfs-tsm, Linux >= 6.7):
+    // attestation through it, and the agent's probe for TEE hardware, need
+    // it mounted. A kernel without configfs has no such interface.
+    if std::path::Path::new("/sys/kernel/config").is_dir() {
+        if let Err(e) = mount(
+            Some("configfs"),
+            "/sys/kernel/config",
+            Some("configfs"),
+            MsFlags::MS_NOSUID
+                .union(MsFlags::MS_NODEV)
+                .union(MsFlags::MS_NOEXEC),
+            None::<&str>,
+        ) {
+            log::warn!("mount configfs on /sys/kernel/config: {e}");
+        }
+    }
     // Containers expect the usual /dev links.
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),

@@ -102,7 +102,8 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
         }
         // Used ids are remembered by this process only: a token issued
         // before it started could have been used already.
-        if key.kind == AdminKeyKind::Es256 && claims.iat + LEEWAY_SECS < kbs.started_secs {
+        let single_use = key.kind == AdminKeyKind::Es256 || !claims.jti.is_empty();
+        if single_use && claims.iat + LEEWAY_SECS < kbs.started_secs {
             return Err(Problem::unauthorized(
                 "admin-auth",
                 "the admin token was issued before this KBS started: make a new one",
@@ -114,7 +115,6 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
                 format!("the admin token's lifetime must lie within {max_lifetime} s from an issue time that is not in the future"),
             ));
         }
-        let single_use = key.kind == AdminKeyKind::Es256 || !claims.jti.is_empty();
         if single_use
             && (claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp))
         {

@@ -211,7 +211,6 @@ fn appraise_devices(
                 evidence: AnnotatedEvidence {
                     platform: [(name, claims)].into(),
                     init_data: None,
-                    init_data_claims: None,
                     runtime_data_claims: RuntimeDataClaims {
                         nonce: attestation.runtime_data.nonce.clone(),
                         tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
@@ -371,9 +370,6 @@ pub async fn attest(
         evidence: AnnotatedEvidence {
             platform,
             init_data: init_digest.map(hex::encode),
-            init_data_claims: init_data
-                .as_ref()
-                .map(|d| serde_json::to_value(&d.data).unwrap_or_default()),
             runtime_data_claims: RuntimeDataClaims {
                 nonce: attestation.runtime_data.nonce,
                 tee_pubkey: attestation.runtime_data.tee_pubkey,

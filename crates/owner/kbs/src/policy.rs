@@ -13,7 +13,7 @@ const ATTESTATION_RULES: &[&str] = &["data.kabuto.attestation.result"];
 const RESOURCE_RULES: &[&str] = &["data.kabuto.resource.allow", "data.policy.allow"];
 /// Compiled variants kept per distinct `data` (reference values, and the
 /// resource path trustee's policies read from `data`); beyond this many the
-/// cache starts over.
+/// oldest is dropped.
 const MAX_VARIANTS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,32 @@ struct Compiled {
     rego: String,
     /// The entry point this policy's package defines.
     rule: &'static str,
-    variants: Mutex<HashMap<String, regorus::CompiledPolicy>>,
+    variants: Mutex<Variants>,
+}
+
+/// Compiled forms by `data` (JSON), the oldest evicted first.
+#[derive(Default)]
+struct Variants {
+    by_data: HashMap<String, regorus::CompiledPolicy>,
+    order: std::collections::VecDeque<String>,
+    /// Compilations so far (for tests).
+    compiled: usize,
+}
+
+impl Variants {
+    fn insert(&mut self, data_json: String, policy: regorus::CompiledPolicy) {
+        if self.by_data.contains_key(&data_json) {
+            return;
+        }
+        while self.order.len() >= MAX_VARIANTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_data.remove(&oldest);
+            }
+        }
+        self.order.push_back(data_json.clone());
+        self.by_data.insert(data_json, policy);
+        self.compiled += 1;
+    }
 }
 
 fn compile(
@@ -111,6 +136,19 @@ impl Policy {
                 .unwrap_or(path)
                 .to_string()
         };
+        // Resource policies once read the token as `input.token`; the
+        // input is the token's claims now. Such a policy would still
+        // compile, and a negated check in it would quietly allow.
+        if self.rules == RESOURCE_RULES
+            && (rego.contains("input.token") || rego.contains("input[\"token\"]"))
+        {
+            return Err(PolicyError(format!(
+                "{} reads input.token, which this KBS no longer provides: the input is the \
+                 token's claims (input.submods.cpu0[\"ear.status\"], ...) plus input.resource; \
+                 rewrite the policy",
+                self.name
+            )));
+        }
         let declared = declared_package(rego);
         let rule = self
             .rules
@@ -131,11 +169,22 @@ impl Policy {
         // Compiled against empty data as a check; evaluation compiles the
         // variant for its data.
         let checked = compile(self.name, rule, rego, "{}")?;
+        let mut variants = Variants::default();
+        variants.insert("{}".to_string(), checked);
         Ok(Prepared(Compiled {
             rego: rego.to_string(),
             rule,
-            variants: Mutex::new(HashMap::from([("{}".to_string(), checked)])),
+            variants: Mutex::new(variants),
         }))
+    }
+
+    /// How many compiled forms the policy in force has made.
+    #[cfg(test)]
+    fn compilations(&self) -> usize {
+        self.state
+            .read()
+            .map(|s| s.variants.lock().map(|v| v.compiled).unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Puts a prepared policy in force.
@@ -160,17 +209,18 @@ impl Policy {
                 .variants
                 .lock()
                 .map_err(|_| poisoned())?
+                .by_data
                 .get(&data_json)
                 .cloned();
             let policy = match cached {
                 Some(policy) => policy,
                 None => {
                     let policy = compile(self.name, state.rule, &state.rego, &data_json)?;
-                    let mut variants = state.variants.lock().map_err(|_| poisoned())?;
-                    if variants.len() >= MAX_VARIANTS {
-                        variants.clear();
-                    }
-                    variants.insert(data_json, policy.clone());
+                    state
+                        .variants
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .insert(data_json, policy.clone());
                     policy
                 }
             };
@@ -352,10 +402,40 @@ allow if {
                 .unwrap(),
             json!(false)
         );
+        // Each path's variant was compiled once (and the check at install).
+        assert_eq!(p.compilations(), 3);
         let err = Policy::resource("package elsewhere\nallow := true")
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("`package policy`"), "{err}");
+    }
+
+    /// A resource policy written for the old input (`input.token`) is
+    /// refused rather than left to quietly allow.
+    #[test]
+    fn resource_policies_for_the_old_input_are_refused() {
+        let old = "package kabuto.resource\nimport rego.v1\ndefault allow := true\nallow := false if input.token.claims.insecure\n";
+        let err = Policy::resource(old).err().unwrap().to_string();
+        assert!(err.contains("input.token"), "{err}");
+        let p = Policy::resource(DEFAULT_RESOURCE_POLICY).unwrap();
+        assert!(p.replace(old).is_err());
+    }
+
+    /// At most MAX_VARIANTS compiled forms are kept; the oldest goes first.
+    #[test]
+    fn compiled_variants_are_bounded() {
+        let p = Policy::resource(DEFAULT_RESOURCE_POLICY).unwrap();
+        let input = json!({"submods": {"cpu0": {"ear.status": "affirming"}}});
+        for i in 0..MAX_VARIANTS + 10 {
+            p.evaluate(&input, &json!({"resource-path": format!("a/b/{i}")}))
+                .unwrap();
+        }
+        let state = p.state.read().unwrap();
+        let variants = state.variants.lock().unwrap();
+        assert_eq!(variants.by_data.len(), MAX_VARIANTS);
+        assert!(!variants
+            .by_data
+            .contains_key(&json!({"resource-path": "a/b/0"}).to_string()));
     }
 }

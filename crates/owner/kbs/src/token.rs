@@ -64,12 +64,12 @@ pub struct AnnotatedEvidence {
     /// (`snp`, `tdx`, `sample`, ...).
     #[serde(flatten)]
     pub platform: BTreeMap<String, serde_json::Value>,
-    /// Digest of the init-data the guest presented (hex), if any.
+    /// Digest of the init-data the guest presented (hex), if any. The
+    /// document itself (trustee's `init_data_claims`) is not copied into
+    /// the token: it can be megabytes, and every attested session keeps its
+    /// token's claims; the attestation policy sees the document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_data: Option<String>,
-    /// The parsed init-data (its `data` table), when the guest sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_data_claims: Option<serde_json::Value>,
     pub runtime_data_claims: RuntimeDataClaims,
 }
 

@@ -954,6 +954,21 @@ fn sample_device_evidence_is_a_gpu_appraisal() {
         "{body}"
     );
     assert!(body.contains("report-data"), "{body}");
+    // Empty or truncated report data is no binding either.
+    for short in [0usize, 1, 47] {
+        let truncated = move |digest: &[u8]| device(&digest[..short]);
+        let body = unauthorized(attest(&kbs, &truncated), "truncated device report data");
+        assert!(body.contains("report-data"), "{short} bytes: {body}");
+    }
+    let truncated_primary = handshake_with_devices(
+        &kbs.url,
+        kbs_types::Tee::Sample,
+        &key.public_jwk(),
+        |_| String::new(),
+        |digest| sample_evidence(&digest[..0]),
+    );
+    let body = unauthorized(truncated_primary, "empty sample report data");
+    assert!(body.contains("report-data"), "{body}");
     let garbage = |_: &[u8]| "not json".to_string();
     let err = attest(&kbs, &garbage).unwrap_err();
     assert!(matches!(err, ureq::Error::Status(400, _)), "{err:?}");
