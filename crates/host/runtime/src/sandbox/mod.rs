@@ -1,0 +1,411 @@
+//! One pod VM and everything the host runs for it: the virtio-fs daemon,
+//! the vsock device, QEMU, and the agent connection.
+//!
+//! Creation is all-or-nothing: if any stage fails, what the earlier stages
+//! started is stopped and removed before the error is returned, and the
+//! error names the stage.
+
+mod boot;
+mod cleanup;
+mod helpers;
+mod measure;
+mod naming;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use kabuto_protocol::{agent::CreateSandboxRequest, GUEST_SHARED_DIR};
+use thiserror::Error;
+
+use crate::{
+    agent_client::AgentClient,
+    config::{Config, GuestNetwork},
+    hypervisor::{self, Accel, NetworkNamespace, Vm, VmSpec},
+    mount::{self, MountSpec},
+    spec::SharedBind,
+    swtee_service::FirmwareService,
+};
+
+use boot::{launch, prepare_state_dir, start_shared_fs, start_vsock, tee_launch, wait_for_agent};
+use cleanup::remove_dir;
+pub(crate) use cleanup::remove_stale_sandbox;
+pub use cleanup::{cleanup_stale, cleanup_stale_sandbox};
+use helpers::{stop_helpers, tail, write_pids, Helper};
+pub use measure::{
+    guest_kernel_params, snp_cpu_type, snp_launch_measurement, snp_measurement,
+    software_tee_measurement, SnpLaunchInputs,
+};
+pub(crate) use naming::{claim_is_held, sandboxes_dir, SANDBOX_NAME_FILE};
+pub use naming::{guest_address, guest_cid, sandbox_dir, sandbox_namespaces};
+use naming::{valid_identifier, Claim};
+
+#[derive(Debug, Error)]
+#[error("sandbox {id}: {stage}: {reason}")]
+pub struct SandboxError {
+    pub id: String,
+    pub stage: &'static str,
+    pub reason: String,
+}
+
+/// How long a VM gets to power off after DestroySandbox before QEMU is told
+/// to quit (and then killed).
+const VM_STOP_GRACE: Duration = Duration::from_secs(3);
+
+pub struct Sandbox {
+    pub id: String,
+    /// The containerd namespace the sandbox belongs to.
+    pub namespace: String,
+    dir: PathBuf,
+    claim: Mutex<Option<Claim>>,
+    vm: Mutex<Box<dyn Vm>>,
+    helpers: Mutex<Vec<Helper>>,
+    firmware: Mutex<Option<FirmwareService>>,
+    agent: AgentClient,
+    pub accel: Accel,
+    /// Whether the guest pulls container images itself.
+    pub image_pull: crate::config::ImagePull,
+}
+
+/// vsock port of the guest's debug console (see `kabuto exec`).
+pub const DEBUG_CONSOLE_PORT: u32 = 1026;
+
+/// What `create` has started so far; dropped (and so undone) on failure.
+struct Partial {
+    armed: bool,
+    dir: PathBuf,
+    vm: Option<Box<dyn Vm>>,
+    helpers: Vec<Helper>,
+    firmware: Option<FirmwareService>,
+    claim: Option<Claim>,
+}
+
+impl Partial {
+    /// Checks the names, takes the claim and clears a crashed owner's
+    /// state: the start of every boot. Errors carry their stage.
+    fn begin(
+        config: &Config,
+        namespace: &str,
+        id: &str,
+    ) -> Result<Partial, (&'static str, String)> {
+        for (what, name) in [("namespace", namespace), ("id", id)] {
+            if !valid_identifier(name) {
+                return Err((
+                    "checking the sandbox id",
+                    format!(
+                        "{what} {name:?} is not a containerd identifier (alphanumeric words joined by '.', '_' or '-', at most 76 characters)"
+                    ),
+                ));
+            }
+        }
+        // Claimed first: nothing of a running sandbox of this name is touched.
+        let claim =
+            Claim::take(config, namespace, id).map_err(|e| ("claiming the sandbox id", e))?;
+        let dir = sandbox_dir(config, namespace, id);
+        if dir.exists() {
+            log::warn!("removing stale state of sandbox {id} at {}", dir.display());
+            cleanup_stale(&dir);
+        }
+        Ok(Partial {
+            armed: true,
+            dir,
+            vm: None,
+            helpers: Vec::new(),
+            firmware: None,
+            claim: Some(claim),
+        })
+    }
+
+    /// The booted sandbox: what was started now belongs to it.
+    fn finish(
+        mut self,
+        id: &str,
+        namespace: &str,
+        agent: AgentClient,
+        accel: Accel,
+        config: &Config,
+    ) -> Result<Sandbox, String> {
+        let vm = self
+            .vm
+            .take()
+            .ok_or_else(|| "internal error: VM handle vanished".to_string())?;
+        self.armed = false;
+        Ok(Sandbox {
+            id: id.to_string(),
+            namespace: namespace.to_string(),
+            dir: std::mem::take(&mut self.dir),
+            claim: Mutex::new(self.claim.take()),
+            vm: Mutex::new(vm),
+            helpers: Mutex::new(std::mem::take(&mut self.helpers)),
+            firmware: Mutex::new(self.firmware.take()),
+            agent,
+            accel,
+            image_pull: config.confidential.image_pull,
+        })
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(mut vm) = self.vm.take() {
+            let _ = vm.stop(Duration::ZERO);
+        }
+        self.firmware.take();
+        stop_helpers(&mut self.helpers);
+        remove_dir(&self.dir);
+        if let Some(claim) = self.claim.take() {
+            claim.release();
+        }
+    }
+}
+
+impl Sandbox {
+    /// Boots the pod VM, waits until its agent serves requests and creates
+    /// the sandbox in the guest (CreateSandbox). `init_data` is the pod's
+    /// raw init-data document: its digest goes into the TEE's launch data
+    /// and the document to the agent.
+    pub fn create(
+        config: &Config,
+        namespace: &str,
+        id: &str,
+        hostname: &str,
+        init_data: Option<&[u8]>,
+        network: &NetworkNamespace,
+    ) -> Result<Sandbox, SandboxError> {
+        let sandbox = Sandbox::boot(config, namespace, id, init_data, network)?;
+        let request = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            hostname: hostname.to_string(),
+            shared_dir: GUEST_SHARED_DIR.to_string(),
+            init_data: init_data.map(<[u8]>::to_vec).unwrap_or_default(),
+            ..Default::default()
+        };
+        if let Err(e) = sandbox.agent.create_sandbox(&request) {
+            sandbox.destroy();
+            return Err(SandboxError {
+                id: id.to_string(),
+                stage: "creating the sandbox in the guest",
+                reason: e.to_string(),
+            });
+        }
+        Ok(sandbox)
+    }
+
+    /// Boots the pod VM (with `init_data`'s digest in the TEE's launch data)
+    /// and waits until its agent serves requests; sends nothing to it. For
+    /// callers that speak the agent protocol themselves — [`Sandbox::create`],
+    /// and tests that play a hostile host.
+    pub fn boot(
+        config: &Config,
+        namespace: &str,
+        id: &str,
+        init_data: Option<&[u8]>,
+        network: &NetworkNamespace,
+    ) -> Result<Sandbox, SandboxError> {
+        let fail = |stage: &'static str| {
+            let id = id.to_string();
+            move |reason: String| SandboxError { id, stage, reason }
+        };
+        let mut partial =
+            Partial::begin(config, namespace, id).map_err(|(stage, reason)| SandboxError {
+                id: id.to_string(),
+                stage,
+                reason,
+            })?;
+        let dir = partial.dir.clone();
+        // The init-data's digest is fixed into the TEE's launch data.
+        let host_data = match init_data {
+            Some(raw) => kabuto_initdata::InitData::parse(raw)
+                .map_err(|e| fail("checking the init-data")(e.to_string()))?
+                .digest(),
+            None => Vec::new(),
+        };
+        prepare_state_dir(&dir, namespace, id).map_err(fail("preparing the state directory"))?;
+        let (fs_socket, rootfs_socket) = start_shared_fs(config, &dir, &mut partial.helpers)
+            .map_err(fail("starting virtiofsd"))?;
+        let (vsock, address) = start_vsock(config, namespace, id, &dir, &mut partial.helpers)
+            .map_err(fail("starting the vhost-user vsock device"))?;
+        write_pids(&dir, &partial.helpers);
+        // The daemons start side by side; QEMU needs all their sockets.
+        for helper in &mut partial.helpers {
+            let name = helper.name;
+            helper
+                .wait_ready()
+                .map_err(|e| fail("starting the helper daemons")(format!("{name}: {e}")))?;
+        }
+
+        let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);
+        log::info!("sandbox {id}: accelerator {why}");
+        if config.hypervisor.debug_console {
+            log::warn!("sandbox {id}: debug console enabled (kabuto exec {id})");
+        }
+        let tee = tee_launch(config, id, &dir, &host_data, &vsock, &mut partial.firmware)
+            .map_err(fail("preparing the TEE"))?;
+        let spec = VmSpec {
+            id: id.to_string(),
+            dir: dir.clone(),
+            kernel: config.guest.kernel.clone(),
+            initramfs: config.guest.initramfs.clone(),
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib,
+            accel,
+            kernel_params: guest_kernel_params(config),
+            shared_fs_socket: fs_socket,
+            rootfs_fs_socket: rootfs_socket,
+            vsock,
+            tee,
+            user_network: config.hypervisor.guest_network == GuestNetwork::User,
+            network_namespace: network.clone(),
+        };
+        let vm = partial
+            .vm
+            .insert(launch(config, &spec).map_err(fail("starting the VM"))?);
+        let agent = wait_for_agent(vm.as_mut(), &address, config, &spec)
+            .map_err(fail("waiting for the agent"))?;
+
+        partial
+            .finish(id, namespace, agent, accel, config)
+            .map_err(fail("starting the VM"))
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn vm_pid(&self) -> u32 {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).pid()
+    }
+
+    /// Host pids of the VMM and its helpers (for memory accounting).
+    pub fn host_pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.vm_pid()];
+        pids.extend(
+            self.helpers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|h| h.child.id()),
+        );
+        pids
+    }
+
+    /// Reaps the helpers (virtiofsd, the vsock device) that exited on their
+    /// own — a virtiofsd ends with its VM — so that none stays a zombie;
+    /// returns how each one ended, for the log.
+    pub fn reap_exited_helpers(&self) -> Vec<String> {
+        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = Vec::new();
+        helpers.retain_mut(|helper| match helper.child.try_wait() {
+            Ok(Some(status)) => {
+                ended.push(format!(
+                    "{} (pid {}) exited ({status})",
+                    helper.name,
+                    helper.child.id()
+                ));
+                false
+            }
+            _ => true,
+        });
+        ended
+    }
+
+    /// Stops and reaps the helpers: after the VM is gone they serve nothing.
+    pub fn stop_helpers(&self) {
+        stop_helpers(&mut self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// True once the VM process has exited.
+    pub fn vm_exited(&self) -> Option<String> {
+        let mut vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+        match vm.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// The last lines of the guest console (kernel and agent log).
+    pub fn console_tail(&self) -> String {
+        tail(&self.dir.join("console.log"), 4000)
+    }
+
+    fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// Exported as the root filesystems (the guest's [`GUEST_ROOTFS_DIR`]).
+    fn rootfs_dir(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// Mounts a container's rootfs (containerd's mounts, or the bundle's
+    /// already-mounted rootfs; `None` when the guest pulls the image) and its
+    /// bind mounts into the shared directory.
+    pub fn share_container(
+        &self,
+        container_id: &str,
+        rootfs: Option<(&[MountSpec], &Path)>,
+        binds: &[SharedBind],
+    ) -> Result<(), mount::MountError> {
+        let target = self.rootfs_dir().join(container_id);
+        let result = (|| {
+            match rootfs {
+                None => {}
+                Some(([], bundle_rootfs)) => mount::bind(bundle_rootfs, &target, false)?,
+                Some((mounts, _)) => mount::mount_rootfs(mounts, &target)?,
+            }
+            for b in binds {
+                mount::bind(
+                    &b.host_source,
+                    &self.shared_dir().join(&b.shared_path),
+                    b.readonly,
+                )?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            self.unshare_container(container_id);
+        }
+        result
+    }
+
+    /// Removes what [`Sandbox::share_container`] mounted.
+    pub fn unshare_container(&self, container_id: &str) {
+        remove_dir(&self.rootfs_dir().join(container_id));
+        remove_dir(&self.shared_dir().join(container_id));
+    }
+
+    /// Stops the VM and its helpers and removes all host state.
+    pub fn destroy(&self) {
+        if self.vm_exited().is_none() {
+            if let Err(e) = self.agent.destroy_sandbox(Duration::from_secs(5)) {
+                log::debug!("sandbox {}: DestroySandbox: {e}", self.id);
+            }
+        }
+        {
+            let mut vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+            match vm.stop(VM_STOP_GRACE) {
+                Ok(status) => log::info!("sandbox {}: VM exited ({status})", self.id),
+                Err(e) => log::warn!("sandbox {}: stopping the VM: {e}", self.id),
+            }
+        }
+        self.stop_helpers();
+        self.firmware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        remove_dir(&self.dir);
+        if let Some(claim) = self.claim.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            claim.release();
+        }
+    }
+}
