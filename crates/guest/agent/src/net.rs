@@ -47,18 +47,16 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn ioctl(
-    fd: i32,
-    request: libc::c_ulong,
-    arg: *mut libc::c_void,
-    what: &str,
-) -> Result<(), String> {
-    // SAFETY: `arg` points to the structure `request` expects, alive for the call.
-    let rc = unsafe { libc::ioctl(fd, request as _, arg) };
-    if rc < 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+// The interface ioctls, typed by nix: each takes a pointer to the structure
+// its request expects (`bad` because these predate the _IOC encoding).
+nix::ioctl_readwrite_bad!(get_interface_flags, libc::SIOCGIFFLAGS, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_interface_flags, libc::SIOCSIFFLAGS, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_interface_address, libc::SIOCSIFADDR, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_interface_netmask, libc::SIOCSIFNETMASK, libc::ifreq);
+nix::ioctl_write_ptr_bad!(add_route, libc::SIOCADDRT, libc::rtentry);
+
+fn checked(result: nix::Result<i32>, what: &str) -> Result<(), String> {
+    result.map(drop).map_err(|e| format!("{what}: {e}"))
 }
 
 /// Sets IFF_UP on `name` in the calling thread's network namespace.
@@ -72,22 +70,16 @@ pub fn bring_up(name: &str) -> Result<(), String> {
     .map_err(|e| format!("socket: {e}"))?;
     let fd = sock.as_raw_fd();
     let mut req = ifreq(name)?;
-    ioctl(
-        fd,
-        libc::SIOCGIFFLAGS,
-        &mut req as *mut _ as *mut _,
-        "SIOCGIFFLAGS",
-    )?;
+    // SAFETY: `req` is an ifreq naming the interface, alive for the call.
+    let got = unsafe { get_interface_flags(fd, &mut req) };
+    checked(got, "SIOCGIFFLAGS")?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe {
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
-    ioctl(
-        fd,
-        libc::SIOCSIFFLAGS,
-        &mut req as *mut _ as *mut _,
-        &format!("bringing {name} up"),
-    )
+    // SAFETY: as above; the flags member is set.
+    let set = unsafe { set_interface_flags(fd, &req) };
+    checked(set, &format!("bringing {name} up"))
 }
 
 /// Configures eth0 (10.0.2.15/24) and the default route via 10.0.2.2.
@@ -103,20 +95,14 @@ pub fn setup_user_network() -> Result<(), String> {
     let fd = sock.as_raw_fd();
     let mut req = ifreq(INTERFACE)?;
     req.ifr_ifru.ifru_addr = sockaddr(GUEST_ADDRESS);
-    ioctl(
-        fd,
-        libc::SIOCSIFADDR,
-        &mut req as *mut _ as *mut _,
-        "setting the eth0 address",
-    )?;
+    // SAFETY: an ifreq with the interface name and its address member set.
+    let set = unsafe { set_interface_address(fd, &req) };
+    checked(set, "setting the eth0 address")?;
     let mut req = ifreq(INTERFACE)?;
     req.ifr_ifru.ifru_netmask = sockaddr(NETMASK);
-    ioctl(
-        fd,
-        libc::SIOCSIFNETMASK,
-        &mut req as *mut _ as *mut _,
-        "setting the eth0 netmask",
-    )?;
+    // SAFETY: an ifreq with the interface name and its netmask member set.
+    let set = unsafe { set_interface_netmask(fd, &req) };
+    checked(set, "setting the eth0 netmask")?;
     bring_up(INTERFACE)?;
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
@@ -124,11 +110,7 @@ pub fn setup_user_network() -> Result<(), String> {
     route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
     route.rt_gateway = sockaddr(GATEWAY);
     route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-    ioctl(
-        fd,
-        libc::SIOCADDRT,
-        &mut route as *mut _ as *mut _,
-        "adding the default route",
-    )?;
-    Ok(())
+    // SAFETY: a fully initialised rtentry, alive for the call.
+    let added = unsafe { add_route(fd, &route) };
+    checked(added, "adding the default route")
 }
