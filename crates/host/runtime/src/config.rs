@@ -32,8 +32,27 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
-    #[error("invalid config {path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    #[error("invalid config {path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        /// The key at fault, as written in the file (`hypervisor.vcpus`).
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// A failed check of [`Config::validate`]: the key at fault and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -324,12 +343,31 @@ pub struct SharedFsConfig {
     /// virtiofsd cache mode of the shared directory (volumes, which the
     /// host may change while containers run: a ConfigMap update, say):
     /// `none`, `auto` or `always`.
-    pub cache: String,
+    pub cache: CacheMode,
     /// virtiofsd cache mode of the containers' root filesystems, a second
     /// export: only the guest changes them while they run, so `always`
     /// lets the guest keep binaries in its page cache (with `auto`, each
     /// open drops them: every exec re-reads its binary over virtio-fs).
-    pub rootfs_cache: String,
+    pub rootfs_cache: CacheMode,
+}
+
+/// virtiofsd's `cache=` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    None,
+    Auto,
+    Always,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::Auto => "auto",
+            CacheMode::Always => "always",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,8 +381,8 @@ impl Default for SharedFsConfig {
         SharedFsConfig {
             kind: SharedFsKind::VirtioFs,
             virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
-            cache: "auto".into(),
-            rootfs_cache: "always".into(),
+            cache: CacheMode::Auto,
+            rootfs_cache: CacheMode::Always,
         }
     }
 }
@@ -395,90 +433,104 @@ impl Config {
             path: path.to_path_buf(),
             source: Box::new(e),
         })?;
-        config.validate().map_err(|reason| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        config
+            .validate()
+            .map_err(|Invalid { field, reason }| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field,
+                reason,
+            })?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         let h = &self.hypervisor;
         if h.vcpus == 0 || h.vcpus > 255 {
-            return Err(format!("hypervisor.vcpus must be 1..=255, not {}", h.vcpus));
-        }
-        if h.memory_mib < 64 {
-            return Err(format!(
-                "hypervisor.memory_mib must be at least 64, not {}",
-                h.memory_mib
+            return Err(invalid(
+                "hypervisor.vcpus",
+                format!("must be 1..=255, not {}", h.vcpus),
             ));
         }
-        for (key, value) in [
-            ("cache", &self.shared_fs.cache),
-            ("rootfs_cache", &self.shared_fs.rootfs_cache),
-        ] {
-            if !["none", "auto", "always"].contains(&value.as_str()) {
-                return Err(format!(
-                    "shared_fs.{key} must be none, auto or always, not {value:?}"
-                ));
-            }
+        if h.memory_mib < 64 {
+            return Err(invalid(
+                "hypervisor.memory_mib",
+                format!("must be at least 64, not {}", h.memory_mib),
+            ));
         }
-        if self.agent.boot_timeout_secs == 0
-            || self.agent.request_timeout_secs == 0
-            || self.confidential.image_pull_timeout_secs == 0
-        {
-            return Err("agent timeouts must be at least 1 second".into());
+        for (field, secs) in [
+            ("agent.boot_timeout_secs", self.agent.boot_timeout_secs),
+            (
+                "agent.request_timeout_secs",
+                self.agent.request_timeout_secs,
+            ),
+            (
+                "confidential.image_pull_timeout_secs",
+                self.confidential.image_pull_timeout_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return Err(invalid(field, "must be at least 1 second"));
+            }
         }
         if self.confidential.image_pull == ImagePull::Guest && h.guest_network != GuestNetwork::User
         {
-            return Err("confidential.image_pull = \"guest\" needs hypervisor.guest_network = \"user\": the guest reaches the registry itself".into());
+            return Err(invalid(
+                "confidential.image_pull",
+                "\"guest\" needs hypervisor.guest_network = \"user\": the guest reaches the registry itself",
+            ));
         }
         for pattern in &self.snapshotter.guest_pull_images {
             let head = pattern.strip_suffix('*').unwrap_or(pattern);
             if pattern.is_empty() || head.contains('*') {
-                return Err(format!(
-                    "snapshotter.guest_pull_images: {pattern:?} is not \"*\", \"PREFIX*\", a repository or a reference"
+                return Err(invalid(
+                    "snapshotter.guest_pull_images",
+                    format!("{pattern:?} is not \"*\", \"PREFIX*\", a repository or a reference"),
                 ));
             }
         }
         if self.confidential.tee == TeeKind::Software && !cfg!(feature = "software-tee") {
-            return Err(SOFTWARE_TEE_NOT_BUILT.into());
+            return Err(invalid("confidential.tee", SOFTWARE_TEE_NOT_BUILT));
         }
         if self.confidential.tee == TeeKind::Sample && !cfg!(feature = "software-tee") {
-            return Err(SAMPLE_NOT_BUILT.into());
+            return Err(invalid("confidential.tee", SAMPLE_NOT_BUILT));
         }
         if matches!(self.confidential.tee, TeeKind::Snp | TeeKind::Tdx) {
             let tee = self.confidential.tee.kernel_param().unwrap_or_default();
             if h.machine != MachineType::Q35 {
-                return Err(format!(
-                    "confidential.tee = \"{tee}\" needs hypervisor.machine = \"q35\" (a TEE launch boots through firmware)"
+                return Err(invalid(
+                    "hypervisor.machine",
+                    format!("confidential.tee = \"{tee}\" needs hypervisor.machine = \"q35\" (a TEE launch boots through firmware)"),
                 ));
             }
             if h.accelerator == Accelerator::Tcg {
-                return Err(format!(
-                    "confidential.tee = \"{tee}\" needs KVM on TEE hardware, not hypervisor.accelerator = \"tcg\""
+                return Err(invalid(
+                    "hypervisor.accelerator",
+                    format!("confidential.tee = \"{tee}\" needs KVM on TEE hardware, not hypervisor.accelerator = \"tcg\""),
                 ));
             }
             if self.confidential.firmware.as_os_str().is_empty() {
-                return Err(format!(
-                    "confidential.tee = \"{tee}\" needs confidential.firmware (an AmdSev OVMF for snp, a TDVF for tdx)"
+                return Err(invalid(
+                    "confidential.firmware",
+                    format!("confidential.tee = \"{tee}\" needs confidential.firmware (an AmdSev OVMF for snp, a TDVF for tdx)"),
                 ));
             }
             if self.confidential.tee == TeeKind::Snp
                 && crate::sandbox::snp_cpu_type(&self.confidential.snp_cpu).is_none()
             {
-                return Err(format!(
-                    "confidential.snp_cpu {:?} is not an EPYC model QEMU and the SNP measurement both know (e.g. \"EPYC-v4\", \"EPYC-Milan\", \"EPYC-Genoa\")",
-                    self.confidential.snp_cpu
+                return Err(invalid(
+                    "confidential.snp_cpu",
+                    format!(
+                        "{:?} is not an EPYC model QEMU and the SNP measurement both know (e.g. \"EPYC-v4\", \"EPYC-Milan\", \"EPYC-Genoa\")",
+                        self.confidential.snp_cpu
+                    ),
                 ));
             }
         }
         if self.confidential.tee != TeeKind::None && h.debug_console {
-            return Err(
-                "hypervisor.debug_console must be off when confidential.tee is set: \
-                 it would give the host a shell in the guest"
-                    .into(),
-            );
+            return Err(invalid(
+                "hypervisor.debug_console",
+                "must be off when confidential.tee is set: it would give the host a shell in the guest",
+            ));
         }
         Ok(())
     }
@@ -661,6 +713,27 @@ mod tests {
                 .to_string();
             assert!(err.contains(SOFTWARE_TEE_NOT_BUILT), "{err}");
         }
+    }
+
+    /// A refused value names its key as written in the file.
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (toml, key) in [
+            ("[hypervisor]\nvcpus = 0\n", "hypervisor.vcpus"),
+            (
+                "[agent]\nboot_timeout_secs = 0\n",
+                "agent.boot_timeout_secs",
+            ),
+            ("[confidential]\ntee = \"snp\"\n", "hypervisor.machine"),
+        ] {
+            match Config::parse(toml, Path::new("c.toml")) {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, key, "{toml}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        let err = Config::parse("[shared_fs]\ncache = \"sometimes\"\n", Path::new("c.toml"))
+            .expect_err("an unknown cache mode");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub(super) fn start_shared_fs(
             fs_cfg,
             socket,
             &dir.join(source),
-            &cache.to_string(),
+            *cache,
             dir.join(log),
         )?);
     }

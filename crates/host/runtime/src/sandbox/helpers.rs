@@ -54,7 +54,7 @@ impl Helper {
         config: &SharedFsConfig,
         socket: &Path,
         source: &Path,
-        cache: &str,
+        cache: crate::config::CacheMode,
         log: PathBuf,
     ) -> Result<Helper, String> {
         Helper::spawn(
