@@ -63,7 +63,7 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
             )
         })?;
     for key in &kbs.admin_keys {
-        let (validation, max_lifetime) = match key.kind {
+        let (mut validation, max_lifetime) = match key.kind {
             AdminKeyKind::Es256 => {
                 let mut validation = Validation::new(Algorithm::ES256);
                 validation.set_required_spec_claims(&["exp", "aud"]);
@@ -80,7 +80,6 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
                 (validation, MAX_TRUSTEE_TOKEN_SECS)
             }
         };
-        let mut validation = validation;
         validation.leeway = LEEWAY_SECS;
         let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation)
         else {

@@ -12,10 +12,7 @@ use kbs_types::{Attestation, Challenge, HashAlgorithm, Request};
 use rand_core::{OsRng, RngCore};
 
 use crate::error::Problem;
-use crate::token::{
-    self, now_secs, AnnotatedEvidence, Appraisal, RuntimeDataClaims, TokenClaims, VerifierId,
-    ISSUER,
-};
+use crate::token::{self, now_secs, Appraisal, TokenClaims, VerifierId, ISSUER};
 use crate::{Kbs, Session, SessionState};
 
 pub const SESSION_COOKIE: &str = "kbs-session-id";
@@ -204,19 +201,14 @@ fn appraise_devices(
             serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
         appraisals.push((
             format!("gpu{}", appraisals.len()),
-            Appraisal {
-                status: if insecure { "warning" } else { "affirming" }.into(),
-                trust_vector: serde_json::json!({ "hardware": if insecure { 32 } else { 2 } }),
-                policy_id: token::POLICY_ID.into(),
-                evidence: AnnotatedEvidence {
-                    platform: [(name, claims)].into(),
-                    init_data: None,
-                    runtime_data_claims: RuntimeDataClaims {
-                        nonce: attestation.runtime_data.nonce.clone(),
-                        tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
-                    },
-                },
-            },
+            Appraisal::new(
+                if insecure { "warning" } else { "affirming" }.into(),
+                serde_json::json!({ "hardware": if insecure { 32 } else { 2 } }),
+                name,
+                claims,
+                None,
+                attestation.runtime_data.clone(),
+            ),
         ));
     }
     Ok(appraisals)
@@ -361,21 +353,14 @@ pub async fn attest(
     let devices = appraise_devices(&verifier, hash, &attestation)?;
 
     let now = now_secs();
-    let mut platform = std::collections::BTreeMap::new();
-    platform.insert(tee_name(tee), claims_json);
-    let cpu = Appraisal {
+    let cpu = Appraisal::new(
         status,
-        trust_vector: appraisal.get("trust_vector").cloned().unwrap_or_default(),
-        policy_id: token::POLICY_ID.into(),
-        evidence: AnnotatedEvidence {
-            platform,
-            init_data: init_digest.map(hex::encode),
-            runtime_data_claims: RuntimeDataClaims {
-                nonce: attestation.runtime_data.nonce,
-                tee_pubkey: attestation.runtime_data.tee_pubkey,
-            },
-        },
-    };
+        appraisal.get("trust_vector").cloned().unwrap_or_default(),
+        tee_name(tee),
+        claims_json,
+        init_digest.map(hex::encode),
+        attestation.runtime_data,
+    );
     let token_claims = TokenClaims {
         eat_profile: token::EAT_PROFILE.into(),
         iss: ISSUER.into(),

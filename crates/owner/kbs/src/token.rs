@@ -70,15 +70,33 @@ pub struct AnnotatedEvidence {
     /// token's claims; the attestation policy sees the document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_data: Option<String>,
-    pub runtime_data_claims: RuntimeDataClaims,
+    /// The runtime data the evidence's report data binds (`nonce`,
+    /// `tee-pubkey`).
+    pub runtime_data_claims: kbs_types::RuntimeData,
 }
 
-/// The runtime data the evidence's report data binds.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RuntimeDataClaims {
-    pub nonce: String,
-    #[serde(rename = "tee-pubkey")]
-    pub tee_pubkey: kbs_types::TeePubKey,
+impl Appraisal {
+    /// An appraisal of evidence from `tee` (its name in the KBS protocol)
+    /// that yielded `claims`, bound to `runtime_data`.
+    pub fn new(
+        status: String,
+        trust_vector: serde_json::Value,
+        tee: String,
+        claims: serde_json::Value,
+        init_data: Option<String>,
+        runtime_data: kbs_types::RuntimeData,
+    ) -> Self {
+        Appraisal {
+            status,
+            trust_vector,
+            policy_id: POLICY_ID.into(),
+            evidence: AnnotatedEvidence {
+                platform: [(tee, claims)].into(),
+                init_data,
+                runtime_data_claims: runtime_data,
+            },
+        }
+    }
 }
 
 impl TokenClaims {
