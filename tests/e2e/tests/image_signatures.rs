@@ -72,16 +72,12 @@ fn sigstore_signatures_are_checked_against_the_policy() {
     };
 
     check(&signed, &mut client).expect("signed by the owner");
-    let e = check(&unsigned, &mut client)
-        .expect_err("unsigned")
-        .to_string();
+    let e = kabuto_error::chain(&check(&unsigned, &mut client).expect_err("unsigned"));
     assert!(
         e.contains("no valid signature") && e.contains("no signatures at sha256-"),
         "{e}"
     );
-    let e = check(&wrong_key, &mut client)
-        .expect_err("stranger's key")
-        .to_string();
+    let e = kabuto_error::chain(&check(&wrong_key, &mut client).expect_err("stranger's key"));
     assert!(e.contains("does not verify with the policy's key"), "{e}");
 
     // The owner's signature of `signed`, copied onto another repository.
@@ -98,18 +94,14 @@ fn sigstore_signatures_are_checked_against_the_policy() {
             signature_tag(&digest)
         ),
     );
-    let e = check(&moved, &mut client)
-        .expect_err("moved signature")
-        .to_string();
+    let e = kabuto_error::chain(&check(&moved, &mut client).expect_err("moved signature"));
     assert!(e.contains("kabuto/signed") && e.contains("not "), "{e}");
 
     // Scopes: an open repository, and the default.
     let open = registry.push_layout(&plain, "latest", "kabuto/open");
     check(&open, &mut client).expect("insecureAcceptAnything");
     let elsewhere = registry.push_layout(&plain, "latest", "other/img");
-    let e = check(&elsewhere, &mut client)
-        .expect_err("default reject")
-        .to_string();
+    let e = kabuto_error::chain(&check(&elsewhere, &mut client).expect_err("default reject"));
     assert!(
         e.contains("rejected by the signature policy (scope default)"),
         "{e}"

@@ -22,7 +22,7 @@ const MAX_CERT_LEN: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwteeError {
-    #[error("software TEE files in {dir}: {source}")]
+    #[error("software TEE files in {dir}")]
     Io {
         dir: PathBuf,
         #[source]

@@ -28,19 +28,34 @@ pub enum AgentError {
     /// unpacking).
     #[error("guest image pull: {0}")]
     Image(String),
-    #[error("{context}: {source}")]
+    #[error("guest image pull")]
+    Pull(#[source] Box<kabuto_image::PullError>),
+    /// The pod's pull settings, fetched for a pull, are unusable.
+    #[error("guest image pull")]
+    PullSettings(#[source] Box<crate::images::SettingsError>),
+    /// The init-data's pull settings, checked when the pod starts.
+    #[error("init-data refused")]
+    InitDataSettings(#[source] Box<crate::images::SettingsError>),
+    /// The pulled image's config does not fit the container's spec.
+    #[error("invalid request: image {image}")]
+    ImageConfig {
+        image: String,
+        #[source]
+        source: crate::images::ImageConfigError,
+    },
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Container {
         context: String,
         #[source]
         source: libcontainer::error::LibcontainerError,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Sys {
         context: String,
         #[source]
@@ -73,24 +88,18 @@ impl AgentError {
                 Code::NOT_FOUND
             }
             AgentError::ContainerExists(_) => Code::ALREADY_EXISTS,
-            AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            AgentError::Confidential(_) | AgentError::Image(_) | AgentError::Lifecycle(_) => {
-                Code::FAILED_PRECONDITION
-            }
+            AgentError::InvalidArgument(_)
+            | AgentError::InitDataSettings(_)
+            | AgentError::ImageConfig { .. } => Code::INVALID_ARGUMENT,
+            AgentError::Confidential(_)
+            | AgentError::Image(_)
+            | AgentError::Pull(_)
+            | AgentError::PullSettings(_)
+            | AgentError::Lifecycle(_) => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         };
-        // Print the whole chain once, so the host shows the root cause.
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(&self);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            source = s.source();
-        }
-        ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+        // The whole chain, so the host shows the root cause.
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, kabuto_error::chain(&self)))
     }
 }
 

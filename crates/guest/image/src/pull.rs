@@ -16,17 +16,26 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error("image {image}: {source}")]
+    #[error("image {image}")]
     Registry {
         image: String,
+        #[source]
         source: RegistryError,
     },
     #[error(transparent)]
     Signature(#[from] SignatureError),
-    #[error("image {image}: {source}")]
-    Decrypt { image: String, source: DecryptError },
-    #[error("image {image}: {source}")]
-    Unpack { image: String, source: UnpackError },
+    #[error("image {image}")]
+    Decrypt {
+        image: String,
+        #[source]
+        source: DecryptError,
+    },
+    #[error("image {image}")]
+    Unpack {
+        image: String,
+        #[source]
+        source: UnpackError,
+    },
     #[error("image {image}: {reason}")]
     Config { image: String, reason: String },
     #[error("registries.conf: {0}")]
@@ -458,10 +467,8 @@ mod tests {
         let root = dir.path().join("rootfs");
         let err = pull_and_unpack(&format!("{address}/app:1"), &settings, &root)
             .expect_err("past the deadline");
-        assert!(
-            err.to_string().contains(crate::registry::DEADLINE_PASSED),
-            "{err}"
-        );
+        let err = kabuto_error::chain(&err);
+        assert!(err.contains(crate::registry::DEADLINE_PASSED), "{err}");
         assert!(!root.exists());
         assert!(listener.accept().is_err(), "the registry was contacted");
     }

@@ -228,10 +228,8 @@ fn errors_in_kbs_fetched_settings_do_not_quote_them() {
     assert!(!err.contains(SECRET), "{err}");
 
     let policy = format!("{{\"default\": [{{\"type\": \"{SECRET}\"}}]}}");
-    let err = crate::SignaturePolicy::from_json(policy.as_bytes())
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        kabuto_error::chain(&crate::SignaturePolicy::from_json(policy.as_bytes()).unwrap_err());
     assert!(!err.contains(SECRET), "{err}");
     assert!(err.contains("line 1 column"), "{err}");
 }

@@ -81,7 +81,7 @@ pub enum GuestImageError {
     Module { name: String, reason: String },
     #[error("the agent binary {path}: {reason}")]
     Agent { path: PathBuf, reason: String },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -18,7 +18,7 @@ pub enum MountError {
         target: PathBuf,
         errno: nix::Error,
     },
-    #[error("preparing mount point {path}: {source}")]
+    #[error("preparing mount point {path}")]
     MountPoint {
         path: PathBuf,
         #[source]

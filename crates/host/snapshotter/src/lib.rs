@@ -40,7 +40,7 @@ pub enum SnapshotError {
     Manifest(String),
     #[error("metadata store: {0}")]
     Store(String),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         source: std::io::Error,

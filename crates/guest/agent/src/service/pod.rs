@@ -161,7 +161,7 @@ impl Agent {
             })
             .transpose()?;
         let images = images::PodImages::new(init_data.as_ref(), kbs.clone())
-            .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?;
+            .map_err(|e| AgentError::InitDataSettings(Box::new(e)))?;
         let init_data_digest = init_data
             .as_ref()
             .map(|d| hex::encode(d.digest()))

@@ -148,11 +148,12 @@ impl Agent {
                 });
                 let (rootfs, config) =
                     images::pull(&req.container_id, reference, &pod_images, deadline)?;
-                if let Err(e) = images::merge_config(&mut spec, &config, &rootfs) {
+                if let Err(source) = images::merge_config(&mut spec, &config, &rootfs) {
                     images::release(&req.container_id);
-                    return Err(AgentError::InvalidArgument(format!(
-                        "image {reference}: {e}"
-                    )));
+                    return Err(AgentError::ImageConfig {
+                        image: reference.to_string(),
+                        source,
+                    });
                 }
                 true
             }

@@ -175,9 +175,7 @@ pub(super) fn launch(config: &Config, spec: &VmSpec) -> Result<Box<dyn Vm>, Stri
         }
     }
     let hv = hypervisor::new_hypervisor(&config.hypervisor);
-    let vm = hv
-        .launch(spec)
-        .map_err(|e| format!("{e}: {}", error_chain(&e)))?;
+    let vm = hv.launch(spec).map_err(|e| kabuto_error::chain(&e))?;
     log::info!(
         "sandbox {}: {} pid {} launched",
         spec.id,
@@ -185,16 +183,6 @@ pub(super) fn launch(config: &Config, spec: &VmSpec) -> Result<Box<dyn Vm>, Stri
         vm.pid()
     );
     Ok(vm)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 pub(super) fn wait_for_agent(

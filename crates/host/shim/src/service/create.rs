@@ -20,7 +20,7 @@ use kabuto_runtime::spec;
 
 use super::options::{image_reference, is_pod_sandbox, pod_of};
 use super::process::{lock, Container, Process};
-use super::{agent_error, err, Service, GUEST_PULL_ANSWER_GRACE};
+use super::{agent_error, err, failed, Service, GUEST_PULL_ANSWER_GRACE};
 use crate::io::{self, StdioPaths};
 
 /// What a create will do, decided before anything changes.
@@ -123,11 +123,11 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let config = self.config(req.options.as_ref())?;
         let guest_pull = config.confidential.image_pull == ImagePull::Guest;
-        let host_spec = spec::load(&bundle, guest_pull)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let host_spec =
+            spec::load(&bundle, guest_pull).map_err(|e| failed(Code::INVALID_ARGUMENT, &e))?;
         let guest_image = guest_image(&req.id, &host_spec, guest_pull)?;
         let guest = spec::to_guest(&host_spec, &req.id, Path::new(GUEST_SHARED_DIR), guest_pull)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            .map_err(|e| failed(Code::INVALID_ARGUMENT, &e))?;
         for d in &guest.dropped {
             log::info!("container {}: not applied in the guest: {d}", req.id);
         }

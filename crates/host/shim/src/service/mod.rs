@@ -48,6 +48,11 @@ fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
+/// `e` with its causes (see kabuto-error), as a ttrpc status.
+fn failed(code: Code, e: &dyn std::error::Error) -> ttrpc::Error {
+    err(code, kabuto_error::chain(e))
+}
+
 struct Inner {
     namespace: String,
     /// containerd's API socket, recorded for `kabuto sandbox list`.
@@ -72,7 +77,7 @@ fn agent_error(e: kabuto_runtime::agent_client::AgentClientError) -> ttrpc::Erro
         kabuto_runtime::agent_client::AgentClientError::Rpc { code, .. } => *code,
         _ => Code::UNAVAILABLE,
     };
-    err(code, e.to_string())
+    failed(code, &e)
 }
 
 impl Service {
@@ -137,7 +142,7 @@ impl Service {
             init_data.as_ref().map(|d| d.raw()),
             &NetworkNamespace::of_spec(spec),
         )
-        .map_err(|e| err(Code::UNAVAILABLE, e.to_string()))?;
+        .map_err(|e| failed(Code::UNAVAILABLE, &e))?;
         let owner = inventory::Owner {
             pid: std::process::id(),
             start_time: inventory::process_start_time(std::process::id()).unwrap_or_default(),

@@ -26,11 +26,10 @@ impl Service {
             None => Config::load(),
         }
         .map_err(|e| {
-            let mut msg = e.to_string();
-            if let Some(s) = std::error::Error::source(&e) {
-                msg = format!("{msg}: {s}");
-            }
-            err(Code::INVALID_ARGUMENT, format!("kabuto config: {msg}"))
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("kabuto config: {}", kabuto_error::chain(&e)),
+            )
         })?;
         Ok(self.inner.config.get_or_init(|| loaded))
     }

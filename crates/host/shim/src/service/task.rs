@@ -17,7 +17,7 @@ use containerd_shim::{
 use kabuto_protocol::agent::ExecProcessRequest;
 
 use super::process::{lock, now, Process, Status};
-use super::{agent_error, err, metrics, Service, VM_GONE_STATUS};
+use super::{agent_error, err, failed, metrics, Service, VM_GONE_STATUS};
 use crate::io::{self, StdioPaths};
 
 impl containerd_shim::Task for Service {
@@ -355,7 +355,7 @@ impl containerd_shim::Task for Service {
             .stats_container(&req.id)
             .map_err(agent_error)?;
         let any = containerd_shim::util::convert_to_any(Box::new(metrics::cgroup_metrics(&s)))
-            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+            .map_err(|e| failed(Code::INTERNAL, &e))?;
         Ok(api::StatsResponse {
             stats: MessageField::some(any),
             ..Default::default()
