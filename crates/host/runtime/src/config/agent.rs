@@ -1,0 +1,50 @@
+//! `[agent]`: how the host reaches the guest's agent.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// `auto`: kernel vhost-vsock when /dev/vhost-vsock exists, else a
+    /// vhost-user vsock device. The guest listens on vsock in both cases.
+    pub channel: AgentChannel,
+    /// The vhost-user vsock device daemon (crates.io `vhost-device-vsock`);
+    /// a bare name is looked up on PATH.
+    pub vhost_user_vsock_path: PathBuf,
+    /// How long the VM may take from launch until the agent answers.
+    pub boot_timeout_secs: u64,
+    /// Deadline of short agent requests (create, start, signal, ...).
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentChannel {
+    Auto,
+    VhostVsock,
+    VhostUserVsock,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            channel: AgentChannel::Auto,
+            vhost_user_vsock_path: PathBuf::from("vhost-device-vsock"),
+            boot_timeout_secs: 60,
+            request_timeout_secs: 60,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
