@@ -1,0 +1,5 @@
+//! Real services started for tests: containerd, a registry, a file server, and tool wrappers.
+
+pub mod containerd;
+pub mod registry;
+pub mod tools;
