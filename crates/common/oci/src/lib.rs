@@ -105,16 +105,21 @@ pub struct ImageConfig {
     pub volumes: Option<BTreeMap<String, serde_json::Value>>,
 }
 
+/// An image configuration blob that does not parse; the source is
+/// serde's error, which names the position and expected type.
+#[derive(Debug, thiserror::Error)]
+#[error("image config is not valid")]
+pub struct ConfigError(#[source] serde_json::Error);
+
 impl ImageConfig {
     /// The `config` of an image configuration blob (absent: all defaults).
-    /// The error is serde's, which names the position and expected type.
-    pub fn parse(config_blob: &[u8]) -> Result<ImageConfig, String> {
+    pub fn parse(config_blob: &[u8]) -> Result<ImageConfig, ConfigError> {
         #[derive(Deserialize)]
         struct File {
             #[serde(default)]
             config: Option<ImageConfig>,
         }
-        let file: File = serde_json::from_slice(config_blob).map_err(|e| e.to_string())?;
+        let file: File = serde_json::from_slice(config_blob).map_err(ConfigError)?;
         Ok(file.config.unwrap_or_default())
     }
 }
@@ -176,7 +181,10 @@ mod tests {
         assert_eq!(c.entrypoint, Some(vec!["/e".to_string()]));
         assert_eq!(c.user.as_deref(), Some("1:2"));
         assert!(c.volumes.is_some_and(|v| v.contains_key("/v")));
-        assert_eq!(ImageConfig::parse(b"{}"), Ok(ImageConfig::default()));
+        assert_eq!(
+            ImageConfig::parse(b"{}").expect("no config is an empty one"),
+            ImageConfig::default()
+        );
         assert!(ImageConfig::parse(br#"{"config":{"Cmd":"no list"}}"#).is_err());
     }
 }

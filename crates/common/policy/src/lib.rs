@@ -45,16 +45,26 @@ pub enum PolicyError {
 /// spec, an exec's process, resources) expanded into objects. The spec
 /// appears as `input.OCI`, as in Kata's policies. The error names the field
 /// that is not JSON (never its content).
-pub fn request_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value, String> {
+/// A request that cannot be turned into policy input.
+#[derive(Debug, Error)]
+pub enum InputError {
+    #[error("request to JSON")]
+    Print(#[source] protobuf_json_mapping::PrintError),
+    #[error("request to JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("{0} is not JSON")]
+    NotJson(&'static str),
+}
+
+pub fn request_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value, InputError> {
     let options = protobuf_json_mapping::PrintOptions {
         proto_field_name: true,
         always_output_default_values: true,
         ..Default::default()
     };
     let text = protobuf_json_mapping::print_to_string_with_options(req, &options)
-        .map_err(|e| format!("request to JSON: {e}"))?;
-    let mut value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("request to JSON: {e}"))?;
+        .map_err(InputError::Print)?;
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(InputError::Json)?;
     if let Some(obj) = value.as_object_mut() {
         for (field, name) in [
             ("oci_spec", "OCI"),
@@ -66,7 +76,7 @@ pub fn request_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value
             };
             let decoded = base64_decode(&encoded)
                 .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-                .ok_or_else(|| format!("{field} is not JSON"))?;
+                .ok_or(InputError::NotJson(field))?;
             obj.remove(field);
             obj.insert(name.to_string(), decoded);
         }

@@ -22,8 +22,11 @@ pub enum AgentError {
     #[error("{0}")]
     Lifecycle(String),
     /// A confidential pod's guarantees would not hold (TEE binding, attestation).
-    #[error("confidential pod: {0}")]
-    Confidential(String),
+    #[error("confidential pod")]
+    Confidential(#[source] Box<crate::confidential::ConfidentialError>),
+    /// The guest's TEE is unusable: every CreateSandbox is refused.
+    #[error("confidential pod")]
+    Tee(#[source] std::sync::Arc<crate::confidential::ConfidentialError>),
     /// A guest pull was refused or failed (registry, signature, decryption,
     /// unpacking).
     #[error("guest image pull: {0}")]
@@ -92,6 +95,7 @@ impl AgentError {
             | AgentError::InitDataSettings(_)
             | AgentError::ImageConfig { .. } => Code::INVALID_ARGUMENT,
             AgentError::Confidential(_)
+            | AgentError::Tee(_)
             | AgentError::Image(_)
             | AgentError::Pull(_)
             | AgentError::PullSettings(_)
@@ -100,6 +104,12 @@ impl AgentError {
         };
         // The whole chain, so the host shows the root cause.
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, kabuto_error::chain(&self)))
+    }
+}
+
+impl From<crate::confidential::ConfidentialError> for AgentError {
+    fn from(e: crate::confidential::ConfidentialError) -> Self {
+        AgentError::Confidential(Box::new(e))
     }
 }
 

@@ -6,6 +6,27 @@ use std::{ffi::CString, fs, path::Path, thread, time::Duration};
 use kabuto_protocol::{GUEST_ROOTFS_DIR, GUEST_SHARED_DIR, ROOTFS_FS_TAG, SHARED_FS_TAG};
 use nix::mount::{mount, MsFlags};
 
+/// A boot step of the guest failed: what was being done, and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}")]
+    Sys(String, #[source] nix::Error),
+}
+
+impl InitError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InitError {
+        let what = what.into();
+        move |e| InitError::Io(what, e)
+    }
+
+    fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> InitError {
+        let what = what.into();
+        move |e| InitError::Sys(what, e)
+    }
+}
+
 /// Load order of the kernel modules packed into the initramfs, one path per
 /// line; written by `kabuto guest build`.
 pub const MODULES_LIST: &str = "/etc/kabuto/modules";
@@ -128,10 +149,13 @@ fn mount_base(m: &Mount) -> nix::Result<()> {
 }
 
 /// Mounts the base file systems and enables the cgroup controllers.
-pub fn setup_guest() -> Result<(), String> {
+pub fn setup_guest() -> Result<(), InitError> {
     for m in BASE_MOUNTS {
-        fs::create_dir_all(m.target).map_err(|e| format!("mkdir {}: {e}", m.target))?;
-        mount_base(m).map_err(|e| format!("mount {} on {}: {e}", m.fstype, m.target))?;
+        fs::create_dir_all(m.target).map_err(InitError::io(format!("mkdir {}", m.target)))?;
+        mount_base(m).map_err(InitError::sys(format!(
+            "mount {} on {}",
+            m.fstype, m.target
+        )))?;
     }
     // configfs holds the TEE report interface (configfs-tsm, Linux >= 6.7):
     // attestation through it, and the agent's probe for TEE hardware, need
@@ -158,14 +182,14 @@ pub fn setup_guest() -> Result<(), String> {
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
-    enable_cgroup_controllers().map_err(|e| format!("enabling cgroup controllers: {e}"))?;
+    enable_cgroup_controllers().map_err(InitError::io("enabling cgroup controllers"))?;
     for dir in [
         GUEST_SHARED_DIR,
         GUEST_ROOTFS_DIR,
         CONTAINER_STATE_DIR,
         BUNDLES_DIR,
     ] {
-        fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        fs::create_dir_all(dir).map_err(InitError::io(format!("mkdir {dir}")))?;
     }
     Ok(())
 }
@@ -204,21 +228,21 @@ pub fn with_early_proc(f: impl FnOnce()) {
 /// a process with CAP_SYS_CHROOT escape to the agent's root; so the agent
 /// does what switch_root(8) does instead. Everything the agent needs from
 /// the initramfs (its libraries, the modules) is loaded by now.
-pub fn switch_root() -> Result<(), String> {
+pub fn switch_root() -> Result<(), InitError> {
     const NEW_ROOT: &str = "/newroot";
     // Kept: the pause of confidential pods (pause.rs) and the debug image's
     // shell (debug_console).
     let pause = fs::read(crate::pause::PAUSE_BINARY).ok();
     let debug_shell = fs::read(crate::debug_console::DEBUG_SHELL).ok();
-    for entry in fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
-        let path = entry.map_err(|e| e.to_string())?.path();
+    for entry in fs::read_dir("/").map_err(InitError::io("reading /"))? {
+        let path = entry.map_err(InitError::io("reading a directory"))?.path();
         let _ = if path.is_dir() && !path.is_symlink() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
     }
-    fs::create_dir_all(NEW_ROOT).map_err(|e| format!("mkdir {NEW_ROOT}: {e}"))?;
+    fs::create_dir_all(NEW_ROOT).map_err(InitError::io(format!("mkdir {NEW_ROOT}")))?;
     mount(
         Some("rootfs"),
         NEW_ROOT,
@@ -226,12 +250,12 @@ pub fn switch_root() -> Result<(), String> {
         MsFlags::empty(),
         Some("mode=0755"),
     )
-    .map_err(|e| format!("mount tmpfs on {NEW_ROOT}: {e}"))?;
-    nix::unistd::chdir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
+    .map_err(InitError::sys(format!("mount tmpfs on {NEW_ROOT}")))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(InitError::sys(format!("chdir {NEW_ROOT}")))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| format!("moving {NEW_ROOT} to /: {e}"))?;
-    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
-    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+        .map_err(InitError::sys(format!("moving {NEW_ROOT} to /")))?;
+    nix::unistd::chroot(".").map_err(InitError::sys("chroot"))?;
+    nix::unistd::chdir("/").map_err(InitError::sys("chdir /"))?;
     if let Some(shell) = debug_shell {
         restore(Path::new(crate::debug_console::DEBUG_SHELL), &shell)?;
     }
@@ -239,21 +263,21 @@ pub fn switch_root() -> Result<(), String> {
         restore(Path::new(crate::pause::PAUSE_BINARY), &pause)?;
         for dir in ["proc", "dev"] {
             let dir = Path::new(kabuto_protocol::GUEST_PAUSE_ROOT).join(dir);
-            fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+            fs::create_dir_all(&dir).map_err(InitError::io(format!("mkdir {}", dir.display())))?;
         }
     }
     Ok(())
 }
 
 /// Writes an executable kept across the root switch.
-fn restore(path: &Path, data: &[u8]) -> Result<(), String> {
+fn restore(path: &Path, data: &[u8]) -> Result<(), InitError> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        fs::create_dir_all(dir).map_err(InitError::io(format!("mkdir {}", dir.display())))?;
     }
-    fs::write(path, data).map_err(|e| format!("restoring {}: {e}", path.display()))?;
+    fs::write(path, data).map_err(InitError::io(format!("restoring {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))
+        .map_err(InitError::io(format!("chmod {}", path.display())))
 }
 
 /// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
@@ -278,7 +302,7 @@ pub fn load_modules(skip_pci: bool, with_net: bool) -> Vec<String> {
                 log::debug!("loaded {path}");
                 loaded.push(module_name(path))
             }
-            Err(e) => log::error!("loading kernel module {path}: {e}"),
+            Err(e) => log::error!("loading kernel module: {}", kabuto_error::chain(&e)),
         }
     }
     loaded
@@ -291,12 +315,13 @@ fn module_name(path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn load_module(path: &Path) -> Result<(), String> {
-    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+fn load_module(path: &Path) -> Result<(), InitError> {
+    let file =
+        fs::File::open(path).map_err(InitError::io(format!("opening {}", path.display())))?;
     let params = CString::default();
     match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(InitError::sys(format!("loading {}", path.display()))(e)),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod confidential;
 mod containers;
+mod data_hub;
 mod debug_console;
 mod error;
 mod images;
@@ -41,7 +42,7 @@ fn main() {
         loaded_modules = init::load_modules(no_pci, with_net);
         log::debug!("kernel modules loaded");
         if let Err(e) = init::switch_root().and_then(|()| init::setup_guest()) {
-            log::error!("guest setup failed: {e}");
+            log::error!("guest setup failed: {}", kabuto_error::chain(&e));
             fatal(is_init);
         }
         logger::set_level_from_cmdline();
@@ -53,7 +54,7 @@ fn main() {
                     net::GUEST_ADDRESS,
                     net::GATEWAY
                 ),
-                Err(e) => log::error!("guest network: {e}"),
+                Err(e) => log::error!("guest network: {}", kabuto_error::chain(&e)),
             }
         }
         if debug_console::enabled() {

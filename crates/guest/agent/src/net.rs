@@ -14,6 +14,19 @@ pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const INTERFACE: &str = "eth0";
 
+/// An interface could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("interface name {0} too long")]
+    NameTooLong(String),
+    #[error("{what}")]
+    Ioctl {
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 /// True when the runtime asked for user-mode networking.
 pub fn requested(cmdline: &str) -> bool {
     cmdline
@@ -21,11 +34,11 @@ pub fn requested(cmdline: &str) -> bool {
         .any(|w| w == format!("{}=user", kabuto_protocol::KERNEL_PARAM_NET))
 }
 
-fn ifreq(name: &str) -> Result<libc::ifreq, String> {
+fn ifreq(name: &str) -> Result<libc::ifreq, NetError> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= req.ifr_name.len() {
-        return Err(format!("interface name {name} too long"));
+        return Err(NetError::NameTooLong(name.to_string()));
     }
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
@@ -55,19 +68,25 @@ nix::ioctl_write_ptr_bad!(set_interface_address, libc::SIOCSIFADDR, libc::ifreq)
 nix::ioctl_write_ptr_bad!(set_interface_netmask, libc::SIOCSIFNETMASK, libc::ifreq);
 nix::ioctl_write_ptr_bad!(add_route, libc::SIOCADDRT, libc::rtentry);
 
-fn checked(result: nix::Result<i32>, what: &str) -> Result<(), String> {
-    result.map(drop).map_err(|e| format!("{what}: {e}"))
+fn checked(result: nix::Result<i32>, what: &str) -> Result<(), NetError> {
+    result.map(drop).map_err(|source| NetError::Ioctl {
+        what: what.to_string(),
+        source,
+    })
 }
 
 /// Sets IFF_UP on `name` in the calling thread's network namespace.
-pub fn bring_up(name: &str) -> Result<(), String> {
+pub fn bring_up(name: &str) -> Result<(), NetError> {
     let sock = socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(|source| NetError::Ioctl {
+        what: "socket".into(),
+        source,
+    })?;
     let fd = sock.as_raw_fd();
     let mut req = ifreq(name)?;
     // SAFETY: `req` is an ifreq naming the interface, alive for the call.
@@ -83,7 +102,7 @@ pub fn bring_up(name: &str) -> Result<(), String> {
 }
 
 /// Configures eth0 (10.0.2.15/24) and the default route via 10.0.2.2.
-pub fn setup_user_network() -> Result<(), String> {
+pub fn setup_user_network() -> Result<(), NetError> {
     bring_up("lo")?;
     let sock = socket(
         AddressFamily::Inet,
@@ -91,7 +110,10 @@ pub fn setup_user_network() -> Result<(), String> {
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(|source| NetError::Ioctl {
+        what: "socket".into(),
+        source,
+    })?;
     let fd = sock.as_raw_fd();
     let mut req = ifreq(INTERFACE)?;
     req.ifr_ifru.ifru_addr = sockaddr(GUEST_ADDRESS);

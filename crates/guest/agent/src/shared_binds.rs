@@ -95,8 +95,9 @@ pub fn stage(spec: &mut Spec, container_id: &str) -> Result<()> {
             let target = staging.join(index.to_string());
             bind_beneath(&shared_dir, relative, "shared directory", &target).map_err(|why| {
                 AgentError::InvalidArgument(format!(
-                    "container {container_id}: bind source {}: {why}",
-                    source.display()
+                    "container {container_id}: bind source {}: {}",
+                    source.display(),
+                    kabuto_error::chain(&why)
                 ))
             })?;
             m.set_source(Some(target));
@@ -112,6 +113,29 @@ pub fn stage(spec: &mut Spec, container_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Why a bind source cannot be staged.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error("must be a plain path below the {0}")]
+    NotPlain(String),
+    #[error("resolves through a symlink or out of the {0} (refused)")]
+    Escapes(String),
+    #[error(transparent)]
+    Open(std::io::Error),
+    #[error("staging {}", path.display())]
+    Staging {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding to {}", target.display())]
+    Bind {
+        target: std::path::PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 /// Opens `relative` beneath `base` (the `what`) — plain components only,
 /// no symlink anywhere — and binds that very inode, with what is mounted
 /// below it, to `target`, created to match (directory or file).
@@ -120,36 +144,40 @@ fn bind_beneath(
     relative: &Path,
     what: &str,
     target: &Path,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), BindError> {
     if relative.as_os_str().is_empty()
         || relative
             .components()
             .any(|c| !matches!(c, Component::Normal(_)))
     {
-        return Err(format!("must be a plain path below the {what}"));
+        return Err(BindError::NotPlain(what.to_string()));
     }
     let beneath_error = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::ELOOP) | Some(libc::EXDEV) => {
-            format!("resolves through a symlink or out of the {what} (refused)")
-        }
-        _ => e.to_string(),
+        Some(libc::ELOOP) | Some(libc::EXDEV) => BindError::Escapes(what.to_string()),
+        _ => BindError::Open(e),
     };
     let opened = open_beneath(base, relative).map_err(beneath_error)?;
-    let is_dir = opened.metadata().map_err(|e| e.to_string())?.is_dir();
+    let is_dir = opened.metadata().map_err(BindError::Open)?.is_dir();
     let opened = if is_dir {
         open_beneath_with(base, relative, libc::O_DIRECTORY).map_err(beneath_error)?
     } else {
         opened
     };
     if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("staging: {e}"))?;
+        std::fs::create_dir_all(parent).map_err(|source| BindError::Staging {
+            path: parent.to_path_buf(),
+            source,
+        })?;
     }
     if is_dir {
         std::fs::create_dir(target)
     } else {
         File::create(target).map(drop)
     }
-    .map_err(|e| format!("staging {}: {e}", target.display()))?;
+    .map_err(|source| BindError::Staging {
+        path: target.to_path_buf(),
+        source,
+    })?;
     let fd_path = format!("/proc/self/fd/{}", opened.as_raw_fd());
     mount(
         Some(fd_path.as_str()),
@@ -158,7 +186,10 @@ fn bind_beneath(
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| format!("binding to {}: {e}", target.display()))
+    .map_err(|source| BindError::Bind {
+        target: target.to_path_buf(),
+        source,
+    })
 }
 
 /// A bind of host files keeps nosuid and nodev (setuid binaries and device
@@ -198,13 +229,14 @@ pub fn stage_root(spec: &mut Spec, container_id: &str) -> Result<()> {
     };
     let target = staging_dir(container_id).join("root");
     let staged = File::open(rootfs_dir)
-        .map_err(|e| e.to_string())
+        .map_err(BindError::Open)
         .and_then(|base| bind_beneath(&base, relative, "rootfs directory", &target));
     if let Err(why) = staged {
         release(container_id);
         return Err(AgentError::InvalidArgument(format!(
-            "container {container_id}: root.path {}: {why}",
-            root.path().display()
+            "container {container_id}: root.path {}: {}",
+            root.path().display(),
+            kabuto_error::chain(&why)
         )));
     }
     root.set_path(target);

@@ -9,7 +9,7 @@ pub mod registry;
 pub mod signature;
 pub mod unpack;
 
-pub use ocicrypt::{decrypt_layer, DecryptError, KeyProvider, LayerDescriptor};
+pub use ocicrypt::{decrypt_layer, DecryptError, KeyOpenError, LayerDescriptor};
 pub use pull::{
     pull_and_unpack, Credentials, ImageConfig, PullError, PullSettings, PulledRootfs,
     RegistriesConf,

@@ -55,7 +55,7 @@ pub enum DecryptError {
     NoKey {
         digest: String,
         keys: usize,
-        reason: String,
+        reason: KeyOpenError,
     },
     #[error("layer {digest}: the ciphertext's HMAC does not match: the layer was altered")]
     Hmac { digest: String },
@@ -93,10 +93,17 @@ impl LayerDescriptor {
     }
 }
 
-/// Where decryption keys come from (the KBS after attestation, files in
-/// tests); a provider returns every key that may open the image's layers.
-pub trait KeyProvider {
-    fn keys(&self) -> Result<Vec<TeeKeyPair>, String>;
+/// Why no key opened a layer's private options.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyOpenError {
+    #[error("no keys were provided")]
+    NoKeys,
+    #[error("the annotation holds no JWE")]
+    NoJwe,
+    #[error("the keys annotation is not base64: {0}")]
+    NotBase64(base64::DecodeError),
+    #[error("{0}")]
+    Jwe(kabuto_jose::JoseError),
 }
 
 #[derive(Deserialize)]
@@ -245,19 +252,17 @@ fn gunzip_digest(data: &[u8]) -> Option<String> {
 fn open_private_options(
     annotation: &str,
     keys: &[TeeKeyPair],
-) -> Result<Zeroizing<Vec<u8>>, String> {
+) -> Result<Zeroizing<Vec<u8>>, KeyOpenError> {
     if keys.is_empty() {
-        return Err("no keys were provided".into());
+        return Err(KeyOpenError::NoKeys);
     }
-    let mut reason = String::from("the annotation holds no JWE");
+    let mut reason = KeyOpenError::NoJwe;
     for part in annotation.split(',').filter(|p| !p.is_empty()) {
-        let jwe = STANDARD
-            .decode(part)
-            .map_err(|e| format!("the keys annotation is not base64: {e}"))?;
+        let jwe = STANDARD.decode(part).map_err(KeyOpenError::NotBase64)?;
         for key in keys {
             match key.decrypt_general_json(&jwe) {
                 Ok(plaintext) => return Ok(plaintext),
-                Err(e) => reason = e.to_string(),
+                Err(e) => reason = KeyOpenError::Jwe(e),
             }
         }
     }

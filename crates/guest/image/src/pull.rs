@@ -36,8 +36,12 @@ pub enum PullError {
         #[source]
         source: UnpackError,
     },
-    #[error("image {image}: {reason}")]
-    Config { image: String, reason: String },
+    #[error("image {image}")]
+    Config {
+        image: String,
+        #[source]
+        source: kabuto_oci::ConfigError,
+    },
     #[error("registries.conf: {0}")]
     Registries(String),
     #[error("registry credentials: {0}")]
@@ -385,9 +389,9 @@ pub fn pull_and_unpack(
     let (config_blob, descriptors) = client
         .fetch_config(&source.image, &resolved.manifest)
         .map_err(registry_err)?;
-    let config = ImageConfig::parse(&config_blob).map_err(|reason| PullError::Config {
+    let config = ImageConfig::parse(&config_blob).map_err(|source| PullError::Config {
         image: name.clone(),
-        reason,
+        source,
     })?;
     // One layer at a time as it arrives: decrypted in place, applied,
     // dropped, while the next few download — never the whole image in
@@ -410,7 +414,7 @@ pub fn pull_and_unpack(
                         image: name.clone(),
                         source: RegistryError::Http {
                             url: reference.into(),
-                            reason: crate::registry::DEADLINE_PASSED.into(),
+                            reason: crate::registry::HttpError::DeadlinePassed,
                         },
                     });
                 }

@@ -132,7 +132,7 @@ fn whiteouts_of_the_directory_or_its_parent_are_refused() {
         let lower = tar(&[E::File("a/x", b"1"), E::File("top", b"2")]);
         let err = unpack(&[lower, tar(&[E::File(name, b"")])], &root).unwrap_err();
         assert!(
-            err.to_string().contains("names no entry of its directory"),
+            kabuto_error::chain(&err).contains("names no entry of its directory"),
             "{name}: {err}"
         );
         assert!(sibling.exists(), "{name}: the root's parent is untouched");
@@ -239,7 +239,8 @@ fn escapes_are_refused_and_nothing_remains() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("rootfs");
         let good = tar(&[E::File("first-layer-file", b"ok")]);
-        let err = unpack(&[good, layer], &root).unwrap_err().to_string();
+        let err = unpack(&[good, layer], &root).unwrap_err();
+        let err = kabuto_error::chain(&err);
         assert!(
             err.contains(&format!("entry {entry:?}")) && err.contains(why),
             "{entry}: {err}"
@@ -299,7 +300,10 @@ fn compressed_layers_and_bad_media_types() {
         UnpackOptions::default(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("layer sha256:x"), "{err}");
+    assert!(
+        kabuto_error::chain(&err).contains("layer sha256:x"),
+        "{err}"
+    );
     assert!(!root.exists());
     let err = unpack_layers(
         &[Layer {
@@ -311,7 +315,10 @@ fn compressed_layers_and_bad_media_types() {
         UnpackOptions::default(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("is not a layer"), "{err}");
+    assert!(
+        kabuto_error::chain(&err).contains("is not a layer"),
+        "{err}"
+    );
 }
 
 /// A raw header of `kind` claiming `size` bytes, its data (`data`, which
@@ -367,7 +374,8 @@ fn oversized_long_names_and_pax_headers_are_refused_unread() {
         let root = dir.path().join("root");
         let mut layer = raw_entry(kind, "././@LongLink", 4 << 30, b"");
         layer.extend_from_slice(&[0; 1024]);
-        let err = unpack(&[layer], &root).unwrap_err().to_string();
+        let err = unpack(&[layer], &root).unwrap_err();
+        let err = kabuto_error::chain(&err);
         assert!(err.contains("more than 1048576"), "{kind:?}: {err}");
         assert!(!root.exists(), "nothing remains");
     }
@@ -420,9 +428,8 @@ fn long_names_and_pax_records_apply_to_the_next_entry() {
     let mut layer = pax_entry(&size);
     layer.extend(raw_entry(tar::EntryType::Regular, "f", 2, b"hi"));
     layer.extend_from_slice(&[0; 1024]);
-    let err = unpack(&[layer], &dir.path().join("r2"))
-        .unwrap_err()
-        .to_string();
+    let err = unpack(&[layer], &dir.path().join("r2")).unwrap_err();
+    let err = kabuto_error::chain(&err);
     assert!(err.contains("PAX size"), "{err}");
     let mut layer = raw_entry(tar::EntryType::XHeader, "pax", 7, b"9 bad\n\0");
     layer.extend(raw_entry(tar::EntryType::Regular, "f", 0, b""));

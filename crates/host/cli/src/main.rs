@@ -161,21 +161,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             use kabuto_runtime::config::TeeKind;
             let config = Config::load()?;
             let m = match config.confidential.tee {
-                TeeKind::Snp => kabuto_runtime::sandbox::snp_launch_measurement(&config),
+                TeeKind::Snp => kabuto_runtime::sandbox::snp_launch_measurement(&config)?,
                 TeeKind::Software | TeeKind::None => {
-                    kabuto_runtime::sandbox::software_tee_measurement(&config)
+                    kabuto_runtime::sandbox::software_tee_measurement(&config)?
                 }
                 TeeKind::Sample => {
-                    Err("tee = \"sample\" has no launch measurement: there is no TEE".into())
+                    anyhow::bail!("tee = \"sample\" has no launch measurement: there is no TEE")
                 }
-                TeeKind::Tdx => Err(
+                TeeKind::Tdx => anyhow::bail!(
                     "TDX: MRTD depends on the TDVF build and is not computed here; \
                      register the MRTD and RTMR0-3 of a first launch's quote \
                      (kabuto-owner attest verify --tee tdx prints them)"
-                        .into(),
                 ),
-            }
-            .map_err(|e| anyhow::anyhow!(e))?;
+            };
             println!("{}", hex_lower(&m));
             Ok(())
         }

@@ -186,12 +186,24 @@ pub enum InventoryError {
          (a shim older than this kabuto?): stop that shim first"
     )]
     UnknownOwner { namespace: String, id: String },
-    #[error("sandbox {namespace}/{id}: {reason}")]
+    #[error("sandbox {namespace}/{id}")]
     Removal {
         namespace: String,
         id: String,
-        reason: String,
+        #[source]
+        reason: RemovalError,
     },
+}
+
+/// Why a sandbox's shim or state could not be removed.
+#[derive(Debug, Error)]
+pub enum RemovalError {
+    #[error("the claim is held, but pid {0} is not a {SHIM_PROGRAM}")]
+    NotAShim(u32),
+    #[error("shim {0} still holds the sandbox after SIGKILL")]
+    Survived(u32),
+    #[error(transparent)]
+    Sandbox(Box<sandbox::BootError>),
 }
 
 /// Every sandbox with a state directory, sorted by namespace and id.
@@ -268,7 +280,7 @@ pub fn find(
 /// the state directory. A sandbox still managed by a live containerd is
 /// refused unless `force`.
 pub fn remove(config: &Config, entry: &SandboxEntry, force: bool) -> Result<(), InventoryError> {
-    let removal = |reason: String| InventoryError::Removal {
+    let removal = |reason: RemovalError| InventoryError::Removal {
         namespace: entry.namespace.clone(),
         id: entry.id.clone(),
         reason,
@@ -302,12 +314,13 @@ pub fn remove(config: &Config, entry: &SandboxEntry, force: bool) -> Result<(), 
         }
         (_, Some(owner)) => stop_shim(config, entry, owner).map_err(removal)?,
     }
-    sandbox::remove_stale_sandbox(config, &entry.namespace, &entry.id).map_err(removal)
+    sandbox::remove_stale_sandbox(config, &entry.namespace, &entry.id)
+        .map_err(|e| removal(RemovalError::Sandbox(Box::new(e))))
 }
 
 /// SIGTERM to the owner (it tears the sandbox down and exits), SIGKILL when
 /// it is still there after [`SHIM_TERM_GRACE`]; returns once the claim is free.
-fn stop_shim(config: &Config, entry: &SandboxEntry, owner: &Owner) -> Result<(), String> {
+fn stop_shim(config: &Config, entry: &SandboxEntry, owner: &Owner) -> Result<(), RemovalError> {
     use nix::sys::signal::{kill, Signal};
     let claim_free = |within: Duration| {
         let deadline = Instant::now() + within;
@@ -326,10 +339,7 @@ fn stop_shim(config: &Config, entry: &SandboxEntry, owner: &Owner) -> Result<(),
         return if claim_free(Duration::from_secs(1)) {
             Ok(())
         } else {
-            Err(format!(
-                "the claim is held, but pid {} is not a {SHIM_PROGRAM}",
-                owner.pid
-            ))
+            Err(RemovalError::NotAShim(owner.pid))
         };
     }
     let pid = nix::unistd::Pid::from_raw(owner.pid as i32);
@@ -355,10 +365,7 @@ fn stop_shim(config: &Config, entry: &SandboxEntry, owner: &Owner) -> Result<(),
     if claim_free(Duration::from_secs(5)) {
         Ok(())
     } else {
-        Err(format!(
-            "shim {} still holds the sandbox after SIGKILL",
-            owner.pid
-        ))
+        Err(RemovalError::Survived(owner.pid))
     }
 }
 

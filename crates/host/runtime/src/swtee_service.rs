@@ -20,6 +20,26 @@ use kabuto_swtee::LaunchData;
 #[cfg(feature = "software-tee")]
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why the software TEE's firmware service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("{}", crate::config::SOFTWARE_TEE_NOT_BUILT)]
+    NotBuilt,
+    #[error(
+        "the software TEE's keys (create the software TEE with `kabuto install`, or set \
+         confidential.software_tee_dir)"
+    )]
+    Keys(#[source] kabuto_swtee::SwteeError),
+    #[error("listening on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the firmware thread")]
+    Thread(#[source] std::io::Error),
+}
+
 pub struct FirmwareService {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -31,17 +51,25 @@ impl FirmwareService {
     /// connects to for guest connections to the host's port
     /// (`<uds-path>_<port>`).
     #[cfg(not(feature = "software-tee"))]
-    pub fn start(_key_dir: &Path, _socket: PathBuf, _launch: LaunchData) -> Result<Self, String> {
-        Err(crate::config::SOFTWARE_TEE_NOT_BUILT.into())
+    pub fn start(
+        _key_dir: &Path,
+        _socket: PathBuf,
+        _launch: LaunchData,
+    ) -> Result<Self, FirmwareError> {
+        Err(FirmwareError::NotBuilt)
     }
 
     #[cfg(feature = "software-tee")]
-    pub fn start(key_dir: &Path, socket: PathBuf, launch: LaunchData) -> Result<Self, String> {
-        let firmware = Firmware::load(key_dir).map_err(|e| {
-            format!("{e} (create the software TEE with `kabuto install`, or set confidential.software_tee_dir)")
+    pub fn start(
+        key_dir: &Path,
+        socket: PathBuf,
+        launch: LaunchData,
+    ) -> Result<Self, FirmwareError> {
+        let firmware = Firmware::load(key_dir).map_err(FirmwareError::Keys)?;
+        let listener = UnixListener::bind(&socket).map_err(|source| FirmwareError::Listen {
+            path: socket.clone(),
+            source,
         })?;
-        let listener = UnixListener::bind(&socket)
-            .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -67,7 +95,7 @@ impl FirmwareService {
                     }
                 }
             })
-            .map_err(|e| format!("starting the firmware thread: {e}"))?;
+            .map_err(FirmwareError::Thread)?;
         Ok(FirmwareService {
             socket,
             stop,

@@ -22,8 +22,35 @@ pub struct ResolvedImage {
 /// what the policy pins is what the guest computes.
 pub use kabuto_oci::ImageConfig;
 
-pub fn parse_config(json: &[u8]) -> Result<ImageConfig, String> {
-    ImageConfig::parse(json).map_err(|e| format!("image config is not valid: {e}"))
+pub fn parse_config(json: &[u8]) -> Result<ImageConfig, kabuto_oci::ConfigError> {
+    ImageConfig::parse(json)
+}
+
+/// Why an image could not be read from an OCI layout.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("reading index.json")]
+    ReadIndex(#[source] std::io::Error),
+    #[error("index.json is not valid JSON")]
+    IndexJson(#[source] serde_json::Error),
+    #[error("unsupported digest {0:?}")]
+    Digest(String),
+    #[error("blob {0}")]
+    Blob(String, #[source] std::io::Error),
+    #[error("blob {0} does not match its digest")]
+    Mismatch(String),
+    #[error("the manifest has no config digest")]
+    NoConfig,
+    #[error(transparent)]
+    Config(#[from] kabuto_oci::ConfigError),
+    #[error("nested indexes deeper than 4")]
+    TooDeep,
+    #[error("a descriptor has no digest")]
+    NoDigest,
+    #[error("manifest {0}")]
+    Manifest(String, #[source] serde_json::Error),
+    #[error("index {0} has no linux/amd64 image")]
+    NoPlatform(String),
 }
 
 /// Something that turns an image reference into a [`ResolvedImage`].
@@ -110,7 +137,10 @@ impl Resolver {
             .map_err(|e| err(format!("from the registry: {e}")))?;
         Ok(ResolvedImage {
             pinned: pinned(reference, &digest),
-            config: parse_config(config.as_bytes()).map_err(err)?,
+            config: parse_config(config.as_bytes()).map_err(|source| GenPolicyError::Config {
+                image: reference.whole(),
+                source,
+            })?,
             digest,
         })
     }
@@ -122,9 +152,10 @@ impl ImageResolver for Resolver {
         for layout in &self.layouts {
             if let Some(found) = OciLayout::open(layout)
                 .and_then(|l| l.find(&reference))
-                .map_err(|reason| GenPolicyError::Image {
+                .map_err(|reason| GenPolicyError::Layout {
                     image: image.into(),
-                    reason: format!("OCI layout {}: {reason}", layout.display()),
+                    layout: layout.clone(),
+                    reason,
                 })?
             {
                 return Ok(found);
@@ -182,11 +213,9 @@ const INDEX_TYPES: &[&str] = &[
 ];
 
 impl OciLayout {
-    pub fn open(dir: &Path) -> Result<OciLayout, String> {
-        let index = std::fs::read(dir.join("index.json"))
-            .map_err(|e| format!("reading index.json: {e}"))?;
-        let index = serde_json::from_slice(&index)
-            .map_err(|e| format!("index.json is not valid JSON: {e}"))?;
+    pub fn open(dir: &Path) -> Result<OciLayout, LayoutError> {
+        let index = std::fs::read(dir.join("index.json")).map_err(LayoutError::ReadIndex)?;
+        let index = serde_json::from_slice(&index).map_err(LayoutError::IndexJson)?;
         Ok(OciLayout {
             dir: dir.into(),
             index,
@@ -194,15 +223,15 @@ impl OciLayout {
     }
 
     /// Reads a blob and checks it has the digest it is named by.
-    fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+    fn blob(&self, digest: &str) -> Result<Vec<u8>, LayoutError> {
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
-            .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
+            .ok_or_else(|| LayoutError::Digest(digest.to_string()))?;
         let bytes = std::fs::read(self.dir.join("blobs/sha256").join(hex))
-            .map_err(|e| format!("blob {digest}: {e}"))?;
+            .map_err(|e| LayoutError::Blob(digest.to_string(), e))?;
         if hex::encode(Sha256::digest(&bytes)) != hex {
-            return Err(format!("blob {digest} does not match its digest"));
+            return Err(LayoutError::Mismatch(digest.to_string()));
         }
         Ok(bytes)
     }
@@ -210,7 +239,7 @@ impl OciLayout {
     /// The image in this layout named `reference`, if there is one: its
     /// `org.opencontainers.image.ref.name` is the full reference or its tag,
     /// or its `io.containerd.image.name` is the full reference.
-    pub fn find(&self, reference: &Reference) -> Result<Option<ResolvedImage>, String> {
+    pub fn find(&self, reference: &Reference) -> Result<Option<ResolvedImage>, LayoutError> {
         let full = reference.whole();
         let tag = reference.tag().unwrap_or("latest");
         let wanted_digest = reference.digest();
@@ -235,7 +264,7 @@ impl OciLayout {
         let (digest, manifest) = self.platform_manifest(descriptor, 0)?;
         let config_digest = manifest["config"]["digest"]
             .as_str()
-            .ok_or("the manifest has no config digest")?;
+            .ok_or(LayoutError::NoConfig)?;
         let config = parse_config(&self.blob(config_digest)?)?;
         Ok(Some(ResolvedImage {
             pinned: pinned(reference, &digest),
@@ -249,16 +278,16 @@ impl OciLayout {
         &self,
         descriptor: &serde_json::Value,
         depth: usize,
-    ) -> Result<(String, serde_json::Value), String> {
+    ) -> Result<(String, serde_json::Value), LayoutError> {
         if depth > 4 {
-            return Err("nested indexes deeper than 4".into());
+            return Err(LayoutError::TooDeep);
         }
         let digest = descriptor["digest"]
             .as_str()
-            .ok_or("a descriptor has no digest")?
+            .ok_or(LayoutError::NoDigest)?
             .to_string();
         let manifest: serde_json::Value = serde_json::from_slice(&self.blob(&digest)?)
-            .map_err(|e| format!("manifest {digest}: {e}"))?;
+            .map_err(|e| LayoutError::Manifest(digest.clone(), e))?;
         let media_type = manifest["mediaType"]
             .as_str()
             .or(descriptor["mediaType"].as_str())
@@ -267,7 +296,7 @@ impl OciLayout {
             return Ok((digest, manifest));
         }
         let entry = kabuto_oci::platform_entry(&manifest)
-            .ok_or_else(|| format!("index {digest} has no linux/amd64 image"))?;
+            .ok_or_else(|| LayoutError::NoPlatform(digest.clone()))?;
         self.platform_manifest(entry, depth + 1)
     }
 }

@@ -16,6 +16,9 @@ mod manifest;
 mod policy;
 mod settings;
 
+pub use image::LayoutError;
+pub use policy::RuleError;
+
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -31,6 +34,25 @@ pub enum GenPolicyError {
     Manifest { what: String, reason: String },
     #[error("image {image}: {reason}")]
     Image { image: String, reason: String },
+    #[error("image {image}: OCI layout {}", layout.display())]
+    Layout {
+        image: String,
+        layout: std::path::PathBuf,
+        #[source]
+        reason: image::LayoutError,
+    },
+    #[error("image {image}")]
+    Config {
+        image: String,
+        #[source]
+        source: kabuto_oci::ConfigError,
+    },
+    #[error("container {name:?}")]
+    Container {
+        name: String,
+        #[source]
+        reason: policy::RuleError,
+    },
     #[error("settings: {0}")]
     Settings(String),
     #[error("the generated policy is invalid (a genpolicy bug): {0}")]

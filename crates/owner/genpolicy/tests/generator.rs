@@ -998,7 +998,7 @@ fn bad_manifests_and_images_are_refused() {
          "set securityContext.runAsUser"),
     ];
     for (yaml, why) in cases {
-        let e = gen(&f, yaml, &s).unwrap_err().to_string();
+        let e = kabuto_error::chain(&gen(&f, yaml, &s).unwrap_err());
         assert!(e.contains(why), "{yaml}: {e}");
     }
 
@@ -1006,9 +1006,7 @@ fn bad_manifests_and_images_are_refused() {
     let digest = &f.digests["docker.io/library/busybox:1.36"];
     let path = f.layout.join("blobs/sha256").join(&digest[7..]);
     std::fs::write(&path, b"{}").unwrap();
-    let e = gen(&f, &manifest("01-pod-busybox.yaml"), &s)
-        .unwrap_err()
-        .to_string();
+    let e = kabuto_error::chain(&gen(&f, &manifest("01-pod-busybox.yaml"), &s).unwrap_err());
     assert!(e.contains("does not match its digest"), "{e}");
 }
 

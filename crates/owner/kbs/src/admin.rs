@@ -321,10 +321,10 @@ pub async fn set_software_tee_roots(
 ) -> Result<Response, Problem> {
     let who = authorize(&kbs, &headers, Role::PolicyWriter)?;
     let roots = crate::parse_pem_certificates(&body)
-        .map_err(|e| Problem::bad_request("software-tee-roots", e.to_string()))?;
+        .map_err(|e| Problem::bad_request("software-tee-roots", kabuto_error::chain(&e)))?;
     kbs.store.set_setting(store::SOFTWARE_TEE_ROOTS, &body)?;
     kbs.reload_software_roots()
-        .map_err(|e| Problem::internal(e.to_string()))?;
+        .map_err(|e| Problem::internal(kabuto_error::chain(&e)))?;
     log::warn!(
         "admin {who}: now trusting {} software-TEE root(s) — evidence from them is insecure by construction",
         roots.len()

@@ -377,7 +377,7 @@ pub async fn attest(
     let token = kbs
         .tokens
         .sign(&token_claims)
-        .map_err(|e| Problem::internal(format!("signing token: {e}")))?;
+        .map_err(|e| Problem::internal(kabuto_error::chain(&e)))?;
     kbs.sessions
         .lock()
         .map_err(|_| Problem::internal("session table poisoned"))?
@@ -423,7 +423,10 @@ fn requester(kbs: &Kbs, headers: &HeaderMap) -> Result<TokenClaims, Problem> {
                 Problem::unauthorized("token", "Authorization must be `Bearer <token>`")
             })?;
         return kbs.tokens.verify(token.trim()).map_err(|e| {
-            Problem::unauthorized("token", format!("attestation token refused: {e}"))
+            Problem::unauthorized(
+                "token",
+                format!("attestation token refused: {}", kabuto_error::chain(&e)),
+            )
         });
     }
     let id = cookie_session(headers).ok_or_else(|| {

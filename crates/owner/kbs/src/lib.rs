@@ -90,13 +90,13 @@ pub struct Kbs {
 impl Kbs {
     /// Opens the store, loads keys and policies (stored ones replace the
     /// defaults) and prepares the verifier.
-    pub fn new(config: &Config) -> anyhow::Result<Arc<Self>> {
+    pub fn new(config: &Config) -> Result<Arc<Self>, KbsError> {
         let store = Store::open(&config.store)?;
         let tokens = TokenSigner::load_or_generate(&config.token_key)?;
         let mut admin_keys = Vec::new();
         for key in &config.admin_keys {
             let pem = std::fs::read(&key.public_key)
-                .map_err(|e| anyhow::anyhow!("admin key {}: {e}", key.public_key.display()))?;
+                .map_err(|e| KbsError::AdminKeyRead(key.public_key.clone(), e))?;
             let (decoding, kind) = if let Ok(ec) = jsonwebtoken::DecodingKey::from_ec_pem(&pem) {
                 (ec, AdminKeyKind::Es256)
             } else if let Ok(ed) = jsonwebtoken::DecodingKey::from_ed_pem(&pem) {
@@ -109,10 +109,7 @@ impl Kbs {
                 );
                 (ed, AdminKeyKind::TrusteeEd25519)
             } else {
-                anyhow::bail!(
-                    "admin key {}: not a P-256 (ES256) or Ed25519 public key PEM",
-                    key.public_key.display()
-                );
+                return Err(KbsError::AdminKey(key.public_key.clone()));
             };
             admin_keys.push(AdminKey {
                 key: decoding,
@@ -126,11 +123,9 @@ impl Kbs {
         };
         let amd_certs = match &config.attestation.amd_certs {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    anyhow::anyhow!("attestation.amd_certs {}: {e}", path.display())
-                })?;
-                parse_pem_certificates(&pem)
-                    .map_err(|e| anyhow::anyhow!("attestation.amd_certs {}: {e}", path.display()))?
+                let pem =
+                    std::fs::read(path).map_err(|e| KbsError::AmdCertsRead(path.clone(), e))?;
+                parse_pem_certificates(&pem).map_err(|e| KbsError::AmdCerts(path.clone(), e))?
             }
             None => Vec::new(),
         };
@@ -164,19 +159,16 @@ impl Kbs {
     }
 
     /// Rebuilds the verifier with the software-TEE roots in the store.
-    pub(crate) fn reload_software_roots(&self) -> anyhow::Result<()> {
+    pub(crate) fn reload_software_roots(&self) -> Result<(), KbsError> {
         let roots = match self.store.setting(store::SOFTWARE_TEE_ROOTS)? {
-            Some(pem) => parse_pem_certificates(&pem)?,
+            Some(pem) => parse_pem_certificates(&pem).map_err(KbsError::Roots)?,
             None => Vec::new(),
         };
         let anchors = TrustAnchors {
             software_tee_roots: roots,
             ..self.base_anchors.clone()
         };
-        let mut verifier = self
-            .verifier
-            .write()
-            .map_err(|_| anyhow::anyhow!("verifier lock poisoned"))?;
+        let mut verifier = self.verifier.write().map_err(|_| KbsError::Poisoned)?;
         *verifier = Arc::new(Verifier::new(anchors));
         Ok(())
     }
@@ -213,33 +205,81 @@ impl Kbs {
     }
 }
 
-fn stored_text(store: &Store, key: &str) -> anyhow::Result<Option<String>> {
+fn stored_text(store: &Store, key: &str) -> Result<Option<String>, KbsError> {
     match store.setting(key)? {
-        Some(bytes) => {
-            Ok(Some(String::from_utf8(bytes).map_err(|_| {
-                anyhow::anyhow!("stored {key} is not UTF-8")
-            })?))
-        }
+        Some(bytes) => Ok(Some(
+            String::from_utf8(bytes).map_err(|_| KbsError::StoredText(key.to_string()))?,
+        )),
         None => Ok(None),
     }
 }
 
-fn load_collateral(path: &Path) -> anyhow::Result<kabuto_verifier::QuoteCollateralV3> {
+fn load_collateral(path: &Path) -> Result<kabuto_verifier::QuoteCollateralV3, KbsError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("TDX collateral {}: {e}", path.display()))?;
-    Ok(kabuto_verifier::tdx::collateral_from_json(&text)?)
+        .map_err(|e| KbsError::CollateralRead(path.to_path_buf(), e))?;
+    kabuto_verifier::tdx::collateral_from_json(&text)
+        .map_err(|e| KbsError::Collateral(path.to_path_buf(), e))
+}
+
+/// A PEM bundle that is not certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    #[error("PEM")]
+    Pem(#[source] std::io::Error),
+    #[error("no PEM CERTIFICATE blocks found")]
+    NoCertificates,
 }
 
 /// DER certificates from a PEM bundle; anything else is an error.
-pub fn parse_pem_certificates(pem: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+pub fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
     let mut out = Vec::new();
     for item in rustls_pemfile::certs(&mut &pem[..]) {
-        out.push(item.map_err(|e| anyhow::anyhow!("PEM: {e}"))?.to_vec());
+        out.push(item.map_err(PemError::Pem)?.to_vec());
     }
     if out.is_empty() && !pem.iter().all(u8::is_ascii_whitespace) {
-        anyhow::bail!("no PEM CERTIFICATE blocks found");
+        return Err(PemError::NoCertificates);
     }
     Ok(out)
+}
+
+/// Why the KBS could not start (or reload its trust anchors).
+#[derive(Debug, thiserror::Error)]
+pub enum KbsError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    TokenKey(#[from] token::TokenKeyError),
+    #[error("admin key {}", .0.display())]
+    AdminKeyRead(std::path::PathBuf, #[source] std::io::Error),
+    #[error("admin key {}: not a P-256 (ES256) or Ed25519 public key PEM", .0.display())]
+    AdminKey(std::path::PathBuf),
+    #[error("TDX collateral {}", .0.display())]
+    CollateralRead(std::path::PathBuf, #[source] std::io::Error),
+    #[error("TDX collateral {}", .0.display())]
+    Collateral(std::path::PathBuf, #[source] kabuto_verifier::VerifyError),
+    #[error("attestation.amd_certs {}", .0.display())]
+    AmdCertsRead(std::path::PathBuf, #[source] std::io::Error),
+    #[error("attestation.amd_certs {}", .0.display())]
+    AmdCerts(std::path::PathBuf, #[source] PemError),
+    #[error("stored {0} is not UTF-8")]
+    StoredText(String),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error("the stored software-TEE roots")]
+    Roots(#[source] PemError),
+    #[error("verifier lock poisoned")]
+    Poisoned,
+    #[error("tls.cert and tls.key are required")]
+    NoTlsKeyPair,
+    #[error("TLS key pair {} / {}", cert.display(), key.display())]
+    TlsKeyPair {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving")]
+    Serve(#[source] std::io::Error),
 }
 
 /// All routes. Paths follow the CoCo KBS API.
@@ -273,7 +313,7 @@ pub fn router(kbs: Arc<Kbs>) -> Router {
 }
 
 /// Serves until SIGINT/SIGTERM.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config) -> Result<(), KbsError> {
     let kbs = Kbs::new(&config)?;
     let purger = kbs.clone();
     tokio::spawn(async move {
@@ -298,23 +338,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         axum_server::bind(config.listen)
             .handle(handle)
             .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .await?;
+            .await
+            .map_err(KbsError::Serve)?;
     } else {
         let (cert, key) = match (&config.tls.cert, &config.tls.key) {
             (Some(c), Some(k)) => (c, k),
-            _ => anyhow::bail!("tls.cert and tls.key are required"),
+            _ => return Err(KbsError::NoTlsKeyPair),
         };
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("TLS key pair {} / {}: {e}", cert.display(), key.display())
+            .map_err(|e| KbsError::TlsKeyPair {
+                cert: cert.clone(),
+                key: key.clone(),
+                source: e,
             })?;
         log::info!("serving HTTPS on {}", config.listen);
         axum_server::bind_rustls(config.listen, tls)
             .handle(handle)
             .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .await?;
+            .await
+            .map_err(KbsError::Serve)?;
     }
     Ok(())
 }

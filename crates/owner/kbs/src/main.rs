@@ -100,7 +100,11 @@ fn client(conn: &Connection) -> anyhow::Result<kabuto_kbs::client::AdminClient> 
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    kabuto_kbs::client::AdminClient::new(&conn.url, key, ca.as_deref())
+    Ok(kabuto_kbs::client::AdminClient::new(
+        &conn.url,
+        key,
+        ca.as_deref(),
+    )?)
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -122,7 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(kabuto_kbs::serve(config))
+            Ok(runtime.block_on(kabuto_kbs::serve(config))?)
         }
         Command::ExampleConfig => {
             print!("{}", kabuto_kbs::config::EXAMPLE_TOML);

@@ -117,48 +117,62 @@ pub struct TokenSigner {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("token key {path}: {message}")]
+#[error("token key {path}")]
 pub struct TokenKeyError {
     path: String,
-    message: String,
+    #[source]
+    reason: TokenError,
+}
+
+/// Why a token key could not be used, or a token signed or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("not an ES256 private key in PKCS#8 PEM")]
+    Pkcs8(#[from] p256::pkcs8::Error),
+    #[error("encoding the verification key")]
+    Spki(#[from] p256::pkcs8::spki::Error),
+    #[error("the key")]
+    Key(#[source] jsonwebtoken::errors::Error),
+    #[error("signing the token")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+    #[error(transparent)]
+    Invalid(jsonwebtoken::errors::Error),
+    #[error("the token has no {CPU_SUBMOD} appraisal")]
+    NoCpu,
 }
 
 impl TokenSigner {
     /// Loads the ES256 key at `path`, generating it (0600) on first start.
     pub fn load_or_generate(path: &Path) -> Result<Self, TokenKeyError> {
-        let fail = |message: String| TokenKeyError {
+        let load = || -> Result<Self, TokenError> {
+            let secret = if path.exists() {
+                let pem = std::fs::read_to_string(path)?;
+                p256::SecretKey::from_pkcs8_pem(&pem)?
+            } else {
+                let secret = p256::SecretKey::random(&mut OsRng);
+                let pem = secret.to_pkcs8_pem(LineEnding::LF)?;
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                write_private(path, pem.as_bytes())?;
+                secret
+            };
+            Self::from_secret(&secret)
+        };
+        load().map_err(|reason| TokenKeyError {
             path: path.display().to_string(),
-            message,
-        };
-        let secret = if path.exists() {
-            let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-            p256::SecretKey::from_pkcs8_pem(&pem).map_err(|e| fail(e.to_string()))?
-        } else {
-            let secret = p256::SecretKey::random(&mut OsRng);
-            let pem = secret
-                .to_pkcs8_pem(LineEnding::LF)
-                .map_err(|e| fail(e.to_string()))?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
-            }
-            write_private(path, pem.as_bytes()).map_err(|e| fail(e.to_string()))?;
-            secret
-        };
-        Self::from_secret(&secret).map_err(fail)
+            reason,
+        })
     }
 
-    pub fn from_secret(secret: &p256::SecretKey) -> Result<Self, String> {
-        let private_pem = secret
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| e.to_string())?;
-        let public_pem = secret
-            .public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .map_err(|e| e.to_string())?;
+    pub fn from_secret(secret: &p256::SecretKey) -> Result<Self, TokenError> {
+        let private_pem = secret.to_pkcs8_pem(LineEnding::LF)?;
+        let public_pem = secret.public_key().to_public_key_pem(LineEnding::LF)?;
         Ok(TokenSigner {
-            encoding: EncodingKey::from_ec_pem(private_pem.as_bytes())
-                .map_err(|e| e.to_string())?,
-            decoding: DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|e| e.to_string())?,
+            encoding: EncodingKey::from_ec_pem(private_pem.as_bytes()).map_err(TokenError::Key)?,
+            decoding: DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(TokenError::Key)?,
             jwk: public_jwk(&secret.public_key()),
             public_pem,
         })
@@ -167,24 +181,24 @@ impl TokenSigner {
     /// Signs `claims`. The header carries the verification key as `jwk`,
     /// as trustee's tokens do; relying parties must still pin that key
     /// (`/kbs/v0/token-key`), not trust the header's.
-    pub fn sign(&self, claims: &TokenClaims) -> Result<String, String> {
+    pub fn sign(&self, claims: &TokenClaims) -> Result<String, TokenError> {
         let mut header = Header::new(Algorithm::ES256);
         header.jwk = Some(self.jwk.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(TokenError::Sign)
     }
 
     /// Verifies signature, issuer and expiry (no leeway) with this KBS's
     /// own key (never the header's `jwk`), and that the token has a CPU
     /// appraisal.
-    pub fn verify(&self, token: &str) -> Result<TokenClaims, String> {
+    pub fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_issuer(&[ISSUER]);
         validation.leeway = 0;
         let claims = jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &validation)
             .map(|d| d.claims)
-            .map_err(|e| e.to_string())?;
+            .map_err(TokenError::Invalid)?;
         if claims.cpu().is_none() {
-            return Err(format!("the token has no {CPU_SUBMOD} appraisal"));
+            return Err(TokenError::NoCpu);
         }
         Ok(claims)
     }

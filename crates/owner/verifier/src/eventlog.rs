@@ -30,27 +30,56 @@ pub struct Event {
     pub data: Vec<u8>,
 }
 
+/// What is wrong with a TDX event log, or with its replay.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    #[error("event log truncated in {what} at byte {at}")]
+    Truncated { what: &'static str, at: usize },
+    #[error("the event log does not start with a Spec ID event")]
+    NoSpecId,
+    #[error("the event log is not in the crypto-agile format (no Spec ID Event03)")]
+    NotCryptoAgile,
+    #[error("the Spec ID event lists {0} digest algorithms")]
+    AlgorithmCount(u32),
+    #[error("the event log has no SHA-384 digests (TDX RTMRs are SHA-384)")]
+    NoSha384,
+    #[error("event at byte {at} has {digests} digests, the log declares {count} algorithms")]
+    DigestCount { at: usize, digests: u32, count: u32 },
+    #[error("event at byte {at} uses digest algorithm {alg:#06x} the log does not declare")]
+    UndeclaredAlgorithm { at: usize, alg: u16 },
+    #[error("event at byte {at} names measurement register {index} (TDX has MRTD and RTMR 0-3)")]
+    Register { at: usize, index: u32 },
+    #[error("event at byte {at} extends RTMR{rtmr} without a SHA-384 digest")]
+    NoSha384Digest { at: usize, rtmr: usize },
+    #[error("RTMR{rtmr} is {quoted} in the quote, but the event log replays to {replayed}")]
+    Mismatch {
+        rtmr: usize,
+        quoted: String,
+        replayed: String,
+    },
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], EventLogError> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| format!("event log truncated in {what} at byte {}", self.pos))?;
+            .ok_or(EventLogError::Truncated { what, at: self.pos })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
     }
-    fn u16(&mut self, what: &str) -> Result<u16, String> {
+    fn u16(&mut self, what: &'static str) -> Result<u16, EventLogError> {
         let b = self.take(2, what)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
+    fn u32(&mut self, what: &'static str) -> Result<u32, EventLogError> {
         let b = self.take(4, what)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -61,12 +90,12 @@ impl<'a> Reader<'a> {
 
 /// The events of `log` that extend RTMRs, in order. Errors name the
 /// malformed part; trailing 0xFF or zero bytes (the unused log area) end it.
-pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
+pub fn parse(log: &[u8]) -> Result<Vec<Event>, EventLogError> {
     let mut r = Reader { buf: log, pos: 0 };
     // The header event, SHA-1 layout.
     r.take(4, "the header's index")?;
     if r.u32("the header's type")? != EV_NO_ACTION {
-        return Err("the event log does not start with a Spec ID event".into());
+        return Err(EventLogError::NoSpecId);
     }
     r.take(20, "the header's digest")?;
     let size = r.u32("the header's size")? as usize;
@@ -75,12 +104,12 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
         pos: 0,
     };
     if spec.take(16, "the Spec ID signature")? != SPEC_ID_SIGNATURE {
-        return Err("the event log is not in the crypto-agile format (no Spec ID Event03)".into());
+        return Err(EventLogError::NotCryptoAgile);
     }
     spec.take(8, "the Spec ID fields")?;
     let count = spec.u32("the algorithm count")?;
     if count == 0 || count > MAX_ALGORITHMS {
-        return Err(format!("the Spec ID event lists {count} digest algorithms"));
+        return Err(EventLogError::AlgorithmCount(count));
     }
     let mut sizes = Vec::new();
     for _ in 0..count {
@@ -89,7 +118,7 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
         sizes.push((alg, usize::from(size)));
     }
     if !sizes.contains(&(TPM_ALG_SHA384, 48)) {
-        return Err("the event log has no SHA-384 digests (TDX RTMRs are SHA-384)".into());
+        return Err(EventLogError::NoSha384);
     }
 
     let mut events = Vec::new();
@@ -106,9 +135,7 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
         }
         let digests = r.u32("an event's digest count")?;
         if digests > count {
-            return Err(format!(
-                "event at byte {at} has {digests} digests, the log declares {count} algorithms"
-            ));
+            return Err(EventLogError::DigestCount { at, digests, count });
         }
         let mut sha384 = None;
         for _ in 0..digests {
@@ -117,9 +144,7 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
                 .iter()
                 .find(|(a, _)| *a == alg)
                 .map(|(_, s)| *s)
-                .ok_or_else(|| {
-                    format!("event at byte {at} uses digest algorithm {alg:#06x} the log does not declare")
-                })?;
+                .ok_or(EventLogError::UndeclaredAlgorithm { at, alg })?;
             let digest = r.take(size, "a digest")?;
             if alg == TPM_ALG_SHA384 {
                 let mut d = [0u8; 48];
@@ -136,15 +161,9 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, String> {
             // MRTD is built by the TDX module, not extended from the log.
             0 => continue,
             1..=4 => (index - 1) as usize,
-            other => {
-                return Err(format!(
-                "event at byte {at} names measurement register {other} (TDX has MRTD and RTMR 0-3)"
-            ))
-            }
+            other => return Err(EventLogError::Register { at, index: other }),
         };
-        let sha384 = sha384.ok_or_else(|| {
-            format!("event at byte {at} extends RTMR{rtmr} without a SHA-384 digest")
-        })?;
+        let sha384 = sha384.ok_or(EventLogError::NoSha384Digest { at, rtmr })?;
         events.push(Event {
             rtmr,
             event_type,
@@ -169,14 +188,14 @@ pub fn replay(events: &[Event]) -> [[u8; 48]; 4] {
 
 /// The log's replay equals `quoted` (the verified quote's RTMRs); the
 /// error names the first RTMR that differs.
-pub fn check(events: &[Event], quoted: [&[u8; 48]; 4]) -> Result<(), String> {
+pub fn check(events: &[Event], quoted: [&[u8; 48]; 4]) -> Result<(), EventLogError> {
     for (i, (replayed, quoted)) in replay(events).iter().zip(quoted).enumerate() {
         if replayed != quoted {
-            return Err(format!(
-                "RTMR{i} is {} in the quote, but the event log replays to {}",
-                hex::encode(quoted),
-                hex::encode(replayed)
-            ));
+            return Err(EventLogError::Mismatch {
+                rtmr: i,
+                quoted: hex::encode(quoted),
+                replayed: hex::encode(replayed),
+            });
         }
     }
     Ok(())
@@ -259,28 +278,40 @@ pub(crate) mod tests {
         let quoted = replay(&good);
         let evil = parse(&build_log(&[(2, 0xD, b"console=hvc0 init=/bin/sh")])).expect("parse");
         let err = check(&evil, [&quoted[0], &quoted[1], &quoted[2], &quoted[3]]).unwrap_err();
-        assert!(err.starts_with("RTMR1 is "), "{err}");
+        assert!(err.to_string().starts_with("RTMR1 is "), "{err}");
         // Dropping the event is as visible.
         let err = check(&[], [&quoted[0], &quoted[1], &quoted[2], &quoted[3]]).unwrap_err();
-        assert!(err.starts_with("RTMR1 is "), "{err}");
+        assert!(err.to_string().starts_with("RTMR1 is "), "{err}");
     }
 
     #[test]
     fn malformed_logs_are_refused_with_the_reason() {
         let log = build_log(&[(1, 0xD, b"x")]);
         let cut = &log[..log.len() - 64 - 1];
-        assert!(parse(cut).unwrap_err().contains("truncated"));
-        assert!(parse(&log[..10]).unwrap_err().contains("truncated"));
+        assert!(parse(cut).unwrap_err().to_string().contains("truncated"));
+        assert!(parse(&log[..10])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         let mut not_agile = log.clone();
         not_agile[32] ^= 1; // inside the Spec ID signature
-        assert!(parse(&not_agile).unwrap_err().contains("crypto-agile"));
+        assert!(parse(&not_agile)
+            .unwrap_err()
+            .to_string()
+            .contains("crypto-agile"));
         let bad_index = build_log(&[(7, 0xD, b"x")]);
-        assert!(parse(&bad_index).unwrap_err().contains("register 7"));
+        assert!(parse(&bad_index)
+            .unwrap_err()
+            .to_string()
+            .contains("register 7"));
         // An algorithm id the header does not declare.
         let mut unknown = build_log(&[(1, 0xD, b"x")]);
         let at = unknown.len() - 64 - 1 - 4 - 48 - 2 - 32 - 2;
         unknown[at] = 0x12; // SM3
-        assert!(parse(&unknown).unwrap_err().contains("does not declare"));
+        assert!(parse(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("does not declare"));
         assert!(parse(&[]).is_err());
     }
 }

@@ -47,7 +47,7 @@ pub enum VerifyError {
     #[error("TDX quote: {0}")]
     Tdx(String),
     #[error("TDX event log: {0}")]
-    EventLog(String),
+    EventLog(crate::eventlog::EventLogError),
     #[error("software TEE evidence refused: its root is not among the trusted software-TEE roots (it is insecure by construction; trust it explicitly to use it)")]
     SoftwareTeeNotTrusted,
     #[error("sample evidence refused: accept it explicitly (insecure, for testing)")]

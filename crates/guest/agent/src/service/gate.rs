@@ -65,7 +65,8 @@ impl GateSlot {
 }
 
 pub(super) fn policy_input(req: &dyn protobuf::MessageDyn) -> Result<serde_json::Value> {
-    kabuto_policy::request_input(req).map_err(AgentError::InvalidArgument)
+    kabuto_policy::request_input(req)
+        .map_err(|e| AgentError::InvalidArgument(kabuto_error::chain(&e)))
 }
 
 impl Agent {

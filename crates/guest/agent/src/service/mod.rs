@@ -43,7 +43,10 @@ pub struct Agent {
     runtime: Runtime,
     /// The TEE the kernel command line names (`kabuto.tee=`); an error for
     /// a value this agent does not know, which no CreateSandbox survives.
-    tee: std::result::Result<Option<kabuto_attestation_agent::TeeKind>, String>,
+    tee: std::result::Result<
+        Option<kabuto_attestation_agent::TeeKind>,
+        Arc<confidential::ConfidentialError>,
+    >,
     gate: Mutex<GateSlot>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// The containers whose processes the data hub answers: the pod's own,
@@ -78,11 +81,10 @@ impl Agent {
         ) {
             // The host left kabuto.tee out of a TEE guest's command line:
             // believed, it would open the guest to the host.
-            (Ok(None), Some(hardware)) => Err(format!(
-                "this guest runs in a TEE ({hardware}) but its kernel command line names none \
-                 (kabuto.tee=): refusing to serve a sandbox"
+            (Ok(None), Some(hardware)) => Err(Arc::new(
+                confidential::ConfidentialError::UnnamedTee(hardware),
             )),
-            (named, _) => named,
+            (named, _) => named.map_err(Arc::new),
         };
         // Confidential exactly when `tee` is not Ok(None) (is_confidential).
         let gate = if confidential::is_confidential(cmdline) {

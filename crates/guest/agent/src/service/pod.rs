@@ -91,7 +91,7 @@ impl Agent {
                     .map_err(|e| AgentError::InvalidArgument(format!("init-data refused: {e}")))?,
             )
         };
-        let tee = self.tee.clone().map_err(AgentError::Confidential)?;
+        let tee = self.tee.clone().map_err(AgentError::Tee)?;
         let mut kbs = None;
         let mut policy = init_data
             .as_ref()
@@ -102,7 +102,7 @@ impl Agent {
                 // The check the upstream agent leaves to remote attestation:
                 // init-data whose digest is not the TEE's launch data is
                 // refused here, and with it every later request.
-                let provider = confidential::provider(kind).map_err(AgentError::Confidential)?;
+                let provider = confidential::provider(kind)?;
                 if kind == kabuto_attestation_agent::TeeKind::Sample {
                     // No TEE, so no launch data to bind the init-data to.
                     confidential::sample_attester_allowed(
@@ -110,30 +110,24 @@ impl Agent {
                             .as_ref()
                             .and_then(|d| d.data.get("aa.toml"))
                             .map(String::as_str),
-                    )
-                    .map_err(AgentError::Confidential)?;
+                    )?;
                     log::warn!(
                         "CoCo's sample attester, as the init-data allows: no TEE, the init-data \
                          is bound to nothing, and a KBS releases secrets only if its owner \
                          accepts sample evidence (interop tests only)"
                     );
                 } else {
-                    let launch = confidential::launch_data(provider.as_ref())
-                        .map_err(AgentError::Confidential)?;
+                    let launch = confidential::launch_data(provider.as_ref())?;
                     let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
-                    confidential::check_binding(&digest, &launch)
-                        .map_err(AgentError::Confidential)?;
+                    confidential::check_binding(&digest, &launch)?;
                     log::info!(
                         "init-data bound to the TEE's launch data ({})",
                         provider.describe()
                     );
                 }
                 if let Some(aa) = init_data.as_ref().and_then(|d| d.data.get("aa.toml")) {
-                    if let Some(settings) =
-                        confidential::kbs_settings(aa).map_err(AgentError::Confidential)?
-                    {
-                        let client = confidential::kbs_client(&settings, provider, &req.init_data)
-                            .map_err(AgentError::Confidential)?;
+                    if let Some(settings) = confidential::kbs_settings(aa)? {
+                        let client = confidential::kbs_client(&settings, provider, &req.init_data)?;
                         log::info!("KBS {} configured from init-data", settings.url);
                         kbs = Some(Arc::new(client));
                     }
@@ -187,7 +181,7 @@ impl Agent {
         if sandbox.data_hub_started {
             return;
         }
-        match confidential::start_data_hub(pid, kbs, self.data_hub_clients.clone()) {
+        match crate::data_hub::start_data_hub(pid, kbs, self.data_hub_clients.clone()) {
             Ok(()) => {
                 sandbox.data_hub_started = true;
                 log::info!(
@@ -195,7 +189,7 @@ impl Agent {
                     kabuto_protocol::DATA_HUB_PORT
                 );
             }
-            Err(e) => log::error!("data hub: {e}"),
+            Err(e) => log::error!("data hub: {}", kabuto_error::chain(&e)),
         }
     }
 

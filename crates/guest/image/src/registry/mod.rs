@@ -29,8 +29,12 @@ const MAX_RESUMES: usize = 3;
 pub enum RegistryError {
     #[error("{0:?} is not an image reference")]
     Reference(String),
-    #[error("{url}: {reason}")]
-    Http { url: String, reason: String },
+    #[error("{url}")]
+    Http {
+        url: String,
+        #[source]
+        reason: HttpError,
+    },
     #[error("{what} {digest}: the registry sent content with digest {actual}")]
     Digest {
         what: &'static str,
@@ -39,6 +43,46 @@ pub enum RegistryError {
     },
     #[error("{0}")]
     Manifest(String),
+}
+
+/// What went wrong with one request to a registry (or a lookaside store).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{DEADLINE_PASSED}")]
+    DeadlinePassed,
+    #[error("the bearer challenge has no realm")]
+    NoRealm,
+    #[error(
+        "the bearer challenge names the realm {0}: credentials are sent only over https (or \
+         plain http to the insecure registry's own host)"
+    )]
+    CleartextRealm(String),
+    #[error("token from {0}")]
+    Token(String, #[source] Box<ureq::Error>),
+    #[error("token from {0}")]
+    TokenBody(String, #[source] std::io::Error),
+    #[error("token from {0}: no token in the answer")]
+    NoToken(String),
+    #[error("401: the credentials were refused")]
+    CredentialsRefused,
+    #[error("401: the registry wants credentials")]
+    CredentialsWanted,
+    #[error("401 after authenticating")]
+    Unauthorized,
+    #[error("{code}: {body}")]
+    Status { code: u16, body: String },
+    #[error(transparent)]
+    Transport(Box<ureq::Error>),
+    #[error("reading the body")]
+    Read(#[source] std::io::Error),
+    #[error("reading the body (after {MAX_RESUMES} resumed attempts)")]
+    ReadResumed(#[source] std::io::Error),
+    #[error("larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("no memory for {0} bytes")]
+    NoMemory(u64),
+    #[error("the upload has no Location")]
+    NoLocation,
 }
 
 impl From<kabuto_oci::ReferenceError> for RegistryError {
@@ -102,12 +146,12 @@ impl RegistryClient {
     }
 
     /// The time left before the deadline; an error once it has passed.
-    fn time_left(&self) -> Result<Option<Duration>, String> {
+    fn time_left(&self) -> Result<Option<Duration>, HttpError> {
         match self.deadline {
             None => Ok(None),
             Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
                 Some(left) if !left.is_zero() => Ok(Some(left)),
-                _ => Err(DEADLINE_PASSED.into()),
+                _ => Err(HttpError::DeadlinePassed),
             },
         }
     }
@@ -147,7 +191,7 @@ impl RegistryClient {
     ) -> Result<ureq::Response, RegistryError> {
         let url = url.to_string();
         let key = format!("{}/{}", image.registry, image.repository);
-        let http = |reason: String| RegistryError::Http {
+        let http = |reason: HttpError| RegistryError::Http {
             url: url.clone(),
             reason,
         };
@@ -184,20 +228,20 @@ impl RegistryClient {
                             self.tokens.insert(key.clone(), token);
                         }
                         _ if self.credentials.is_some() => {
-                            return Err(http("401: the credentials were refused".into()))
+                            return Err(http(HttpError::CredentialsRefused))
                         }
-                        _ => return Err(http("401: the registry wants credentials".into())),
+                        _ => return Err(http(HttpError::CredentialsWanted)),
                     }
                 }
                 Err(ureq::Error::Status(code, response)) => {
                     let body = response.into_string().unwrap_or_default();
                     let body: String = body.chars().take(300).collect();
-                    return Err(http(format!("{code}: {body}")));
+                    return Err(http(HttpError::Status { code, body }));
                 }
-                Err(e) => return Err(http(e.to_string())),
+                Err(e) => return Err(http(HttpError::Transport(Box::new(e)))),
             }
         }
-        Err(http("401 after authenticating".into()))
+        Err(http(HttpError::Unauthorized))
     }
 
     /// A bearer token from the realm a `WWW-Authenticate: Bearer` names.
@@ -205,20 +249,16 @@ impl RegistryClient {
     /// https, or over plain http to the very host of a registry the owner
     /// configured as insecure (the challenge must not send them elsewhere in
     /// clear).
-    fn token(&self, params: &str, registry_url: &str) -> Result<String, String> {
+    fn token(&self, params: &str, registry_url: &str) -> Result<String, HttpError> {
         let mut fields = HashMap::new();
         for part in params.split(',') {
             if let Some((k, v)) = part.trim().split_once('=') {
                 fields.insert(k.to_string(), v.trim_matches('"').to_string());
             }
         }
-        let realm = fields
-            .get("realm")
-            .ok_or("the bearer challenge has no realm")?;
+        let realm = fields.get("realm").ok_or(HttpError::NoRealm)?;
         if self.credentials.is_some() && !realm_may_get_credentials(realm, registry_url) {
-            return Err(format!(
-                "the bearer challenge names the realm {realm}: credentials are sent only over https (or plain http to the insecure registry's own host)"
-            ));
+            return Err(HttpError::CleartextRealm(realm.clone()));
         }
         let mut request = self.agent.get(realm);
         if let Some(left) = self.time_left()? {
@@ -235,14 +275,14 @@ impl RegistryClient {
         }
         let body: serde_json::Value = request
             .call()
-            .map_err(|e| format!("token from {realm}: {e}"))?
+            .map_err(|e| HttpError::Token(realm.clone(), Box::new(e)))?
             .into_json()
-            .map_err(|e| format!("token from {realm}: {e}"))?;
+            .map_err(|e| HttpError::TokenBody(realm.clone(), e))?;
         body.get("token")
             .or_else(|| body.get("access_token"))
             .and_then(|t| t.as_str())
             .map(String::from)
-            .ok_or_else(|| format!("token from {realm}: no token in the answer"))
+            .ok_or_else(|| HttpError::NoToken(realm.clone()))
     }
 
     fn read_limited(
@@ -257,12 +297,12 @@ impl RegistryClient {
             .read_to_end(&mut body)
             .map_err(|e| RegistryError::Http {
                 url: url.into(),
-                reason: e.to_string(),
+                reason: HttpError::Read(e),
             })?;
         if body.len() as u64 > limit {
             return Err(RegistryError::Http {
                 url: url.into(),
-                reason: format!("larger than {limit} bytes"),
+                reason: HttpError::TooLarge(limit),
             });
         }
         Ok(body)
@@ -270,15 +310,18 @@ impl RegistryClient {
 
     /// A plain GET of `url` (a lookaside signature store): `None` on 404.
     pub fn get_url(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, RegistryError> {
-        let http = |reason: String| RegistryError::Http {
+        let http = |reason: HttpError| RegistryError::Http {
             url: url.into(),
             reason,
         };
         match self.agent.get(url).call() {
             Ok(response) => Self::read_limited(response, limit, url).map(Some),
             Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(ureq::Error::Status(code, _)) => Err(http(format!("status {code}"))),
-            Err(e) => Err(http(e.to_string())),
+            Err(ureq::Error::Status(code, _)) => Err(http(HttpError::Status {
+                code,
+                body: String::new(),
+            })),
+            Err(e) => Err(http(HttpError::Transport(Box::new(e)))),
         }
     }
 
@@ -356,7 +399,7 @@ impl RegistryClient {
             body.try_reserve_exact(bytes)
                 .map_err(|_| RegistryError::Http {
                     url: url.clone(),
-                    reason: format!("no memory for {size} bytes"),
+                    reason: HttpError::NoMemory(size),
                 })?;
         }
         let mut resumes = 0;
@@ -380,7 +423,7 @@ impl RegistryClient {
                 Err(e) => {
                     return Err(RegistryError::Http {
                         url,
-                        reason: format!("{e} (after {MAX_RESUMES} resumed attempts)"),
+                        reason: HttpError::ReadResumed(e),
                     })
                 }
             }
@@ -388,7 +431,7 @@ impl RegistryClient {
         if body.len() as u64 > limit {
             return Err(RegistryError::Http {
                 url,
-                reason: format!("larger than {limit} bytes"),
+                reason: HttpError::TooLarge(limit),
             });
         }
         let actual = crate::sha256_digest(&body);

@@ -1,7 +1,7 @@
 //! Uploads: blobs and manifests (for `kabuto-owner image sign` and tests;
 //! the guest only reads).
 
-use super::{ImageReference, RegistryClient, RegistryError};
+use super::{HttpError, ImageReference, RegistryClient, RegistryError};
 
 impl RegistryClient {
     /// Uploads `data` as a blob of `image`'s repository (monolithic
@@ -25,7 +25,7 @@ impl RegistryClient {
             .header("Location")
             .ok_or_else(|| RegistryError::Http {
                 url: start.clone(),
-                reason: "the upload has no Location".into(),
+                reason: HttpError::NoLocation,
             })?
             .to_string();
         let location = if location.starts_with("http://") || location.starts_with("https://") {

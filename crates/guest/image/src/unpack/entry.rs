@@ -12,7 +12,7 @@ use std::{
 
 use super::paths::{clean_name, opaque, record_created, remove_any, resolve_in_root};
 use super::pax::{apply_metadata, trim_nul, Extensions};
-use super::{Layer, UnpackError, UnpackOptions};
+use super::{EntryError, Layer, UnpackError, UnpackOptions};
 
 /// Applies `entry` (with the extensions read before it) to `root`,
 /// recording what it created in `created`.
@@ -25,7 +25,7 @@ pub(super) fn apply<R: Read>(
     ext: &Extensions,
 ) -> Result<(), UnpackError> {
     let (raw_name, link_name) = names(&entry, ext);
-    let entry_err = |reason: String| UnpackError::Entry {
+    let entry_err = |reason: EntryError| UnpackError::Entry {
         layer: layer.digest.into(),
         entry: raw_name.clone(),
         reason,
@@ -42,21 +42,24 @@ pub(super) fn apply<R: Read>(
         return Ok(());
     }
 
-    fs::create_dir_all(&parent).map_err(|e| entry_err(format!("creating parent: {e}")))?;
+    fs::create_dir_all(&parent).map_err(|e| entry_err(EntryError::Io("creating parent", e)))?;
     let path = parent.join(&file_name);
     let header = entry.header().clone();
     let kind = header.entry_type();
-    let mode = header.mode().map_err(|e| entry_err(e.to_string()))? & 0o7777;
+    let mode = header
+        .mode()
+        .map_err(|e| entry_err(EntryError::Header(e)))?
+        & 0o7777;
     // A later entry replaces what is there (a directory only by a
     // non-directory).
     let existing = fs::symlink_metadata(&path).ok();
     if let Some(meta) = &existing {
         if !(kind.is_dir() && meta.is_dir()) {
-            remove_any(&path).map_err(|e| entry_err(e.to_string()))?;
+            remove_any(&path).map_err(|e| entry_err(EntryError::Io("replacing", e)))?;
         }
     }
     if kind == tar::EntryType::Link {
-        let target = link_name.ok_or_else(|| entry_err("hard link without a target".into()))?;
+        let target = link_name.ok_or_else(|| entry_err(EntryError::NoLinkTarget))?;
         hard_link(root, &target, &path).map_err(entry_err)?;
         record_created(created, root, path);
         return Ok(()); // shares the target's inode: no metadata of its own
@@ -93,7 +96,7 @@ fn names<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions) -> (String, Optio
 
 /// The stream is framed by the header's size: a PAX size that says
 /// otherwise would make this reading and others' disagree.
-fn check_pax_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions) -> Result<(), String> {
+fn check_pax_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions) -> Result<(), EntryError> {
     let Some(size) = ext.pax_value("size") else {
         return Ok(());
     };
@@ -103,16 +106,20 @@ fn check_pax_size<R: Read>(entry: &tar::Entry<'_, R>, ext: &Extensions) -> Resul
         .and_then(|s| s.parse::<u64>().ok())
         != Some(header_size)
     {
-        return Err("a PAX size that differs from the header's is not supported".into());
+        return Err(EntryError::PaxSize);
     }
     Ok(())
 }
 
 /// Applies `file_name` in `parent` if it is a whiteout (`.wh..wh..opq`
 /// or `.wh.<name>`); true if it was one.
-fn whiteout(parent: &Path, file_name: &str, created: &HashSet<PathBuf>) -> Result<bool, String> {
+fn whiteout(
+    parent: &Path,
+    file_name: &str,
+    created: &HashSet<PathBuf>,
+) -> Result<bool, EntryError> {
     if file_name == ".wh..wh..opq" {
-        opaque(parent, created).map_err(|e| e.to_string())?;
+        opaque(parent, created).map_err(EntryError::io("emptying the directory"))?;
         return Ok(true);
     }
     let Some(hidden) = file_name.strip_prefix(".wh.") else {
@@ -121,31 +128,29 @@ fn whiteout(parent: &Path, file_name: &str, created: &HashSet<PathBuf>) -> Resul
     // `.wh.`, `.wh..` and `.wh...` would hide the directory itself or its
     // parent (above the root, for the root).
     if matches!(hidden, "" | "." | "..") {
-        return Err(format!(
-            "whiteout {file_name:?} names no entry of its directory"
-        ));
+        return Err(EntryError::Whiteout(file_name.to_string()));
     }
-    remove_any(&parent.join(hidden)).map_err(|e| e.to_string())?;
+    remove_any(&parent.join(hidden)).map_err(EntryError::io("removing"))?;
     Ok(true)
 }
 
 /// A hard link at `path` to `target`, which must resolve inside `root`
 /// and not be a directory.
-fn hard_link(root: &Path, target: &Path, path: &Path) -> Result<(), String> {
+fn hard_link(root: &Path, target: &Path, path: &Path) -> Result<(), EntryError> {
     let target_name =
-        clean_name(&target.to_string_lossy()).map_err(|r| format!("hard link target: {r}"))?;
+        clean_name(&target.to_string_lossy()).map_err(|r| EntryError::LinkTarget(Box::new(r)))?;
     let target_parent = resolve_in_root(root, target_name.parent().unwrap_or(Path::new("")))
-        .map_err(|r| format!("hard link target: {r}"))?;
+        .map_err(|r| EntryError::LinkTarget(Box::new(r)))?;
     let source = match target_name.file_name() {
         Some(f) => target_parent.join(f),
-        None => return Err("hard link to the root".into()),
+        None => return Err(EntryError::LinkToRoot),
     };
     let meta = fs::symlink_metadata(&source)
-        .map_err(|e| format!("hard link target {}: {e}", target.display()))?;
+        .map_err(|e| EntryError::LinkTargetMissing(target.to_path_buf(), e))?;
     if meta.is_dir() {
-        return Err("hard link to a directory".into());
+        return Err(EntryError::LinkToDirectory);
     }
-    fs::hard_link(&source, path).map_err(|e| e.to_string())
+    fs::hard_link(&source, path).map_err(EntryError::io("linking"))
 }
 
 /// What an entry other than a hard link creates.
@@ -165,28 +170,28 @@ impl Node<'_> {
         entry: &mut tar::Entry<'_, R>,
         path: &Path,
         options: UnpackOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), EntryError> {
         let mode = nix::sys::stat::Mode::from_bits_truncate(self.mode);
         match self.kind {
             tar::EntryType::Directory => {
                 if !self.existing_dir {
-                    fs::create_dir(path).map_err(|e| e.to_string())?;
+                    fs::create_dir(path).map_err(EntryError::io("creating"))?;
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let mut file = fs::File::create(path).map_err(|e| e.to_string())?;
-                io::copy(entry, &mut file).map_err(|e| e.to_string())?;
+                let mut file = fs::File::create(path).map_err(EntryError::io("creating"))?;
+                io::copy(entry, &mut file).map_err(EntryError::io("writing"))?;
             }
             tar::EntryType::Symlink => {
-                let target = self.link_name.ok_or("symlink without a target")?;
-                symlink(target, path).map_err(|e| e.to_string())?;
+                let target = self.link_name.ok_or(EntryError::NoSymlinkTarget)?;
+                symlink(target, path).map_err(EntryError::io("creating"))?;
             }
             tar::EntryType::Fifo => {
-                nix::unistd::mkfifo(path, mode).map_err(|e| e.to_string())?;
+                nix::unistd::mkfifo(path, mode).map_err(EntryError::sys("mkfifo"))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 if !options.allow_devices {
-                    return Err("device nodes are not allowed".into());
+                    return Err(EntryError::Device);
                 }
                 let kind_flag = if self.kind == tar::EntryType::Char {
                     nix::sys::stat::SFlag::S_IFCHR
@@ -201,9 +206,9 @@ impl Node<'_> {
                     mode,
                     nix::sys::stat::makedev(major.into(), minor.into()),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(EntryError::sys("mknod"))?;
             }
-            other => return Err(format!("unsupported entry type {other:?}")),
+            other => return Err(EntryError::EntryType(format!("{other:?}"))),
         }
         Ok(())
     }

@@ -14,6 +14,7 @@
 //! and removes it when any layer fails ([`into_new_root`] does).
 
 mod entry;
+mod error;
 mod paths;
 mod pax;
 
@@ -24,23 +25,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use error::{EntryError, LayerError, UnpackError};
 use pax::{parse_pax, read_extension, Extensions};
 
 /// At most this many symlinks are followed resolving one path (Linux's
 /// limit), so a loop is an error, not a hang.
 const MAX_SYMLINKS: usize = 40;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UnpackError {
-    #[error("layer {layer}: entry {entry:?}: {reason}")]
-    Entry {
-        layer: String,
-        entry: String,
-        reason: String,
-    },
-    #[error("layer {layer}: {reason}")]
-    Layer { layer: String, reason: String },
-}
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnpackOptions {
@@ -121,20 +111,19 @@ pub fn into_new_root<E>(
     root_error: impl FnOnce(UnpackError) -> E,
     fill: impl FnOnce() -> Result<(), E>,
 ) -> Result<(), E> {
-    let layer_err = |reason: String| UnpackError::Layer {
+    let layer_err = |reason: LayerError| UnpackError::Layer {
         layer: "(rootfs)".into(),
         reason,
     };
     if root.exists() {
-        return Err(root_error(layer_err(format!(
-            "{} already exists",
-            root.display()
+        return Err(root_error(layer_err(LayerError::RootExists(
+            root.to_path_buf(),
         ))));
     }
     if let Err(e) = fs::create_dir_all(root) {
-        return Err(root_error(layer_err(format!(
-            "creating {}: {e}",
-            root.display()
+        return Err(root_error(layer_err(LayerError::Root(
+            root.to_path_buf(),
+            e,
         ))));
     }
     let result = fill();
@@ -150,15 +139,15 @@ pub fn unpack_layer(
     root: &Path,
     options: UnpackOptions,
 ) -> Result<(), UnpackError> {
-    let layer_err = |reason: String| UnpackError::Layer {
+    let layer_err = |reason: LayerError| UnpackError::Layer {
         layer: layer.digest.into(),
         reason,
     };
     let compression = Compression::from_media_type(layer.media_type)
-        .ok_or_else(|| layer_err(format!("media type {} is not a layer", layer.media_type)))?;
+        .ok_or_else(|| layer_err(LayerError::MediaType(layer.media_type.to_string())))?;
     let reader = compression
         .reader(layer.data)
-        .map_err(|e| layer_err(format!("decompressing: {e}")))?;
+        .map_err(|e| layer_err(LayerError::Decompress(e)))?;
     let mut archive = tar::Archive::new(reader);
     // Paths this layer created: an opaque whiteout keeps them.
     let mut created: HashSet<PathBuf> = HashSet::new();
@@ -167,17 +156,15 @@ pub fn unpack_layer(
     // gzips to a few MB).
     let entries = archive
         .entries()
-        .map_err(|e| layer_err(format!("reading the tar stream: {e}")))?
+        .map_err(|e| layer_err(LayerError::Tar(e)))?
         .raw(true);
     let mut pending = Extensions::default();
     let mut count: u64 = 0;
     for entry in entries {
-        let mut entry = entry.map_err(|e| layer_err(format!("reading the tar stream: {e}")))?;
+        let mut entry = entry.map_err(|e| layer_err(LayerError::Tar(e)))?;
         count += 1;
         if count > MAX_ENTRIES {
-            return Err(layer_err(format!(
-                "more than {MAX_ENTRIES} tar entries in one layer"
-            )));
+            return Err(layer_err(LayerError::TooManyEntries));
         }
         match entry.header().entry_type() {
             tar::EntryType::GNULongName => {
@@ -200,7 +187,7 @@ pub fn unpack_layer(
                 continue;
             }
             tar::EntryType::GNUSparse => {
-                return Err(layer_err("GNU sparse entries are not supported".into()));
+                return Err(layer_err(LayerError::Sparse));
             }
             _ => {}
         }

@@ -8,7 +8,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use super::MAX_SYMLINKS;
+use super::{EntryError, MAX_SYMLINKS};
 
 /// Records `path` and every directory above it up to `root` as this
 /// layer's: an opaque marker that comes after `a/b/file` (with no entry for
@@ -25,14 +25,14 @@ pub(super) fn record_created(created: &mut HashSet<PathBuf>, root: &Path, path: 
 }
 
 /// The entry name as a relative path without `.` components; `..` refused.
-pub(super) fn clean_name(raw: &str) -> Result<PathBuf, String> {
+pub(super) fn clean_name(raw: &str) -> Result<PathBuf, EntryError> {
     let mut out = PathBuf::new();
     for component in Path::new(raw).components() {
         match component {
             Component::Normal(c) => out.push(c),
             Component::RootDir | Component::CurDir => {}
-            Component::ParentDir => return Err("the name contains `..`".into()),
-            Component::Prefix(_) => return Err("not a Unix path".into()),
+            Component::ParentDir => return Err(EntryError::DotDot),
+            Component::Prefix(_) => return Err(EntryError::NotUnix),
         }
     }
     Ok(out)
@@ -41,7 +41,7 @@ pub(super) fn clean_name(raw: &str) -> Result<PathBuf, String> {
 /// `rel` resolved inside `root` the way the container sees it: symlinks are
 /// followed with absolute targets starting at `root`. A symlink that
 /// climbs above the root is refused (no legitimate image needs one).
-pub(super) fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String> {
+pub(super) fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, EntryError> {
     let mut resolved: Vec<std::ffi::OsString> = Vec::new();
     let mut pending: Vec<std::ffi::OsString> = rel
         .components()
@@ -55,7 +55,7 @@ pub(super) fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String
     while let Some(part) = pending.pop() {
         if part == ".." {
             if resolved.pop().is_none() {
-                return Err("a symlink on its path climbs above the root".into());
+                return Err(EntryError::SymlinkClimbs);
             }
             continue;
         }
@@ -70,9 +70,10 @@ pub(super) fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String
             Ok(meta) if meta.file_type().is_symlink() => {
                 followed += 1;
                 if followed > MAX_SYMLINKS {
-                    return Err("too many levels of symlinks on its path".into());
+                    return Err(EntryError::SymlinkLoop);
                 }
-                let target = fs::read_link(&candidate).map_err(|e| e.to_string())?;
+                let target =
+                    fs::read_link(&candidate).map_err(EntryError::io("reading a symlink"))?;
                 if target.is_absolute() {
                     resolved.clear();
                 }
@@ -85,10 +86,9 @@ pub(super) fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, String
                 }
             }
             Ok(meta) if !meta.is_dir() => {
-                return Err(format!(
-                    "{} on its path is not a directory",
-                    PathBuf::from_iter(resolved.iter().chain(std::iter::once(&part))).display()
-                ))
+                return Err(EntryError::NotADirectory(PathBuf::from_iter(
+                    resolved.iter().chain(std::iter::once(&part)),
+                )))
             }
             _ => resolved.push(part),
         }

@@ -3,7 +3,7 @@
 
 use std::{fs, io::Read, os::unix::fs::PermissionsExt, path::Path};
 
-use super::MAX_EXTENSION_BYTES;
+use super::{EntryError, LayerError, MAX_EXTENSION_BYTES};
 
 /// What GNU and PAX extension entries say about the next entry.
 #[derive(Default)]
@@ -27,22 +27,18 @@ impl Extensions {
 /// before anything is read.
 pub(super) fn read_extension<R: Read>(
     entry: &mut tar::Entry<'_, R>,
-    what: &str,
-) -> Result<Vec<u8>, String> {
-    let size = entry
-        .header()
-        .entry_size()
-        .map_err(|e| format!("{what}: {e}"))?;
+    what: &'static str,
+) -> Result<Vec<u8>, LayerError> {
+    let failed = |source| LayerError::Extension { what, source };
+    let size = entry.header().entry_size().map_err(failed)?;
     if size > MAX_EXTENSION_BYTES {
-        return Err(format!(
-            "a {what} of {size} bytes (more than {MAX_EXTENSION_BYTES})"
-        ));
+        return Err(LayerError::ExtensionTooLarge { what, size });
     }
     let mut data = Vec::with_capacity(size as usize);
     entry
         .take(MAX_EXTENSION_BYTES)
         .read_to_end(&mut data)
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(failed)?;
     Ok(data)
 }
 
@@ -52,29 +48,29 @@ pub(super) fn trim_nul(bytes: &[u8]) -> &[u8] {
 
 /// PAX records: `<length> <key>=<value>\n`, the length counting the whole
 /// record.
-pub(super) fn parse_pax(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+pub(super) fn parse_pax(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, LayerError> {
     let mut records = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
         let space = rest
             .iter()
             .position(|b| *b == b' ')
-            .ok_or("a PAX record without a length")?;
+            .ok_or(LayerError::Pax("a PAX record without a length"))?;
         let length: usize = std::str::from_utf8(&rest[..space])
             .ok()
             .and_then(|s| s.parse().ok())
             .filter(|n| *n > space + 1 && *n <= rest.len())
-            .ok_or("a PAX record with a bad length")?;
+            .ok_or(LayerError::Pax("a PAX record with a bad length"))?;
         let record = &rest[space + 1..length];
         let record = record
             .strip_suffix(b"\n")
-            .ok_or("a PAX record not ending in a newline")?;
+            .ok_or(LayerError::Pax("a PAX record not ending in a newline"))?;
         let equals = record
             .iter()
             .position(|b| *b == b'=')
-            .ok_or("a PAX record without '='")?;
-        let key =
-            std::str::from_utf8(&record[..equals]).map_err(|_| "a PAX key that is not UTF-8")?;
+            .ok_or(LayerError::Pax("a PAX record without '='"))?;
+        let key = std::str::from_utf8(&record[..equals])
+            .map_err(|_| LayerError::Pax("a PAX key that is not UTF-8"))?;
         records.push((key.to_string(), record[equals + 1..].to_vec()));
         rest = &rest[length..];
     }
@@ -89,9 +85,9 @@ pub(super) fn apply_metadata<R: Read>(
     path: &Path,
     kind: tar::EntryType,
     mode: u32,
-) -> Result<(), String> {
+) -> Result<(), EntryError> {
     let header = entry.header();
-    let pax_number = |key: &str| -> Result<Option<u64>, String> {
+    let pax_number = |key: &str| -> Result<Option<u64>, EntryError> {
         match ext.pax_value(key) {
             None => Ok(None),
             Some(v) => std::str::from_utf8(v)
@@ -99,7 +95,7 @@ pub(super) fn apply_metadata<R: Read>(
                 .and_then(|s| s.split('.').next())
                 .and_then(|s| s.parse().ok())
                 .map(Some)
-                .ok_or_else(|| format!("PAX {key} is not a number")),
+                .ok_or_else(|| EntryError::PaxNumber(key.to_string())),
         }
     };
     // An empty owner field means 0 (as GNU tar reads it); garbage is an error.
@@ -109,13 +105,13 @@ pub(super) fn apply_metadata<R: Read>(
         (Some(uid), _) => uid,
         (None, Ok(uid)) => uid,
         (None, Err(_)) if blank(&old.uid) => 0,
-        (None, Err(e)) => return Err(e.to_string()),
+        (None, Err(e)) => return Err(EntryError::Header(e)),
     };
     let gid = match (pax_number("gid")?, header.gid()) {
         (Some(gid), _) => gid,
         (None, Ok(gid)) => gid,
         (None, Err(_)) if blank(&old.gid) => 0,
-        (None, Err(e)) => return Err(e.to_string()),
+        (None, Err(e)) => return Err(EntryError::Header(e)),
     };
     let mtime = match pax_number("mtime")? {
         Some(t) => t,
@@ -128,15 +124,15 @@ pub(super) fn apply_metadata<R: Read>(
         Some(nix::unistd::Gid::from_raw(gid as u32)),
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| format!("chown: {e}"))?;
+    .map_err(EntryError::sys("chown"))?;
     if kind != tar::EntryType::Symlink {
         // After chown, which clears set-id bits.
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod: {e}"))?;
+            .map_err(EntryError::io("chmod"))?;
     }
     for (key, value) in &ext.pax {
         if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-            xattr::set(path, name, value).map_err(|e| format!("xattr {name}: {e}"))?;
+            xattr::set(path, name, value).map_err(|e| EntryError::Xattr(name.to_string(), e))?;
         }
     }
     let time = nix::sys::time::TimeSpec::new(mtime as i64, 0);
@@ -147,6 +143,6 @@ pub(super) fn apply_metadata<R: Read>(
         &time,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
-    .map_err(|e| format!("mtime: {e}"))?;
+    .map_err(EntryError::sys("mtime"))?;
     Ok(())
 }

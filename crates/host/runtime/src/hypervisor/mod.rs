@@ -176,28 +176,47 @@ pub fn choose_accelerator(configured: Accelerator) -> (Accel, String) {
             let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
             match kvm_usable(Path::new("/dev/kvm"), &cpuinfo) {
                 Ok(()) => (Accel::Kvm, "kvm (/dev/kvm usable, CPU has VMX/SVM)".into()),
-                Err(why) => (Accel::Tcg, format!("tcg (software emulation): {why}")),
+                Err(why) => (
+                    Accel::Tcg,
+                    format!("tcg (software emulation): {}", kabuto_error::chain(&why)),
+                ),
             }
         }
     }
 }
 
+/// Why KVM is not used.
+#[derive(Debug, Error)]
+pub enum KvmUnusable {
+    #[error("the CPU has no vmx/svm flag")]
+    NoHardwareVirtualization,
+    #[error("cannot open {}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// KVM is worth using only with hardware virtualization: a paravirtual
 /// /dev/kvm without VMX/SVM runs guests far slower than TCG.
-pub fn kvm_usable(dev: &Path, cpuinfo: &str) -> Result<(), String> {
+pub fn kvm_usable(dev: &Path, cpuinfo: &str) -> Result<(), KvmUnusable> {
     let has_hw_virt = cpuinfo
         .lines()
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !has_hw_virt {
-        return Err("the CPU has no vmx/svm flag".into());
+        return Err(KvmUnusable::NoHardwareVirtualization);
     }
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)
         .map(|_| ())
-        .map_err(|e| format!("cannot open {}: {e}", dev.display()))
+        .map_err(|source| KvmUnusable::Open {
+            path: dev.to_path_buf(),
+            source,
+        })
 }
 
 /// The host TSC frequency in kHz, which microvm guests under TCG need on the
@@ -247,10 +266,12 @@ mod tests {
     #[test]
     fn kvm_needs_hardware_virtualization() {
         let err = kvm_usable(Path::new("/dev/null"), "flags\t: fpu sse hypervisor\n")
-            .expect_err("no vmx/svm");
+            .expect_err("no vmx/svm")
+            .to_string();
         assert!(err.contains("vmx/svm"), "{err}");
         let err = kvm_usable(Path::new("/nonexistent/kvm"), "flags\t: fpu svm\n")
-            .expect_err("missing device");
+            .expect_err("missing device")
+            .to_string();
         assert!(err.contains("/nonexistent/kvm"), "{err}");
         kvm_usable(Path::new("/dev/null"), "flags\t: fpu vmx\n").expect("usable");
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use kabuto_protocol::{AGENT_READY_MARKER, AGENT_VSOCK_PORT, SWTEE_VSOCK_PORT};
 
+use super::error::BootError;
 use super::helpers::{tail, Helper};
 use super::measure::{fit, software_tee_measurement};
 use super::naming::{guest_cid, SANDBOX_NAME_FILE};
@@ -22,18 +23,21 @@ const AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The state directory: its name record, the shared and rootfs exports
 /// (shared mounts, so what is mounted later reaches virtiofsd).
-pub(super) fn prepare_state_dir(dir: &Path, namespace: &str, id: &str) -> Result<(), String> {
+pub(super) fn prepare_state_dir(dir: &Path, namespace: &str, id: &str) -> Result<(), BootError> {
     fs::create_dir_all(dir)
         .and_then(|_| fs::write(dir.join(SANDBOX_NAME_FILE), format!("{namespace}\n{id}\n")))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(BootError::io(dir))?;
     let shared = dir.join("shared");
     let rootfs = dir.join("rootfs");
     fs::create_dir_all(&shared)
         .and_then(|_| fs::create_dir_all(&rootfs))
         .and_then(|_| fs::write(dir.join("owner"), "kabuto"))
-        .map_err(|e| e.to_string())?;
+        .map_err(BootError::io(dir))?;
     for exported in [&shared, &rootfs] {
-        mount::make_shared(exported).map_err(|e| format!("sharing {}: {e}", exported.display()))?;
+        mount::make_shared(exported).map_err(|source| BootError::Share {
+            path: exported.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -45,7 +49,7 @@ pub(super) fn start_shared_fs(
     config: &Config,
     dir: &Path,
     helpers: &mut Vec<Helper>,
-) -> Result<(PathBuf, PathBuf), String> {
+) -> Result<(PathBuf, PathBuf), BootError> {
     let fs_cfg = &config.shared_fs;
     let fs_socket = dir.join("virtiofs.sock");
     let rootfs_socket = dir.join("rootfs.sock");
@@ -79,7 +83,7 @@ pub(super) fn start_vsock(
     id: &str,
     dir: &Path,
     helpers: &mut Vec<Helper>,
-) -> Result<(VsockBackend, AgentAddress), String> {
+) -> Result<(VsockBackend, AgentAddress), BootError> {
     let use_kernel_vsock = match config.agent.channel {
         AgentChannel::VhostVsock => true,
         AgentChannel::VhostUserVsock => false,
@@ -122,7 +126,7 @@ pub(super) fn tee_launch(
     host_data: &[u8],
     vsock: &VsockBackend,
     firmware: &mut Option<FirmwareService>,
-) -> Result<TeeLaunch, String> {
+) -> Result<TeeLaunch, BootError> {
     Ok(match config.confidential.tee {
         TeeKind::None => TeeLaunch::None,
         TeeKind::Sample => {
@@ -146,7 +150,7 @@ pub(super) fn tee_launch(
                 host_data: fit(host_data),
             };
             let VsockBackend::VhostUser { .. } = vsock else {
-                return Err("the software TEE needs agent.channel = \"vhost-user-vsock\"".into());
+                return Err(BootError::SoftwareTeeChannel);
             };
             let socket = PathBuf::from(format!(
                 "{}_{SWTEE_VSOCK_PORT}",
@@ -164,18 +168,20 @@ pub(super) fn tee_launch(
 }
 
 /// Launches the VM of `spec` once its kernel and initramfs exist.
-pub(super) fn launch(config: &Config, spec: &VmSpec) -> Result<Box<dyn Vm>, String> {
+pub(super) fn launch(config: &Config, spec: &VmSpec) -> Result<Box<dyn Vm>, BootError> {
     for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
         if !path.is_file() {
-            return Err(format!(
-                "guest {what} {} not found: run `kabuto guest build` and `kabuto install`, \
-                 or set guest.{what} in the config",
-                path.display()
-            ));
+            return Err(BootError::GuestFile {
+                what,
+                path: path.clone(),
+            });
         }
     }
     let hv = hypervisor::new_hypervisor(&config.hypervisor);
-    let vm = hv.launch(spec).map_err(|e| kabuto_error::chain(&e))?;
+    let vm = hv.launch(spec).map_err(|source| BootError::Launch {
+        hypervisor: hv.name(),
+        source,
+    })?;
     log::info!(
         "sandbox {}: {} pid {} launched",
         spec.id,
@@ -190,25 +196,24 @@ pub(super) fn wait_for_agent(
     address: &AgentAddress,
     config: &Config,
     spec: &VmSpec,
-) -> Result<AgentClient, String> {
+) -> Result<AgentClient, BootError> {
     let timeout = config.agent.boot_timeout();
     let started = Instant::now();
     let deadline = started + timeout;
-    let exited = |vm: &mut dyn Vm| -> Option<String> {
+    let exited = |vm: &mut dyn Vm| -> Option<BootError> {
         match vm.try_wait() {
-            Ok(Some(status)) => Some(format!(
-                "the VM exited ({status}) before the agent answered; qemu: {}; console: {}",
-                tail(&spec.dir.join("qemu.log"), 1000),
-                tail(&spec.console_log(), 2000)
-            )),
+            Ok(Some(status)) => Some(BootError::VmExited {
+                status,
+                qemu: tail(&spec.dir.join("qemu.log"), 1000),
+                console: tail(&spec.console_log(), 2000),
+            }),
             _ => None,
         }
     };
-    let timed_out = |last: &str| {
-        format!(
-            "no answer within {timeout:?} ({last}); console: {}",
-            tail(&spec.console_log(), 2000)
-        )
+    let timed_out = |last: &str| BootError::AgentTimeout {
+        timeout,
+        last: last.to_string(),
+        console: tail(&spec.console_log(), 2000),
     };
     // First the readiness line on the console (see AGENT_READY_MARKER).
     loop {

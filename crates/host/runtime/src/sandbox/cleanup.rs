@@ -6,6 +6,7 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use super::error::BootError;
 use super::naming::{sandbox_dir, Claim};
 use crate::config::Config;
 use crate::mount;
@@ -25,16 +26,13 @@ pub(crate) fn remove_stale_sandbox(
     config: &Config,
     namespace: &str,
     id: &str,
-) -> Result<(), String> {
+) -> Result<(), BootError> {
     let claim = Claim::take(config, namespace, id)?;
     let dir = sandbox_dir(config, namespace, id);
     cleanup_stale(&dir);
     claim.release();
     if dir.exists() {
-        return Err(format!(
-            "{} could not be removed (see the log)",
-            dir.display()
-        ));
+        return Err(BootError::NotRemoved { dir });
     }
     Ok(())
 }

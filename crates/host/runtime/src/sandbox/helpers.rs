@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::error::BootError;
 use crate::config::SharedFsConfig;
 
 /// Helper daemons get this long to create their sockets.
@@ -31,16 +32,20 @@ impl Helper {
         args: &[String],
         socket: PathBuf,
         log: PathBuf,
-    ) -> Result<Helper, String> {
-        let out = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
+    ) -> Result<Helper, BootError> {
+        let out = fs::File::create(&log).map_err(BootError::io(&log))?;
+        let err = out.try_clone().map_err(BootError::io(&log))?;
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("{}: {e}", program.display()))?;
+            .map_err(|source| BootError::Spawn {
+                helper: name,
+                program: program.to_path_buf(),
+                source,
+            })?;
         Ok(Helper {
             name,
             child,
@@ -56,7 +61,7 @@ impl Helper {
         source: &Path,
         cache: crate::config::CacheMode,
         log: PathBuf,
-    ) -> Result<Helper, String> {
+    ) -> Result<Helper, BootError> {
         Helper::spawn(
             "virtiofsd",
             &config.virtiofsd_path,
@@ -81,7 +86,7 @@ impl Helper {
         socket: &Path,
         uds: &Path,
         log: PathBuf,
-    ) -> Result<Helper, String> {
+    ) -> Result<Helper, BootError> {
         Helper::spawn(
             "vhost-user vsock device",
             &find_program(program),
@@ -100,17 +105,22 @@ impl Helper {
 
     /// Waits until the helper's socket exists; fails (with the end of its
     /// log) if it exits first or takes too long.
-    pub(super) fn wait_ready(&mut self) -> Result<(), String> {
+    pub(super) fn wait_ready(&mut self) -> Result<(), BootError> {
         let deadline = Instant::now() + HELPER_START_TIMEOUT;
         while !self.socket.exists() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("exited with {status}: {}", tail(&self.log, 2000)));
+                return Err(BootError::HelperExited {
+                    helper: self.name,
+                    status,
+                    log: tail(&self.log, 2000),
+                });
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not appear within {HELPER_START_TIMEOUT:?}",
-                    self.socket.display()
-                ));
+                return Err(BootError::HelperTimeout {
+                    helper: self.name,
+                    socket: self.socket.clone(),
+                    timeout: HELPER_START_TIMEOUT,
+                });
             }
             thread::sleep(Duration::from_millis(5));
         }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use kabuto_protocol::{KERNEL_PARAM_NET, KERNEL_PARAM_TEE};
 
+use super::error::MeasureError;
 use crate::config::{Config, GuestNetwork, MachineType};
 use crate::hypervisor::Accel;
 
@@ -37,9 +38,13 @@ pub fn guest_kernel_params(config: &Config) -> Vec<String> {
 /// MEASUREMENT a software-TEE guest of this config reports: the digest of
 /// kernel, initramfs and kabuto's kernel parameters (the owner registers it
 /// as a reference value; `kabuto guest measure` prints it).
-pub fn software_tee_measurement(config: &Config) -> Result<[u8; 48], String> {
-    let read = |what: &str, path: &Path| {
-        fs::read(path).map_err(|e| format!("reading the guest {what} {}: {e}", path.display()))
+pub fn software_tee_measurement(config: &Config) -> Result<[u8; 48], MeasureError> {
+    let read = |what: &'static str, path: &Path| {
+        fs::read(path).map_err(|source| MeasureError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
     };
     let kernel = read("kernel", &config.guest.kernel)?;
     let initramfs = read("initramfs", &config.guest.initramfs)?;
@@ -59,12 +64,10 @@ pub fn snp_cpu_type(model: &str) -> Option<sev::measurement::vcpu_types::CpuType
 /// booting: AmdSev OVMF pages, the kernel-hashes table (SHA-256 of kernel,
 /// initrd and the exact command line QEMU passes) and one VMSA per vCPU —
 /// the reference value owners register at their KBS.
-pub fn snp_launch_measurement(config: &Config) -> Result<[u8; 48], String> {
+pub fn snp_launch_measurement(config: &Config) -> Result<[u8; 48], MeasureError> {
     let c = &config.confidential;
     if c.firmware.as_os_str().is_empty() {
-        return Err(
-            "confidential.firmware is not set (an OVMF built from edk2's OvmfPkg/AmdSev)".into(),
-        );
+        return Err(MeasureError::NoFirmware);
     }
     // SNP guests boot on KVM through q35 (config validation insists).
     let cmdline = crate::hypervisor::qemu::kernel_command_line(
@@ -97,24 +100,28 @@ pub struct SnpLaunchInputs<'a> {
 
 /// The SNP launch digest of `inputs` (the `sev` crate's implementation of
 /// AMD's page-by-page launch digest).
-pub fn snp_measurement(inputs: &SnpLaunchInputs<'_>) -> Result<[u8; 48], String> {
+pub fn snp_measurement(inputs: &SnpLaunchInputs<'_>) -> Result<[u8; 48], MeasureError> {
     use sev::measurement::snp::{snp_calc_launch_digest, SnpMeasurementArgs};
     use sev::measurement::vmsa::{GuestFeatures, VMMType};
     use sev::parser::ByteParser;
-    let cpu = snp_cpu_type(inputs.cpu)
-        .ok_or_else(|| format!("SNP vCPU model {:?} is not a known EPYC model", inputs.cpu))?;
+    let cpu =
+        snp_cpu_type(inputs.cpu).ok_or_else(|| MeasureError::CpuModel(inputs.cpu.to_string()))?;
     let features = GuestFeatures::from_bytes(&inputs.guest_features.to_le_bytes())
-        .map_err(|e| format!("SNP guest features: {e}"))?;
+        .map_err(MeasureError::GuestFeatures)?;
+    let firmware = inputs.firmware.to_path_buf();
     // The sev crate's OVMF parser indexes from the file's end and panics on
     // short files; OVMF images are whole pages.
     let size = fs::metadata(inputs.firmware)
-        .map_err(|e| format!("SNP firmware {}: {e}", inputs.firmware.display()))?
+        .map_err(|source| MeasureError::Firmware {
+            path: firmware.clone(),
+            source,
+        })?
         .len();
     if size < 4096 || size % 4096 != 0 {
-        return Err(format!(
-            "SNP firmware {}: {size} bytes is not an OVMF image (whole 4 KiB pages)",
-            inputs.firmware.display()
-        ));
+        return Err(MeasureError::FirmwareSize {
+            path: firmware,
+            size,
+        });
     }
     let args = SnpMeasurementArgs {
         vcpus: inputs.vcpus,
@@ -129,21 +136,17 @@ pub fn snp_measurement(inputs: &SnpLaunchInputs<'_>) -> Result<[u8; 48], String>
     };
     // Any other malformed image must not take the caller down either.
     let digest = std::panic::catch_unwind(move || snp_calc_launch_digest(args))
-        .map_err(|_| {
-            format!(
-                "SNP firmware {}: not an AmdSev OVMF image (its metadata does not parse)",
-                inputs.firmware.display()
-            )
+        .map_err(|_| MeasureError::NotOvmf {
+            path: firmware.clone(),
         })?
-        .map_err(|e| {
-            format!(
-                "SNP launch measurement of {}: {e}",
-                inputs.firmware.display()
-            )
+        .map_err(|e| MeasureError::Digest {
+            path: firmware.clone(),
+            source: Box::new(e),
         })?;
-    let bytes = digest
-        .to_bytes()
-        .map_err(|e| format!("SNP launch measurement: {e}"))?;
+    let bytes = digest.to_bytes().map_err(|e| MeasureError::Digest {
+        path: firmware,
+        source: Box::new(e),
+    })?;
     let mut out = [0u8; 48];
     out.copy_from_slice(bytes.as_ref());
     Ok(out)
@@ -244,6 +247,7 @@ mod tests {
         config.confidential.firmware = initramfs.clone();
         assert!(snp_launch_measurement(&config)
             .unwrap_err()
+            .to_string()
             .contains("not an OVMF image"));
         let plain = dir.path().join("plain.fd");
         fs::write(&plain, vec![0u8; 8192]).unwrap();
@@ -252,6 +256,7 @@ mod tests {
         config.confidential.snp_cpu = "Skylake".into();
         assert!(snp_launch_measurement(&config)
             .unwrap_err()
+            .to_string()
             .contains("EPYC"));
     }
 }

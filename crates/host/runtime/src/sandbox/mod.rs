@@ -7,6 +7,7 @@
 
 mod boot;
 mod cleanup;
+mod error;
 mod helpers;
 mod measure;
 mod naming;
@@ -18,7 +19,6 @@ use std::{
 };
 
 use kabuto_protocol::{agent::CreateSandboxRequest, GUEST_SHARED_DIR};
-use thiserror::Error;
 
 use crate::{
     agent_client::AgentClient,
@@ -42,13 +42,7 @@ pub(crate) use naming::{claim_is_held, sandboxes_dir, SANDBOX_NAME_FILE};
 pub use naming::{guest_address, guest_cid, sandbox_dir, sandbox_namespaces};
 use naming::{valid_identifier, Claim};
 
-#[derive(Debug, Error)]
-#[error("sandbox {id}: {stage}: {reason}")]
-pub struct SandboxError {
-    pub id: String,
-    pub stage: &'static str,
-    pub reason: String,
-}
+pub use error::{BootError, MeasureError, SandboxError};
 
 /// How long a VM gets to power off after DestroySandbox before QEMU is told
 /// to quit (and then killed).
@@ -89,14 +83,15 @@ impl Partial {
         config: &Config,
         namespace: &str,
         id: &str,
-    ) -> Result<Partial, (&'static str, String)> {
+    ) -> Result<Partial, (&'static str, BootError)> {
         for (what, name) in [("namespace", namespace), ("id", id)] {
             if !valid_identifier(name) {
                 return Err((
                     "checking the sandbox id",
-                    format!(
-                        "{what} {name:?} is not a containerd identifier (alphanumeric words joined by '.', '_' or '-', at most 76 characters)"
-                    ),
+                    BootError::Identifier {
+                        what,
+                        name: name.to_string(),
+                    },
                 ));
             }
         }
@@ -126,11 +121,8 @@ impl Partial {
         agent: AgentClient,
         accel: Accel,
         config: &Config,
-    ) -> Result<Sandbox, String> {
-        let vm = self
-            .vm
-            .take()
-            .ok_or_else(|| "internal error: VM handle vanished".to_string())?;
+    ) -> Result<Sandbox, BootError> {
+        let vm = self.vm.take().ok_or(BootError::VmHandleVanished)?;
         self.armed = false;
         Ok(Sandbox {
             id: id.to_string(),
@@ -190,7 +182,7 @@ impl Sandbox {
             return Err(SandboxError {
                 id: id.to_string(),
                 stage: "creating the sandbox in the guest",
-                reason: e.to_string(),
+                reason: Box::new(e.into()),
             });
         }
         Ok(sandbox)
@@ -209,19 +201,23 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let fail = |stage: &'static str| {
             let id = id.to_string();
-            move |reason: String| SandboxError { id, stage, reason }
+            move |reason: BootError| SandboxError {
+                id,
+                stage,
+                reason: Box::new(reason),
+            }
         };
         let mut partial =
             Partial::begin(config, namespace, id).map_err(|(stage, reason)| SandboxError {
                 id: id.to_string(),
                 stage,
-                reason,
+                reason: Box::new(reason),
             })?;
         let dir = partial.dir.clone();
         // The init-data's digest is fixed into the TEE's launch data.
         let host_data = match init_data {
             Some(raw) => kabuto_initdata::InitData::parse(raw)
-                .map_err(|e| fail("checking the init-data")(e.to_string()))?
+                .map_err(|e| fail("checking the init-data")(BootError::InitData(e)))?
                 .digest(),
             None => Vec::new(),
         };
@@ -233,10 +229,9 @@ impl Sandbox {
         write_pids(&dir, &partial.helpers);
         // The daemons start side by side; QEMU needs all their sockets.
         for helper in &mut partial.helpers {
-            let name = helper.name;
             helper
                 .wait_ready()
-                .map_err(|e| fail("starting the helper daemons")(format!("{name}: {e}")))?;
+                .map_err(fail("starting the helper daemons"))?;
         }
 
         let (accel, why) = hypervisor::choose_accelerator(config.hypervisor.accelerator);

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
 
+use super::error::BootError;
 use crate::agent_client::AgentAddress;
 use crate::config::Config;
 
@@ -104,9 +105,9 @@ pub(super) struct Claim {
 }
 
 impl Claim {
-    pub(super) fn take(config: &Config, namespace: &str, id: &str) -> Result<Claim, String> {
+    pub(super) fn take(config: &Config, namespace: &str, id: &str) -> Result<Claim, BootError> {
         let dir = sandboxes_dir(config);
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(BootError::io(&dir))?;
         let path = dir.join(format!("{}.lock", sandbox_dir_name(namespace, id)));
         // A claim released meanwhile unlinks the file we may have opened:
         // the lock only counts if it is on the file still at the path.
@@ -116,7 +117,7 @@ impl Claim {
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(BootError::io(&path))?;
             use std::os::fd::AsRawFd as _;
             use std::os::unix::fs::MetadataExt as _;
             // `kabuto sandbox list` probes claims by locking them for a
@@ -137,12 +138,13 @@ impl Claim {
             if rc != 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    format!(
-                        "sandbox {id} of namespace {namespace} already exists and is running (its owner holds {})",
-                        path.display()
-                    )
+                    BootError::Claimed {
+                        namespace: namespace.to_string(),
+                        id: id.to_string(),
+                        lock: path,
+                    }
                 } else {
-                    format!("locking {}: {e}", path.display())
+                    BootError::io(path)(e)
                 });
             }
             let held = file.metadata().map(|m| m.ino()).ok();
@@ -151,10 +153,11 @@ impl Claim {
                 return Ok(Claim { file, path });
             }
         }
-        Err(format!(
-            "sandbox {id} of namespace {namespace}: its claim {} keeps changing",
-            path.display()
-        ))
+        Err(BootError::ClaimUnstable {
+            namespace: namespace.to_string(),
+            id: id.to_string(),
+            lock: path,
+        })
     }
 
     /// Gives the claim up after the sandbox is gone.
@@ -256,7 +259,10 @@ mod tests {
         let mut config = Config::default();
         config.runtime.state_dir = state.path().to_path_buf();
         let first = Claim::take(&config, "default", "pod").unwrap();
-        let err = Claim::take(&config, "default", "pod").err().unwrap();
+        let err = Claim::take(&config, "default", "pod")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("already exists and is running"), "{err}");
         // Another namespace is another sandbox.
         let other = Claim::take(&config, "k8s.io", "pod").unwrap();

@@ -149,7 +149,7 @@ pub(super) fn container_env(
     pod: &PodSpec,
     container: &Container,
     config: &ImageConfig,
-) -> Result<(EnvRule, BTreeMap<String, Option<String>>), String> {
+) -> Result<(EnvRule, BTreeMap<String, Option<String>>), RuleError> {
     enum Allowed {
         Exact(String),
         Pattern(String),
@@ -162,7 +162,7 @@ pub(super) fn container_env(
     let mut vars: BTreeMap<String, Option<String>> = BTreeMap::new();
     for var in &container.env {
         if var.name.is_empty() {
-            return Err("an env entry has no name".into());
+            return Err(RuleError::EnvWithoutName);
         }
         let allowed = match (&var.value, &var.value_from) {
             (_, Some(_)) => {

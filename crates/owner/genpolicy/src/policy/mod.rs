@@ -16,6 +16,30 @@ mod process;
 
 use env::{common_env, env_rule};
 
+/// Why a container's rule cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("an env entry has no name")]
+    EnvWithoutName,
+    #[error("no command: neither the pod nor the image config gives one")]
+    NoCommand,
+    #[error(
+        "the image runs as user {0:?}, a name genpolicy cannot resolve to a uid (it reads no \
+         image layers): set securityContext.runAsUser (and runAsGroup) to its numeric ids, or \
+         build the image with a numeric USER"
+    )]
+    NamedUser(String),
+    #[error(
+        "the image runs as group {0:?}, a name genpolicy cannot resolve to a gid: set \
+         securityContext.runAsGroup to its numeric id"
+    )]
+    NamedGroup(String),
+    #[error("volumeMount {0:?} names no volume of the pod")]
+    NoVolume(String),
+    #[error("volumeMount {name:?}: mountPath {path:?} is not absolute")]
+    RelativeMount { name: String, path: String },
+}
+
 /// The fixed rules every generated policy carries.
 pub const RULES: &str = include_str!("rules.rego");
 
@@ -131,8 +155,8 @@ pub fn container_rule(
     image: &ResolvedImage,
     written_image: &str,
 ) -> Result<ContainerRule, GenPolicyError> {
-    let err = |reason: String| GenPolicyError::Manifest {
-        what: format!("container {:?}", container.name),
+    let err = |reason: RuleError| GenPolicyError::Container {
+        name: container.name.clone(),
         reason,
     };
     let config: &ImageConfig = &image.config;
@@ -188,19 +212,19 @@ fn container_mounts(
     pod: &PodSpec,
     container: &Container,
     config: &ImageConfig,
-) -> Result<Vec<MountRule>, String> {
+) -> Result<Vec<MountRule>, RuleError> {
     let mut mounts = Vec::new();
     for vm in &container.volume_mounts {
         let volume = pod
             .volumes
             .iter()
             .find(|v| v.name == vm.name)
-            .ok_or_else(|| format!("volumeMount {:?} names no volume of the pod", vm.name))?;
+            .ok_or_else(|| RuleError::NoVolume(vm.name.clone()))?;
         if !vm.mount_path.starts_with('/') {
-            return Err(format!(
-                "volumeMount {:?}: mountPath {:?} is not absolute",
-                vm.name, vm.mount_path
-            ));
+            return Err(RuleError::RelativeMount {
+                name: vm.name.clone(),
+                path: vm.mount_path.clone(),
+            });
         }
         mounts.push(MountRule::new(
             &vm.mount_path,

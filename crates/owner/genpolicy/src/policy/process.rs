@@ -95,7 +95,7 @@ pub(super) fn args(
     container: &Container,
     config: &ImageConfig,
     vars: &BTreeMap<String, Option<String>>,
-) -> Result<Args, String> {
+) -> Result<Args, RuleError> {
     let entrypoint = config.entrypoint.clone().unwrap_or_default();
     let cmd = config.cmd.clone().unwrap_or_default();
     let args: Vec<String> = match (&container.command, &container.args) {
@@ -105,7 +105,7 @@ pub(super) fn args(
         (None, None) => entrypoint.iter().chain(&cmd).cloned().collect(),
     };
     if args.is_empty() {
-        return Err("no command: neither the pod nor the image config gives one".into());
+        return Err(RuleError::NoCommand);
     }
     let args_exact: Option<Vec<String>> = args.iter().map(|a| expand_literal(a, vars)).collect();
     let args_patterns = match args_exact {
@@ -124,7 +124,7 @@ pub(super) fn ids(
     pod: &PodSpec,
     container: &Container,
     config: &ImageConfig,
-) -> Result<(Option<i64>, Option<i64>), String> {
+) -> Result<(Option<i64>, Option<i64>), RuleError> {
     let pod_sc = pod.security_context.as_ref();
     let sc = container.security_context.as_ref();
     let (image_uid, image_gid) = image_user(config.user.as_deref());
@@ -153,14 +153,10 @@ pub(super) fn ids(
         ),
     };
     if uid.is_none() && named_user {
-        return Err(format!(
-            "the image runs as user {image_user_text:?}, a name genpolicy cannot resolve to a uid (it reads no image layers): set securityContext.runAsUser (and runAsGroup) to its numeric ids, or build the image with a numeric USER"
-        ));
+        return Err(RuleError::NamedUser(image_user_text.to_string()));
     }
     if gid.is_none() && named_group {
-        return Err(format!(
-            "the image runs as group {image_user_text:?}, a name genpolicy cannot resolve to a gid: set securityContext.runAsGroup to its numeric id"
-        ));
+        return Err(RuleError::NamedGroup(image_user_text.to_string()));
     }
     Ok((uid, gid))
 }
