@@ -140,7 +140,8 @@ fn pull_decrypt_and_unpack_from_a_registry() {
     ))
     .expect("reference");
     let e = client.pull(&missing).expect_err("unknown manifest");
-    assert!(e.to_string().contains("404"), "{e}");
+    let e = kabuto_error::chain(&e);
+    assert!(e.contains("404"), "{e}");
 
     // A layer corrupted in the registry's storage: refused by its digest.
     let image = ImageReference::parse(&plain_ref).expect("reference");

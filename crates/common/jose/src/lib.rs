@@ -109,73 +109,10 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
     let mut cek = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(cek.as_mut());
     let (protected, encrypted_key) = match recipient {
-        TeePubKey::EC { crv, x, y, .. } => {
-            let (epk, wrapped) = match crv.as_str() {
-                CRV_P256 => {
-                    ecdh_es_wrap(&ec_point::<p256::NistP256>(crv, x, y)?, crv, cek.as_ref())?
-                }
-                CRV_P521 => {
-                    ecdh_es_wrap(&ec_point::<p521::NistP521>(crv, x, y)?, crv, cek.as_ref())?
-                }
-                other => {
-                    return Err(JoseError::UnsupportedKey(format!(
-                        "EC curve {other} (only {CRV_P256} and {CRV_P521})"
-                    )))
-                }
-            };
-            let mut other_fields = serde_json::Map::new();
-            let epk = serde_json::to_value(epk).map_err(|e| JoseError::Encrypt(e.to_string()))?;
-            other_fields.insert("epk".into(), with_sorted_keys(epk));
-            (
-                ProtectedHeader {
-                    alg: ALG_ECDH_ES_A256KW.into(),
-                    enc: ENC_A256GCM.into(),
-                    other_fields,
-                },
-                wrapped,
-            )
-        }
+        TeePubKey::EC { crv, x, y, .. } => wrap_for_ec(crv, x, y, cek.as_ref())?,
         TeePubKey::RSA {
             alg, k_mod, k_exp, ..
-        } => {
-            let n = decode_b64url("n", k_mod)?;
-            let e = decode_b64url("e", k_exp)?;
-            let key = RsaPublicKey::new(BigUint::from_bytes_be(&n), BigUint::from_bytes_be(&e))
-                .map_err(|e| JoseError::InvalidKey(format!("RSA: {e}")))?;
-            if key.size() * 8 < MIN_RSA_BITS {
-                return Err(JoseError::UnsupportedKey(format!(
-                    "RSA key of {} bits; at least {MIN_RSA_BITS} required",
-                    key.size() * 8
-                )));
-            }
-            // The algorithm the recipient's key names (RFC 7517 §4.4): a
-            // client decrypts with the one it asked for.
-            let alg = match alg.as_str() {
-                "" | ALG_RSA_OAEP_256 => ALG_RSA_OAEP_256,
-                ALG_RSA_OAEP => ALG_RSA_OAEP,
-                ALG_RSA1_5 => ALG_RSA1_5,
-                other => {
-                    return Err(JoseError::UnsupportedAlgorithm {
-                        field: "alg",
-                        value: format!("{other} for an RSA key"),
-                    })
-                }
-            };
-            let wrapped = match alg {
-                ALG_RSA_OAEP => key.encrypt(&mut OsRng, Oaep::new::<sha1::Sha1>(), cek.as_ref()),
-                ALG_RSA1_5 => key.encrypt(&mut OsRng, rsa::Pkcs1v15Encrypt, cek.as_ref()),
-                _ => key.encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek.as_ref()),
-            }
-            .map_err(|e| JoseError::Encrypt(format!("{alg}: {e}")))?;
-            (
-                ProtectedHeader {
-                    alg: alg.into(),
-                    enc: ENC_A256GCM.into(),
-                    other_fields: serde_json::Map::new(),
-                },
-                wrapped,
-            )
-        }
+        } => wrap_for_rsa(alg, k_mod, k_exp, cek.as_ref())?,
         TeePubKey::AKP { alg, .. } => {
             return Err(JoseError::UnsupportedKey(format!(
                 "AKP (post-quantum) key with alg {alg}"
@@ -201,6 +138,76 @@ pub fn encrypt(recipient: &TeePubKey, plaintext: &[u8]) -> Result<Response> {
         ciphertext,
         tag: tag.to_vec(),
     })
+}
+
+/// ECDH-ES+A256KW to an EC key: the header (with `epk`) and the wrapped
+/// content key.
+fn wrap_for_ec(crv: &str, x: &str, y: &str, cek: &[u8]) -> Result<(ProtectedHeader, Vec<u8>)> {
+    let (epk, wrapped) = match crv {
+        CRV_P256 => ecdh_es_wrap(&ec_point::<p256::NistP256>(crv, x, y)?, crv, cek)?,
+        CRV_P521 => ecdh_es_wrap(&ec_point::<p521::NistP521>(crv, x, y)?, crv, cek)?,
+        other => {
+            return Err(JoseError::UnsupportedKey(format!(
+                "EC curve {other} (only {CRV_P256} and {CRV_P521})"
+            )))
+        }
+    };
+    let mut other_fields = serde_json::Map::new();
+    let epk = serde_json::to_value(epk).map_err(|e| JoseError::Encrypt(e.to_string()))?;
+    other_fields.insert("epk".into(), with_sorted_keys(epk));
+    Ok((
+        ProtectedHeader {
+            alg: ALG_ECDH_ES_A256KW.into(),
+            enc: ENC_A256GCM.into(),
+            other_fields,
+        },
+        wrapped,
+    ))
+}
+
+/// The content key wrapped to an RSA key with the algorithm the key names
+/// (RFC 7517 §4.4: a client decrypts with the one it asked for).
+fn wrap_for_rsa(
+    alg: &str,
+    k_mod: &str,
+    k_exp: &str,
+    cek: &[u8],
+) -> Result<(ProtectedHeader, Vec<u8>)> {
+    let n = decode_b64url("n", k_mod)?;
+    let e = decode_b64url("e", k_exp)?;
+    let key = RsaPublicKey::new(BigUint::from_bytes_be(&n), BigUint::from_bytes_be(&e))
+        .map_err(|e| JoseError::InvalidKey(format!("RSA: {e}")))?;
+    if key.size() * 8 < MIN_RSA_BITS {
+        return Err(JoseError::UnsupportedKey(format!(
+            "RSA key of {} bits; at least {MIN_RSA_BITS} required",
+            key.size() * 8
+        )));
+    }
+    let alg = match alg {
+        "" | ALG_RSA_OAEP_256 => ALG_RSA_OAEP_256,
+        ALG_RSA_OAEP => ALG_RSA_OAEP,
+        ALG_RSA1_5 => ALG_RSA1_5,
+        other => {
+            return Err(JoseError::UnsupportedAlgorithm {
+                field: "alg",
+                value: format!("{other} for an RSA key"),
+            })
+        }
+    };
+    let wrapped = match alg {
+        ALG_RSA_OAEP => key.encrypt(&mut OsRng, Oaep::new::<sha1::Sha1>(), cek),
+        ALG_RSA1_5 => key.encrypt(&mut OsRng, rsa::Pkcs1v15Encrypt, cek),
+        _ => key.encrypt(&mut OsRng, Oaep::new::<Sha256>(), cek),
+    }
+    .map_err(|e| JoseError::Encrypt(format!("{alg}: {e}")))?;
+    Ok((
+        ProtectedHeader {
+            alg: alg.into(),
+            enc: ENC_A256GCM.into(),
+            other_fields: serde_json::Map::new(),
+        },
+        wrapped,
+    ))
 }
 
 /// `value` with every object's keys inserted in sorted order. CoCo's KBS

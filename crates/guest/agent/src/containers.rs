@@ -222,17 +222,7 @@ impl Runtime {
             .unwrap_or(false);
         let mut stdio = PendingStdio::new(terminal, &bundle.join("console.sock"))?;
         let guard = self.reaper.spawn_guard();
-        let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
-            .with_root_path(CONTAINER_STATE_DIR)
-            .map_err(AgentError::container("setting the state directory"))?
-            .with_console_socket(stdio.console_socket());
-        if let Some(child) = stdio.take_child() {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
-        }
-        let container = builder
+        let container = container_builder(id, &mut stdio)?
             .validate_id()
             .map_err(AgentError::container("validating the container id"))?
             .as_init(bundle)
@@ -317,17 +307,7 @@ impl Runtime {
             &container.bundle.join(format!("exec-{exec_id}.sock")),
         )?;
         let guard = self.reaper.spawn_guard();
-        let mut builder = ContainerBuilder::new(container.id.clone(), SyscallType::default())
-            .with_root_path(CONTAINER_STATE_DIR)
-            .map_err(AgentError::container("setting the state directory"))?
-            .with_console_socket(stdio.console_socket());
-        if let Some(child) = stdio.take_child() {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
-        }
-        let pid = builder
+        let pid = container_builder(&container.id, &mut stdio)?
             .as_tenant()
             .with_detach(true)
             .with_process(Some(&spec_path))
@@ -415,6 +395,22 @@ impl Runtime {
             .map_err(AgentError::io(format!("reading {}", path.display())))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
+}
+
+/// libcontainer's builder for container `id` in the agent's state
+/// directory, with the process's stdio (a console socket or pipes).
+fn container_builder(id: &str, stdio: &mut PendingStdio) -> Result<ContainerBuilder> {
+    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(CONTAINER_STATE_DIR)
+        .map_err(AgentError::container("setting the state directory"))?
+        .with_console_socket(stdio.console_socket());
+    if let Some(child) = stdio.take_child() {
+        builder = builder
+            .with_stdin(child.stdin)
+            .with_stdout(child.stdout)
+            .with_stderr(child.stderr);
+    }
+    Ok(builder)
 }
 
 #[cfg(test)]

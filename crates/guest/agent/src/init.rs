@@ -8,22 +8,29 @@ use nix::mount::{mount, MsFlags};
 
 /// A boot step of the guest failed: what was being done, and the cause.
 #[derive(Debug, thiserror::Error)]
-pub enum InitError {
-    #[error("{0}")]
-    Io(String, #[source] std::io::Error),
-    #[error("{0}")]
-    Sys(String, #[source] nix::Error),
+#[error("{what}")]
+pub struct InitError {
+    what: String,
+    #[source]
+    cause: InitCause,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitCause {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sys(#[from] nix::Error),
 }
 
 impl InitError {
-    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InitError {
+    /// A step's error mapper: `what` was being done when `E` happened.
+    fn step<E: Into<InitCause>>(what: impl Into<String>) -> impl FnOnce(E) -> InitError {
         let what = what.into();
-        move |e| InitError::Io(what, e)
-    }
-
-    fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> InitError {
-        let what = what.into();
-        move |e| InitError::Sys(what, e)
+        move |e| InitError {
+            what,
+            cause: e.into(),
+        }
     }
 }
 
@@ -151,8 +158,8 @@ fn mount_base(m: &Mount) -> nix::Result<()> {
 /// Mounts the base file systems and enables the cgroup controllers.
 pub fn setup_guest() -> Result<(), InitError> {
     for m in BASE_MOUNTS {
-        fs::create_dir_all(m.target).map_err(InitError::io(format!("mkdir {}", m.target)))?;
-        mount_base(m).map_err(InitError::sys(format!(
+        fs::create_dir_all(m.target).map_err(InitError::step(format!("mkdir {}", m.target)))?;
+        mount_base(m).map_err(InitError::step(format!(
             "mount {} on {}",
             m.fstype, m.target
         )))?;
@@ -182,14 +189,14 @@ pub fn setup_guest() -> Result<(), InitError> {
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
-    enable_cgroup_controllers().map_err(InitError::io("enabling cgroup controllers"))?;
+    enable_cgroup_controllers().map_err(InitError::step("enabling cgroup controllers"))?;
     for dir in [
         GUEST_SHARED_DIR,
         GUEST_ROOTFS_DIR,
         CONTAINER_STATE_DIR,
         BUNDLES_DIR,
     ] {
-        fs::create_dir_all(dir).map_err(InitError::io(format!("mkdir {dir}")))?;
+        fs::create_dir_all(dir).map_err(InitError::step(format!("mkdir {dir}")))?;
     }
     Ok(())
 }
@@ -234,15 +241,17 @@ pub fn switch_root() -> Result<(), InitError> {
     // shell (debug_console).
     let pause = fs::read(crate::pause::PAUSE_BINARY).ok();
     let debug_shell = fs::read(crate::debug_console::DEBUG_SHELL).ok();
-    for entry in fs::read_dir("/").map_err(InitError::io("reading /"))? {
-        let path = entry.map_err(InitError::io("reading a directory"))?.path();
+    for entry in fs::read_dir("/").map_err(InitError::step("reading /"))? {
+        let path = entry
+            .map_err(InitError::step("reading a directory"))?
+            .path();
         let _ = if path.is_dir() && !path.is_symlink() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
     }
-    fs::create_dir_all(NEW_ROOT).map_err(InitError::io(format!("mkdir {NEW_ROOT}")))?;
+    fs::create_dir_all(NEW_ROOT).map_err(InitError::step(format!("mkdir {NEW_ROOT}")))?;
     mount(
         Some("rootfs"),
         NEW_ROOT,
@@ -250,12 +259,12 @@ pub fn switch_root() -> Result<(), InitError> {
         MsFlags::empty(),
         Some("mode=0755"),
     )
-    .map_err(InitError::sys(format!("mount tmpfs on {NEW_ROOT}")))?;
-    nix::unistd::chdir(NEW_ROOT).map_err(InitError::sys(format!("chdir {NEW_ROOT}")))?;
+    .map_err(InitError::step(format!("mount tmpfs on {NEW_ROOT}")))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(InitError::step(format!("chdir {NEW_ROOT}")))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(InitError::sys(format!("moving {NEW_ROOT} to /")))?;
-    nix::unistd::chroot(".").map_err(InitError::sys("chroot"))?;
-    nix::unistd::chdir("/").map_err(InitError::sys("chdir /"))?;
+        .map_err(InitError::step(format!("moving {NEW_ROOT} to /")))?;
+    nix::unistd::chroot(".").map_err(InitError::step("chroot"))?;
+    nix::unistd::chdir("/").map_err(InitError::step("chdir /"))?;
     if let Some(shell) = debug_shell {
         restore(Path::new(crate::debug_console::DEBUG_SHELL), &shell)?;
     }
@@ -263,7 +272,8 @@ pub fn switch_root() -> Result<(), InitError> {
         restore(Path::new(crate::pause::PAUSE_BINARY), &pause)?;
         for dir in ["proc", "dev"] {
             let dir = Path::new(kabuto_protocol::GUEST_PAUSE_ROOT).join(dir);
-            fs::create_dir_all(&dir).map_err(InitError::io(format!("mkdir {}", dir.display())))?;
+            fs::create_dir_all(&dir)
+                .map_err(InitError::step(format!("mkdir {}", dir.display())))?;
         }
     }
     Ok(())
@@ -273,11 +283,11 @@ pub fn switch_root() -> Result<(), InitError> {
 fn restore(path: &Path, data: &[u8]) -> Result<(), InitError> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(InitError::io(format!("mkdir {}", dir.display())))?;
+        fs::create_dir_all(dir).map_err(InitError::step(format!("mkdir {}", dir.display())))?;
     }
-    fs::write(path, data).map_err(InitError::io(format!("restoring {}", path.display())))?;
+    fs::write(path, data).map_err(InitError::step(format!("restoring {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .map_err(InitError::io(format!("chmod {}", path.display())))
+        .map_err(InitError::step(format!("chmod {}", path.display())))
 }
 
 /// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
@@ -317,11 +327,11 @@ fn module_name(path: &str) -> String {
 
 fn load_module(path: &Path) -> Result<(), InitError> {
     let file =
-        fs::File::open(path).map_err(InitError::io(format!("opening {}", path.display())))?;
+        fs::File::open(path).map_err(InitError::step(format!("opening {}", path.display())))?;
     let params = CString::default();
     match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
-        Err(e) => Err(InitError::sys(format!("loading {}", path.display()))(e)),
+        Err(e) => Err(InitError::step(format!("loading {}", path.display()))(e)),
     }
 }
 

@@ -75,9 +75,9 @@ fn checked(result: nix::Result<i32>, what: &str) -> Result<(), NetError> {
     })
 }
 
-/// Sets IFF_UP on `name` in the calling thread's network namespace.
-pub fn bring_up(name: &str) -> Result<(), NetError> {
-    let sock = socket(
+/// A datagram socket for the interface ioctls.
+fn ioctl_socket() -> Result<std::os::fd::OwnedFd, NetError> {
+    socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
@@ -86,7 +86,12 @@ pub fn bring_up(name: &str) -> Result<(), NetError> {
     .map_err(|source| NetError::Ioctl {
         what: "socket".into(),
         source,
-    })?;
+    })
+}
+
+/// Sets IFF_UP on `name` in the calling thread's network namespace.
+pub fn bring_up(name: &str) -> Result<(), NetError> {
+    let sock = ioctl_socket()?;
     let fd = sock.as_raw_fd();
     let mut req = ifreq(name)?;
     // SAFETY: `req` is an ifreq naming the interface, alive for the call.
@@ -104,16 +109,7 @@ pub fn bring_up(name: &str) -> Result<(), NetError> {
 /// Configures eth0 (10.0.2.15/24) and the default route via 10.0.2.2.
 pub fn setup_user_network() -> Result<(), NetError> {
     bring_up("lo")?;
-    let sock = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|source| NetError::Ioctl {
-        what: "socket".into(),
-        source,
-    })?;
+    let sock = ioctl_socket()?;
     let fd = sock.as_raw_fd();
     let mut req = ifreq(INTERFACE)?;
     req.ifr_ifru.ifru_addr = sockaddr(GUEST_ADDRESS);

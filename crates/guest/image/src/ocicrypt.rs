@@ -136,46 +136,12 @@ pub fn decrypt_layer(
             media_type: descriptor.media_type.clone(),
         });
     }
-    let annotation = |name: &'static str| {
-        descriptor
-            .annotations
-            .get(name)
-            .ok_or(DecryptError::MissingAnnotation {
-                digest: digest.clone(),
-                annotation: name,
-            })
-    };
     let malformed = |what: &'static str, reason: String| DecryptError::Malformed {
         digest: digest.clone(),
         what,
         reason,
     };
-
-    let pubopts = STANDARD
-        .decode(annotation(PUBOPTS_ANNOTATION)?)
-        .map_err(|e| malformed("pubopts", e.to_string()))?;
-    let pubopts: PublicOptions =
-        serde_json::from_slice(&pubopts).map_err(|e| malformed("pubopts", e.to_string()))?;
-    if pubopts.cipher != CIPHER_AES_CTR_HMAC {
-        return Err(DecryptError::Cipher {
-            digest,
-            cipher: pubopts.cipher,
-        });
-    }
-    let expected_hmac = STANDARD
-        .decode(&pubopts.hmac)
-        .map_err(|e| malformed("pubopts hmac", e.to_string()))?;
-
-    let private =
-        open_private_options(annotation(KEYS_JWE_ANNOTATION)?, keys).map_err(|reason| {
-            DecryptError::NoKey {
-                digest: digest.clone(),
-                keys: keys.len(),
-                reason,
-            }
-        })?;
-    let private: PrivateOptions = serde_json::from_slice(&private)
-        .map_err(|e| malformed("private options", crate::redact::json(&e)))?;
+    let (expected_hmac, private) = layer_options(descriptor, keys)?;
     let symkey = Zeroizing::new(
         STANDARD
             .decode(&private.symkey)
@@ -212,26 +178,84 @@ pub fn decrypt_layer(
     let mut cipher = Aes256Ctr::new_from_slices(&symkey, &nonce)
         .map_err(|e| malformed("private options", e.to_string()))?;
     cipher.apply_keystream(&mut blob);
-    let plaintext = blob;
+    check_plaintext_digest(descriptor, blob, private.digest)
+}
 
+/// The public options' HMAC and the private options (opened with the
+/// first of `keys` that can) of an encrypted layer.
+fn layer_options(
+    descriptor: &LayerDescriptor,
+    keys: &[TeeKeyPair],
+) -> Result<(Vec<u8>, PrivateOptions), DecryptError> {
+    let digest = &descriptor.digest;
+    let annotation = |name: &'static str| {
+        descriptor
+            .annotations
+            .get(name)
+            .ok_or(DecryptError::MissingAnnotation {
+                digest: digest.clone(),
+                annotation: name,
+            })
+    };
+    let malformed = |what: &'static str, reason: String| DecryptError::Malformed {
+        digest: digest.clone(),
+        what,
+        reason,
+    };
+    let pubopts = STANDARD
+        .decode(annotation(PUBOPTS_ANNOTATION)?)
+        .map_err(|e| malformed("pubopts", e.to_string()))?;
+    let pubopts: PublicOptions =
+        serde_json::from_slice(&pubopts).map_err(|e| malformed("pubopts", e.to_string()))?;
+    if pubopts.cipher != CIPHER_AES_CTR_HMAC {
+        return Err(DecryptError::Cipher {
+            digest: digest.clone(),
+            cipher: pubopts.cipher,
+        });
+    }
+    let expected_hmac = STANDARD
+        .decode(&pubopts.hmac)
+        .map_err(|e| malformed("pubopts hmac", e.to_string()))?;
+
+    let private =
+        open_private_options(annotation(KEYS_JWE_ANNOTATION)?, keys).map_err(|reason| {
+            DecryptError::NoKey {
+                digest: digest.clone(),
+                keys: keys.len(),
+                reason,
+            }
+        })?;
+    let private: PrivateOptions = serde_json::from_slice(&private)
+        .map_err(|e| malformed("private options", crate::redact::json(&e)))?;
+    Ok((expected_hmac, private))
+}
+
+/// The decrypted layer, if it has the digest its private options name.
+fn check_plaintext_digest(
+    descriptor: &LayerDescriptor,
+    plaintext: Vec<u8>,
+    expected: String,
+) -> Result<Vec<u8>, DecryptError> {
+    let digest = descriptor.digest.clone();
+    let private_digest = expected;
     // The private digest names the layer as handed to the encrypter: the
     // decrypted blob itself, or — when the tool compressed the layer on the
     // fly before encrypting it, as skopeo does with uncompressed layers —
     // its uncompressed content.
     let actual = crate::sha256_digest(&plaintext);
-    if actual == private.digest {
+    if actual == private_digest {
         return Ok(plaintext);
     }
     let uncompressed = match descriptor.decrypted_media_type() {
         m if m.ends_with("+gzip") => gunzip_digest(&plaintext),
         _ => None,
     };
-    if uncompressed.as_deref() == Some(private.digest.as_str()) {
+    if uncompressed.as_deref() == Some(private_digest.as_str()) {
         return Ok(plaintext);
     }
     Err(DecryptError::Digest {
         digest,
-        expected: private.digest,
+        expected: private_digest,
         actual: match uncompressed {
             Some(u) => format!("{actual} (uncompressed {u})"),
             None => actual,

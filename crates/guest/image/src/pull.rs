@@ -10,8 +10,8 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde::Deserialize;
 
 use crate::{
-    DecryptError, ImageReference, PlainLayer, RegistryClient, RegistryError, SignatureError,
-    SignaturePolicy, UnpackError, UnpackOptions,
+    DecryptError, ImageReference, PlainLayer, RegistryClient, RegistryError, ResolvedManifest,
+    SignatureError, SignaturePolicy, UnpackError, UnpackOptions,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -312,6 +312,97 @@ pub struct PulledRootfs {
     pub timings: PullTimings,
 }
 
+/// The manifest of `image` from the first of its sources (mirrors in
+/// order, then its own registry) that answers, with the client that got it.
+fn resolve_first(
+    reference: &str,
+    image: &ImageReference,
+    settings: &PullSettings,
+) -> Result<(Source, RegistryClient, ResolvedManifest), PullError> {
+    let mut last_failure = None;
+    for source in settings.registries.sources(image)? {
+        let host = source.image.registry.clone();
+        let insecure = if source.insecure {
+            vec![host.clone()]
+        } else {
+            Vec::new()
+        };
+        // Credentials of the endpoint, else of the name the image was given.
+        let credentials = settings
+            .credentials
+            .for_registry(&host)
+            .or_else(|| settings.credentials.for_registry(&image.registry));
+        let mut client =
+            RegistryClient::new(insecure, credentials).with_deadline(settings.deadline);
+        match client.resolve(&source.image) {
+            Ok(resolved) => return Ok((source, client, resolved)),
+            Err(e) => {
+                log::warn!(
+                    "pulling {reference} from {host}: {}",
+                    kabuto_error::Chain(&e)
+                );
+                last_failure = Some(e);
+            }
+        }
+    }
+    Err(PullError::Registry {
+        image: reference.into(),
+        source: last_failure
+            .unwrap_or_else(|| RegistryError::Manifest("no registry to pull from".to_string())),
+    })
+}
+
+/// Where a pull's layers go, as they arrive.
+struct LayerTarget<'a> {
+    name: &'a str,
+    reference: &'a str,
+    settings: &'a PullSettings,
+    rootfs: &'a Path,
+}
+
+impl LayerTarget<'_> {
+    /// Decrypts (where encrypted) and unpacks one layer, unless the pull's
+    /// deadline passed.
+    fn apply(
+        &self,
+        descriptor: crate::LayerDescriptor,
+        blob: Vec<u8>,
+        timings: &mut PullTimings,
+    ) -> Result<(), PullError> {
+        let image = || self.name.to_string();
+        if self
+            .settings
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Err(PullError::Registry {
+                image: image(),
+                source: RegistryError::Http {
+                    url: self.reference.into(),
+                    reason: crate::registry::HttpError::DeadlinePassed,
+                },
+            });
+        }
+        let started = std::time::Instant::now();
+        let layer = PlainLayer::new(descriptor, blob, &self.settings.keys).map_err(|source| {
+            PullError::Decrypt {
+                image: image(),
+                source,
+            }
+        })?;
+        timings.decrypt += started.elapsed();
+        let started = std::time::Instant::now();
+        crate::unpack_layer(&layer.as_layer(), self.rootfs, self.settings.unpack).map_err(
+            |source| PullError::Unpack {
+                image: image(),
+                source,
+            },
+        )?;
+        timings.unpack += started.elapsed();
+        Ok(())
+    }
+}
+
 /// Pulls `reference` and unpacks it into `rootfs` (which must not exist):
 /// the manifest from the first source that answers, the signature policy
 /// checked before any layer is fetched, every blob checked against its
@@ -333,43 +424,7 @@ pub fn pull_and_unpack(
         *slot = phase.elapsed();
         phase = std::time::Instant::now();
     };
-    let sources = settings.registries.sources(&image)?;
-    let mut failures = Vec::new();
-    let mut found = None;
-    for source in sources {
-        let host = source.image.registry.clone();
-        let insecure = if source.insecure {
-            vec![host.clone()]
-        } else {
-            Vec::new()
-        };
-        // Credentials of the endpoint, else of the name the image was given.
-        let credentials = settings
-            .credentials
-            .for_registry(&host)
-            .or_else(|| settings.credentials.for_registry(&image.registry));
-        let mut client =
-            RegistryClient::new(insecure, credentials).with_deadline(settings.deadline);
-        match client.resolve(&source.image) {
-            Ok(resolved) => {
-                found = Some((source, client, resolved));
-                break;
-            }
-            Err(e) => {
-                log::warn!("pulling {reference} from {host}: {e}");
-                failures.push(e);
-            }
-        }
-    }
-    let Some((source, mut client, resolved)) = found else {
-        let source = failures
-            .pop()
-            .unwrap_or_else(|| RegistryError::Manifest("no registry to pull from".to_string()));
-        return Err(PullError::Registry {
-            image: reference.into(),
-            source,
-        });
-    };
+    let (source, mut client, resolved) = resolve_first(reference, &image, settings)?;
     if let Some(policy) = &settings.signature_policy {
         // Signatures sign what the reference names (an index, for a
         // multi-platform image), whose digests pin the platform manifest.
@@ -406,31 +461,13 @@ pub fn pull_and_unpack(
             &source.image,
             &descriptors,
             |i, blob| {
-                if settings
-                    .deadline
-                    .is_some_and(|d| std::time::Instant::now() >= d)
-                {
-                    return Err(PullError::Registry {
-                        image: name.clone(),
-                        source: RegistryError::Http {
-                            url: reference.into(),
-                            reason: crate::registry::HttpError::DeadlinePassed,
-                        },
-                    });
-                }
-                let started = std::time::Instant::now();
-                let layer = PlainLayer::new(descriptors[i].clone(), blob, &settings.keys).map_err(
-                    |source| PullError::Decrypt {
-                        image: name.clone(),
-                        source,
-                    },
-                )?;
-                timings.decrypt += started.elapsed();
-                let started = std::time::Instant::now();
-                crate::unpack_layer(&layer.as_layer(), rootfs, settings.unpack)
-                    .map_err(unpack_err)?;
-                timings.unpack += started.elapsed();
-                Ok(())
+                let target = LayerTarget {
+                    name: &name,
+                    reference,
+                    settings,
+                    rootfs,
+                };
+                target.apply(descriptors[i].clone(), blob, &mut timings)
             },
             registry_err,
         )

@@ -127,11 +127,32 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         files: Vec::new(),
         dirs: Vec::new(),
     };
+    install_binaries(args, exe_dir, &shim, &mut rec)?;
+    install_guest_and_config(args, &guest_dir, &mut rec)?;
+    // The software TEE (insecure; for hosts without TEE hardware): its key
+    // pair is made here, once, so each host has its own root. A production
+    // build (no software-tee feature) has no signer and makes no keys.
+    #[cfg(feature = "software-tee")]
+    install_software_tee(root, &mut rec)?;
+    write_manifest(&manifest_path, root, &rec)?;
+    println!(
+        "kabuto installed; try: ctr run --rm --runtime io.containerd.kabuto.v2 <image> t1 uname -r"
+    );
+    Ok(())
+}
+
+/// The shim, the CLI, the snapshotter (with its systemd unit, not started
+/// here: containerd's config must name it) and the vhost-user vsock device.
+fn install_binaries(
+    args: &InstallArgs,
+    exe_dir: &Path,
+    shim: &Path,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let root = &args.root;
     let bin = under(root, &args.prefix.join("bin"));
-    rec.copy(&shim, &bin.join("containerd-shim-kabuto-v2"), 0o755)?;
+    rec.copy(shim, &bin.join("containerd-shim-kabuto-v2"), 0o755)?;
     rec.copy(&exe_dir.join("kabuto"), &bin.join("kabuto"), 0o755)?;
-    // The CRI snapshotter for images the guest pulls: a systemd unit, not
-    // started here (containerd's config must name it; see its README).
     let snapshotter = exe_dir.join("kabuto-snapshotter");
     if snapshotter.is_file() {
         let target = bin.join("kabuto-snapshotter");
@@ -157,6 +178,16 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
              (cargo install vhost-device-vsock --version 0.3.0 --locked)"
         ),
     }
+    Ok(())
+}
+
+/// The guest image, and the documented default config unless one exists.
+fn install_guest_and_config(
+    args: &InstallArgs,
+    guest_dir: &Path,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let root = &args.root;
     let guest_final = args.prefix.join("share/kabuto/guest");
     let guest_target = under(root, &guest_final);
     for f in ["vmlinux", "initramfs.cpio", "manifest.json"] {
@@ -173,11 +204,11 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
         text = text.replace(default_dir, &guest_final.display().to_string());
         rec.write(&config_path, text.as_bytes(), 0o644)?;
     }
-    // The software TEE (insecure; for hosts without TEE hardware): its key
-    // pair is made here, once, so each host has its own root. A production
-    // build (no software-tee feature) has no signer and makes no keys.
-    #[cfg(feature = "software-tee")]
-    install_software_tee(root, &mut rec)?;
+    Ok(())
+}
+
+/// Records what was installed, for `kabuto uninstall` and a re-install.
+fn write_manifest(manifest_path: &Path, root: &Path, rec: &Recorder) -> anyhow::Result<()> {
     let manifest = json!({
         "files": rec.files.iter().map(|(p, d)| json!({"path": p, "sha256": d})).collect::<Vec<_>>(),
         "dirs": rec.dirs,
@@ -191,12 +222,8 @@ pub fn install(args: &InstallArgs, exe_dir: &Path, default_guest: &Path) -> anyh
     if let Some(dirs) = manifest.get_mut("dirs").and_then(|d| d.as_array_mut()) {
         dirs.extend(manifest_dirs.dirs.iter().map(|d| json!(d)));
     }
-    fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", manifest_path.display()))?;
-    println!(
-        "kabuto installed; try: ctr run --rm --runtime io.containerd.kabuto.v2 <image> t1 uname -r"
-    );
-    Ok(())
+    fs::write(manifest_path, serde_json::to_vec_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", manifest_path.display()))
 }
 
 fn read_manifest(path: &Path) -> anyhow::Result<serde_json::Value> {

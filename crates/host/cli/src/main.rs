@@ -157,26 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Guest {
             command: GuestCommand::Measure,
-        } => {
-            use kabuto_runtime::config::TeeKind;
-            let config = Config::load()?;
-            let m = match config.confidential.tee {
-                TeeKind::Snp => kabuto_runtime::sandbox::snp_launch_measurement(&config)?,
-                TeeKind::Software | TeeKind::None => {
-                    kabuto_runtime::sandbox::software_tee_measurement(&config)?
-                }
-                TeeKind::Sample => {
-                    anyhow::bail!("tee = \"sample\" has no launch measurement: there is no TEE")
-                }
-                TeeKind::Tdx => anyhow::bail!(
-                    "TDX: MRTD depends on the TDVF build and is not computed here; \
-                     register the MRTD and RTMR0-3 of a first launch's quote \
-                     (kabuto-owner attest verify --tee tdx prints them)"
-                ),
-            };
-            println!("{}", hex_lower(&m));
-            Ok(())
-        }
+        } => measure(&Config::load()?),
         Command::Install(args) => install::install(&args, &exe_dir()?, &default_guest_out()?),
         Command::Uninstall(args) => install::uninstall(&args),
         Command::Check => {
@@ -187,20 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("this host cannot run kabuto yet (see the fixes above)")
             }
         }
-        Command::Env => {
-            let config = Config::load()?;
-            let source =
-                std::env::var(kabuto_runtime::config::CONFIG_PATH_ENV).unwrap_or_else(|_| {
-                    if std::path::Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH).exists() {
-                        kabuto_runtime::config::DEFAULT_CONFIG_PATH.into()
-                    } else {
-                        "built-in defaults".into()
-                    }
-                });
-            println!("# effective configuration (from {source})");
-            print!("{}", toml::to_string_pretty(&config)?);
-            Ok(())
-        }
+        Command::Env => print_env(&Config::load()?),
         Command::Attest(_) => moved("attest"),
         Command::Genpolicy(_) => moved("genpolicy"),
         Command::Image(_) => moved("image"),
@@ -216,6 +184,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             exec::run(&config, &pod, namespace.as_deref())
         }
     }
+}
+
+/// `kabuto guest measure`: the launch measurement of this config's pods.
+fn measure(config: &Config) -> anyhow::Result<()> {
+    use kabuto_runtime::config::TeeKind;
+    let m = match config.confidential.tee {
+        TeeKind::Snp => kabuto_runtime::sandbox::snp_launch_measurement(config)?,
+        TeeKind::Software | TeeKind::None => {
+            kabuto_runtime::sandbox::software_tee_measurement(config)?
+        }
+        TeeKind::Sample => {
+            anyhow::bail!("tee = \"sample\" has no launch measurement: there is no TEE")
+        }
+        TeeKind::Tdx => anyhow::bail!(
+            "TDX: MRTD depends on the TDVF build and is not computed here; \
+             register the MRTD and RTMR0-3 of a first launch's quote \
+             (kabuto-owner attest verify --tee tdx prints them)"
+        ),
+    };
+    println!("{}", hex_lower(&m));
+    Ok(())
+}
+
+/// `kabuto env`: the effective configuration and where it came from.
+fn print_env(config: &Config) -> anyhow::Result<()> {
+    let source = std::env::var(kabuto_runtime::config::CONFIG_PATH_ENV).unwrap_or_else(|_| {
+        if std::path::Path::new(kabuto_runtime::config::DEFAULT_CONFIG_PATH).exists() {
+            kabuto_runtime::config::DEFAULT_CONFIG_PATH.into()
+        } else {
+            "built-in defaults".into()
+        }
+    });
+    println!("# effective configuration (from {source})");
+    print!("{}", toml::to_string_pretty(config)?);
+    Ok(())
 }
 
 fn hex_lower(bytes: &[u8]) -> String {

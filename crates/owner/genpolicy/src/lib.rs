@@ -122,6 +122,75 @@ pub fn generate(
     Ok(Generated { manifest, pods })
 }
 
+/// The pod spec of a template, with a StatefulSet's claim templates as
+/// volumes; refused without containers or with host namespaces.
+fn pod_spec(
+    spec: &serde_json::Value,
+    claims: Vec<String>,
+    err: &dyn Fn(String) -> GenPolicyError,
+) -> Result<manifest::PodSpec, GenPolicyError> {
+    let mut spec: manifest::PodSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| err(format!("pod spec: {e}")))?;
+    // A StatefulSet's claim templates are volumes of its pods too.
+    for claim in claims {
+        spec.volumes.push(manifest::Volume {
+            name: claim,
+            ..Default::default()
+        });
+    }
+    if spec.containers.is_empty() {
+        return Err(err("the pod has no containers".into()));
+    }
+    // The "host" namespaces of a kabuto pod would be the guest's own, the
+    // agent's: no policy allows a container into them.
+    for (uses, field) in [
+        (spec.host_network, "hostNetwork"),
+        (spec.host_pid, "hostPID"),
+        (spec.host_ipc, "hostIPC"),
+    ] {
+        if uses {
+            return Err(err(format!(
+                "{field}: true is not supported: the pod's host namespaces would be the guest agent's"
+            )));
+        }
+    }
+    Ok(spec)
+}
+
+/// The rule of each (init) container, and the image reference to write
+/// back for it (pinned by digest with `pin_images`).
+fn container_rules(
+    settings: &Settings,
+    spec: &manifest::PodSpec,
+    resolver: &mut dyn ImageResolver,
+    err: &dyn Fn(String) -> GenPolicyError,
+) -> Result<(Vec<ContainerRule>, Vec<String>), GenPolicyError> {
+    let mut containers = Vec::new();
+    let mut pinned_images = Vec::new();
+    for c in spec.init_containers.iter().chain(&spec.containers) {
+        if c.name.is_empty() || c.image.is_empty() {
+            return Err(err("every container needs a name and an image".into()));
+        }
+        if containers.iter().any(|r: &ContainerRule| r.name == c.name) {
+            return Err(err(format!("two containers are named {:?}", c.name)));
+        }
+        let resolved = resolver.resolve(&c.image)?;
+        let written = if settings.pin_images {
+            pin_written(&c.image, &resolved.digest)
+        } else {
+            c.image.clone()
+        };
+        let mut rule = policy::container_rule(settings, spec, c, &resolved, &written)?;
+        if !settings.pin_images {
+            // Tags move: the image check only names what the pod names.
+            rule.images.push(c.image.clone());
+        }
+        containers.push(rule);
+        pinned_images.push(written);
+    }
+    Ok((containers, pinned_images))
+}
+
 fn annotate_document(
     doc: &mut serde_json::Value,
     settings: &Settings,
@@ -157,58 +226,11 @@ fn annotate_document(
             .get_mut(*key)
             .ok_or_else(|| err(format!("has no {}", path.join("."))))?;
     }
-    let mut spec: manifest::PodSpec = serde_json::from_value(template["spec"].clone())
-        .map_err(|e| err(format!("pod spec: {e}")))?;
-    // A StatefulSet's claim templates are volumes of its pods too.
-    for claim in claims {
-        spec.volumes.push(manifest::Volume {
-            name: claim,
-            ..Default::default()
-        });
-    }
-    if spec.containers.is_empty() {
-        return Err(err("the pod has no containers".into()));
-    }
-    // The "host" namespaces of a kabuto pod would be the guest's own, the
-    // agent's: no policy allows a container into them.
-    for (uses, field) in [
-        (spec.host_network, "hostNetwork"),
-        (spec.host_pid, "hostPID"),
-        (spec.host_ipc, "hostIPC"),
-    ] {
-        if uses {
-            return Err(err(format!(
-                "{field}: true is not supported: the pod's host namespaces would be the guest agent's"
-            )));
-        }
-    }
+    let spec = pod_spec(&template["spec"], claims, &err)?;
     if !spec.ephemeral_containers.is_empty() {
         log::warn!("{source}: ephemeral containers are not allowed by the generated policy");
     }
-
-    let mut containers = Vec::new();
-    let mut pinned_images = Vec::new();
-    for c in spec.init_containers.iter().chain(&spec.containers) {
-        if c.name.is_empty() || c.image.is_empty() {
-            return Err(err("every container needs a name and an image".into()));
-        }
-        if containers.iter().any(|r: &ContainerRule| r.name == c.name) {
-            return Err(err(format!("two containers are named {:?}", c.name)));
-        }
-        let resolved = resolver.resolve(&c.image)?;
-        let written = if settings.pin_images {
-            pin_written(&c.image, &resolved.digest)
-        } else {
-            c.image.clone()
-        };
-        let mut rule = policy::container_rule(settings, &spec, c, &resolved, &written)?;
-        if !settings.pin_images {
-            // Tags move: the image check only names what the pod names.
-            rule.images.push(c.image.clone());
-        }
-        containers.push(rule);
-        pinned_images.push(written);
-    }
+    let (containers, pinned_images) = container_rules(settings, &spec, resolver, &err)?;
     if settings.pin_images {
         let pinned = &mut pinned_images.into_iter();
         for list in ["initContainers", "containers"] {
@@ -235,6 +257,21 @@ fn annotate_document(
     kabuto_policy::PolicyGate::new(&rego).map_err(|e| GenPolicyError::Policy(e.to_string()))?;
     let init_data = init_data(&rego, settings)?;
 
+    annotate(template, &init_data, &err)?;
+    Ok(Some(GeneratedPod {
+        source,
+        rego,
+        init_data,
+    }))
+}
+
+/// Puts the init-data annotation (Kata's name; kabuto's own is dropped)
+/// into the pod template's metadata.
+fn annotate(
+    template: &mut serde_json::Value,
+    init_data: &kabuto_initdata::InitData,
+    err: &dyn Fn(String) -> GenPolicyError,
+) -> Result<(), GenPolicyError> {
     let metadata = template
         .as_object_mut()
         .ok_or_else(|| err("the pod template is not an object".into()))?
@@ -253,11 +290,7 @@ fn annotate_document(
         kabuto_initdata::KATA_ANNOTATION.into(),
         serde_json::Value::String(init_data.to_annotation()),
     );
-    Ok(Some(GeneratedPod {
-        source,
-        rego,
-        init_data,
-    }))
+    Ok(())
 }
 
 /// `image` as written, with its tag replaced by `@digest`.

@@ -63,65 +63,13 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
             )
         })?;
     for key in &kbs.admin_keys {
-        let (mut validation, max_lifetime) = match key.kind {
-            AdminKeyKind::Es256 => {
-                let mut validation = Validation::new(Algorithm::ES256);
-                validation.set_required_spec_claims(&["exp", "aud"]);
-                validation.set_audience(&[ADMIN_AUDIENCE]);
-                (validation, MAX_ADMIN_TOKEN_SECS)
-            }
-            AdminKeyKind::TrusteeEd25519 => {
-                let mut validation = Validation::new(Algorithm::EdDSA);
-                validation.set_required_spec_claims(&["exp"]);
-                validation.validate_nbf = true;
-                // kbs-client sends no `aud`; one naming something else is
-                // refused below.
-                validation.validate_aud = false;
-                (validation, MAX_TRUSTEE_TOKEN_SECS)
-            }
-        };
-        validation.leeway = LEEWAY_SECS;
+        let (validation, max_lifetime) = validation_for(key.kind);
         let Ok(data) = jsonwebtoken::decode::<AdminClaims>(token.trim(), &key.key, &validation)
         else {
             continue;
         };
         let claims = data.claims;
-        let now = crate::token::now_secs();
-        if key.kind == AdminKeyKind::TrusteeEd25519
-            && !claims.aud.is_empty()
-            && claims.aud != ADMIN_AUDIENCE
-        {
-            return Err(Problem::unauthorized(
-                "admin-auth",
-                format!(
-                    "the admin token is for {:?}, not this KBS's admin API",
-                    claims.aud
-                ),
-            ));
-        }
-        // Used ids are remembered by this process only: a token issued
-        // before it started could have been used already.
-        let single_use = key.kind == AdminKeyKind::Es256 || !claims.jti.is_empty();
-        if single_use && claims.iat + LEEWAY_SECS < kbs.started_secs {
-            return Err(Problem::unauthorized(
-                "admin-auth",
-                "the admin token was issued before this KBS started: make a new one",
-            ));
-        }
-        if claims.iat > now + LEEWAY_SECS || claims.exp.saturating_sub(claims.iat) > max_lifetime {
-            return Err(Problem::unauthorized(
-                "admin-auth",
-                format!("the admin token's lifetime must lie within {max_lifetime} s from an issue time that is not in the future"),
-            ));
-        }
-        if single_use
-            && (claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp))
-        {
-            return Err(Problem::unauthorized(
-                "admin-auth",
-                "the admin token was already used (or has no jti): admin tokens are single-use",
-            ));
-        }
+        check_claims(kbs, key.kind, &claims, max_lifetime)?;
         if key.roles.contains(&Role::Admin) || key.roles.contains(&needed) {
             return Ok(if claims.sub.is_empty() {
                 format!("{:?} key", key.kind)
@@ -139,6 +87,76 @@ fn authorize(kbs: &Kbs, headers: &HeaderMap, needed: Role) -> Result<String, Pro
         "admin-auth",
         "the admin token is not signed by a configured admin key, has expired, or is not for this KBS's admin API (aud)",
     ))
+}
+
+/// How a token of a key of `kind` is validated, and the longest lifetime
+/// it may claim.
+fn validation_for(kind: AdminKeyKind) -> (Validation, u64) {
+    let (mut validation, max_lifetime) = match kind {
+        AdminKeyKind::Es256 => {
+            let mut validation = Validation::new(Algorithm::ES256);
+            validation.set_required_spec_claims(&["exp", "aud"]);
+            validation.set_audience(&[ADMIN_AUDIENCE]);
+            (validation, MAX_ADMIN_TOKEN_SECS)
+        }
+        AdminKeyKind::TrusteeEd25519 => {
+            let mut validation = Validation::new(Algorithm::EdDSA);
+            validation.set_required_spec_claims(&["exp"]);
+            validation.validate_nbf = true;
+            // kbs-client sends no `aud`; one naming something else is
+            // refused in check_claims.
+            validation.validate_aud = false;
+            (validation, MAX_TRUSTEE_TOKEN_SECS)
+        }
+    };
+    validation.leeway = LEEWAY_SECS;
+    (validation, max_lifetime)
+}
+
+/// What the signature does not prove: audience (trustee tokens), issue
+/// time and lifetime, single use.
+fn check_claims(
+    kbs: &Kbs,
+    kind: AdminKeyKind,
+    claims: &AdminClaims,
+    max_lifetime: u64,
+) -> Result<(), Problem> {
+    let now = crate::token::now_secs();
+    if kind == AdminKeyKind::TrusteeEd25519
+        && !claims.aud.is_empty()
+        && claims.aud != ADMIN_AUDIENCE
+    {
+        return Err(Problem::unauthorized(
+            "admin-auth",
+            format!(
+                "the admin token is for {:?}, not this KBS's admin API",
+                claims.aud
+            ),
+        ));
+    }
+    // Used ids are remembered by this process only: a token issued before
+    // it started could have been used already.
+    let single_use = kind == AdminKeyKind::Es256 || !claims.jti.is_empty();
+    if single_use && claims.iat + LEEWAY_SECS < kbs.started_secs {
+        return Err(Problem::unauthorized(
+            "admin-auth",
+            "the admin token was issued before this KBS started: make a new one",
+        ));
+    }
+    if claims.iat > now + LEEWAY_SECS || claims.exp.saturating_sub(claims.iat) > max_lifetime {
+        return Err(Problem::unauthorized(
+            "admin-auth",
+            format!("the admin token's lifetime must lie within {max_lifetime} s from an issue time that is not in the future"),
+        ));
+    }
+    if single_use && (claims.jti.is_empty() || !kbs.admin_token_first_use(&claims.jti, claims.exp))
+    {
+        return Err(Problem::unauthorized(
+            "admin-auth",
+            "the admin token was already used (or has no jti): admin tokens are single-use",
+        ));
+    }
+    Ok(())
 }
 
 fn ok(what: String) -> Response {

@@ -230,7 +230,81 @@ pub async fn attest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let id = cookie_session(&headers).ok_or_else(|| {
+    let (id, challenge) = take_challenge(&kbs, &headers)?;
+    let attestation: Attestation = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request("request-format", format!("attestation: {e}")))?;
+    if attestation.runtime_data.nonce != challenge.nonce {
+        return Err(Problem::unauthorized(
+            "nonce",
+            "runtime-data.nonce is not this session's challenge nonce",
+        ));
+    }
+    // Report data binds nonce, key and additional evidence (JCS, then hash).
+    let report_data = kabuto_kbs_protocol::report_data(
+        challenge.hash,
+        &attestation.runtime_data,
+        &attestation.tee_evidence.additional_evidence,
+    )
+    .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
+    let init_data = attested_init_data(&attestation)?;
+    let init_digest = init_data.as_ref().map(|d| d.digest());
+
+    let verifier = kbs.verifier();
+    let claims = verifier
+        .verify(
+            challenge.tee,
+            &attestation.tee_evidence.primary_evidence,
+            kabuto_verifier::Expected {
+                report_data: Some(&report_data),
+                init_data: init_digest.as_deref(),
+            },
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            log::info!("attestation refused: {e}");
+            Problem::unauthorized(e.check(), e.to_string())
+        })?;
+    let claims_json =
+        serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
+    let appraisal = appraise(&kbs, challenge.tee, &claims_json, init_data.as_ref())?;
+    let devices = appraise_devices(&verifier, challenge.hash, &attestation)?;
+
+    let now = now_secs();
+    let cpu = Appraisal::new(
+        appraisal.status,
+        appraisal.trust_vector,
+        tee_name(challenge.tee),
+        claims_json,
+        init_digest.map(hex::encode),
+        attestation.runtime_data,
+    );
+    let token_claims = TokenClaims {
+        eat_profile: token::EAT_PROFILE.into(),
+        iss: ISSUER.into(),
+        iat: now,
+        exp: now + kbs.token_ttl.as_secs(),
+        verifier_id: VerifierId {
+            developer: "https://github.com/kabuto".into(),
+            build: concat!("kabuto-kbs ", env!("CARGO_PKG_VERSION")).into(),
+        },
+        submods: std::iter::once((token::CPU_SUBMOD.to_string(), cpu))
+            .chain(devices)
+            .collect(),
+    };
+    issue_token(&kbs, id, token_claims)
+}
+
+/// What `/auth` asked the client to attest to.
+struct SessionChallenge {
+    nonce: String,
+    tee: kbs_types::Tee,
+    hash: HashAlgorithm,
+}
+
+/// The session of the request's cookie, taken from the table (its nonce is
+/// single-use), with the challenge it was given.
+fn take_challenge(kbs: &Kbs, headers: &HeaderMap) -> Result<(String, SessionChallenge), Problem> {
+    let id = cookie_session(headers).ok_or_else(|| {
         Problem::unauthorized(
             "session",
             "no kbs-session-id cookie: call /kbs/v0/auth first",
@@ -262,62 +336,47 @@ pub async fn attest(
             "this session has already attested; its challenge nonce is single-use",
         ));
     };
-    let attestation: Attestation = serde_json::from_slice(&body)
-        .map_err(|e| Problem::bad_request("request-format", format!("attestation: {e}")))?;
-    if attestation.runtime_data.nonce != nonce {
-        return Err(Problem::unauthorized(
-            "nonce",
-            "runtime-data.nonce is not this session's challenge nonce",
+    Ok((id, SessionChallenge { nonce, tee, hash }))
+}
+
+/// The init-data document the client attests with, if any (TOML only).
+fn attested_init_data(
+    attestation: &Attestation,
+) -> Result<Option<kabuto_initdata::InitData>, Problem> {
+    let Some(doc) = &attestation.init_data else {
+        return Ok(None);
+    };
+    if doc.format != "toml" {
+        return Err(Problem::bad_request(
+            "init-data",
+            format!("init-data format {} (only toml)", doc.format),
         ));
     }
+    kabuto_initdata::InitData::parse(doc.body.as_bytes())
+        .map(Some)
+        .map_err(|e| Problem::bad_request("init-data", e.to_string()))
+}
 
-    // Report data binds nonce, key and additional evidence (JCS, then hash).
-    let report_data = kabuto_kbs_protocol::report_data(
-        hash,
-        &attestation.runtime_data,
-        &attestation.tee_evidence.additional_evidence,
-    )
-    .map_err(|e| Problem::bad_request("request-format", e.to_string()))?;
+/// The attestation policy's verdict on verified claims.
+struct PolicyAppraisal {
+    status: String,
+    trust_vector: serde_json::Value,
+}
 
-    let init_data = match &attestation.init_data {
-        Some(doc) => {
-            if doc.format != "toml" {
-                return Err(Problem::bad_request(
-                    "init-data",
-                    format!("init-data format {} (only toml)", doc.format),
-                ));
-            }
-            let parsed = kabuto_initdata::InitData::parse(doc.body.as_bytes())
-                .map_err(|e| Problem::bad_request("init-data", e.to_string()))?;
-            Some(parsed)
-        }
-        None => None,
-    };
-    let init_digest = init_data.as_ref().map(|d| d.digest());
-
-    let verifier = kbs.verifier();
-    let claims = verifier
-        .verify(
-            tee,
-            &attestation.tee_evidence.primary_evidence,
-            kabuto_verifier::Expected {
-                report_data: Some(&report_data),
-                init_data: init_digest.as_deref(),
-            },
-            SystemTime::now(),
-        )
-        .map_err(|e| {
-            log::info!("attestation refused: {e}");
-            Problem::unauthorized(e.check(), e.to_string())
-        })?;
-    let claims_json =
-        serde_json::to_value(&claims).map_err(|e| Problem::internal(format!("claims: {e}")))?;
-
+/// Runs the attestation policy over the claims and the registered
+/// reference values; a `contraindicated` status is a refusal naming the
+/// policy's reasons.
+fn appraise(
+    kbs: &Kbs,
+    tee: kbs_types::Tee,
+    claims: &serde_json::Value,
+    init_data: Option<&kabuto_initdata::InitData>,
+) -> Result<PolicyAppraisal, Problem> {
     let reference = kbs.store.reference_values()?;
     let input = serde_json::json!({
-        "claims": claims_json,
+        "claims": claims,
         "tee": tee,
-        "init_data": init_data.as_ref().map(|d| serde_json::json!({
+        "init_data": init_data.map(|d| serde_json::json!({
             "digest": hex::encode(d.digest()),
             "data": d.data,
         })),
@@ -349,31 +408,15 @@ pub async fn attest(
             format!("attestation policy: {reasons}"),
         ));
     }
-
-    let devices = appraise_devices(&verifier, hash, &attestation)?;
-
-    let now = now_secs();
-    let cpu = Appraisal::new(
+    Ok(PolicyAppraisal {
         status,
-        appraisal.get("trust_vector").cloned().unwrap_or_default(),
-        tee_name(tee),
-        claims_json,
-        init_digest.map(hex::encode),
-        attestation.runtime_data,
-    );
-    let token_claims = TokenClaims {
-        eat_profile: token::EAT_PROFILE.into(),
-        iss: ISSUER.into(),
-        iat: now,
-        exp: now + kbs.token_ttl.as_secs(),
-        verifier_id: VerifierId {
-            developer: "https://github.com/kabuto".into(),
-            build: concat!("kabuto-kbs ", env!("CARGO_PKG_VERSION")).into(),
-        },
-        submods: std::iter::once((token::CPU_SUBMOD.to_string(), cpu))
-            .chain(devices)
-            .collect(),
-    };
+        trust_vector: appraisal.get("trust_vector").cloned().unwrap_or_default(),
+    })
+}
+
+/// Signs the token, records the session as attested and answers with the
+/// token and the session cookie.
+fn issue_token(kbs: &Kbs, id: String, token_claims: TokenClaims) -> Result<Response, Problem> {
     let token = kbs
         .tokens
         .sign(&token_claims)

@@ -92,7 +92,25 @@ impl<'a> Reader<'a> {
 /// malformed part; trailing 0xFF or zero bytes (the unused log area) end it.
 pub fn parse(log: &[u8]) -> Result<Vec<Event>, EventLogError> {
     let mut r = Reader { buf: log, pos: 0 };
-    // The header event, SHA-1 layout.
+    let algorithms = spec_id_algorithms(&mut r)?;
+    let mut events = Vec::new();
+    loop {
+        let rest = r.rest();
+        if rest.len() < 8 || rest.iter().all(|&b| b == 0xFF) || rest.iter().all(|&b| b == 0) {
+            break;
+        }
+        match next_event(&mut r, &algorithms)? {
+            Next::End => break,
+            Next::Skipped => {}
+            Next::Event(e) => events.push(e),
+        }
+    }
+    Ok(events)
+}
+
+/// The header event (SHA-1 layout) holding the Spec ID event: the digest
+/// algorithms of the log and their sizes, SHA-384 among them.
+fn spec_id_algorithms(r: &mut Reader<'_>) -> Result<Vec<(u16, usize)>, EventLogError> {
     r.take(4, "the header's index")?;
     if r.u32("the header's type")? != EV_NO_ACTION {
         return Err(EventLogError::NoSpecId);
@@ -120,58 +138,64 @@ pub fn parse(log: &[u8]) -> Result<Vec<Event>, EventLogError> {
     if !sizes.contains(&(TPM_ALG_SHA384, 48)) {
         return Err(EventLogError::NoSha384);
     }
+    Ok(sizes)
+}
 
-    let mut events = Vec::new();
-    loop {
-        let rest = r.rest();
-        if rest.len() < 8 || rest.iter().all(|&b| b == 0xFF) || rest.iter().all(|&b| b == 0) {
-            break;
-        }
-        let at = r.pos;
-        let index = r.u32("an event's index")?;
-        let event_type = r.u32("an event's type")?;
-        if index == u32::MAX && event_type == u32::MAX {
-            break;
-        }
-        let digests = r.u32("an event's digest count")?;
-        if digests > count {
-            return Err(EventLogError::DigestCount { at, digests, count });
-        }
-        let mut sha384 = None;
-        for _ in 0..digests {
-            let alg = r.u16("a digest's algorithm")?;
-            let size = sizes
-                .iter()
-                .find(|(a, _)| *a == alg)
-                .map(|(_, s)| *s)
-                .ok_or(EventLogError::UndeclaredAlgorithm { at, alg })?;
-            let digest = r.take(size, "a digest")?;
-            if alg == TPM_ALG_SHA384 {
-                let mut d = [0u8; 48];
-                d.copy_from_slice(digest);
-                sha384 = Some(d);
-            }
-        }
-        let size = r.u32("an event's size")? as usize;
-        let data = r.take(size, "an event's data")?.to_vec();
-        if event_type == EV_NO_ACTION {
-            continue;
-        }
-        let rtmr = match index {
-            // MRTD is built by the TDX module, not extended from the log.
-            0 => continue,
-            1..=4 => (index - 1) as usize,
-            other => return Err(EventLogError::Register { at, index: other }),
-        };
-        let sha384 = sha384.ok_or(EventLogError::NoSha384Digest { at, rtmr })?;
-        events.push(Event {
-            rtmr,
-            event_type,
-            sha384,
-            data,
-        });
+/// What the next record of the log is.
+enum Next {
+    /// The end marker.
+    End,
+    /// A record that extends no RTMR (EV_NO_ACTION, or MRTD's).
+    Skipped,
+    Event(Event),
+}
+
+fn next_event(r: &mut Reader<'_>, algorithms: &[(u16, usize)]) -> Result<Next, EventLogError> {
+    let at = r.pos;
+    let index = r.u32("an event's index")?;
+    let event_type = r.u32("an event's type")?;
+    if index == u32::MAX && event_type == u32::MAX {
+        return Ok(Next::End);
     }
-    Ok(events)
+    let digests = r.u32("an event's digest count")?;
+    // At most MAX_ALGORITHMS, so the cast is exact.
+    let count = algorithms.len() as u32;
+    if digests > count {
+        return Err(EventLogError::DigestCount { at, digests, count });
+    }
+    let mut sha384 = None;
+    for _ in 0..digests {
+        let alg = r.u16("a digest's algorithm")?;
+        let size = algorithms
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, s)| *s)
+            .ok_or(EventLogError::UndeclaredAlgorithm { at, alg })?;
+        let digest = r.take(size, "a digest")?;
+        if alg == TPM_ALG_SHA384 {
+            let mut d = [0u8; 48];
+            d.copy_from_slice(digest);
+            sha384 = Some(d);
+        }
+    }
+    let size = r.u32("an event's size")? as usize;
+    let data = r.take(size, "an event's data")?.to_vec();
+    if event_type == EV_NO_ACTION {
+        return Ok(Next::Skipped);
+    }
+    let rtmr = match index {
+        // MRTD is built by the TDX module, not extended from the log.
+        0 => return Ok(Next::Skipped),
+        1..=4 => (index - 1) as usize,
+        other => return Err(EventLogError::Register { at, index: other }),
+    };
+    let sha384 = sha384.ok_or(EventLogError::NoSha384Digest { at, rtmr })?;
+    Ok(Next::Event(Event {
+        rtmr,
+        event_type,
+        sha384,
+        data,
+    }))
 }
 
 /// RTMR[0..3] after extending zeros with `events` in order.

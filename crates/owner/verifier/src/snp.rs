@@ -69,6 +69,15 @@ pub(crate) enum SigningKey {
     Vlek,
 }
 
+impl SigningKey {
+    fn name(self) -> &'static str {
+        match self {
+            SigningKey::Vcek => "VCEK",
+            SigningKey::Vlek => "VLEK",
+        }
+    }
+}
+
 /// Chains already verified, keyed by the digest of their certificates: a
 /// VCEK signs many reports, and re-checking its RSA chain each time would
 /// cost more than the report itself. Bounded; cleared when full.
@@ -104,6 +113,49 @@ pub(crate) fn verify_raw(
         )));
     }
     let raw = &raw[..REPORT_LEN];
+    let (report, signing_key) = parse_report(raw)?;
+    let parsed: Vec<x509_cert::Certificate> = certs
+        .iter()
+        .map(|der| {
+            x509_cert::Certificate::from_der(der)
+                .map_err(|e| VerifyError::Certificate(format!("not a DER X.509 certificate: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    // The endorsement key is the certificate that is not a CA.
+    let leaf = parsed
+        .iter()
+        .find(|c| is_endorsement_key(c))
+        .ok_or_else(|| {
+            VerifyError::Certificate(format!(
+                "no {} certificate: supply it in the evidence's cert_chain or with --cert",
+                signing_key.name()
+            ))
+        })?;
+    let (platform, product) = endorsement(anchors, cache, certs, &parsed, leaf, signing_key)?;
+
+    // The report signature, over the raw signed bytes.
+    let signature = report_signature(raw);
+    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, spki_bytes(leaf))
+        .verify(&raw[..SIGNED_LEN], &signature)
+        .map_err(|_| {
+            VerifyError::Signature(format!(
+                "the report signature does not verify with the {} certificate's key",
+                signing_key.name()
+            ))
+        })?;
+
+    if platform == Platform::AmdSevSnp {
+        check_tcb(leaf, &report)?;
+        if signing_key == SigningKey::Vcek {
+            check_chip_id(leaf, &report)?;
+        }
+    }
+    Ok(claims(&report, raw, platform, product, signing_key))
+}
+
+/// The report's fields, once its version, signature algorithm and signing
+/// key kind are ones this verifier reads.
+fn parse_report(raw: &[u8]) -> Result<(AttestationReport, SigningKey)> {
     let version = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
     if !(2..=5).contains(&version) {
         return Err(VerifyError::Unsupported(format!(
@@ -127,28 +179,19 @@ pub(crate) fn verify_raw(
             )))
         }
     };
+    Ok((report, signing_key))
+}
 
-    let parsed: Vec<x509_cert::Certificate> = certs
-        .iter()
-        .map(|der| {
-            x509_cert::Certificate::from_der(der)
-                .map_err(|e| VerifyError::Certificate(format!("not a DER X.509 certificate: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    // The endorsement key is the certificate that is not a CA.
-    let leaf = parsed
-        .iter()
-        .find(|c| is_endorsement_key(c))
-        .ok_or_else(|| {
-            VerifyError::Certificate(format!(
-                "no {} certificate: supply it in the evidence's cert_chain or with --cert",
-                if signing_key == SigningKey::Vcek {
-                    "VCEK"
-                } else {
-                    "VLEK"
-                }
-            ))
-        })?;
+/// Who endorses `leaf`: AMD (through a pinned ARK) or a trusted
+/// software-TEE root; verified chains are cached by their certificates.
+fn endorsement(
+    anchors: &TrustAnchors,
+    cache: &ChainCache,
+    certs: &[Vec<u8>],
+    parsed: &[x509_cert::Certificate],
+    leaf: &x509_cert::Certificate,
+    signing_key: SigningKey,
+) -> Result<(Platform, &'static str)> {
     let configured: Vec<x509_cert::Certificate> = anchors
         .amd_certs
         .iter()
@@ -161,7 +204,6 @@ pub(crate) fn verify_raw(
         .filter(|c| !is_endorsement_key(c))
         .chain(configured.iter())
         .collect();
-
     let mut chain_key = Sha256::new();
     chain_key.update([signing_key as u8]);
     for der in certs {
@@ -169,48 +211,31 @@ pub(crate) fn verify_raw(
         chain_key.update(der);
     }
     let chain_key: [u8; 32] = chain_key.finalize().into();
-    let (platform, product) = match cache.get(&chain_key) {
-        Some(known) => known,
+    if let Some(known) = cache.get(&chain_key) {
+        return Ok(known);
+    }
+    let outcome = match amd_chain(leaf, &intermediates, signing_key)? {
+        Some(product) => (Platform::AmdSevSnp, product),
+        None if signing_key == SigningKey::Vlek && is_amd_vlek(leaf) => return Err(no_asvk(leaf)),
         None => {
-            let outcome = match amd_chain(leaf, &intermediates, signing_key)? {
-                Some(product) => (Platform::AmdSevSnp, product),
-                None if signing_key == SigningKey::Vlek && is_amd_vlek(leaf) => {
-                    return Err(no_asvk(leaf))
-                }
-                None => {
-                    software_chain(anchors, leaf)?;
-                    (Platform::SoftwareTee, "software")
-                }
-            };
-            cache.put(chain_key, outcome);
-            outcome
+            software_chain(anchors, leaf)?;
+            (Platform::SoftwareTee, "software")
         }
     };
+    cache.put(chain_key, outcome);
+    Ok(outcome)
+}
 
-    // The report signature, over the raw signed bytes.
-    let signature = report_signature(raw);
-    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, spki_bytes(leaf))
-        .verify(&raw[..SIGNED_LEN], &signature)
-        .map_err(|_| {
-            VerifyError::Signature(format!(
-                "the report signature does not verify with the {} certificate's key",
-                if signing_key == SigningKey::Vcek {
-                    "VCEK"
-                } else {
-                    "VLEK"
-                }
-            ))
-        })?;
-
-    if platform == Platform::AmdSevSnp {
-        check_tcb(leaf, &report)?;
-        if signing_key == SigningKey::Vcek {
-            check_chip_id(leaf, &report)?;
-        }
-    }
-
+/// The claims of a verified report.
+fn claims(
+    report: &AttestationReport,
+    raw: &[u8],
+    platform: Platform,
+    product: &'static str,
+    signing_key: SigningKey,
+) -> Claims {
     let tcb = &report.reported_tcb;
-    Ok(Claims {
+    Claims {
         platform,
         insecure: platform != Platform::AmdSevSnp,
         report_data: hex::encode(report.report_data),
@@ -240,7 +265,7 @@ pub(crate) fn verify_raw(
             "report_id": hex::encode(report.report_id),
             "chip_id": hex::encode(report.chip_id),
         }),
-    })
+    }
 }
 
 /// VCEKs and VLEKs are the P-384 certificates that are not self-signed

@@ -5,6 +5,7 @@ mod gate;
 mod oom;
 mod pod;
 mod requests;
+pub mod setup;
 
 #[cfg(test)]
 use gate::policy_input;

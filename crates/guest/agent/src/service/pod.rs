@@ -57,13 +57,13 @@ impl Agent {
                 Ok(agent::Empty::new())
             }
             Err(e) => {
-                log::error!("CreateSandbox failed: {e}");
+                log::error!("CreateSandbox failed: {}", kabuto_error::chain(&e));
                 if self.is_confidential() {
                     let deny_all = PolicyGate::new(kabuto_policy::DENY_ALL)
                         .unwrap_or_else(|e| panic!("shipped deny-all policy: {e}"));
                     lock(&self.gate).replace(deny_all);
                 }
-                lock(&self.sandbox).phase = Phase::Failed(e.to_string());
+                lock(&self.sandbox).phase = Phase::Failed(kabuto_error::chain(&e));
                 Err(e)
             }
         }
@@ -92,48 +92,12 @@ impl Agent {
             )
         };
         let tee = self.tee.clone().map_err(AgentError::Tee)?;
+        let setup = setup::PodSetup::from_init_data(init_data.as_ref(), tee)?;
         let mut kbs = None;
-        let mut policy = init_data
-            .as_ref()
-            .and_then(|d| d.policy())
-            .map(str::to_owned);
         match tee {
             Some(kind) => {
-                // The check the upstream agent leaves to remote attestation:
-                // init-data whose digest is not the TEE's launch data is
-                // refused here, and with it every later request.
-                let provider = confidential::provider(kind)?;
-                if kind == kabuto_attestation_agent::TeeKind::Sample {
-                    // No TEE, so no launch data to bind the init-data to.
-                    confidential::sample_attester_allowed(
-                        init_data
-                            .as_ref()
-                            .and_then(|d| d.data.get("aa.toml"))
-                            .map(String::as_str),
-                    )?;
-                    log::warn!(
-                        "CoCo's sample attester, as the init-data allows: no TEE, the init-data \
-                         is bound to nothing, and a KBS releases secrets only if its owner \
-                         accepts sample evidence (interop tests only)"
-                    );
-                } else {
-                    let launch = confidential::launch_data(provider.as_ref())?;
-                    let digest = init_data.as_ref().map(|d| d.digest()).unwrap_or_default();
-                    confidential::check_binding(&digest, &launch)?;
-                    log::info!(
-                        "init-data bound to the TEE's launch data ({})",
-                        provider.describe()
-                    );
-                }
-                if let Some(aa) = init_data.as_ref().and_then(|d| d.data.get("aa.toml")) {
-                    if let Some(settings) = confidential::kbs_settings(aa)? {
-                        let client = confidential::kbs_client(&settings, provider, &req.init_data)?;
-                        log::info!("KBS {} configured from init-data", settings.url);
-                        kbs = Some(Arc::new(client));
-                    }
-                }
-                if policy.is_none() {
-                    policy = Some(kabuto_policy::DEFAULT_CONFIDENTIAL.to_string());
+                kbs = bind_to_tee(kind, init_data.as_ref(), setup.kbs.as_ref(), &req.init_data)?;
+                if init_data.as_ref().and_then(|d| d.policy()).is_none() {
                     log::info!("no policy in init-data: the confidential default applies");
                 }
             }
@@ -147,7 +111,8 @@ impl Agent {
             }
             None => {}
         }
-        let gate = policy
+        let gate = setup
+            .policy
             .map(|policy| {
                 PolicyGate::new(&policy).map_err(|e| {
                     AgentError::InvalidArgument(format!("init-data policy.rego refused: {e}"))
@@ -156,10 +121,7 @@ impl Agent {
             .transpose()?;
         let images = images::PodImages::new(init_data.as_ref(), kbs.clone())
             .map_err(|e| AgentError::InitDataSettings(Box::new(e)))?;
-        let init_data_digest = init_data
-            .as_ref()
-            .map(|d| hex::encode(d.digest()))
-            .unwrap_or_default();
+        let init_data_digest = setup.init_data_digest;
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname).map_err(AgentError::sys("sethostname"))?;
         }
@@ -245,4 +207,41 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// A confidential pod's binding to its TEE: the init-data must be what the
+/// TEE was launched with (the check the upstream agent leaves to remote
+/// attestation; refused here, and with it every later request); the KBS
+/// its `aa.toml` names (`kbs`) is reached with this TEE's evidence.
+fn bind_to_tee(
+    kind: kabuto_attestation_agent::TeeKind,
+    init_data: Option<&kabuto_initdata::InitData>,
+    kbs: Option<&confidential::KbsSettings>,
+    raw_init_data: &[u8],
+) -> Result<Option<Arc<kabuto_attestation_agent::KbsClient>>> {
+    let provider = confidential::provider(kind)?;
+    let aa_toml = init_data.and_then(|d| d.data.get("aa.toml"));
+    if kind == kabuto_attestation_agent::TeeKind::Sample {
+        // No TEE, so no launch data to bind the init-data to.
+        confidential::sample_attester_allowed(aa_toml.map(String::as_str))?;
+        log::warn!(
+            "CoCo's sample attester, as the init-data allows: no TEE, the init-data is bound \
+             to nothing, and a KBS releases secrets only if its owner accepts sample evidence \
+             (interop tests only)"
+        );
+    } else {
+        let launch = confidential::launch_data(provider.as_ref())?;
+        let digest = init_data.map(|d| d.digest()).unwrap_or_default();
+        confidential::check_binding(&digest, &launch)?;
+        log::info!(
+            "init-data bound to the TEE's launch data ({})",
+            provider.describe()
+        );
+    }
+    let Some(settings) = kbs else {
+        return Ok(None);
+    };
+    let client = confidential::kbs_client(settings, provider, raw_init_data)?;
+    log::info!("KBS {} configured from init-data", settings.url);
+    Ok(Some(Arc::new(client)))
 }

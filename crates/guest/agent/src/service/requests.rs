@@ -63,6 +63,39 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// The request's spec, parsed; in a confidential pod without device nodes
+/// the process could make, and refused if it has hooks.
+fn checked_spec(
+    req: &agent::CreateContainerRequest,
+    confidential: bool,
+) -> Result<oci_spec::runtime::Spec> {
+    let oci_spec = if confidential {
+        without_mknod(&req.oci_spec, Some("process"))?
+    } else {
+        req.oci_spec.clone()
+    };
+    let spec = containers::parse_spec(&oci_spec)?;
+    if confidential {
+        // Hooks are programs the runtime would run, some as root in the
+        // guest's namespaces; in a confidential pod they could only be the
+        // host's (the shim drops the host's own hooks anyway).
+        let hooks = spec.hooks().as_ref().map(serde_json::to_value);
+        if let Some(Ok(serde_json::Value::Object(kinds))) = hooks {
+            if let Some(kind) = kinds
+                .iter()
+                .find(|(_, list)| list.as_array().is_some_and(|l| !l.is_empty()))
+                .map(|(kind, _)| kind.clone())
+            {
+                return Err(AgentError::InvalidArgument(format!(
+                    "container {}: hooks ({kind}) are not run in a confidential pod",
+                    req.container_id
+                )));
+            }
+        }
+    }
+    Ok(spec)
+}
+
 impl Agent {
     pub(super) fn create_container(
         &self,
@@ -95,30 +128,7 @@ impl Agent {
             })?),
         };
         let confidential = self.is_confidential();
-        let oci_spec = if confidential {
-            without_mknod(&req.oci_spec, Some("process"))?
-        } else {
-            req.oci_spec.clone()
-        };
-        let mut spec = containers::parse_spec(&oci_spec)?;
-        if confidential {
-            // Hooks are programs the runtime would run, some as root in the
-            // guest's namespaces; in a confidential pod they could only be
-            // the host's (the shim drops the host's own hooks anyway).
-            let hooks = spec.hooks().as_ref().map(serde_json::to_value);
-            if let Some(Ok(serde_json::Value::Object(kinds))) = hooks {
-                if let Some(kind) = kinds
-                    .iter()
-                    .find(|(_, list)| list.as_array().is_some_and(|l| !l.is_empty()))
-                    .map(|(kind, _)| kind.clone())
-                {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "container {}: hooks ({kind}) are not run in a confidential pod",
-                        req.container_id
-                    )));
-                }
-            }
-        }
+        let mut spec = checked_spec(&req, confidential)?;
         let guest_pause = confidential && pause::is_sandbox_container(&spec);
         if guest_pause {
             if !req.storages.is_empty() {
@@ -134,30 +144,7 @@ impl Agent {
             );
             spec = pause::guest_pause_spec(spec)?;
         }
-        let pulled = match images::guest_pull_source(&req.storages)? {
-            None => false,
-            Some(reference) => {
-                let pod_images = lock(&self.sandbox).images.clone().ok_or_else(|| {
-                    AgentError::InvalidArgument("CreateSandbox must come first".into())
-                })?;
-                // The host's wait, as the pull's deadline: a create the host
-                // gave up on must not finish later and stay.
-                let deadline = (req.timeout_secs > 0).then(|| {
-                    std::time::Instant::now()
-                        + std::time::Duration::from_secs(req.timeout_secs.into())
-                });
-                let (rootfs, config) =
-                    images::pull(&req.container_id, reference, &pod_images, deadline)?;
-                if let Err(source) = images::merge_config(&mut spec, &config, &rootfs) {
-                    images::release(&req.container_id);
-                    return Err(AgentError::ImageConfig {
-                        image: reference.to_string(),
-                        source,
-                    });
-                }
-                true
-            }
-        };
+        let pulled = self.pull_rootfs(&req, &mut spec)?;
         let created = containers::prepare_spec(spec, &req.container_id, pod_namespaces)
             .and_then(|mut spec| {
                 shared_binds::stage(&mut spec, &req.container_id)?;
@@ -197,6 +184,36 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .insert(req.container_id, Arc::new(container));
         Ok(agent::Empty::new())
+    }
+
+    /// Pulls the image of the request's guest-pull storage, if it has one,
+    /// and applies its config to `spec`; true when it pulled.
+    fn pull_rootfs(
+        &self,
+        req: &agent::CreateContainerRequest,
+        spec: &mut oci_spec::runtime::Spec,
+    ) -> Result<bool> {
+        let Some(reference) = images::guest_pull_source(&req.storages)? else {
+            return Ok(false);
+        };
+        let pod_images = lock(&self.sandbox)
+            .images
+            .clone()
+            .ok_or_else(|| AgentError::InvalidArgument("CreateSandbox must come first".into()))?;
+        // The host's wait, as the pull's deadline: a create the host gave
+        // up on must not finish later and stay.
+        let deadline = (req.timeout_secs > 0).then(|| {
+            std::time::Instant::now() + std::time::Duration::from_secs(req.timeout_secs.into())
+        });
+        let (rootfs, config) = images::pull(&req.container_id, reference, &pod_images, deadline)?;
+        if let Err(source) = images::merge_config(spec, &config, &rootfs) {
+            images::release(&req.container_id);
+            return Err(AgentError::ImageConfig {
+                image: reference.to_string(),
+                source,
+            });
+        }
+        Ok(true)
     }
 
     pub(super) fn start_container(

@@ -63,97 +63,28 @@ impl RegistryClient {
         mut consume: impl FnMut(usize, Vec<u8>) -> Result<(), E>,
         fetch_error: impl Fn(RegistryError) -> E,
     ) -> Result<(), E> {
-        use std::sync::{Condvar, Mutex};
-        struct Window {
-            next_to_fetch: usize,
-            consumed: usize,
-            in_flight: usize,
-            stop: bool,
-            slots: Vec<Option<Result<Vec<u8>, RegistryError>>>,
-        }
         let n = descriptors.len();
-        let window = Mutex::new(Window {
-            next_to_fetch: 0,
-            consumed: 0,
-            in_flight: 0,
-            stop: false,
-            slots: (0..n).map(|_| None).collect(),
-        });
-        let changed = Condvar::new();
-        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-            m.lock().unwrap_or_else(|p| p.into_inner())
-        }
+        let window = FetchWindow::new(n);
         std::thread::scope(|scope| {
             for _ in 0..PARALLEL_LAYER_FETCHES.min(n) {
                 // Clones share the connection pool and the tokens so far.
                 let mut client = self.clone();
-                let (window, changed) = (&window, &changed);
-                scope.spawn(move || loop {
-                    let i = {
-                        let mut w = lock(window);
-                        while !w.stop
-                            && w.next_to_fetch < n
-                            && w.next_to_fetch >= w.consumed + PARALLEL_LAYER_FETCHES
-                        {
-                            w = changed.wait(w).unwrap_or_else(|p| p.into_inner());
-                        }
-                        if w.stop || w.next_to_fetch >= n {
-                            break;
-                        }
-                        w.next_to_fetch += 1;
-                        w.in_flight += 1;
-                        w.next_to_fetch - 1
-                    };
-                    // The manifest's size bounds what the registry may send.
-                    let size = Some(descriptors[i].size).filter(|&s| s > 0);
-                    let limit = size.map_or(MAX_BLOB_BYTES, |s| s.min(MAX_BLOB_BYTES));
-                    let blob = client.blob(image, &descriptors[i].digest, "layer", limit, size);
-                    let mut w = lock(window);
-                    w.in_flight -= 1;
-                    w.stop |= blob.is_err();
-                    w.slots[i] = Some(blob);
-                    changed.notify_all();
+                let window = &window;
+                scope.spawn(move || {
+                    while let Some(i) = window.claim() {
+                        // The manifest's size bounds what the registry may send.
+                        let size = Some(descriptors[i].size).filter(|&s| s > 0);
+                        let limit = size.map_or(MAX_BLOB_BYTES, |s| s.min(MAX_BLOB_BYTES));
+                        let blob = client.blob(image, &descriptors[i].digest, "layer", limit, size);
+                        window.deliver(i, blob);
+                    }
                 });
             }
-            let mut result = Ok(());
-            for i in 0..n {
-                let blob = {
-                    let mut w = lock(&window);
-                    while w.slots[i].is_none() && !(w.stop && w.in_flight == 0) {
-                        w = changed.wait(w).unwrap_or_else(|p| p.into_inner());
-                    }
-                    match w.slots[i].take() {
-                        Some(Ok(blob)) => {
-                            w.consumed = i + 1;
-                            changed.notify_all();
-                            blob
-                        }
-                        Some(Err(e)) => {
-                            result = Err(fetch_error(e));
-                            break;
-                        }
-                        None => {
-                            // Stopped by a failed fetch of a later layer.
-                            let e = w.slots.iter_mut().find_map(|s| match s.take() {
-                                Some(Err(e)) => Some(e),
-                                _ => None,
-                            });
-                            result = Err(fetch_error(e.unwrap_or_else(|| {
-                                RegistryError::Manifest("a layer was not fetched".into())
-                            })));
-                            break;
-                        }
-                    }
-                };
-                if let Err(e) = consume(i, blob) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            let mut w = lock(&window);
-            w.stop = true;
-            changed.notify_all();
-            drop(w);
+            let result = (0..n).try_for_each(|i| {
+                let blob = window.take(i).map_err(&fetch_error)?;
+                consume(i, blob)
+            });
+            window.stop();
             result
         })
     }
@@ -230,5 +161,109 @@ impl PulledImage {
             .into_iter()
             .map(|(descriptor, blob)| PlainLayer::new(descriptor, blob, keys))
             .collect()
+    }
+}
+
+/// The fetch window of [`RegistryClient::for_each_layer`]: which layer is
+/// fetched next, how many are in flight, and the fetched blobs not yet
+/// consumed (at most [`PARALLEL_LAYER_FETCHES`] ahead of the consumer).
+struct FetchWindow {
+    state: std::sync::Mutex<Window>,
+    changed: std::sync::Condvar,
+    layers: usize,
+}
+
+struct Window {
+    next_to_fetch: usize,
+    consumed: usize,
+    in_flight: usize,
+    stop: bool,
+    slots: Vec<Option<Result<Vec<u8>, RegistryError>>>,
+}
+
+impl FetchWindow {
+    fn new(layers: usize) -> FetchWindow {
+        FetchWindow {
+            state: std::sync::Mutex::new(Window {
+                next_to_fetch: 0,
+                consumed: 0,
+                in_flight: 0,
+                stop: false,
+                slots: (0..layers).map(|_| None).collect(),
+            }),
+            changed: std::sync::Condvar::new(),
+            layers,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(
+        &self,
+        guard: std::sync::MutexGuard<'a, Window>,
+    ) -> std::sync::MutexGuard<'a, Window> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next layer to fetch, once the window has room; `None` when all
+    /// are claimed or fetching stopped.
+    fn claim(&self) -> Option<usize> {
+        let mut w = self.lock();
+        while !w.stop
+            && w.next_to_fetch < self.layers
+            && w.next_to_fetch >= w.consumed + PARALLEL_LAYER_FETCHES
+        {
+            w = self.wait(w);
+        }
+        if w.stop || w.next_to_fetch >= self.layers {
+            return None;
+        }
+        w.next_to_fetch += 1;
+        w.in_flight += 1;
+        Some(w.next_to_fetch - 1)
+    }
+
+    /// Layer `i` arrived (or failed, which stops all fetching).
+    fn deliver(&self, i: usize, blob: Result<Vec<u8>, RegistryError>) {
+        let mut w = self.lock();
+        w.in_flight -= 1;
+        w.stop |= blob.is_err();
+        w.slots[i] = Some(blob);
+        self.changed.notify_all();
+    }
+
+    /// Layer `i`'s blob, waiting for it; the first fetch error when
+    /// fetching stopped before it arrived.
+    fn take(&self, i: usize) -> Result<Vec<u8>, RegistryError> {
+        let mut w = self.lock();
+        while w.slots[i].is_none() && !(w.stop && w.in_flight == 0) {
+            w = self.wait(w);
+        }
+        match w.slots[i].take() {
+            Some(Ok(blob)) => {
+                w.consumed = i + 1;
+                self.changed.notify_all();
+                Ok(blob)
+            }
+            Some(Err(e)) => Err(e),
+            // Stopped by a failed fetch of a later layer.
+            None => Err(w
+                .slots
+                .iter_mut()
+                .find_map(|s| match s.take() {
+                    Some(Err(e)) => Some(e),
+                    _ => None,
+                })
+                .unwrap_or_else(|| RegistryError::Manifest("a layer was not fetched".into()))),
+        }
+    }
+
+    /// No more fetching: the consumer is done or failed.
+    fn stop(&self) {
+        let mut w = self.lock();
+        w.stop = true;
+        self.changed.notify_all();
     }
 }

@@ -15,9 +15,11 @@ pub struct AgentConfig {
     /// a bare name is looked up on PATH.
     pub vhost_user_vsock_path: PathBuf,
     /// How long the VM may take from launch until the agent answers.
-    pub boot_timeout_secs: u64,
+    #[serde(rename = "boot_timeout_secs", with = "super::secs")]
+    pub boot_timeout: Duration,
     /// Deadline of short agent requests (create, start, signal, ...).
-    pub request_timeout_secs: u64,
+    #[serde(rename = "request_timeout_secs", with = "super::secs")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,18 +35,8 @@ impl Default for AgentConfig {
         AgentConfig {
             channel: AgentChannel::Auto,
             vhost_user_vsock_path: PathBuf::from("vhost-device-vsock"),
-            boot_timeout_secs: 60,
-            request_timeout_secs: 60,
+            boot_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
         }
-    }
-}
-
-impl AgentConfig {
-    pub fn boot_timeout(&self) -> Duration {
-        Duration::from_secs(self.boot_timeout_secs)
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs)
     }
 }

@@ -1,6 +1,6 @@
 //! `[confidential]`: the TEE, its firmware and where images are pulled.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,8 @@ pub struct ConfidentialConfig {
     pub image_pull: ImagePull,
     /// How long a CreateContainer that pulls its image in the guest may
     /// take (pull, verify, decrypt, unpack).
-    pub image_pull_timeout_secs: u64,
+    #[serde(rename = "image_pull_timeout_secs", with = "super::secs")]
+    pub image_pull_timeout: Duration,
     /// The guest firmware of SNP and TDX launches (`-bios`): for SNP an
     /// OVMF built from edk2's `OvmfPkg/AmdSev` (it measures the kernel,
     /// initrd and command line: QEMU's `kernel-hashes=on`), for TDX a TDVF.
@@ -92,7 +93,7 @@ impl Default for ConfidentialConfig {
             tee: TeeKind::None,
             software_tee_dir: PathBuf::from(DEFAULT_SOFTWARE_TEE_DIR),
             image_pull: ImagePull::Host,
-            image_pull_timeout_secs: 1200,
+            image_pull_timeout: Duration::from_secs(1200),
             firmware: PathBuf::new(),
             snp_cpu: "EPYC-v4".into(),
             snp_guest_features: 1,

@@ -133,6 +133,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Invalid> {
+        self.validate_resources()?;
+        self.validate_images()?;
+        self.validate_tee()
+    }
+
+    /// The VM's size and the timeouts.
+    fn validate_resources(&self) -> Result<(), Invalid> {
         let h = &self.hypervisor;
         if h.vcpus == 0 || h.vcpus > 255 {
             return Err(invalid(
@@ -147,20 +154,23 @@ impl Config {
             ));
         }
         for (field, secs) in [
-            ("agent.boot_timeout_secs", self.agent.boot_timeout_secs),
-            (
-                "agent.request_timeout_secs",
-                self.agent.request_timeout_secs,
-            ),
+            ("agent.boot_timeout_secs", self.agent.boot_timeout),
+            ("agent.request_timeout_secs", self.agent.request_timeout),
             (
                 "confidential.image_pull_timeout_secs",
-                self.confidential.image_pull_timeout_secs,
+                self.confidential.image_pull_timeout,
             ),
         ] {
-            if secs == 0 {
+            if secs.is_zero() {
                 return Err(invalid(field, "must be at least 1 second"));
             }
         }
+        Ok(())
+    }
+
+    /// Where images are pulled.
+    fn validate_images(&self) -> Result<(), Invalid> {
+        let h = &self.hypervisor;
         if self.confidential.image_pull == ImagePull::Guest && h.guest_network != GuestNetwork::User
         {
             return Err(invalid(
@@ -177,6 +187,12 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The TEE, and what it needs of the machine and the build.
+    fn validate_tee(&self) -> Result<(), Invalid> {
+        let h = &self.hypervisor;
         if self.confidential.tee == TeeKind::Software && !cfg!(feature = "software-tee") {
             return Err(invalid("confidential.tee", SOFTWARE_TEE_NOT_BUILT));
         }
@@ -227,6 +243,21 @@ impl Config {
     /// The documented default configuration, as `kabuto install` writes it.
     pub fn default_toml() -> String {
         DEFAULT_TOML.to_string()
+    }
+}
+
+/// A `Duration` written as whole seconds (the `*_secs` keys).
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_secs)
     }
 }
 

@@ -76,7 +76,6 @@ pub fn kernel_command_line(
 
 /// The QEMU command line for `spec`, as data so it can be tested.
 pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
-    let mem = format!("{}M", spec.memory_mib);
     // rtc=on: without a CMOS RTC the guest spends ~2 s probing for one.
     let (machine_arg, mmio) = match machine {
         MachineType::Microvm => (
@@ -91,72 +90,98 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
         (_, Accel::Kvm) => ("kvm", "host"),
         (_, Accel::Tcg) => ("tcg", "max"),
     };
-    let device = |mmio_name: &str, pci_name: &str| {
-        if mmio {
-            mmio_name.to_string()
-        } else {
-            pci_name.to_string()
-        }
-    };
-
-    let mut args: Vec<String> = vec![
-        "-name".into(),
-        format!("kabuto-{}", spec.id),
-        "-M".into(),
-        machine_arg.into(),
-        "-accel".into(),
-        accel.into(),
-        "-cpu".into(),
-        cpu.into(),
-        "-smp".into(),
-        spec.vcpus.to_string(),
-        "-m".into(),
-        mem.clone(),
+    let mem = format!("{}M", spec.memory_mib);
+    let mut args: Vec<String> = [
+        "-name",
+        &format!("kabuto-{}", spec.id),
+        "-M",
+        machine_arg,
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &mem,
         // virtio-fs and vhost-user devices need guest RAM the daemons can map.
-        "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-nographic".into(),
-        "-no-reboot".into(),
-        "-chardev".into(),
-        format!("file,id=console,path={}", spec.console_log().display()),
-        "-serial".into(),
-        "chardev:console".into(),
-        "-kernel".into(),
-        spec.kernel.display().to_string(),
-        "-initrd".into(),
-        spec.initramfs.display().to_string(),
-        "-append".into(),
-        kernel_command_line(machine, spec.accel, tsc_khz, &spec.kernel_params),
-        "-qmp".into(),
-        format!(
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-chardev",
+        &format!("file,id=console,path={}", spec.console_log().display()),
+        "-serial",
+        "chardev:console",
+        "-kernel",
+        &spec.kernel.display().to_string(),
+        "-initrd",
+        &spec.initramfs.display().to_string(),
+        "-append",
+        &kernel_command_line(machine, spec.accel, tsc_khz, &spec.kernel_params),
+        "-qmp",
+        &format!(
             "unix:{},server=on,wait=off",
             qmp_socket(&spec.dir).display()
         ),
-        "-chardev".into(),
-        format!(
-            "socket,id=shared-fs,path={}",
-            spec.shared_fs_socket.display()
+    ]
+    .map(str::to_string)
+    .into();
+    args.extend(device_args(spec, mmio));
+    args.extend(tee_args(&spec.tee));
+    if spec.user_network {
+        // restrict=off: the guest may reach the host's loopback (10.0.2.2)
+        // and beyond; no inbound ports are forwarded.
+        args.extend([
+            "-netdev".into(),
+            "user,id=net0".into(),
+            "-device".into(),
+            format!(
+                "{},netdev=net0",
+                virtio_device(mmio, "virtio-net-device", "virtio-net-pci")
+            ),
+        ]);
+    }
+    if mmio {
+        // Modern virtio-mmio: vhost-user devices need VIRTIO 1.0.
+        args.push("-global".into());
+        args.push("virtio-mmio.force-legacy=false".into());
+    }
+    args
+}
+
+/// A virtio device's name on virtio-mmio (`mmio`) or PCI.
+fn virtio_device(mmio: bool, mmio_name: &str, pci_name: &str) -> String {
+    if mmio { mmio_name } else { pci_name }.to_string()
+}
+
+/// The virtio-fs exports and the vsock device, on virtio-mmio (`mmio`) or
+/// PCI.
+fn device_args(spec: &VmSpec, mmio: bool) -> Vec<String> {
+    let device = |mmio_name: &str, pci_name: &str| virtio_device(mmio, mmio_name, pci_name);
+    let mut args = Vec::new();
+    for (id, socket, tag) in [
+        (
+            "shared-fs",
+            &spec.shared_fs_socket,
+            kabuto_protocol::SHARED_FS_TAG,
         ),
-        "-device".into(),
-        format!(
-            "{},chardev=shared-fs,tag={}",
-            device("vhost-user-fs-device", "vhost-user-fs-pci"),
-            kabuto_protocol::SHARED_FS_TAG
+        (
+            "rootfs-fs",
+            &spec.rootfs_fs_socket,
+            kabuto_protocol::ROOTFS_FS_TAG,
         ),
-        "-chardev".into(),
-        format!(
-            "socket,id=rootfs-fs,path={}",
-            spec.rootfs_fs_socket.display()
-        ),
-        "-device".into(),
-        format!(
-            "{},chardev=rootfs-fs,tag={}",
-            device("vhost-user-fs-device", "vhost-user-fs-pci"),
-            kabuto_protocol::ROOTFS_FS_TAG
-        ),
-    ];
+    ] {
+        args.push("-chardev".into());
+        args.push(format!("socket,id={id},path={}", socket.display()));
+        args.push("-device".into());
+        args.push(format!(
+            "{},chardev={id},tag={tag}",
+            device("vhost-user-fs-device", "vhost-user-fs-pci")
+        ));
+    }
     match &spec.vsock {
         VsockBackend::Kernel { guest_cid } => {
             args.push("-device".into());
@@ -174,23 +199,6 @@ pub fn command_line(machine: MachineType, spec: &VmSpec, tsc_khz: Option<u64>) -
                 device("vhost-user-vsock-device", "vhost-user-vsock-pci")
             ));
         }
-    }
-    args.extend(tee_args(&spec.tee));
-    if spec.user_network {
-        // restrict=off: the guest may reach the host's loopback (10.0.2.2)
-        // and beyond; no inbound ports are forwarded.
-        args.push("-netdev".into());
-        args.push("user,id=net0".into());
-        args.push("-device".into());
-        args.push(format!(
-            "{},netdev=net0",
-            device("virtio-net-device", "virtio-net-pci")
-        ));
-    }
-    if mmio {
-        // Modern virtio-mmio: vhost-user devices need VIRTIO 1.0.
-        args.push("-global".into());
-        args.push("virtio-mmio.force-legacy=false".into());
     }
     args
 }

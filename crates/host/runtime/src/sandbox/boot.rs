@@ -197,7 +197,7 @@ pub(super) fn wait_for_agent(
     config: &Config,
     spec: &VmSpec,
 ) -> Result<AgentClient, BootError> {
-    let timeout = config.agent.boot_timeout();
+    let timeout = config.agent.boot_timeout;
     let started = Instant::now();
     let deadline = started + timeout;
     let exited = |vm: &mut dyn Vm| -> Option<BootError> {
@@ -234,7 +234,7 @@ pub(super) fn wait_for_agent(
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let handshake = remaining.clamp(Duration::from_millis(100), AGENT_HANDSHAKE_TIMEOUT);
-        match AgentClient::connect(address, handshake, config.agent.request_timeout()) {
+        match AgentClient::connect(address, handshake, config.agent.request_timeout) {
             Ok(client) => match client.check(handshake) {
                 Ok(_) => {
                     log::info!(

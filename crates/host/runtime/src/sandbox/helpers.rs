@@ -26,7 +26,7 @@ pub(super) struct Helper {
 }
 
 impl Helper {
-    fn spawn(
+    pub(super) fn spawn(
         name: &'static str,
         program: &Path,
         args: &[String],

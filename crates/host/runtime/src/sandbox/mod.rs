@@ -404,3 +404,63 @@ impl Sandbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::fs;
+
+    fn config(state: &Path) -> Config {
+        let mut config = Config::default();
+        config.runtime.state_dir = state.to_path_buf();
+        config
+    }
+
+    /// What a boot started is undone when a later stage fails (the
+    /// `Partial` is dropped unfinished): its helpers killed and reaped, the
+    /// state directory removed, the claim free for a new pod of that name.
+    #[test]
+    fn a_failed_boot_leaves_nothing_behind() {
+        let state = tempfile::tempdir().unwrap();
+        let config = config(state.path());
+        let mut partial = Partial::begin(&config, "default", "pod").unwrap();
+        fs::create_dir_all(partial.dir.join("shared")).unwrap();
+        let helper = Helper::spawn(
+            "sleeper",
+            Path::new("sleep"),
+            &["60".into()],
+            partial.dir.join("never.sock"),
+            partial.dir.join("sleeper.log"),
+        )
+        .unwrap();
+        let pid = helper.child.id();
+        partial.helpers.push(helper);
+        assert!(claim_is_held(&config, "default", "pod"));
+        // A second boot of the same pod is refused while this one is under way.
+        let (stage, _) = Partial::begin(&config, "default", "pod").err().unwrap();
+        assert_eq!(stage, "claiming the sandbox id");
+
+        let dir = partial.dir.clone();
+        drop(partial);
+        assert!(!dir.exists(), "the state directory stays");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the helper still runs (or was not reaped)"
+        );
+        assert!(!claim_is_held(&config, "default", "pod"));
+        drop(Partial::begin(&config, "default", "pod").unwrap());
+    }
+
+    #[test]
+    fn names_are_checked_before_anything_is_claimed() {
+        let state = tempfile::tempdir().unwrap();
+        let config = config(state.path());
+        for (namespace, id) in [("default", "../escape"), ("a/b", "pod"), ("default", "")] {
+            let (stage, reason) = Partial::begin(&config, namespace, id).err().unwrap();
+            assert_eq!(stage, "checking the sandbox id");
+            assert!(matches!(reason, BootError::Identifier { .. }), "{reason}");
+        }
+        assert!(!sandboxes_dir(&config).exists(), "something was claimed");
+    }
+}

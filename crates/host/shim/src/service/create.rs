@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLockReadGuard};
-use std::time::Duration;
 
 use containerd_shim::api;
 use containerd_shim::protos::ttrpc::Code;
@@ -278,12 +277,11 @@ fn create_in_guest(
         ..Default::default()
     };
     let created = if plan.guest_image.is_some() {
-        let timeout = plan.config.confidential.image_pull_timeout_secs;
-        create.timeout_secs = u32::try_from(timeout).unwrap_or(u32::MAX);
-        sandbox.agent().create_container_within(
-            &create,
-            Duration::from_secs(timeout) + GUEST_PULL_ANSWER_GRACE,
-        )
+        let timeout = plan.config.confidential.image_pull_timeout;
+        create.timeout_secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
+        sandbox
+            .agent()
+            .create_container_within(&create, timeout + GUEST_PULL_ANSWER_GRACE)
     } else {
         sandbox.agent().create_container(&create)
     };
