@@ -53,14 +53,18 @@ struct Mount {
     older_kernel_data: Option<&'static str>,
 }
 
+/// The flags of the kernel's own file systems: nothing on them runs or
+/// makes a device.
+const KERNEL_FS_FLAGS: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
 const BASE_MOUNTS: &[Mount] = &[
     Mount {
         source: "proc",
         target: "/proc",
         fstype: "proc",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: KERNEL_FS_FLAGS,
         data: None,
         older_kernel_data: None,
     },
@@ -68,9 +72,7 @@ const BASE_MOUNTS: &[Mount] = &[
         source: "sysfs",
         target: "/sys",
         fstype: "sysfs",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: KERNEL_FS_FLAGS,
         data: None,
         older_kernel_data: None,
     },
@@ -102,9 +104,7 @@ const BASE_MOUNTS: &[Mount] = &[
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: KERNEL_FS_FLAGS,
         // favordynmods (Linux ≥ 6.0): moving a process into a cgroup no
         // longer waits for an RCU grace period. Every container create and
         // exec moves one; measured 11–12 ms per move in a TCG guest without

@@ -190,6 +190,14 @@ impl Kbs {
             .unwrap();
     }
 
+    /// The error a guest of `firmware` with the test's init-data gets for
+    /// `uri`.
+    fn refused(&self, firmware: &Firmware, uri: &str) -> AttestError {
+        self.client(firmware, Some(INIT_DATA))
+            .get_resource(uri)
+            .unwrap_err()
+    }
+
     fn client(&self, firmware: &Firmware, init_data: Option<&str>) -> KbsClient {
         KbsClient::new(
             &self.url,
@@ -319,13 +327,7 @@ fn resource_released_only_after_attestation_and_only_to_trusted_tees() {
 
     // The token is cached: a second resource needs no new handshake.
     kbs.admin.set_resource("default/key/2", b"second").unwrap();
-    assert_eq!(
-        client
-            .get_resource("kbs:///default/key/2")
-            .unwrap()
-            .as_slice(),
-        b"second"
-    );
+    assert_eq!(resource(&client, "kbs:///default/key/2"), b"second");
     let err = client.get_resource("kbs:///default/key/404").unwrap_err();
     assert!(matches!(err, AttestError::Kbs { status: 404, .. }), "{err}");
 }
@@ -338,10 +340,7 @@ fn appraisal_refusals_name_the_failed_check() {
     kbs.admin.set_resource("default/key/1", b"s").unwrap();
 
     // Nothing registered: refused (fail closed), naming what is missing.
-    let err = kbs
-        .client(&fw, Some(INIT_DATA))
-        .get_resource("kbs:///default/key/1")
-        .unwrap_err();
+    let err = kbs.refused(&fw, "kbs:///default/key/1");
     assert_eq!(check_of(&err), "attestation-policy", "{err}");
     assert!(
         err.to_string()
@@ -353,10 +352,7 @@ fn appraisal_refusals_name_the_failed_check() {
     kbs.admin
         .set_reference_values("measurement", &serde_json::json!(["00ff"]))
         .unwrap();
-    let err = kbs
-        .client(&fw, Some(INIT_DATA))
-        .get_resource("kbs:///default/key/1")
-        .unwrap_err();
+    let err = kbs.refused(&fw, "kbs:///default/key/1");
     assert_eq!(check_of(&err), "attestation-policy", "{err}");
     assert!(err.to_string().contains("measurement"), "{err}");
 
@@ -367,10 +363,7 @@ fn appraisal_refusals_name_the_failed_check() {
     kbs.admin
         .set_reference_values("init_data", &serde_json::json!(["ab"]))
         .unwrap();
-    let err = kbs
-        .client(&fw, Some(INIT_DATA))
-        .get_resource("kbs:///default/key/1")
-        .unwrap_err();
+    let err = kbs.refused(&fw, "kbs:///default/key/1");
     assert!(err.to_string().contains("init-data digest"), "{err}");
 
     // A guest presenting init-data other than what its TEE was launched with.
@@ -387,10 +380,7 @@ fn appraisal_refusals_name_the_failed_check() {
         .set_reference_values("init_data", &serde_json::json!([init_data_digest()]))
         .unwrap();
     assert_eq!(
-        kbs.client(&fw, Some(INIT_DATA))
-            .get_resource("kbs:///default/key/1")
-            .unwrap()
-            .as_slice(),
+        resource(&kbs.client(&fw, Some(INIT_DATA)), "kbs:///default/key/1"),
         b"s"
     );
 }
@@ -499,13 +489,7 @@ fn an_auth_flood_does_not_lock_guests_out() {
     };
     // More than one peer may hold: the oldest are dropped, never a 503.
     flood(kabuto_kbs::sessions::MAX_CHALLENGES_PER_PEER + 50);
-    assert_eq!(
-        client
-            .get_resource("kbs:///default/key/1")
-            .unwrap()
-            .as_slice(),
-        b"still served"
-    );
+    assert_eq!(resource(&client, "kbs:///default/key/1"), b"still served");
     assert!(
         kbs.log().contains("challenge bound reached"),
         "{}",
@@ -526,13 +510,7 @@ fn resource_policy_denies_by_path() {
         )
         .unwrap();
     let client = kbs.client(&fw, Some(INIT_DATA));
-    assert_eq!(
-        client
-            .get_resource("kbs:///team-a/key/1")
-            .unwrap()
-            .as_slice(),
-        b"a"
-    );
+    assert_eq!(resource(&client, "kbs:///team-a/key/1"), b"a");
     let err = client.get_resource("kbs:///team-b/key/1").unwrap_err();
     assert!(matches!(err, AttestError::Kbs { status: 403, .. }), "{err}");
     assert_eq!(check_of(&err), "resource-policy");
@@ -541,13 +519,7 @@ fn resource_policy_denies_by_path() {
         .admin
         .set_resource_policy("package kabuto.resource\nallow if {")
         .is_err());
-    assert_eq!(
-        client
-            .get_resource("kbs:///team-a/key/1")
-            .unwrap()
-            .as_slice(),
-        b"a"
-    );
+    assert_eq!(resource(&client, "kbs:///team-a/key/1"), b"a");
 }
 
 #[test]
@@ -674,10 +646,7 @@ fn tls_with_the_owner_ca() {
         .set_resource("default/key/1", b"over tls")
         .unwrap();
     assert_eq!(
-        kbs.client(&fw, Some(INIT_DATA))
-            .get_resource("kbs:///default/key/1")
-            .unwrap()
-            .as_slice(),
+        resource(&kbs.client(&fw, Some(INIT_DATA)), "kbs:///default/key/1"),
         b"over tls"
     );
     // A guest that was not given the KBS certificate does not talk to it.
@@ -1224,4 +1193,9 @@ fn coco_clients_of_every_key_type_decrypt_their_resources() {
             .unwrap();
         assert_eq!(plain, b"for every key", "{alg}");
     }
+}
+
+/// What `client` reads at `uri` (the test fails if it cannot).
+fn resource(client: &KbsClient, uri: &str) -> Vec<u8> {
+    client.get_resource(uri).unwrap().to_vec()
 }
