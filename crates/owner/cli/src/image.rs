@@ -75,7 +75,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
     let pem = std::fs::read_to_string(&args.key)
         .with_context(|| format!("reading {}", args.key.display()))?;
     let key = kabuto_image::signature::signing_key_from_pem(&pem)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.key.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: {}", args.key.display(), kabuto_error::chain(&e)))?;
     let image = ImageReference::parse(&args.image)?;
     let mut client = client(&args.registry, &image)?;
     // What the reference names (an index for multi-platform images), as

@@ -43,6 +43,10 @@ pub enum EventLogError {
     AlgorithmCount(u32),
     #[error("the event log has no SHA-384 digests (TDX RTMRs are SHA-384)")]
     NoSha384,
+    #[error("the Spec ID event declares digest algorithm {0:#06x} twice")]
+    DuplicateAlgorithm(u16),
+    #[error("the Spec ID event declares SHA-384 digests of {0} bytes (they have 48)")]
+    Sha384Size(usize),
     #[error("event at byte {at} has {digests} digests, the log declares {count} algorithms")]
     DigestCount { at: usize, digests: u32, count: u32 },
     #[error("event at byte {at} uses digest algorithm {alg:#06x} the log does not declare")]
@@ -134,6 +138,16 @@ fn spec_id_algorithms(r: &mut Reader<'_>) -> Result<Vec<(u16, usize)>, EventLogE
         let alg = spec.u16("an algorithm id")?;
         let size = spec.u16("a digest size")?;
         sizes.push((alg, usize::from(size)));
+    }
+    // One size per algorithm: a second entry would make events parse by
+    // whichever the lookup finds first.
+    for (i, (alg, size)) in sizes.iter().enumerate() {
+        if sizes[..i].iter().any(|(a, _)| a == alg) {
+            return Err(EventLogError::DuplicateAlgorithm(*alg));
+        }
+        if *alg == TPM_ALG_SHA384 && *size != 48 {
+            return Err(EventLogError::Sha384Size(*size));
+        }
     }
     if !sizes.contains(&(TPM_ALG_SHA384, 48)) {
         return Err(EventLogError::NoSha384);
@@ -337,5 +351,27 @@ pub(crate) mod tests {
             .to_string()
             .contains("does not declare"));
         assert!(parse(&[]).is_err());
+    }
+
+    /// A Spec ID event declaring SHA-384 twice (or with a size other than
+    /// 48) is refused: events would parse by whichever entry the lookup
+    /// finds, and a 32-byte "SHA-384" digest does not fit a register.
+    #[test]
+    fn each_algorithm_is_declared_once_with_its_size() {
+        let log = build_log(&[(1, 0xD, b"x")]);
+        // The header event: index, type, SHA-1 digest, size (32 bytes); then
+        // the Spec ID signature, class, version, count (28 bytes).
+        let first_alg = 32 + 28;
+        let mut twice = log.clone();
+        twice[first_alg..first_alg + 2].copy_from_slice(&TPM_ALG_SHA384.to_le_bytes());
+        twice[first_alg + 2..first_alg + 4].copy_from_slice(&48u16.to_le_bytes());
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+        let mut short = log.clone();
+        let second_size = first_alg + 6;
+        short[second_size..second_size + 2].copy_from_slice(&32u16.to_le_bytes());
+        let err = parse(&short).unwrap_err().to_string();
+        assert!(err.contains("SHA-384 digests of 32 bytes"), "{err}");
+        parse(&log).unwrap();
     }
 }

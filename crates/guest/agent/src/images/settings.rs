@@ -55,7 +55,9 @@ impl std::str::FromStr for PodResource {
         if let Some(name) = uri.strip_prefix("initdata:///") {
             return Ok(PodResource::InitData(name.to_string()));
         }
-        if uri.starts_with("kbs://") {
+        // Only the pod's own KBS: a host part (`kbs://other/…`) is refused,
+        // not quietly read from the pinned KBS.
+        if uri.starts_with("kbs:///") {
             return uri.parse().map(PodResource::Kbs).map_err(UriError::Kbs);
         }
         Err(UriError::Scheme)
@@ -270,6 +272,14 @@ mod tests {
                 "neither",
             ),
             ("[image]\nimage_pull_proxy = \"x\"\n", "image_pull_proxy"),
+            (
+                "[image]\nimage_security_policy_uri = \"kbs://other.example/default/p/1\"\n",
+                "neither",
+            ),
+            (
+                "[image]\nimage_security_policy_uri = \"initdata:///policy.json\"\nimage_decryption_key_uris = [\"kbs:///default/key\"]\n",
+                "kbs:///<repository>/<type>/<tag>",
+            ),
         ] {
             let e = kabuto_error::chain(&PodImages::new(Some(&doc(cdh)), None).err().expect(cdh));
             assert!(e.contains(needle), "{cdh}: {e}");

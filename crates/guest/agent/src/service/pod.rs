@@ -92,15 +92,25 @@ impl Agent {
             )
         };
         let tee = self.tee.clone().map_err(AgentError::Tee)?;
+        // The binding first: init-data the host changed is refused as that,
+        // before anything in it is read.
+        let provider = tee
+            .map(|kind| bind_to_tee(kind, init_data.as_ref()))
+            .transpose()?;
         let setup = setup::PodSetup::from_init_data(init_data.as_ref(), tee)?;
-        let mut kbs = None;
-        match tee {
-            Some(kind) => {
-                kbs = bind_to_tee(kind, init_data.as_ref(), setup.kbs.as_ref(), &req.init_data)?;
-                if init_data.as_ref().and_then(|d| d.policy()).is_none() {
-                    log::info!("no policy in init-data: the confidential default applies");
-                }
+        let kbs = match (provider, &setup.kbs) {
+            (Some(provider), Some(settings)) => {
+                let client = confidential::kbs_client(settings, provider, &req.init_data)?;
+                log::info!("KBS {} configured from init-data", settings.url);
+                Some(Arc::new(client))
             }
+            _ => None,
+        };
+        match tee {
+            Some(_) if init_data.as_ref().and_then(|d| d.policy()).is_none() => {
+                log::info!("no policy in init-data: the confidential default applies");
+            }
+            Some(_) => {}
             None if init_data.is_some() => {
                 // Without a TEE there is no launch data to check the digest
                 // against: the policy still applies, but proves nothing to a
@@ -211,18 +221,16 @@ impl Agent {
 
 /// A confidential pod's binding to its TEE: the init-data must be what the
 /// TEE was launched with (the check the upstream agent leaves to remote
-/// attestation; refused here, and with it every later request); the KBS
-/// its `aa.toml` names (`kbs`) is reached with this TEE's evidence.
+/// attestation; refused here, and with it every later request). Returns
+/// the TEE's evidence provider, for the pod's KBS client.
 fn bind_to_tee(
     kind: kabuto_attestation_agent::TeeKind,
     init_data: Option<&kabuto_initdata::InitData>,
-    kbs: Option<&confidential::KbsSettings>,
-    raw_init_data: &[u8],
-) -> Result<Option<Arc<kabuto_attestation_agent::KbsClient>>> {
+) -> Result<Box<dyn kabuto_attestation_agent::EvidenceProvider>> {
     let provider = confidential::provider(kind)?;
-    let aa_toml = init_data.and_then(|d| d.data.get("aa.toml"));
     if kind == kabuto_attestation_agent::TeeKind::Sample {
         // No TEE, so no launch data to bind the init-data to.
+        let aa_toml = init_data.and_then(|d| d.data.get("aa.toml"));
         confidential::sample_attester_allowed(aa_toml.map(String::as_str))?;
         log::warn!(
             "CoCo's sample attester, as the init-data allows: no TEE, the init-data is bound \
@@ -238,10 +246,5 @@ fn bind_to_tee(
             provider.describe()
         );
     }
-    let Some(settings) = kbs else {
-        return Ok(None);
-    };
-    let client = confidential::kbs_client(settings, provider, raw_init_data)?;
-    log::info!("KBS {} configured from init-data", settings.url);
-    Ok(Some(Arc::new(client)))
+    Ok(provider)
 }

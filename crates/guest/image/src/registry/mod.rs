@@ -71,6 +71,8 @@ pub enum HttpError {
     Unauthorized,
     #[error("{code}: {body}")]
     Status { code: u16, body: String },
+    #[error("status {0}")]
+    StatusCode(u16),
     #[error(transparent)]
     Transport(Box<ureq::Error>),
     #[error("reading the body")]
@@ -317,10 +319,7 @@ impl RegistryClient {
         match self.agent.get(url).call() {
             Ok(response) => Self::read_limited(response, limit, url).map(Some),
             Err(ureq::Error::Status(404, _)) => Ok(None),
-            Err(ureq::Error::Status(code, _)) => Err(http(HttpError::Status {
-                code,
-                body: String::new(),
-            })),
+            Err(ureq::Error::Status(code, _)) => Err(http(HttpError::StatusCode(code))),
             Err(e) => Err(http(HttpError::Transport(Box::new(e)))),
         }
     }
