@@ -19,6 +19,7 @@ pub mod guest_image;
 pub mod hypervisor;
 pub mod inventory;
 pub mod mount;
+pub mod network;
 pub mod sandbox;
 pub mod spec;
 pub mod swtee_service;
