@@ -5,7 +5,8 @@
 //! to the other's egress (mirred), so frames pass unchanged in both
 //! directions and the namespace's own stack never sees them.
 //!
-//! Everything is netlink (`Rtnl`), run by a thread inside the pod's
+//! Everything is netlink (`kabuto_netlink::Rtnl`, which also reads the
+//! namespace's interfaces and routes), run by a thread inside the pod's
 //! namespace. The tap is not persistent: with its last fd (QEMU's) it
 //! disappears, with its qdisc and filter; the veth's qdisc is removed at
 //! teardown ([`unbridge`]), or with the namespace.
@@ -13,28 +14,32 @@
 //! Not yet wired into the sandbox (issue 17's next step); see
 //! `docs/design/pod-networking.md`.
 
-mod rtnl;
 mod tap;
 
 use std::io;
-use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteType,
-};
-use netlink_packet_route::tc::{
+use kabuto_netlink::core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL};
+use kabuto_netlink::packet::tc::{
     TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption,
     TcActionType, TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
     TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-
-pub use rtnl::Rtnl;
+use kabuto_netlink::{failed, link_index, set_up, RouteNetlinkMessage};
+pub use kabuto_netlink::{interfaces, routes, Interface, LinkKind, NetlinkError, Route, Rtnl};
 pub use tap::open_tap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("tap {name}")]
+    Tap {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// ETH_P_ALL: a filter for every protocol.
 const ETH_P_ALL: u16 = 0x0003;
@@ -45,240 +50,6 @@ const INGRESS_HANDLE: TcHandle = TcHandle {
     major: 0xffff,
     minor: 0,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("{what}")]
-    Netlink {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("tap {name}")]
-    Tap {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("no interface {0} in the pod's network namespace")]
-    NoSuchInterface(String),
-}
-
-fn netlink(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
-    let what = what.into();
-    move |source| NetworkError::Netlink { what, source }
-}
-
-/// What kind of link an interface is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkKind {
-    Veth,
-    MacVlan,
-    IpVlan,
-    Loopback,
-    Other(String),
-}
-
-/// One interface of the namespace, as the guest must get it.
-#[derive(Debug, Clone)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    pub mac: Vec<u8>,
-    pub mtu: u32,
-    pub kind: LinkKind,
-    /// Global-scope addresses (IPv4 and IPv6) with their prefix lengths.
-    pub addresses: Vec<(IpAddr, u8)>,
-}
-
-/// One route of the namespace's main table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// `None`: the default route.
-    pub destination: Option<(IpAddr, u8)>,
-    pub gateway: Option<IpAddr>,
-    pub source: Option<IpAddr>,
-    /// The interface's index.
-    pub device: Option<u32>,
-    /// The route's own MTU (RTAX_MTU), which a device MTU does not show.
-    pub mtu: Option<u32>,
-}
-
-/// The namespace's interfaces, loopback included, with their addresses.
-pub fn interfaces(rtnl: &mut Rtnl) -> Result<Vec<Interface>, NetworkError> {
-    let links = rtnl
-        .request(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )
-        .map_err(netlink("listing the links"))?;
-    let mut interfaces: Vec<Interface> = links
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(link) => Some(interface_of(link)),
-            _ => None,
-        })
-        .collect();
-    let addresses = rtnl
-        .request(
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            NLM_F_DUMP,
-        )
-        .map_err(netlink("listing the addresses"))?;
-    for message in addresses {
-        let RouteNetlinkMessage::NewAddress(a) = message else {
-            continue;
-        };
-        if a.header.scope != AddressScope::Universe {
-            continue;
-        }
-        // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
-        // peer's on point-to-point links); IPv6 sends only IFA_ADDRESS.
-        let local = a.attributes.iter().find_map(|attr| match attr {
-            AddressAttribute::Local(ip) => Some(*ip),
-            _ => None,
-        });
-        let address = local.or_else(|| {
-            a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            })
-        });
-        if let (Some(ip), Some(interface)) = (
-            address,
-            interfaces.iter_mut().find(|i| i.index == a.header.index),
-        ) {
-            interface.addresses.push((ip, a.header.prefix_len));
-        }
-    }
-    Ok(interfaces)
-}
-
-fn interface_of(link: LinkMessage) -> Interface {
-    let mut interface = Interface {
-        name: String::new(),
-        index: link.header.index,
-        mac: Vec::new(),
-        mtu: 0,
-        kind: if link.header.flags.contains(LinkFlags::Loopback) {
-            LinkKind::Loopback
-        } else {
-            LinkKind::Other(String::new())
-        },
-        addresses: Vec::new(),
-    };
-    for attribute in link.attributes {
-        match attribute {
-            LinkAttribute::IfName(name) => interface.name = name,
-            LinkAttribute::Address(mac) => interface.mac = mac,
-            LinkAttribute::Mtu(mtu) => interface.mtu = mtu,
-            LinkAttribute::LinkInfo(infos) => {
-                for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        interface.kind = match kind {
-                            InfoKind::Veth => LinkKind::Veth,
-                            InfoKind::MacVlan => LinkKind::MacVlan,
-                            InfoKind::IpVlan => LinkKind::IpVlan,
-                            other => LinkKind::Other(format!("{other:?}")),
-                        };
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    interface
-}
-
-/// The unicast routes of the main table, IPv4 and IPv6.
-pub fn routes(rtnl: &mut Rtnl) -> Result<Vec<Route>, NetworkError> {
-    let mut routes = Vec::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut request = RouteMessage::default();
-        request.header.address_family = family;
-        let replies = rtnl
-            .request(RouteNetlinkMessage::GetRoute(request), NLM_F_DUMP)
-            .map_err(netlink("listing the routes"))?;
-        for message in replies {
-            let RouteNetlinkMessage::NewRoute(r) = message else {
-                continue;
-            };
-            if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
-                continue;
-            }
-            routes.push(route_of(&r));
-        }
-    }
-    Ok(routes)
-}
-
-fn route_of(r: &RouteMessage) -> Route {
-    let ip = |a: &RouteAddress| match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    };
-    let mut route = Route {
-        destination: None,
-        gateway: None,
-        source: None,
-        device: None,
-        mtu: None,
-    };
-    for attribute in &r.attributes {
-        match attribute {
-            RouteAttribute::Destination(a) => {
-                route.destination = ip(a).map(|ip| (ip, r.header.destination_prefix_length));
-            }
-            RouteAttribute::Gateway(a) => route.gateway = ip(a),
-            RouteAttribute::PrefSource(a) => route.source = ip(a),
-            RouteAttribute::Oif(index) => route.device = Some(*index),
-            RouteAttribute::Metrics(metrics) => {
-                route.mtu = metrics.iter().find_map(|m| match m {
-                    RouteMetric::Mtu(mtu) => Some(*mtu),
-                    _ => None,
-                });
-            }
-            _ => {}
-        }
-    }
-    route
-}
-
-/// The index of link `name`.
-pub fn link_index(rtnl: &mut Rtnl, name: &str) -> Result<u32, NetworkError> {
-    let mut request = LinkMessage::default();
-    request
-        .attributes
-        .push(LinkAttribute::IfName(name.to_string()));
-    let replies = rtnl
-        .request(RouteNetlinkMessage::GetLink(request), NLM_F_ACK)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENODEV) => NetworkError::NoSuchInterface(name.to_string()),
-            _ => netlink(format!("looking up {name}"))(e),
-        })?;
-    replies
-        .into_iter()
-        .find_map(|m| match m {
-            RouteNetlinkMessage::NewLink(link) => Some(link.header.index),
-            _ => None,
-        })
-        .ok_or_else(|| NetworkError::NoSuchInterface(name.to_string()))
-}
-
-/// Sets link `index` up, with `mtu` if given.
-pub fn set_up(rtnl: &mut Rtnl, index: u32, mtu: Option<u32>) -> Result<(), NetworkError> {
-    let mut link = LinkMessage::default();
-    link.header.index = index;
-    link.header.flags = LinkFlags::Up;
-    link.header.change_mask = LinkFlags::Up;
-    if let Some(mtu) = mtu {
-        link.attributes.push(LinkAttribute::Mtu(mtu));
-    }
-    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
-        .map(drop)
-        .map_err(netlink(format!("setting link {index} up")))
-}
 
 /// An interface joined to a tap: what QEMU gets for one guest NIC.
 #[derive(Debug)]
@@ -306,7 +77,7 @@ pub fn bridge(
         source,
     })?;
     let tap_index = link_index(rtnl, &tap_name)?;
-    let joined = (|| {
+    let joined = (|| -> Result<(), NetlinkError> {
         set_up(rtnl, tap_index, Some(interface.mtu))?;
         add_ingress(rtnl, tap_index)?;
         // A stale qdisc (a crashed earlier pod) would keep its filters.
@@ -318,7 +89,7 @@ pub fn bridge(
     if let Err(e) = joined {
         // The tap and its qdisc go with the fd.
         let _ = remove_ingress(rtnl, interface.index);
-        return Err(e);
+        return Err(e.into());
     }
     Ok(TapBridge {
         tap,
@@ -331,7 +102,7 @@ pub fn bridge(
 /// Undoes [`bridge`] on the interface's side (its qdisc, and with it the
 /// filter); the tap goes when its last fd closes.
 pub fn unbridge(rtnl: &mut Rtnl, bridge: &TapBridge) -> Result<(), NetworkError> {
-    remove_ingress(rtnl, bridge.interface.index)
+    Ok(remove_ingress(rtnl, bridge.interface.index)?)
 }
 
 fn ingress_message(index: u32) -> TcMessage {
@@ -344,24 +115,24 @@ fn ingress_message(index: u32) -> TcMessage {
     message
 }
 
-fn add_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), NetworkError> {
+fn add_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), NetlinkError> {
     rtnl.request(
         RouteNetlinkMessage::NewQueueDiscipline(ingress_message(index)),
         NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
     )
     .map(drop)
-    .map_err(netlink(format!("adding an ingress qdisc to link {index}")))
+    .map_err(failed(format!("adding an ingress qdisc to link {index}")))
 }
 
 /// Removes link `index`'s ingress qdisc and its filters; none is fine.
-fn remove_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), NetworkError> {
+fn remove_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), NetlinkError> {
     match rtnl.request(
         RouteNetlinkMessage::DelQueueDiscipline(ingress_message(index)),
         NLM_F_ACK,
     ) {
         Ok(_) => Ok(()),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(()),
-        Err(e) => Err(netlink(format!(
+        Err(e) => Err(failed(format!(
             "removing the ingress qdisc of link {index}"
         ))(e)),
     }
@@ -369,7 +140,7 @@ fn remove_ingress(rtnl: &mut Rtnl, index: u32) -> Result<(), NetworkError> {
 
 /// `tc filter add dev FROM parent ffff: protocol all prio 1 u32 match u8 0
 /// 0 action mirred egress redirect dev TO`.
-fn add_redirect(rtnl: &mut Rtnl, from: u32, to: u32) -> Result<(), NetworkError> {
+fn add_redirect(rtnl: &mut Rtnl, from: u32, to: u32) -> Result<(), NetlinkError> {
     let mut mirror = TcMirror::default();
     mirror.generic.action = TcActionType::Stolen;
     mirror.eaction = TcMirrorActionType::EgressRedir;
@@ -403,7 +174,7 @@ fn add_redirect(rtnl: &mut Rtnl, from: u32, to: u32) -> Result<(), NetworkError>
         NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
     )
     .map(drop)
-    .map_err(netlink(format!("redirecting link {from} to link {to}")))
+    .map_err(failed(format!("redirecting link {from} to link {to}")))
 }
 
 #[cfg(test)]
