@@ -286,6 +286,19 @@ fn auth(agent: &ureq::Agent, url: &str, tee: kbs_types::Tee) -> (String, kbs_typ
 }
 
 /// The body of a 401 answer, or a panic naming what came instead.
+/// A session at `url` challenged for `provider`'s TEE (its cookie), and
+/// the attestation that answers the challenge (not sent).
+fn challenged(
+    agent: &ureq::Agent,
+    url: &str,
+    provider: &dyn EvidenceProvider,
+) -> (String, kbs_types::Attestation) {
+    let (cookie, challenge) = auth(agent, url, provider.tee());
+    let (attestation, _key) =
+        kabuto_attestation_agent::attestation(provider, &challenge, Some(INIT_DATA)).unwrap();
+    (cookie, attestation)
+}
+
 fn unauthorized<T: std::fmt::Debug>(result: Result<T, ureq::Error>, what: &str) -> String {
     match result {
         Err(ureq::Error::Status(401, r)) => r.into_string().unwrap(),
@@ -422,10 +435,7 @@ fn tampered_evidence_and_replays_are_refused() {
     // Replay: the same attestation twice on the same session.
     let agent = ureq::Agent::new();
     let provider = fw.provider();
-    let (cookie, challenge) = auth(&agent, &kbs.url, provider.tee());
-    let (attestation, _key) =
-        kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
-            .unwrap();
+    let (cookie, attestation) = challenged(&agent, &kbs.url, provider.as_ref());
     let attest = |cookie: &str| {
         agent
             .post(&format!("{}/kbs/v0/attest", kbs.url))
@@ -451,10 +461,7 @@ fn sessions_expire() {
     kbs.trust(&fw);
     let agent = ureq::Agent::new();
     let provider = fw.provider();
-    let (cookie, challenge) = auth(&agent, &kbs.url, provider.tee());
-    let (attestation, _key) =
-        kabuto_attestation_agent::attestation(provider.as_ref(), &challenge, Some(INIT_DATA))
-            .unwrap();
+    let (cookie, attestation) = challenged(&agent, &kbs.url, provider.as_ref());
     std::thread::sleep(Duration::from_millis(1500));
     let result = agent
         .post(&format!("{}/kbs/v0/attest", kbs.url))
