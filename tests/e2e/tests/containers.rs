@@ -20,7 +20,7 @@ fn container_runs_on_the_guest_kernel() {
         stdout(&host).trim(),
         "the container ran on the host kernel"
     );
-    assert!(c.residue().is_empty(), "{:?}", c.residue());
+    c.assert_no_residue();
 }
 
 #[test]

@@ -32,7 +32,7 @@ fn invalid_spec_is_refused_before_any_vm() {
         "{}",
         stderr(&out)
     );
-    assert!(c.residue().is_empty(), "{:?}", c.residue());
+    c.assert_no_residue();
     assert!(
         !c.log().contains("sandbox bad: qemu"),
         "a VM was started for an invalid spec"
@@ -61,7 +61,7 @@ fn missing_rootfs_is_refused_before_any_vm() {
         "{}",
         stderr(&out)
     );
-    assert!(c.residue().is_empty(), "{:?}", c.residue());
+    c.assert_no_residue();
 }
 
 #[test]
