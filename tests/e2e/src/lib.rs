@@ -12,7 +12,7 @@ mod fixtures;
 mod harness;
 
 pub use fixtures::{busybox::*, layout::*};
-pub use harness::{containerd::*, registry::*, tools::*};
+pub use harness::{cni::*, containerd::*, registry::*, tools::*};
 
 pub mod confidential;
 pub mod cri;

@@ -39,7 +39,7 @@ fn denied_requests_are_blocked_and_run_nothing() {
     assert!(err.to_string().contains("new policy refused"), "{err}");
 
     agent
-        .set_policy(kabuto_policy::DEFAULT_CONFIDENTIAL)
+        .set_policy(&kabuto_policy::DEFAULT_CONFIDENTIAL)
         .expect("allow-all lets the policy be replaced");
     let create = CreateContainerRequest {
         container_id: "c1".into(),

@@ -3,6 +3,7 @@
 //! the guest applies them to its NICs. Everything works on the network
 //! namespace of the thread that opened the [`Rtnl`].
 
+mod apply;
 mod rtnl;
 
 use std::io;
@@ -10,7 +11,7 @@ use std::net::IpAddr;
 
 pub use netlink_packet_core as core;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol,
@@ -19,6 +20,9 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 pub use netlink_packet_route::{self as packet, RouteNetlinkMessage};
 
+pub use apply::{
+    add_neighbour, delete_address, delete_route, neighbours, set_down_renamed, Neighbour,
+};
 pub use rtnl::Rtnl;
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +271,13 @@ pub fn add_address(
     message.attributes.push(AddressAttribute::Address(address));
     if address.is_ipv4() {
         message.attributes.push(AddressAttribute::Local(address));
+    } else {
+        // The address moves from the pod's namespace, where it passed
+        // duplicate detection; a tentative address could not be a route's
+        // source.
+        message
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
     rtnl.request(
         RouteNetlinkMessage::NewAddress(message),
@@ -279,18 +290,22 @@ pub fn add_address(
 /// Adds `route` to the main table (a gateway makes it universe scope,
 /// else link scope), with its source and its own MTU.
 pub fn add_route(rtnl: &mut Rtnl, route: &Route) -> Result<(), NetlinkError> {
+    rtnl.request(
+        RouteNetlinkMessage::NewRoute(route_message(route)),
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    )
+    .map(drop)
+    .map_err(failed(format!("adding the route {route}")))
+}
+
+/// `route` as a main-table unicast route message.
+fn route_message(route: &Route) -> RouteMessage {
     let address = |ip: IpAddr| match ip {
         IpAddr::V4(v4) => RouteAddress::Inet(v4),
         IpAddr::V6(v6) => RouteAddress::Inet6(v6),
     };
-    let v6 = route
-        .destination
-        .map(|(ip, _)| ip)
-        .or(route.gateway)
-        .or(route.source)
-        .is_some_and(|ip| ip.is_ipv6());
     let mut message = RouteMessage::default();
-    message.header.address_family = if v6 {
+    message.header.address_family = if route.is_ipv6() {
         AddressFamily::Inet6
     } else {
         AddressFamily::Inet
@@ -327,12 +342,45 @@ pub fn add_route(rtnl: &mut Rtnl, route: &Route) -> Result<(), NetlinkError> {
             .attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
     }
-    rtnl.request(
-        RouteNetlinkMessage::NewRoute(message),
-        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-    )
-    .map(drop)
-    .map_err(failed(format!("adding the route {route}")))
+    message
+}
+
+impl Route {
+    /// An IPv6 route: by its destination, else gateway, else source.
+    pub fn is_ipv6(&self) -> bool {
+        self.destination
+            .map(|(ip, _)| ip)
+            .or(self.gateway)
+            .or(self.source)
+            .is_some_and(|ip| ip.is_ipv6())
+    }
+
+    /// The route the kernel makes itself for IPv6 link-local addresses
+    /// (fe80::/64), which is never copied.
+    pub fn is_ipv6_link_local(&self) -> bool {
+        matches!(self.destination, Some((IpAddr::V6(ip), 64)) if ip.segments()[0] == 0xfe80)
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Six hex bytes separated by colons; `None` for anything else.
+pub fn parse_mac(text: &str) -> Option<Vec<u8>> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| {
+            (b.len() == 2)
+                .then(|| u8::from_str_radix(b, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    (bytes.len() == 6).then_some(bytes)
 }
 
 impl std::fmt::Display for Route {

@@ -24,3 +24,5 @@ default StatsContainerRequest := true
 default GetOOMEventRequest := true
 default GuestDetailsRequest := true
 default CheckRequest := true
+default ListInterfacesRequest := true
+default ListRoutesRequest := true

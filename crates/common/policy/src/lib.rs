@@ -18,11 +18,21 @@ use thiserror::Error;
 
 /// Every request allowed: pods that are not confidential.
 pub const ALLOW_ALL: &str = include_str!("../policies/allow-all.rego");
-/// Deny by default: the starting point of confidential pods.
-pub const DEFAULT_CONFIDENTIAL: &str = include_str!("../policies/default-confidential.rego");
 /// What a confidential guest enforces from boot until its one CreateSandbox
 /// succeeded: that request (and health checks), nothing else.
 pub const CONFIDENTIAL_BOOT: &str = include_str!("../policies/confidential-boot.rego");
+/// The pod network's requests as a confidential pod allows them (no
+/// package line: appended to the confidential default and to every
+/// generated policy).
+pub const POD_NETWORK_RULES: &str = include_str!("../policies/pod-network.rego");
+/// Deny by default: the starting point of confidential pods, with the pod
+/// network's rules.
+pub static DEFAULT_CONFIDENTIAL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\n{POD_NETWORK_RULES}",
+        include_str!("../policies/default-confidential.rego")
+    )
+});
 /// Every request denied: a confidential guest whose CreateSandbox failed.
 pub const DENY_ALL: &str = include_str!("../policies/deny-all.rego");
 

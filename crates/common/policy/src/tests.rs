@@ -22,6 +22,11 @@ const ALL_REQUESTS: &[&str] = &[
     "GuestDetailsRequest",
     "SetPolicyRequest",
     "CheckRequest",
+    "UpdateInterfaceRequest",
+    "UpdateRoutesRequest",
+    "AddARPNeighborsRequest",
+    "ListInterfacesRequest",
+    "ListRoutesRequest",
 ];
 
 #[test]
@@ -37,7 +42,7 @@ fn only_the_shipped_allow_all_skips_the_engine() {
     // Any other text is decided by the engine, even when equivalent.
     let edited = PolicyGate::new(&format!("{ALLOW_ALL}\n# edited\n")).expect("parses");
     assert!(ALL_REQUESTS.iter().all(|r| !edited.allows_without_input(r)));
-    let confidential = PolicyGate::new(DEFAULT_CONFIDENTIAL).expect("parses");
+    let confidential = PolicyGate::new(&DEFAULT_CONFIDENTIAL).expect("parses");
     assert!(ALL_REQUESTS
         .iter()
         .all(|r| !confidential.allows_without_input(r)));
@@ -57,7 +62,7 @@ fn allow_all_allows_everything() {
 
 #[test]
 fn confidential_default_denies_what_it_should() {
-    let mut gate = PolicyGate::new(DEFAULT_CONFIDENTIAL).expect("parses");
+    let mut gate = PolicyGate::new(&DEFAULT_CONFIDENTIAL).expect("parses");
     for r in [
         "CreateContainerRequest",
         "ExecProcessRequest",
@@ -347,5 +352,26 @@ fn bad_policies_and_names_are_refused() {
     assert!(matches!(
         gate.decide("x; data.y", &json!({})),
         Err(PolicyError::RequestName(_))
+    ));
+}
+
+#[test]
+fn the_confidential_default_allows_a_pods_network_only_on_its_nics() {
+    let mut gate = PolicyGate::new(&DEFAULT_CONFIDENTIAL).expect("parses");
+    let routes = |device: &str| {
+        serde_json::json!({"routes": {"Routes": [
+            {"dest": "", "gateway": "10.88.0.1", "device": device, "source": "",
+             "scope": 0, "family": "v4", "flags": 0, "mtu": 0}
+        ]}})
+    };
+    assert_eq!(
+        gate.decide("UpdateRoutesRequest", &routes("eth0"))
+            .expect("decides"),
+        Decision::Allowed
+    );
+    assert!(matches!(
+        gate.decide("UpdateRoutesRequest", &routes("lo"))
+            .expect("decides"),
+        Decision::Denied { .. }
     ));
 }

@@ -4,6 +4,8 @@
 //! The messages are generated from `proto/agent.proto`; see that file for the
 //! meaning of each field.
 
+pub mod network;
+
 #[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
 #[allow(warnings)]
 pub mod agent {

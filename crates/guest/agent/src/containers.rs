@@ -131,9 +131,16 @@ pub fn parse_spec(raw: &[u8]) -> Result<Spec> {
 
 /// Turns the spec the host sent into the one the agent applies.
 ///
-/// `sandbox_init_pid` is the pid of the pod's sandbox container, whose
-/// network, IPC and UTS namespaces the other containers of the pod join.
-pub fn prepare_spec(mut spec: Spec, id: &str, sandbox: Option<&PodNamespaces>) -> Result<Spec> {
+/// `sandbox` holds the namespaces of the pod's sandbox container, which
+/// the other containers of the pod join. With `guest_network` (the host
+/// gave the pod interfaces) no container gets a network namespace of its
+/// own: the pod's network is the guest's (Kata's model).
+pub fn prepare_spec(
+    mut spec: Spec,
+    id: &str,
+    sandbox: Option<&PodNamespaces>,
+    guest_network: bool,
+) -> Result<Spec> {
     if spec.process().is_none() {
         return Err(AgentError::InvalidArgument(
             "OCI spec has no process".into(),
@@ -171,6 +178,9 @@ pub fn prepare_spec(mut spec: Spec, id: &str, sandbox: Option<&PodNamespaces>) -
             linux.set_namespaces(Some(namespaces));
         }
         if let Some(namespaces) = linux.namespaces_mut() {
+            if guest_network {
+                namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+            }
             for ns in namespaces.iter_mut() {
                 // Host namespace paths mean nothing in the guest.
                 let path = sandbox.and_then(|pod| pod.path(ns.typ()));
@@ -439,11 +449,11 @@ mod tests {
     #[test]
     fn rejects_relative_or_missing_rootfs() {
         let err = parse_spec(&spec_json("rootfs"))
-            .and_then(|s| prepare_spec(s, "c", None))
+            .and_then(|s| prepare_spec(s, "c", None, false))
             .expect_err("relative root");
         assert!(err.to_string().contains("absolute"), "{err}");
         let err = parse_spec(&spec_json("/does/not/exist"))
-            .and_then(|s| prepare_spec(s, "c", None))
+            .and_then(|s| prepare_spec(s, "c", None, false))
             .expect_err("missing");
         assert!(err.to_string().contains("does not exist"), "{err}");
         let err = parse_spec(b"{not json").expect_err("bad json");
@@ -456,7 +466,7 @@ mod tests {
         let pod = PodNamespaces::open(std::process::id() as i32).expect("namespaces");
         let dir = std::env::temp_dir();
         let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
-            .and_then(|s| prepare_spec(s, "c1", Some(&pod)))
+            .and_then(|s| prepare_spec(s, "c1", Some(&pod), false))
             .expect("spec");
         let linux = spec.linux().as_ref().expect("linux");
         assert_eq!(
@@ -484,6 +494,34 @@ mod tests {
                 }
                 None => assert!(!shared, "{:?} not joined", ns.typ()),
             }
+        }
+    }
+
+    #[test]
+    fn a_pod_with_the_hosts_interfaces_keeps_the_guests_network_namespace() {
+        let dir = std::env::temp_dir();
+        let types = |guest_network| {
+            let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
+                .and_then(|s| prepare_spec(s, "c1", None, guest_network))
+                .expect("spec");
+            let linux = spec.linux().clone().expect("linux");
+            linux
+                .namespaces()
+                .clone()
+                .expect("namespaces")
+                .iter()
+                .map(|n| n.typ())
+                .collect::<Vec<_>>()
+        };
+        assert!(types(false).contains(&LinuxNamespaceType::Network));
+        let shared = types(true);
+        assert!(!shared.contains(&LinuxNamespaceType::Network), "{shared:?}");
+        for kept in [
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::Uts,
+            LinuxNamespaceType::Pid,
+        ] {
+            assert!(shared.contains(&kept), "{kept:?} dropped: {shared:?}");
         }
     }
 }

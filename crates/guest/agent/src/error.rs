@@ -46,6 +46,10 @@ pub enum AgentError {
         #[source]
         source: crate::images::ImageConfigError,
     },
+    /// The pod's network could not be applied (the interface or route is
+    /// named in the cause).
+    #[error("pod network")]
+    Network(#[source] Box<crate::pod_network::PodNetworkError>),
     #[error("{context}")]
     Io {
         context: String,
@@ -93,7 +97,8 @@ impl AgentError {
             AgentError::ContainerExists(_) => Code::ALREADY_EXISTS,
             AgentError::InvalidArgument(_)
             | AgentError::InitDataSettings(_)
-            | AgentError::ImageConfig { .. } => Code::INVALID_ARGUMENT,
+            | AgentError::ImageConfig { .. }
+            | AgentError::Network(_) => Code::INVALID_ARGUMENT,
             AgentError::Confidential(_)
             | AgentError::Tee(_)
             | AgentError::Image(_)
@@ -110,6 +115,12 @@ impl AgentError {
 impl From<crate::confidential::ConfidentialError> for AgentError {
     fn from(e: crate::confidential::ConfidentialError) -> Self {
         AgentError::Confidential(Box::new(e))
+    }
+}
+
+impl From<crate::pod_network::PodNetworkError> for AgentError {
+    fn from(e: crate::pod_network::PodNetworkError) -> Self {
+        AgentError::Network(Box::new(e))
     }
 }
 

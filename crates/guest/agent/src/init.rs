@@ -290,21 +290,24 @@ fn restore(path: &Path, data: &[u8]) -> Result<(), InitError> {
         .map_err(InitError::step(format!("chmod {}", path.display())))
 }
 
-/// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
-/// virtio-pci ones only when the guest has PCI). Returns the names of the
-/// modules loaded.
 /// Modules only a guest with a network interface needs.
 const NET_MODULES: [&str; 3] = ["virtio_net", "net_failover", "failover"];
 
+/// Loads the kernel modules listed in [`MODULES_LIST`], in order (the
+/// virtio-pci ones only when the guest has PCI; the network driver only
+/// for user networking or when the VM has a NIC — the pod's). Returns the
+/// names of the modules loaded.
 pub fn load_modules(skip_pci: bool, with_net: bool) -> Vec<String> {
     let list = fs::read_to_string(MODULES_LIST).unwrap_or_default();
     let mut loaded = Vec::new();
+    // Asked once the transports (listed first) have found their devices.
+    let mut nic = None;
     for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let name = module_name(path);
         if skip_pci && name.starts_with("virtio_pci") {
             continue;
         }
-        if !with_net && NET_MODULES.contains(&name.as_str()) {
+        if NET_MODULES.contains(&name.as_str()) && !with_net && !*nic.get_or_insert_with(has_nic) {
             continue;
         }
         match load_module(Path::new(path)) {
@@ -316,6 +319,36 @@ pub fn load_modules(skip_pci: bool, with_net: bool) -> Vec<String> {
         }
     }
     loaded
+}
+
+/// VIRTIO_ID_NET, as sysfs shows a virtio device's id.
+const VIRTIO_NET_ID: &str = "0x0001";
+
+/// True when a virtio transport found a network device (the host gave the
+/// pod a NIC), read from a sysfs mounted for the question (the initramfs
+/// has none yet).
+fn has_nic() -> bool {
+    let _ = fs::create_dir_all("/sys");
+    let mounted = mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .is_ok();
+    let found = fs::read_dir("/sys/bus/virtio/devices")
+        .map(|devices| {
+            devices.filter_map(|d| d.ok()).any(|d| {
+                fs::read_to_string(d.path().join("device"))
+                    .is_ok_and(|id| id.trim() == VIRTIO_NET_ID)
+            })
+        })
+        .unwrap_or(false);
+    if mounted {
+        let _ = nix::mount::umount("/sys");
+    }
+    found
 }
 
 fn module_name(path: &str) -> String {

@@ -15,6 +15,7 @@ pub mod init;
 pub mod logger;
 pub mod net;
 pub mod pause;
+pub mod pod_network;
 pub mod process;
 pub mod reaper;
 pub mod service;

@@ -422,6 +422,66 @@ impl AgentClient {
         rpc("SetPolicy", self.agent.set_policy(self.ctx(), &req)).map(|_| ())
     }
 
+    pub fn update_interface(
+        &self,
+        interface: &kabuto_protocol::agent::Interface,
+    ) -> Result<kabuto_protocol::agent::Interface, AgentClientError> {
+        let req = kabuto_protocol::agent::UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(interface.clone()),
+            ..Default::default()
+        };
+        rpc(
+            "UpdateInterface",
+            self.agent.update_interface(self.ctx(), &req),
+        )
+    }
+
+    pub fn update_routes(
+        &self,
+        routes: Vec<kabuto_protocol::agent::Route>,
+    ) -> Result<kabuto_protocol::agent::Routes, AgentClientError> {
+        let req = kabuto_protocol::agent::UpdateRoutesRequest {
+            routes: protobuf::MessageField::some(kabuto_protocol::agent::Routes {
+                Routes: routes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        rpc("UpdateRoutes", self.agent.update_routes(self.ctx(), &req))
+    }
+
+    pub fn add_arp_neighbors(
+        &self,
+        neighbours: Vec<kabuto_protocol::agent::ARPNeighbor>,
+    ) -> Result<(), AgentClientError> {
+        let req = kabuto_protocol::agent::AddARPNeighborsRequest {
+            neighbors: protobuf::MessageField::some(kabuto_protocol::agent::ARPNeighbors {
+                ARPNeighbors: neighbours,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        rpc(
+            "AddARPNeighbors",
+            self.agent.add_arp_neighbors(self.ctx(), &req),
+        )
+        .map(|_| ())
+    }
+
+    pub fn list_interfaces(&self) -> Result<kabuto_protocol::agent::Interfaces, AgentClientError> {
+        rpc(
+            "ListInterfaces",
+            self.agent.list_interfaces(self.ctx(), &Default::default()),
+        )
+    }
+
+    pub fn list_routes(&self) -> Result<kabuto_protocol::agent::Routes, AgentClientError> {
+        rpc(
+            "ListRoutes",
+            self.agent.list_routes(self.ctx(), &Default::default()),
+        )
+    }
+
     pub fn guest_details(&self) -> Result<GuestDetailsResponse, AgentClientError> {
         rpc(
             "GuestDetails",

@@ -95,6 +95,9 @@ pub const RULE_DECIDED: &[&str] = &[
     "CreateContainerRequest",
     "ExecProcessRequest",
     "RemoveContainerRequest",
+    "UpdateInterfaceRequest",
+    "UpdateRoutesRequest",
+    "AddARPNeighborsRequest",
 ];
 
 const CAPS: &[&str] = &[
@@ -134,6 +137,8 @@ impl Default for Settings {
             ("UpdateContainerRequest", true),
             ("GetOOMEventRequest", true),
             ("GuestDetailsRequest", true),
+            ("ListInterfacesRequest", true),
+            ("ListRoutesRequest", true),
             ("SetPolicyRequest", false),
             ("CheckRequest", true),
         ]

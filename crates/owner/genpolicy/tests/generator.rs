@@ -1449,3 +1449,135 @@ fn members_join_the_pods_one_sandbox() {
     );
     assert!(denied_reason(&mut fresh, &sandbox_request()).contains("already"));
 }
+
+/// The pod network's requests as the runtime builds them from a CNI
+/// namespace (eth0 on a bridge, IPv4 and IPv6, a default route), in the
+/// JSON the guest's gate judges.
+fn network_requests() -> Vec<(&'static str, Value)> {
+    use kabuto_netlink::{Interface, LinkKind, Neighbour, Route};
+    use kabuto_protocol::{agent, network};
+    let eth0 = Interface {
+        name: "eth0".into(),
+        index: 2,
+        mac: vec![0x0a, 0x58, 10, 88, 0, 5],
+        mtu: 1500,
+        kind: LinkKind::Veth,
+        addresses: vec![
+            ("10.88.0.5".parse().unwrap(), 16),
+            ("fd00:88::5".parse().unwrap(), 64),
+        ],
+    };
+    let default = Route {
+        destination: None,
+        gateway: Some("10.88.0.1".parse().unwrap()),
+        source: None,
+        device: Some(2),
+        mtu: None,
+    };
+    let subnet = Route {
+        destination: Some(("10.88.0.0".parse().unwrap(), 16)),
+        gateway: None,
+        source: Some("10.88.0.5".parse().unwrap()),
+        device: Some(2),
+        mtu: None,
+    };
+    let neighbour = Neighbour {
+        ip: "10.88.0.1".parse().unwrap(),
+        mac: vec![2, 0, 0, 0, 0, 1],
+        device: 2,
+    };
+    let input = |m: &dyn protobuf::MessageDyn| kabuto_policy::request_input(m).unwrap();
+    vec![
+        (
+            "UpdateInterfaceRequest",
+            input(&agent::UpdateInterfaceRequest {
+                interface: protobuf::MessageField::some(network::interface_message(&eth0)),
+                ..Default::default()
+            }),
+        ),
+        (
+            "UpdateRoutesRequest",
+            input(&agent::UpdateRoutesRequest {
+                routes: protobuf::MessageField::some(agent::Routes {
+                    Routes: vec![
+                        network::route_message(&subnet, "eth0"),
+                        network::route_message(&default, "eth0"),
+                    ],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+        (
+            "AddARPNeighborsRequest",
+            input(&agent::AddARPNeighborsRequest {
+                neighbors: protobuf::MessageField::some(agent::ARPNeighbors {
+                    ARPNeighbors: vec![network::neighbour_message(&neighbour, "eth0")],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn the_pods_network_is_allowed_and_nothing_that_leads_elsewhere() {
+    let f = fixture();
+    let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &Settings::default()).unwrap();
+    let mut gate = pod_gate(&generated.pods[0].rego);
+    let requests = network_requests();
+    for (name, input) in &requests {
+        assert_eq!(
+            decide(&mut gate, name, input),
+            Decision::Allowed,
+            "{name}: {input:#}"
+        );
+    }
+    for name in ["ListInterfacesRequest", "ListRoutesRequest"] {
+        assert_eq!(
+            decide(&mut gate, name, &json!({})),
+            Decision::Allowed,
+            "{name}"
+        );
+    }
+    let denied = |gate: &mut Gate, name: &str, input: &Value, why: &str| {
+        assert!(
+            matches!(decide(gate, name, input), Decision::Denied { .. }),
+            "{why}: {input:#}"
+        );
+    };
+    let (_, interface) = &requests[0];
+    for (field, value, why) in [
+        ("name", json!("lo"), "the loopback"),
+        ("name", json!("vxlan0"), "a NIC that is not a pod's"),
+        ("devicePath", json!("0000:00:03.0"), "a hot-plug path"),
+        ("raw_flags", json!(1), "raw link flags"),
+        ("type", json!("tap"), "a link type"),
+    ] {
+        let mut changed = interface.clone();
+        changed["interface"][field] = value;
+        denied(&mut gate, "UpdateInterfaceRequest", &changed, why);
+    }
+    let (_, routes) = &requests[1];
+    let mut to_loopback = routes.clone();
+    to_loopback["routes"]["Routes"][1]["device"] = json!("lo");
+    denied(
+        &mut gate,
+        "UpdateRoutesRequest",
+        &to_loopback,
+        "a route into the guest itself",
+    );
+    let mut flagged = routes.clone();
+    flagged["routes"]["Routes"][0]["flags"] = json!(4);
+    denied(&mut gate, "UpdateRoutesRequest", &flagged, "route flags");
+    let (_, neighbours) = &requests[2];
+    let mut learnt = neighbours.clone();
+    learnt["neighbors"]["ARPNeighbors"][0]["state"] = json!(2);
+    denied(
+        &mut gate,
+        "AddARPNeighborsRequest",
+        &learnt,
+        "a neighbour that is not static",
+    );
+}

@@ -2,6 +2,7 @@
 //! place where requests are logged and where the policy gate plugs in.
 
 mod gate;
+mod network;
 mod oom;
 mod pod;
 mod requests;
@@ -229,6 +230,23 @@ impl AgentService for Agent {
         agent::GuestDetailsResponse
     );
     rpc!(set_policy, agent::SetPolicyRequest, agent::Empty);
+    rpc!(
+        update_interface,
+        agent::UpdateInterfaceRequest,
+        agent::Interface
+    );
+    rpc!(update_routes, agent::UpdateRoutesRequest, agent::Routes);
+    rpc!(
+        list_interfaces,
+        agent::ListInterfacesRequest,
+        agent::Interfaces
+    );
+    rpc!(list_routes, agent::ListRoutesRequest, agent::Routes);
+    rpc!(
+        add_arp_neighbors,
+        agent::AddARPNeighborsRequest,
+        agent::Empty
+    );
 
     fn read_stdout(
         &self,

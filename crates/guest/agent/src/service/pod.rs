@@ -23,6 +23,8 @@ pub(super) struct Sandbox {
     pub(super) data_hub_started: bool,
     /// Where guest pulls come from and what they must satisfy.
     pub(super) images: Option<Arc<images::PodImages>>,
+    /// The interfaces UpdateInterface configured (the pod's network).
+    pub(super) interfaces: Vec<String>,
 }
 
 fn is_mount_point(path: &str) -> bool {

@@ -145,12 +145,8 @@ impl Agent {
             spec = pause::guest_pause_spec(spec)?;
         }
         let pulled = self.pull_rootfs(&req, &mut spec)?;
-        let created = containers::prepare_spec(spec, &req.container_id, pod_namespaces)
-            .and_then(|mut spec| {
-                shared_binds::stage(&mut spec, &req.container_id)?;
-                shared_binds::stage_root(&mut spec, &req.container_id)?;
-                Ok(spec)
-            })
+        let created = self
+            .applied_spec(spec, &req.container_id, pod_namespaces)
             .and_then(|spec| {
                 self.runtime
                     .create(&req.container_id, &req.sandbox_id, &spec)
@@ -184,6 +180,22 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .insert(req.container_id, Arc::new(container));
         Ok(agent::Empty::new())
+    }
+
+    /// The spec the guest applies: namespaces resolved (the pod's network
+    /// is the guest's once the host gave it interfaces), shared files
+    /// staged.
+    fn applied_spec(
+        &self,
+        spec: oci_spec::runtime::Spec,
+        container_id: &str,
+        pod_namespaces: Option<&containers::PodNamespaces>,
+    ) -> Result<oci_spec::runtime::Spec> {
+        let mut spec =
+            containers::prepare_spec(spec, container_id, pod_namespaces, self.pod_has_network())?;
+        shared_binds::stage(&mut spec, container_id)?;
+        shared_binds::stage_root(&mut spec, container_id)?;
+        Ok(spec)
     }
 
     /// Pulls the image of the request's guest-pull storage, if it has one,

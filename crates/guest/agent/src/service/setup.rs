@@ -74,7 +74,7 @@ mod tests {
         let confidential = PodSetup::from_init_data(None, Some(TeeKind::Snp)).unwrap();
         assert_eq!(
             confidential.policy.as_deref(),
-            Some(kabuto_policy::DEFAULT_CONFIDENTIAL)
+            Some(kabuto_policy::DEFAULT_CONFIDENTIAL.as_str())
         );
     }
 

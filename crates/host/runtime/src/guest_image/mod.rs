@@ -43,7 +43,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtiofs",
     "vmw_vsock_virtio_transport",
-    // Loaded only when the runtime gives the guest a network (kabuto.net=user).
+    // Loaded at boot for QEMU user networking (kabuto.net=user), or when the
+    // host configures the pod's first NIC (UpdateInterface).
     "virtio_net",
 ];
 

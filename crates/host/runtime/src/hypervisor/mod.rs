@@ -101,6 +101,8 @@ pub struct VmSpec {
     pub user_network: bool,
     /// The host network namespace the VMM runs in.
     pub network_namespace: NetworkNamespace,
+    /// The pod's NICs: each a tap joined to a CNI interface.
+    pub nics: Vec<crate::network::GuestNic>,
 }
 
 /// The pod's network namespace, where the VMM runs: the pod's network is

@@ -270,7 +270,6 @@ impl Hypervisor for Qemu {
             program: self.binary.clone(),
             source,
         })?;
-        log::debug!("qemu {}", args.join(" "));
         let mut command = Command::new(&self.binary);
         command
             .args(&args)
@@ -278,7 +277,15 @@ impl Hypervisor for Qemu {
             .stdout(log)
             .stderr(log_err);
         // Open before the fork; closed (O_CLOEXEC) at QEMU's exec.
-        let _netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
+        let netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
+        let mmio = self.machine == MachineType::Microvm;
+        let in_use = netns.iter().map(|f| {
+            use std::os::fd::AsRawFd as _;
+            f.as_raw_fd()
+        });
+        let nic_args = pass_taps(&mut command, &spec.nics, in_use, mmio);
+        log::debug!("qemu {} {}", args.join(" "), nic_args.join(" "));
+        command.args(nic_args);
         let child = command.spawn().map_err(|source| HypervisorError::Spawn {
             program: self.binary.clone(),
             source,
@@ -289,6 +296,73 @@ impl Hypervisor for Qemu {
             qmp: qmp_socket(&spec.dir),
         }))
     }
+}
+
+/// The NICs' QEMU arguments, with each tap's fd made QEMU's: copied (dup2,
+/// which clears O_CLOEXEC) between fork and exec onto a number above every
+/// fd open now (`in_use`, the taps, this process's table) with room for
+/// the pipes the spawn itself opens, so no copy lands on another.
+fn pass_taps(
+    command: &mut Command,
+    nics: &[crate::network::GuestNic],
+    in_use: impl Iterator<Item = i32>,
+    mmio: bool,
+) -> Vec<String> {
+    use std::os::unix::process::CommandExt as _;
+    let open_now = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .max()
+                .unwrap_or(2)
+        })
+        .unwrap_or(2);
+    let first = nics
+        .iter()
+        .map(|n| n.tap_fd)
+        .chain(in_use)
+        .chain([open_now])
+        .max()
+        .unwrap_or(2)
+        + 8;
+    let moves: Vec<(i32, i32)> = nics
+        .iter()
+        .zip(first..)
+        .map(|(nic, to)| (nic.tap_fd, to))
+        .collect();
+    if !moves.is_empty() {
+        // SAFETY: dup2(2) is async-signal-safe; the taps stay open until the
+        // spawn returns (the sandbox holds them).
+        unsafe {
+            command.pre_exec(move || {
+                for (from, to) in &moves {
+                    if libc::dup2(*from, *to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    nic_args(nics, first, mmio)
+}
+
+/// `-netdev tap,fd=` and a virtio-net device per NIC, its fd at `first`,
+/// `first + 1`, … in QEMU. The guest's NIC gets the CNI interface's MAC
+/// (the bridge expects frames from it) and MTU (VIRTIO_NET_F_MTU); no
+/// vhost-net: the machines this runs on have none.
+fn nic_args(nics: &[crate::network::GuestNic], first: i32, mmio: bool) -> Vec<String> {
+    let device = virtio_device(mmio, "virtio-net-device", "virtio-net-pci");
+    let mut args = Vec::new();
+    for (i, (nic, fd)) in nics.iter().zip(first..).enumerate() {
+        args.push("-netdev".into());
+        args.push(format!("tap,id=nic{i},fd={fd}"));
+        args.push("-device".into());
+        args.push(format!(
+            "{device},netdev=nic{i},mac={},host_mtu={}",
+            nic.mac, nic.mtu
+        ));
+    }
+    args
 }
 
 /// Makes `command` start in `netns`; returns the namespace file to keep
@@ -318,28 +392,12 @@ fn enter_network_namespace(
             Ok(None)
         }
         NetworkNamespace::Path(path) => {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            // O_NONBLOCK: a FIFO planted at the path must not hang the shim.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(path)
-                .map_err(|e| netns_error(path, e))?;
+            // Refused here, with its path, rather than as QEMU's spawn failing.
+            let file = crate::network::open_netns(path).map_err(|e| match e {
+                crate::network::NetworkError::Namespace { source, .. } => netns_error(path, source),
+                other => netns_error(path, std::io::Error::other(other.to_string())),
+            })?;
             let fd = file.as_raw_fd();
-            // NS_GET_NSTYPE (_IO(0xb7, 0x3)): refuse anything but a network
-            // namespace here, with its path, not as QEMU's spawn failing.
-            const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-            // SAFETY: an ioctl without arguments on a descriptor we own.
-            let kind = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
-            if kind != libc::CLONE_NEWNET {
-                return Err(netns_error(
-                    path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "not a network namespace",
-                    ),
-                ));
-            }
             // SAFETY: setns(2) is async-signal-safe; `fd` stays open until
             // the spawn returns (the caller holds `file`).
             unsafe {
@@ -471,6 +529,7 @@ mod tests {
             tee: TeeLaunch::None,
             user_network: false,
             network_namespace: NetworkNamespace::Host,
+            nics: Vec::new(),
         }
     }
 

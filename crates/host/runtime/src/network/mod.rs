@@ -11,9 +11,10 @@
 //! disappears, with its qdisc and filter; the veth's qdisc is removed at
 //! teardown ([`unbridge`]), or with the namespace.
 //!
-//! Not yet wired into the sandbox (issue 17's next step); see
-//! `docs/design/pod-networking.md`.
+//! [`PodNetwork`] does this for a whole pod namespace; the sandbox holds
+//! it for the VM's life (see `docs/design/pod-networking.md`).
 
+mod pod;
 mod tap;
 
 use std::io;
@@ -27,12 +28,19 @@ use kabuto_netlink::packet::tc::{
 };
 use kabuto_netlink::{failed, link_index, set_up, RouteNetlinkMessage};
 pub use kabuto_netlink::{interfaces, routes, Interface, LinkKind, NetlinkError, Route, Rtnl};
+pub use pod::{open_netns, GuestNic, PodNetwork};
 pub use tap::open_tap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("network namespace {}", path.display())]
+    Namespace {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("tap {name}")]
     Tap {
         name: String,

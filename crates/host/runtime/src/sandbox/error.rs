@@ -50,6 +50,8 @@ pub enum BootError {
         #[source]
         source: crate::mount::MountError,
     },
+    #[error("the pod network")]
+    Network(#[source] crate::network::NetworkError),
     #[error("the init-data")]
     InitData(#[source] kabuto_initdata::InitDataError),
     #[error("{helper}: {}", program.display())]

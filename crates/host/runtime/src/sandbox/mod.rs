@@ -25,6 +25,7 @@ use crate::{
     config::{Config, GuestNetwork},
     hypervisor::{self, Accel, NetworkNamespace, Vm, VmSpec},
     mount::{self, MountSpec},
+    network::PodNetwork,
     spec::SharedBind,
     swtee_service::FirmwareService,
 };
@@ -57,6 +58,8 @@ pub struct Sandbox {
     vm: Mutex<Box<dyn Vm>>,
     helpers: Mutex<Vec<Helper>>,
     firmware: Mutex<Option<FirmwareService>>,
+    /// The pod namespace's interfaces joined to the VM's NICs.
+    network: Mutex<Option<PodNetwork>>,
     agent: AgentClient,
     pub accel: Accel,
     /// Whether the guest pulls container images itself.
@@ -73,6 +76,7 @@ struct Partial {
     vm: Option<Box<dyn Vm>>,
     helpers: Vec<Helper>,
     firmware: Option<FirmwareService>,
+    network: Option<PodNetwork>,
     claim: Option<Claim>,
 }
 
@@ -109,6 +113,7 @@ impl Partial {
             vm: None,
             helpers: Vec::new(),
             firmware: None,
+            network: None,
             claim: Some(claim),
         })
     }
@@ -132,6 +137,7 @@ impl Partial {
             vm: Mutex::new(vm),
             helpers: Mutex::new(std::mem::take(&mut self.helpers)),
             firmware: Mutex::new(self.firmware.take()),
+            network: Mutex::new(self.network.take()),
             agent,
             accel,
             image_pull: config.confidential.image_pull,
@@ -147,6 +153,7 @@ impl Drop for Partial {
         if let Some(mut vm) = self.vm.take() {
             let _ = vm.stop(Duration::ZERO);
         }
+        self.network.take();
         self.firmware.take();
         stop_helpers(&mut self.helpers);
         remove_dir(&self.dir);
@@ -185,7 +192,48 @@ impl Sandbox {
                 reason: Box::new(e.into()),
             });
         }
+        if let Err(e) = sandbox.configure_network() {
+            log::warn!(
+                "sandbox {id}: the guest refused its network; console:\n{}",
+                sandbox.console_tail()
+            );
+            sandbox.destroy();
+            return Err(SandboxError {
+                id: id.to_string(),
+                stage: "configuring the pod network in the guest",
+                reason: Box::new(e.into()),
+            });
+        }
         Ok(sandbox)
+    }
+
+    /// Tells the agent the pod's interfaces, routes and static neighbours
+    /// (nothing for a pod without a network namespace of CNI's).
+    fn configure_network(&self) -> Result<(), crate::agent_client::AgentClientError> {
+        let network = self.network.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(network) = network.as_ref() else {
+            return Ok(());
+        };
+        for interface in network.interfaces() {
+            self.agent.update_interface(&interface)?;
+        }
+        self.agent.update_routes(network.routes())?;
+        let neighbours = network.neighbours();
+        if !neighbours.is_empty() {
+            self.agent.add_arp_neighbors(neighbours)?;
+        }
+        log::info!("sandbox {}: pod network configured in the guest", self.id);
+        Ok(())
+    }
+
+    /// The interfaces of the pod's namespace that joined the VM.
+    pub fn joined_interfaces(&self) -> Vec<String> {
+        self.network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(PodNetwork::joined)
+            .unwrap_or_default()
     }
 
     /// Boots the pod VM (with `init_data`'s digest in the TEE's launch data)
@@ -241,6 +289,15 @@ impl Sandbox {
         }
         let tee = tee_launch(config, id, &dir, &host_data, &vsock, &mut partial.firmware)
             .map_err(fail("preparing the TEE"))?;
+        if let NetworkNamespace::Path(path) = network {
+            partial.network = PodNetwork::attach(path)
+                .map_err(|e| fail("joining the pod network to the VM")(BootError::Network(e)))?;
+        }
+        let nics = partial
+            .network
+            .as_ref()
+            .map(PodNetwork::guest_nics)
+            .unwrap_or_default();
         let spec = VmSpec {
             id: id.to_string(),
             dir: dir.clone(),
@@ -254,12 +311,17 @@ impl Sandbox {
             rootfs_fs_socket: rootfs_socket,
             vsock,
             tee,
-            user_network: config.hypervisor.guest_network == GuestNetwork::User,
+            // The pod's network, where it has one, is the guest's too.
+            user_network: config.hypervisor.guest_network == GuestNetwork::User && nics.is_empty(),
             network_namespace: network.clone(),
+            nics,
         };
         let vm = partial
             .vm
             .insert(launch(config, &spec).map_err(fail("starting the VM"))?);
+        if let Some(network) = partial.network.as_mut() {
+            network.release_taps();
+        }
         let agent = wait_for_agent(vm.as_mut(), &address, config, &spec)
             .map_err(fail("waiting for the agent"))?;
 
@@ -395,6 +457,11 @@ impl Sandbox {
         }
         self.stop_helpers();
         self.firmware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // After the VM: its taps are gone, the namespace is CNI's again.
+        self.network
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();

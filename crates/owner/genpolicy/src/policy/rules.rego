@@ -698,3 +698,7 @@ RemoveContainerRequest := {"allowed": true, "ops": [
 }
 
 RemoveContainerRequest := true if not data.state.containers[input.container_id]
+
+# The pod network's rules (UpdateInterface, UpdateRoutes, AddARPNeighbors)
+# follow: kabuto_policy::POD_NETWORK_RULES, shared with the confidential
+# default.

@@ -1,0 +1,273 @@
+//! A pod's network namespace joined to its VM: every interface CNI made
+//! there (veth, macvlan, ipvlan) bridged to a tap of its own, and what the
+//! guest must be told — the interfaces with their MACs, MTUs and addresses,
+//! the routes on them (with their own MTUs and sources) and the static
+//! neighbours.
+//!
+//! Undone when dropped: the interfaces' ingress qdiscs are removed (the
+//! taps go with their last fd, QEMU's), so the namespace is as CNI left
+//! it. A shim killed before that leaves the qdiscs to the namespace, which
+//! CNI's DEL (and the namespace's removal) takes with it.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use kabuto_netlink::{format_mac, neighbours, Neighbour};
+use kabuto_protocol::agent;
+use kabuto_protocol::network::{interface_message, neighbour_message, route_message};
+
+use super::{bridge, interfaces, routes, Interface, LinkKind, NetworkError, Route, Rtnl};
+
+/// One guest NIC as QEMU must make it: `-netdev tap,fd=` and a virtio-net
+/// device with the CNI interface's MAC and MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    /// The tap's fd in this process (QEMU gets a copy at its spawn).
+    pub tap_fd: RawFd,
+    pub mac: String,
+    pub mtu: u32,
+}
+
+struct Nic {
+    /// `None` once QEMU holds the tap.
+    tap: Option<OwnedFd>,
+    tap_name: String,
+    interface: Interface,
+}
+
+pub struct PodNetwork {
+    path: PathBuf,
+    netns: File,
+    nics: Vec<Nic>,
+    routes: Vec<Route>,
+    neighbours: Vec<Neighbour>,
+}
+
+/// Opens `path` as a network namespace: anything else is refused, and a
+/// FIFO planted there cannot hang the caller.
+pub fn open_netns(path: &Path) -> Result<File, NetworkError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let netns_error = |source| NetworkError::Namespace {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(netns_error)?;
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(netns_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a network namespace",
+        )));
+    }
+    Ok(file)
+}
+
+/// Runs `work` with a netlink socket in `netns`, on a thread of its own
+/// (setns changes only the calling thread, which then ends).
+fn in_netns<T: Send>(
+    netns: &File,
+    path: &Path,
+    work: impl FnOnce(&mut Rtnl) -> Result<T, NetworkError> + Send,
+) -> Result<T, NetworkError> {
+    let netns_error = |source| NetworkError::Namespace {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| netns_error(e.into()))?;
+                let mut rtnl = Rtnl::open().map_err(netns_error)?;
+                work(&mut rtnl)
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The interfaces a guest NIC stands in for.
+fn joinable(interface: &Interface) -> bool {
+    matches!(
+        interface.kind,
+        LinkKind::Veth | LinkKind::MacVlan | LinkKind::IpVlan
+    )
+}
+
+impl PodNetwork {
+    /// Joins every interface of the namespace at `path` to a tap; `None`
+    /// when it has none (only loopback: a pod without a network). On error
+    /// nothing is left in the namespace.
+    pub fn attach(path: &Path) -> Result<Option<PodNetwork>, NetworkError> {
+        let netns = open_netns(path)?;
+        let (nics, routes, neighbours) = in_netns(&netns, path, |rtnl| {
+            let all = interfaces(rtnl)?;
+            for other in all
+                .iter()
+                .filter(|i| i.kind != LinkKind::Loopback && !joinable(i))
+            {
+                log::warn!(
+                    "{}: interface {} ({:?}) is not given to the guest: only veth, macvlan and ipvlan are",
+                    path.display(),
+                    other.name,
+                    other.kind
+                );
+            }
+            let mut nics = Vec::new();
+            let joined = (|| {
+                for interface in all.iter().filter(|i| joinable(i)) {
+                    let tap_name = format!("tap{}_kb", nics.len());
+                    let b = bridge(rtnl, interface, &tap_name)?;
+                    nics.push(Nic {
+                        tap: Some(b.tap),
+                        tap_name: b.tap_name,
+                        interface: b.interface,
+                    });
+                }
+                let on_a_nic = |device: Option<u32>| {
+                    device.is_some_and(|d| nics.iter().any(|n| n.interface.index == d))
+                };
+                let routes: Vec<Route> = routes(rtnl)?
+                    .into_iter()
+                    .filter(|r| on_a_nic(r.device) && !r.is_ipv6_link_local())
+                    .collect();
+                let neighbours: Vec<Neighbour> = neighbours(rtnl)?
+                    .into_iter()
+                    .filter(|n| on_a_nic(Some(n.device)))
+                    .collect();
+                Ok((routes, neighbours))
+            })();
+            match joined {
+                Ok((routes, neighbours)) => Ok((nics, routes, neighbours)),
+                Err(e) => {
+                    for nic in &nics {
+                        let _ = super::remove_ingress(rtnl, nic.interface.index);
+                    }
+                    Err(e)
+                }
+            }
+        })?;
+        if nics.is_empty() {
+            return Ok(None);
+        }
+        for nic in &nics {
+            log::info!(
+                "{}: {} ({}, MTU {}) joined to {}",
+                path.display(),
+                nic.interface.name,
+                format_mac(&nic.interface.mac),
+                nic.interface.mtu,
+                nic.tap_name
+            );
+        }
+        Ok(Some(PodNetwork {
+            path: path.to_path_buf(),
+            netns,
+            nics,
+            routes,
+            neighbours,
+        }))
+    }
+
+    /// The NICs QEMU must make, in order.
+    pub fn guest_nics(&self) -> Vec<GuestNic> {
+        self.nics
+            .iter()
+            .filter_map(|nic| {
+                Some(GuestNic {
+                    tap_fd: nic.tap.as_ref()?.as_raw_fd(),
+                    mac: format_mac(&nic.interface.mac),
+                    mtu: nic.interface.mtu,
+                })
+            })
+            .collect()
+    }
+
+    /// Closes this process's tap fds once QEMU holds its own: a VM that
+    /// dies then takes its taps with it.
+    pub fn release_taps(&mut self) {
+        for nic in &mut self.nics {
+            nic.tap.take();
+        }
+    }
+
+    /// UpdateInterface's interfaces.
+    pub fn interfaces(&self) -> Vec<agent::Interface> {
+        self.nics
+            .iter()
+            .map(|nic| interface_message(&nic.interface))
+            .collect()
+    }
+
+    fn name_of(&self, index: u32) -> &str {
+        self.nics
+            .iter()
+            .find(|n| n.interface.index == index)
+            .map(|n| n.interface.name.as_str())
+            .unwrap_or_default()
+    }
+
+    /// UpdateRoutes's routes.
+    pub fn routes(&self) -> Vec<agent::Route> {
+        self.routes
+            .iter()
+            .map(|r| route_message(r, self.name_of(r.device.unwrap_or_default())))
+            .collect()
+    }
+
+    /// AddARPNeighbors's entries.
+    pub fn neighbours(&self) -> Vec<agent::ARPNeighbor> {
+        self.neighbours
+            .iter()
+            .map(|n| neighbour_message(n, self.name_of(n.device)))
+            .collect()
+    }
+
+    /// The namespace's interfaces that are not joined to a tap now —
+    /// added after the sandbox started (`ctr run --cni`, CNI chaining).
+    pub fn unjoined_interfaces(
+        path: &Path,
+        joined: &[String],
+    ) -> Result<Vec<String>, NetworkError> {
+        let netns = open_netns(path)?;
+        in_netns(&netns, path, |rtnl| {
+            Ok(interfaces(rtnl)?
+                .into_iter()
+                .filter(|i| joinable(i) && !joined.contains(&i.name))
+                .map(|i| i.name)
+                .collect())
+        })
+    }
+
+    /// The names of the joined interfaces.
+    pub fn joined(&self) -> Vec<String> {
+        self.nics.iter().map(|n| n.interface.name.clone()).collect()
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let nics = &self.nics;
+        let undone = in_netns(&self.netns, &self.path, |rtnl| {
+            for nic in nics {
+                super::remove_ingress(rtnl, nic.interface.index)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = undone {
+            log::warn!(
+                "{}: removing the tap redirects: {}",
+                self.path.display(),
+                kabuto_error::chain(&e)
+            );
+        }
+    }
+}

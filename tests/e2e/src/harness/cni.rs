@@ -1,0 +1,188 @@
+//! A pod network as CNI makes one, with Debian's real plugins: a network
+//! namespace of the test's own, the `bridge` plugin (with `host-local`
+//! addresses, IPv4 and IPv6) putting a veth `eth0` into it, and what the
+//! namespace holds afterwards (links, qdiscs) for the residue checks.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+/// Where Debian's containernetworking-plugins puts the plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+pub struct CniNetwork {
+    pub name: String,
+    pub bridge: String,
+    pub netns: String,
+    /// The pod's addresses as the plugin reported them.
+    pub ipv4: String,
+    pub ipv6: String,
+    /// The bridge's own addresses (the pod's gateways).
+    pub gateway4: String,
+    conf: String,
+    data_dir: PathBuf,
+    added: bool,
+}
+
+/// Runs `program args…`, panicking with its stderr on failure.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `program args…` for its effect where failing is fine (removing
+/// what may not exist).
+fn quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl CniNetwork {
+    /// A namespace `kabuto-<tag>` with eth0 on bridge `kb<tag>` in
+    /// 10.<n>.0.0/24 and fd00:<n>::/64, MTU `mtu`. `n` keeps parallel
+    /// tests apart.
+    pub fn add(dir: &Path, tag: &str, n: u8, mtu: u32) -> CniNetwork {
+        let name = format!("kabuto-{tag}");
+        let bridge = format!("kb{tag}");
+        assert!(bridge.len() < 16, "bridge name {bridge} too long");
+        // A stale one from a killed run.
+        quiet("ip", &["netns", "del", &name]);
+        quiet("ip", &["link", "del", &bridge]);
+        sh("ip", &["netns", "add", &name]);
+        let data_dir = dir.join(format!("ipam-{tag}"));
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": name,
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "mtu": mtu,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": data_dir,
+                "ranges": [
+                    [{"subnet": format!("10.{n}.0.0/24")}],
+                    [{"subnet": format!("fd00:{n}::/64")}]
+                ],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+            }
+        })
+        .to_string();
+        let mut network = CniNetwork {
+            netns: format!("/run/netns/{name}"),
+            name,
+            bridge,
+            ipv4: String::new(),
+            ipv6: String::new(),
+            gateway4: format!("10.{n}.0.1"),
+            conf,
+            data_dir,
+            added: false,
+        };
+        let result = network.plugin("ADD");
+        network.added = true;
+        let result: serde_json::Value = serde_json::from_str(&result).expect("CNI result");
+        for ip in result["ips"].as_array().expect("ips") {
+            let address = ip["address"].as_str().expect("address");
+            let bare = address.split('/').next().expect("ip").to_string();
+            if bare.contains(':') {
+                network.ipv6 = bare;
+            } else {
+                network.ipv4 = bare;
+            }
+        }
+        assert!(
+            !network.ipv4.is_empty() && !network.ipv6.is_empty(),
+            "{result}"
+        );
+        network
+    }
+
+    fn plugin(&self, command: &str) -> String {
+        let mut child = Command::new(Path::new(CNI_BIN_DIR).join("bridge"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.name)
+            .env("CNI_NETNS", &self.netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_BIN_DIR)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running the CNI bridge plugin (apt-get install containernetworking-plugins)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(self.conf.as_bytes())
+            .expect("CNI config");
+        let out = child.wait_with_output().expect("CNI plugin");
+        assert!(
+            out.status.success(),
+            "CNI {command}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// The namespace's link names.
+    pub fn links(&self) -> Vec<String> {
+        self.ip(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// What the pod network leaves in the namespace beyond CNI's own: taps
+    /// and ingress qdiscs (with their filters).
+    pub fn residue(&self) -> Vec<String> {
+        let mut left: Vec<String> = self
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("tap"))
+            .collect();
+        let qdiscs = sh("tc", &["-n", &self.name, "qdisc", "show"]);
+        left.extend(
+            qdiscs
+                .lines()
+                .filter(|l| l.contains("ingress"))
+                .map(String::from),
+        );
+        left
+    }
+}
+
+impl Drop for CniNetwork {
+    fn drop(&mut self) {
+        if self.added {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plugin("DEL")));
+        }
+        quiet("ip", &["netns", "del", &self.name]);
+        quiet("ip", &["link", "del", &self.bridge]);
+        let _ = fs::remove_dir_all(&self.data_dir);
+    }
+}
