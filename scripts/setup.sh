@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
 PACKAGES=(qemu-system-x86 qemu-system-common containerd runc busybox-static cpio
           libseccomp-dev pkg-config bsdutils ca-certificates openssl
-          skopeo docker-registry gnupg protobuf-compiler containernetworking-plugins)
+          skopeo docker-registry gnupg protobuf-compiler containernetworking-plugins
+          iproute2 iptables iperf3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -233,6 +233,100 @@ impl Cri {
         Ok(Pod { id, config })
     }
 
+    /// RunPodSandbox in a network namespace of the pod's own, which the
+    /// CRI plugin gives to CNI (as kubelet sends it for an ordinary pod),
+    /// with `hostname`, `ports` (container port, host port; TCP) and
+    /// `dns` (servers, searches, options).
+    pub fn run_networked_pod(
+        &mut self,
+        name: &str,
+        handler: &str,
+        hostname: &str,
+        ports: &[(i32, i32)],
+        dns: cri::DnsConfig,
+    ) -> Result<Pod, String> {
+        let log_directory = self.logs.path().join(name);
+        fs::create_dir_all(&log_directory).expect("pod log dir");
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("{name}-uid"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: hostname.into(),
+            log_directory: log_directory.display().to_string(),
+            dns_config: Some(dns),
+            port_mappings: ports
+                .iter()
+                .map(|(container_port, host_port)| cri::PortMapping {
+                    protocol: cri::Protocol::Tcp as i32,
+                    container_port: *container_port,
+                    host_port: *host_port,
+                    host_ip: String::new(),
+                })
+                .collect(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        };
+        let id = self
+            .rt
+            .block_on(self.runtime.run_pod_sandbox(request))
+            .map_err(status)?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Pod { id, config })
+    }
+
+    /// The pod's addresses as CRI reports them (the first, then the others).
+    pub fn pod_ips(&mut self, pod: &Pod) -> Result<Vec<String>, String> {
+        let request = cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.id.clone(),
+            verbose: false,
+        };
+        let status = self
+            .rt
+            .block_on(self.runtime.pod_sandbox_status(request))
+            .map_err(status)?
+            .into_inner()
+            .status
+            .ok_or("no pod status")?;
+        let network = status.network.ok_or("no pod network status")?;
+        let mut ips = vec![network.ip];
+        ips.extend(network.additional_ips.into_iter().map(|ip| ip.ip));
+        Ok(ips)
+    }
+
+    /// ExecSync: the exit code and output of `cmd` in container `id`.
+    pub fn exec_sync(&mut self, id: &str, cmd: &[&str]) -> Result<(i32, String), String> {
+        let request = cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        };
+        let reply = self
+            .rt
+            .block_on(self.runtime.exec_sync(request))
+            .map_err(status)?
+            .into_inner();
+        let mut output = String::from_utf8_lossy(&reply.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&reply.stderr));
+        Ok((reply.exit_code, output))
+    }
+
     /// PullImage; returns the image's reference (its config digest).
     pub fn pull(&mut self, image: &str, pod: &Pod) -> Result<String, String> {
         let request = cri::PullImageRequest {

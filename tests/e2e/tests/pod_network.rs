@@ -222,3 +222,81 @@ fn a_route_the_guest_cannot_apply_fails_the_create_naming_it() {
     let _ = c.ctr(&["container", "rm", "bad-netns"]);
     c.assert_no_residue();
 }
+
+/// `ctr run --cni` reads its CNI config from /etc/cni/net.d and its
+/// plugins from /opt/cni/bin (ctr has no flags for either): this guard
+/// puts a bridge config and links to Debian's plugins there, and takes
+/// them away again.
+struct CtrCniConfig {
+    conf: std::path::PathBuf,
+    made_bin_dir: bool,
+}
+
+impl CtrCniConfig {
+    fn install(dir: &std::path::Path) -> CtrCniConfig {
+        let conf_dir = std::path::Path::new("/etc/cni/net.d");
+        std::fs::create_dir_all(conf_dir).expect("/etc/cni/net.d");
+        let conf = conf_dir.join("10-kabuto-e2e-ctr.conflist");
+        let config = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "kabuto-e2e-ctr",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "kbctr0",
+                "isGateway": true,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": dir.join("ipam"),
+                    "ranges": [[{"subnet": "10.239.0.0/24"}]]
+                }
+            }]
+        });
+        std::fs::write(&conf, config.to_string()).expect("CNI config");
+        let bin_dir = std::path::Path::new("/opt/cni/bin");
+        let made_bin_dir = !bin_dir.exists();
+        if made_bin_dir {
+            std::fs::create_dir_all(bin_dir).expect("/opt/cni/bin");
+            for plugin in ["bridge", "host-local", "loopback"] {
+                let _ = std::os::unix::fs::symlink(
+                    std::path::Path::new(kabuto_e2e::CNI_BIN_DIR).join(plugin),
+                    bin_dir.join(plugin),
+                );
+            }
+        }
+        CtrCniConfig { conf, made_bin_dir }
+    }
+}
+
+impl Drop for CtrCniConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conf);
+        if self.made_bin_dir {
+            let _ = std::fs::remove_dir_all("/opt/cni/bin");
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "kbctr0"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// ctr configures the network of a task's namespace between its create
+/// and its start — after the VM booted with the NICs it has for good.
+/// The start is refused saying so, not run without a network.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn ctr_run_cni_is_refused_with_an_error_that_says_why() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let _cni = CtrCniConfig::install(work.path());
+    let c = Containerd::start();
+    let out = c.run("late-net", &["--cni"], &["true"]);
+    assert!(!out.status.success(), "started: {}", stdout(&out));
+    let error = stderr(&out);
+    assert!(
+        error.contains("hot-plug is not supported") && error.contains("eth0"),
+        "{error}"
+    );
+    let _ = c.ctr(&["task", "delete", "late-net"]);
+    let _ = c.ctr(&["container", "rm", "late-net"]);
+    c.assert_no_residue();
+}

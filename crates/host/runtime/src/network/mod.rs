@@ -41,6 +41,13 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "interface(s) {} appeared in the pod's network namespace after its VM started \
+         (ctr run --cni, CNI chaining): NIC hot-plug is not supported; give the pod its \
+         network before it starts (a CRI pod network, or ctr run --with-ns network:<path>)",
+        .0.join(", ")
+    )]
+    LateInterfaces(Vec<String>),
     #[error("tap {name}")]
     Tap {
         name: String,

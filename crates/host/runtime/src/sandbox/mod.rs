@@ -60,6 +60,8 @@ pub struct Sandbox {
     firmware: Mutex<Option<FirmwareService>>,
     /// The pod namespace's interfaces joined to the VM's NICs.
     network: Mutex<Option<PodNetwork>>,
+    /// The namespace the VMM runs in.
+    network_namespace: NetworkNamespace,
     agent: AgentClient,
     pub accel: Accel,
     /// Whether the guest pulls container images itself.
@@ -126,6 +128,7 @@ impl Partial {
         agent: AgentClient,
         accel: Accel,
         config: &Config,
+        network_namespace: &NetworkNamespace,
     ) -> Result<Sandbox, BootError> {
         let vm = self.vm.take().ok_or(BootError::VmHandleVanished)?;
         self.armed = false;
@@ -138,6 +141,7 @@ impl Partial {
             helpers: Mutex::new(std::mem::take(&mut self.helpers)),
             firmware: Mutex::new(self.firmware.take()),
             network: Mutex::new(self.network.take()),
+            network_namespace: network_namespace.clone(),
             agent,
             accel,
             image_pull: config.confidential.image_pull,
@@ -226,14 +230,30 @@ impl Sandbox {
         Ok(())
     }
 
-    /// The interfaces of the pod's namespace that joined the VM.
-    pub fn joined_interfaces(&self) -> Vec<String> {
-        self.network
+    /// Refuses interfaces that CNI added to the pod's namespace after the
+    /// VM started (`ctr run --cni` configures the task's namespace between
+    /// create and start; CNI chaining, multus-style second networks): the
+    /// guest's NICs are fixed at boot — the microvm machine has no hot-plug
+    /// — so such a container would silently run without them.
+    pub fn check_late_interfaces(&self) -> Result<(), crate::network::NetworkError> {
+        let path = match &self.network_namespace {
+            NetworkNamespace::Host => return Ok(()),
+            NetworkNamespace::New => PathBuf::from(format!("/proc/{}/ns/net", self.vm_pid())),
+            NetworkNamespace::Path(path) => path.clone(),
+        };
+        let joined = self
+            .network
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(PodNetwork::joined)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let late = PodNetwork::unjoined_interfaces(&path, &joined)?;
+        if late.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::network::NetworkError::LateInterfaces(late))
+        }
     }
 
     /// Boots the pod VM (with `init_data`'s digest in the TEE's launch data)
@@ -326,7 +346,7 @@ impl Sandbox {
             .map_err(fail("waiting for the agent"))?;
 
         partial
-            .finish(id, namespace, agent, accel, config)
+            .finish(id, namespace, agent, accel, config, network)
             .map_err(fail("starting the VM"))
     }
 

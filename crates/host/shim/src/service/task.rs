@@ -74,6 +74,13 @@ impl containerd_shim::Task for Service {
             agent_error(e)
         };
         if req.exec_id.is_empty() {
+            if let Err(e) = c.sandbox.check_late_interfaces() {
+                p.set_exited(VM_GONE_STATUS, now());
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("start {}: {}", req.id, kabuto_error::chain(&e)),
+                ));
+            }
             agent.start_container(&req.id).map_err(failed)?;
             lock(&p.state).status = Status::Running;
             let output = lock(&c.init_output).take();
