@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, and the
 # KBS next to a plain HTTP request, image pull+decrypt+unpack next to skopeo,
+# pod networking next to runc pods on one CNI bridge,
 # each measured in the same run; prints
 # Markdown tables for docs/benchmarks.md.
 # Usage: scripts/bench.sh [--runs N] [--max-pods N]
@@ -16,3 +17,5 @@ target/release/kabuto-kbs-bench --seconds 5
 target/release/kabuto-kbs-bench --seconds 5 --coco
 # Confidential-image pull path (library on the host, against skopeo).
 target/release/kabuto-image-bench --runs 3 --in-guest
+# Pod networking next to runc pods on the same CNI bridge.
+target/release/kabuto-net-bench --runs 3 --seconds 5

@@ -18,6 +18,8 @@ pub struct Kbs {
     pub port: u16,
     pub cert_pem: String,
     pub dir: PathBuf,
+    /// The address guests reach it at (init-data's KBS URL).
+    pub guest_host: String,
 }
 
 impl Drop for Kbs {
@@ -37,14 +39,22 @@ impl Kbs {
     /// [`Kbs::start`] with `extra` appended to its configuration (e.g. an
     /// `[attestation]` table).
     pub fn start_with(dir: &Path, extra: &str) -> Kbs {
-        let port = TcpListener::bind("127.0.0.1:0")
+        Kbs::start_at(dir, "127.0.0.1", "10.0.2.2", extra)
+    }
+
+    /// Listening on `listen` (an address of this host), named `guest_host`
+    /// in its certificate and in the init-data it writes: e.g. a pod
+    /// bridge's address, for guests that reach it through their pod
+    /// network.
+    pub fn start_at(dir: &Path, listen: &str, guest_host: &str, extra: &str) -> Kbs {
+        let port = TcpListener::bind((listen, 0))
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec![
-            "10.0.2.2".into(),
-            "127.0.0.1".into(),
+            guest_host.into(),
+            listen.into(),
             "localhost".into(),
         ])
         .expect("params")
@@ -57,7 +67,7 @@ impl Kbs {
         std::fs::write(
             dir.join("kbs.toml"),
             format!(
-                "listen = \"127.0.0.1:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\n\
+                "listen = \"{listen}:{port}\"\nstore = \"{d}/store.redb\"\ntoken_key = \"{d}/token.key\"\n\
                  [tls]\ncert = \"{d}/tls.crt\"\nkey = \"{d}/tls.key\"\n\
                  [[admin_keys]]\npublic_key = \"{d}/admin.pub\"\nroles = [\"admin\"]\n{extra}",
                 d = dir.display()
@@ -73,12 +83,12 @@ impl Kbs {
             .spawn()
             .expect("starting kabuto-kbs");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((listen, port)).is_err() {
             assert!(Instant::now() < deadline, "kabuto-kbs did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
         let admin = AdminClient::new(
-            &format!("https://127.0.0.1:{port}"),
+            &format!("https://{listen}:{port}"),
             private.into_bytes(),
             Some(cert.pem().as_bytes()),
         )
@@ -89,6 +99,7 @@ impl Kbs {
             port,
             cert_pem: cert.pem(),
             dir: dir.to_path_buf(),
+            guest_host: guest_host.to_string(),
         }
     }
 
@@ -110,8 +121,8 @@ impl Kbs {
         extra: &str,
     ) -> kabuto_initdata::InitData {
         let doc = format!(
-            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs.kbs]\nurl = \"https://10.0.2.2:{}\"\ncert = \"\"\"\n{}\"\"\"\n{aa_extra}'''\n\"policy.rego\" = '''\n{policy}\n'''\n{extra}",
-            self.port, self.cert_pem,
+            "version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs.kbs]\nurl = \"https://{}:{}\"\ncert = \"\"\"\n{}\"\"\"\n{aa_extra}'''\n\"policy.rego\" = '''\n{policy}\n'''\n{extra}",
+            self.guest_host, self.port, self.cert_pem,
         );
         kabuto_initdata::InitData::parse(doc.as_bytes()).expect("test init-data parses")
     }

@@ -235,8 +235,9 @@ impl Cri {
 
     /// RunPodSandbox in a network namespace of the pod's own, which the
     /// CRI plugin gives to CNI (as kubelet sends it for an ordinary pod),
-    /// with `hostname`, `ports` (container port, host port; TCP) and
-    /// `dns` (servers, searches, options).
+    /// with `hostname`, `ports` (container port, host port; TCP), `dns`
+    /// (servers, searches, options) and `sysctls` (namespaced ones, as
+    /// kubelet passes a pod's).
     pub fn run_networked_pod(
         &mut self,
         name: &str,
@@ -244,6 +245,7 @@ impl Cri {
         hostname: &str,
         ports: &[(i32, i32)],
         dns: cri::DnsConfig,
+        sysctls: &[(&str, &str)],
     ) -> Result<Pod, String> {
         let log_directory = self.logs.path().join(name);
         fs::create_dir_all(&log_directory).expect("pod log dir");
@@ -267,6 +269,10 @@ impl Cri {
                 })
                 .collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
+                sysctls: sysctls
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Pod as i32,

@@ -144,7 +144,16 @@ fn cri_pods_on_a_cni_bridge_serve_the_host_and_each_other() {
     };
 
     let pod = cri
-        .run_networked_pod("web", "kabuto", "web-pod", &[(8080, 18080)], dns.clone())
+        .run_networked_pod(
+            "web",
+            "kabuto",
+            "web-pod",
+            &[(8080, 18080)],
+            dns.clone(),
+            // A namespaced sysctl kubelet allows: the pod's network
+            // namespace takes it (the guest's does not).
+            &[("net.ipv4.ip_unprivileged_port_start", "0")],
+        )
         .unwrap_or_else(|e| panic!("{e}\n{}", log(&c)));
     let web_ref = cri.pull(&web_image, &pod).expect("pull");
     let server = cri
@@ -198,6 +207,13 @@ fn cri_pods_on_a_cni_bridge_serve_the_host_and_each_other() {
         resolv.contains("nameserver 10.96.0.10") && resolv.contains("ndots:5"),
         "{resolv}"
     );
+    let (_, port_start) = cri
+        .exec_sync(
+            &server,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+        )
+        .expect("exec");
+    assert_eq!(port_start.trim(), "0", "the pod's sysctl");
     let (_, hostname) = cri.exec_sync(&server, &["hostname"]).expect("exec");
     assert_eq!(hostname.trim(), "web-pod");
     let (_, link) = cri
@@ -210,7 +226,7 @@ fn cri_pods_on_a_cni_bridge_serve_the_host_and_each_other() {
     for handler in ["runc", "kabuto"] {
         let name = format!("client-{handler}");
         let client = cri
-            .run_networked_pod(&name, handler, &name, &[], dns.clone())
+            .run_networked_pod(&name, handler, &name, &[], dns.clone(), &[])
             .unwrap_or_else(|e| panic!("{e}\n{}", log(&c)));
         let image = cri.pull(&web_image, &client).expect("pull");
         let id = cri

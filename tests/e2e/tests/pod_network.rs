@@ -300,3 +300,50 @@ fn ctr_run_cni_is_refused_with_an_error_that_says_why() {
     let _ = c.ctr(&["container", "rm", "late-net"]);
     c.assert_no_residue();
 }
+
+/// A confidential pod (software TEE) in a CNI namespace: the guest has no
+/// network but the pod's — QEMU's user network is not added — so its data
+/// hub reaches the KBS, listening on the pod bridge's address only,
+/// through the pod network, attests and hands the container its secret.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_confidential_pod_attests_through_its_pod_network() {
+    use kabuto_e2e::confidential::{confidential_options, init_data_annotation, Kbs};
+    let work = tempfile::tempdir().expect("tempdir");
+    let net = CniNetwork::add(work.path(), "pn4", 237, 1500);
+    let kbs_dir = work.path().join("kbs");
+    std::fs::create_dir(&kbs_dir).expect("kbs dir");
+    let kbs = Kbs::start_at(&kbs_dir, &net.gateway4, &net.gateway4, "");
+    let swtee = work.path().join("swtee");
+    let c = Containerd::start_with(confidential_options(&swtee, "", "", Vec::new()));
+    let doc = kbs.init_data(kabuto_policy::ALLOW_ALL, "");
+    kbs.trust(&c, &swtee, &[&doc]);
+    kbs.admin
+        .set_resource("default/key/pod", b"kabuto-pod-network-secret")
+        .expect("resource");
+    let with_ns = format!("network:{}", net.netns);
+    let annotation = init_data_annotation(&doc);
+    let out = c.run(
+        "attested",
+        &["--with-ns", &with_ns, "--annotation", &annotation],
+        &[
+            "wget",
+            "-qO-",
+            "http://127.0.0.1:8006/cdh/resource/default/key/pod",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}\nKBS log:\n{}",
+        stderr(&out),
+        stdout(&out),
+        kbs.log()
+    );
+    assert_eq!(stdout(&out), "kabuto-pod-network-secret");
+    c.assert_no_residue();
+    assert!(
+        c.eventually(Duration::from_secs(10), || net.residue().is_empty()),
+        "{:?}",
+        net.residue()
+    );
+}

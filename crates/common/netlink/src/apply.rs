@@ -52,6 +52,22 @@ pub fn set_down_renamed(
         .map_err(failed(what))
 }
 
+/// Moves link `index` into the network namespace open at `netns`.
+pub fn move_to_netns(
+    rtnl: &mut Rtnl,
+    index: u32,
+    netns: std::os::fd::RawFd,
+) -> Result<(), NetlinkError> {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes.push(LinkAttribute::NetNsFd(netns));
+    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
+        .map(drop)
+        .map_err(failed(format!(
+            "moving link {index} into the pod's network namespace"
+        )))
+}
+
 /// Removes `address`/`prefix` from link `index`.
 pub fn delete_address(
     rtnl: &mut Rtnl,

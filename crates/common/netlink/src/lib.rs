@@ -21,7 +21,8 @@ use netlink_packet_route::AddressFamily;
 pub use netlink_packet_route::{self as packet, RouteNetlinkMessage};
 
 pub use apply::{
-    add_neighbour, delete_address, delete_route, neighbours, set_down_renamed, Neighbour,
+    add_neighbour, delete_address, delete_route, move_to_netns, neighbours, set_down_renamed,
+    Neighbour,
 };
 pub use rtnl::Rtnl;
 

@@ -7,7 +7,8 @@
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
@@ -32,8 +33,29 @@ impl Rtnl {
     /// Sends `message` with `flags` (besides NLM_F_REQUEST) and returns
     /// the replies: a dump's messages (`NLM_F_DUMP`), or nothing once the
     /// kernel acknowledged (`NLM_F_ACK`). A kernel error is returned as the
-    /// errno it carries.
+    /// errno it carries. A dump the kernel interrupted (the table changed
+    /// under it) is run again, a few times.
     pub fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut attempts = 0;
+        loop {
+            match self.request_once(message.clone(), flags) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINTR)
+                        && flags & NLM_F_DUMP == NLM_F_DUMP
+                        && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn request_once(
         &mut self,
         message: RouteNetlinkMessage,
         flags: u16,
@@ -49,7 +71,12 @@ impl Rtnl {
         self.socket.send(&buffer, 0)?;
         let mut replies = Vec::new();
         loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
+            let (datagram, from) = self.socket.recv_from_full()?;
+            // Only the kernel (port 0) answers; anything else on this
+            // socket is another process's.
+            if from.port_number() != 0 {
+                continue;
+            }
             let mut offset = 0;
             while offset + 16 <= datagram.len() {
                 let length = NetlinkBuffer::new_checked(&datagram[offset..])
@@ -64,8 +91,9 @@ impl Rtnl {
                 let one = &datagram[offset..offset + length];
                 offset += (length + 3) & !3;
                 // One message this crate version cannot decode (an
-                // attribute it does not know) must not end a dump.
+                // attribute it does not know) must not end a dump; said.
                 let Ok(reply) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(one) else {
+                    log::warn!("netlink: a reply this version cannot decode was skipped");
                     continue;
                 };
                 if reply.header.sequence_number != self.sequence {

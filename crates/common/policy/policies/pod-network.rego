@@ -2,12 +2,15 @@
 # a CNI network gives a pod and nothing else. NICs are named eth<N> (the
 # CNI interface names Kubernetes uses), without hot-plug paths, raw link
 # flags or a link type; routes and static neighbours only on those NICs —
-# never on the guest's loopback, where a route would make the pod's
-# traffic to an address (the KBS's, say) land on the guest itself — and
-# with no flags. Addresses, gateways and MTUs are the pod's, assigned when
-# it starts: the policy cannot know them, and the host, which carries every
-# packet anyway, gains nothing by choosing them (the KBS path is TLS with
-# an attested key).
+# never on the guest's loopback — and with no flags. The agent applies them
+# in the pod's own network namespace (never the guest's) and refuses
+# loopback, link-local and multicast addresses and route sources itself.
+# Addresses, gateways and MTUs are the pod's, assigned when it starts: the
+# policy cannot know them. A host can still put any unicast address on the
+# pod's NIC — even the KBS's, diverting the pod's own connections to it to
+# the pod itself — which gains it nothing it lacks: it carries every packet
+# anyway, and the KBS path is TLS with an attested key. `genpolicy`'s
+# `pod_network = false` denies all three.
 pod_interface_name(name) if regex.match(`^eth[0-9]{1,3}$`, name)
 
 default UpdateInterfaceRequest := false

@@ -19,7 +19,7 @@ pub enum NetworkMessageError {
     Mac { name: String, mac: String },
     #[error("interface {name}: MTU {mtu} is outside 68..=65535")]
     Mtu { name: String, mtu: u64 },
-    #[error("interface {name}: address {address:?}/{mask:?} is not an IPv4 or IPv6 address with a prefix length that fits it")]
+    #[error("interface {name}: address {address:?}/{mask:?} is not a unicast IPv4 or IPv6 address (not loopback, link-local or multicast) with a prefix length that fits it")]
     Address {
         name: String,
         address: String,
@@ -148,6 +148,17 @@ pub fn check_name(name: &str) -> Result<(), NetworkMessageError> {
     }
 }
 
+/// An address a pod's NIC may hold or send from: not loopback (traffic to
+/// it would land in the guest itself), unspecified, multicast or
+/// link-local (the guest makes its own).
+fn is_pod_address(ip: IpAddr) -> bool {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local)
+}
+
 fn parse_prefixed(address: &str, mask: &str) -> Option<(IpAddr, u8)> {
     let ip: IpAddr = address.parse().ok()?;
     let prefix: u8 = mask.parse().ok()?;
@@ -186,6 +197,7 @@ pub fn parse_interface(message: &agent::Interface) -> Result<InterfaceConfig, Ne
     for a in &message.IPAddresses {
         let parsed = parse_prefixed(&a.address, &a.mask)
             .filter(|(ip, _)| ip.is_ipv4() == (a.family.value() == agent::IPFamily::v4 as i32))
+            .filter(|(ip, _)| is_pod_address(*ip))
             .ok_or_else(|| NetworkMessageError::Address {
                 name: name.clone(),
                 address: a.address.clone(),
@@ -240,6 +252,12 @@ pub fn parse_route(message: &agent::Route) -> Result<RouteConfig, NetworkMessage
     };
     let gateway = ip(&message.gateway, "gateway")?;
     let source = ip(&message.source, "source")?;
+    if source.is_some_and(|s| !is_pod_address(s)) {
+        return Err(problem("the source is not a pod address"));
+    }
+    if gateway.is_some_and(|g| g.is_loopback() || g.is_unspecified() || g.is_multicast()) {
+        return Err(problem("the gateway is loopback, unspecified or multicast"));
+    }
     let v6 = message.family.value() == agent::IPFamily::v6 as i32;
     let families_agree = destination
         .map(|(ip, _)| ip)
@@ -295,6 +313,9 @@ pub fn parse_neighbour(
     };
     check_name(&message.device).map_err(|_| problem("no valid device name"))?;
     let ip: IpAddr = ip_text.parse().map_err(|_| problem("bad address"))?;
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return Err(problem("not a unicast address"));
+    }
     let mac = parse_mac(&message.lladdr).ok_or_else(|| problem("bad link-layer address"))?;
     if message.state != NUD_PERMANENT || message.flags != 0 {
         return Err(problem(
@@ -398,6 +419,13 @@ mod tests {
         );
         assert!(refused(&|m| m.devicePath = "01/02".into()).contains("hot-plugged"));
         assert!(refused(&|m| m.raw_flags = 1).contains("raw_flags"));
+        for not_a_pods in ["127.0.0.2", "169.254.1.1", "224.0.0.1", "0.0.0.0"] {
+            assert!(
+                refused(&|m| m.IPAddresses[0].address = not_a_pods.into()).contains(not_a_pods),
+                "{not_a_pods} accepted"
+            );
+        }
+        assert!(refused(&|m| m.IPAddresses[1].address = "fe80::1".into()).contains("fe80::1"));
 
         let route = route_message(
             &Route {
@@ -420,5 +448,7 @@ mod tests {
         assert!(refused(&|r| r.gateway = "fd00::1".into()).contains("other family"));
         assert!(refused(&|r| r.dest = "10.0.0.0".into()).contains("prefix length"));
         assert!(refused(&|r| r.flags = 4).contains("flags"));
+        assert!(refused(&|r| r.source = "127.0.0.1".into()).contains("source"));
+        assert!(refused(&|r| r.gateway = "127.0.0.1".into()).contains("gateway"));
     }
 }

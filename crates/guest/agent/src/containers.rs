@@ -132,14 +132,14 @@ pub fn parse_spec(raw: &[u8]) -> Result<Spec> {
 /// Turns the spec the host sent into the one the agent applies.
 ///
 /// `sandbox` holds the namespaces of the pod's sandbox container, which
-/// the other containers of the pod join. With `guest_network` (the host
-/// gave the pod interfaces) no container gets a network namespace of its
-/// own: the pod's network is the guest's (Kata's model).
+/// the other containers of the pod join. `pod_netns` is the pod's network
+/// namespace (the host gave it interfaces): every container that asks for
+/// a network namespace joins it.
 pub fn prepare_spec(
     mut spec: Spec,
     id: &str,
     sandbox: Option<&PodNamespaces>,
-    guest_network: bool,
+    pod_netns: Option<&Path>,
 ) -> Result<Spec> {
     if spec.process().is_none() {
         return Err(AgentError::InvalidArgument(
@@ -178,12 +178,12 @@ pub fn prepare_spec(
             linux.set_namespaces(Some(namespaces));
         }
         if let Some(namespaces) = linux.namespaces_mut() {
-            if guest_network {
-                namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
-            }
             for ns in namespaces.iter_mut() {
                 // Host namespace paths mean nothing in the guest.
-                let path = sandbox.and_then(|pod| pod.path(ns.typ()));
+                let path = match (ns.typ(), pod_netns) {
+                    (LinuxNamespaceType::Network, Some(pod)) => Some(pod.to_path_buf()),
+                    (typ, _) => sandbox.and_then(|pod| pod.path(typ)),
+                };
                 ns.set_path(path);
             }
         }
@@ -449,11 +449,11 @@ mod tests {
     #[test]
     fn rejects_relative_or_missing_rootfs() {
         let err = parse_spec(&spec_json("rootfs"))
-            .and_then(|s| prepare_spec(s, "c", None, false))
+            .and_then(|s| prepare_spec(s, "c", None, None))
             .expect_err("relative root");
         assert!(err.to_string().contains("absolute"), "{err}");
         let err = parse_spec(&spec_json("/does/not/exist"))
-            .and_then(|s| prepare_spec(s, "c", None, false))
+            .and_then(|s| prepare_spec(s, "c", None, None))
             .expect_err("missing");
         assert!(err.to_string().contains("does not exist"), "{err}");
         let err = parse_spec(b"{not json").expect_err("bad json");
@@ -466,7 +466,7 @@ mod tests {
         let pod = PodNamespaces::open(std::process::id() as i32).expect("namespaces");
         let dir = std::env::temp_dir();
         let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
-            .and_then(|s| prepare_spec(s, "c1", Some(&pod), false))
+            .and_then(|s| prepare_spec(s, "c1", Some(&pod), None))
             .expect("spec");
         let linux = spec.linux().as_ref().expect("linux");
         assert_eq!(
@@ -498,30 +498,24 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_with_the_hosts_interfaces_keeps_the_guests_network_namespace() {
+    fn a_pod_with_the_hosts_interfaces_joins_its_network_namespace() {
         let dir = std::env::temp_dir();
-        let types = |guest_network| {
-            let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
-                .and_then(|s| prepare_spec(s, "c1", None, guest_network))
-                .expect("spec");
-            let linux = spec.linux().clone().expect("linux");
-            linux
-                .namespaces()
-                .clone()
-                .expect("namespaces")
-                .iter()
-                .map(|n| n.typ())
-                .collect::<Vec<_>>()
-        };
-        assert!(types(false).contains(&LinuxNamespaceType::Network));
-        let shared = types(true);
-        assert!(!shared.contains(&LinuxNamespaceType::Network), "{shared:?}");
-        for kept in [
-            LinuxNamespaceType::Ipc,
-            LinuxNamespaceType::Uts,
-            LinuxNamespaceType::Pid,
-        ] {
-            assert!(shared.contains(&kept), "{kept:?} dropped: {shared:?}");
+        let pod_netns = Path::new("/proc/1/fd/7");
+        let spec = parse_spec(&spec_json(&dir.to_string_lossy()))
+            .and_then(|s| prepare_spec(s, "c1", None, Some(pod_netns)))
+            .expect("spec");
+        let linux = spec.linux().clone().expect("linux");
+        let namespaces = linux.namespaces().clone().expect("namespaces");
+        let network = namespaces
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .expect("a network namespace");
+        assert_eq!(network.path().as_deref(), Some(pod_netns));
+        for other in namespaces
+            .iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        {
+            assert_eq!(other.path(), &None, "{:?} joined", other.typ());
         }
     }
 }

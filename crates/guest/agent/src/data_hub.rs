@@ -67,16 +67,25 @@ pub fn start_data_hub(
     pid: i32,
     kbs: Arc<KbsClient>,
     clients: DataHubClients,
+    egress: Option<Arc<crate::pod_network::PodNetns>>,
 ) -> Result<(), DataHubError> {
     let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(DataHubError::Netns)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     // Threads inherit their creator's network namespace. Requests are
-    // served by threads spawned from this (the guest's) namespace, where
-    // the KBS is reachable; only the listener enters the pod's namespace.
+    // served by threads spawned from where the guest's traffic leaves (the
+    // pod's network, else the guest's namespace with QEMU's user network),
+    // where the KBS is reachable; only the listener enters the pod's
+    // namespace.
     let (stream_tx, stream_rx) = std::sync::mpsc::channel::<TcpStream>();
     std::thread::Builder::new()
         .name("data-hub-dispatch".into())
         .spawn(move || {
+            if let Some(netns) = egress {
+                if let Err(e) = netns.enter() {
+                    log::error!("data hub: {}", kabuto_error::chain(&e));
+                    return;
+                }
+            }
             for stream in stream_rx {
                 let kbs = kbs.clone();
                 let _ = std::thread::Builder::new()

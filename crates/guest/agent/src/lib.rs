@@ -51,16 +51,8 @@ pub fn run() {
         }
         logger::set_level_from_cmdline();
         init::mount_shared_dirs();
-        if with_net {
-            match net::setup_user_network() {
-                Ok(()) => log::info!(
-                    "guest network up: {}/24 via {}",
-                    net::GUEST_ADDRESS,
-                    net::GATEWAY
-                ),
-                Err(e) => log::error!("guest network: {}", kabuto_error::chain(&e)),
-            }
-        }
+        // QEMU's user network, when asked for, is set up before the pod's
+        // first container, unless the host gives the pod a network.
         if debug_console::enabled() {
             // A shell the host can reach has no place in a confidential guest.
             if confidential::is_confidential(&cmdline) {

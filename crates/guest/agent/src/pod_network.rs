@@ -1,9 +1,13 @@
 //! The pod's network in the guest: the NICs the host made from the pod's
-//! network namespace (one per CNI interface, with its MAC), configured as
-//! the host's UpdateInterface / UpdateRoutes / AddARPNeighbors say, in the
-//! guest's own network namespace — which the pod's containers then share
-//! (Kata's model), so the agent's own traffic (guest pulls, the KBS) takes
-//! the pod's network as upstream CoCo's does.
+//! network namespace (one per CNI interface, with its MAC), moved into a
+//! network namespace the agent makes for the pod ([`PodNetns`]) and
+//! configured there as the host's UpdateInterface / UpdateRoutes /
+//! AddARPNeighbors say. The pod's containers join that namespace (so
+//! `net.*` sysctls are theirs, not the agent's), and the agent's own
+//! traffic — guest pulls, the KBS — leaves through it too, from threads
+//! that enter it ([`in_egress`]), as upstream CoCo's takes the pod's
+//! network. The guest's own namespace keeps only its loopback (and QEMU's
+//! user network for pods without one).
 //!
 //! Every message is checked whole before anything changes
 //! (`kabuto_protocol::network`). The host is trusted with nothing here that
@@ -11,55 +15,219 @@
 //! why workloads and the KBS path use TLS.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kabuto_netlink::{
-    add_address, add_neighbour, add_route, delete_address, delete_route, interfaces, routes,
-    set_down_renamed, set_up, Interface, LinkKind, Neighbour, NetlinkError, Rtnl,
+    add_address, add_neighbour, add_route, delete_address, delete_route, interfaces, link_index,
+    move_to_netns, routes, set_down_renamed, set_up, Interface, LinkKind, Neighbour, NetlinkError,
+    Rtnl,
 };
 use kabuto_protocol::agent;
 use kabuto_protocol::network::{
     interface_message, parse_interface, parse_neighbour, parse_route, route_message,
-    NetworkMessageError,
+    InterfaceConfig, NetworkMessageError,
 };
 
 /// How long a NIC may take to appear after its driver loads.
-const NIC_WAIT: Duration = Duration::from_secs(10);
+pub const NIC_WAIT: Duration = Duration::from_secs(10);
+/// At most this many neighbour entries per request: the host gets no
+/// unbounded kernel memory in the guest.
+pub const MAX_NEIGHBOURS: usize = 256;
+/// At most this many routes per request.
+pub const MAX_ROUTES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetworkError {
     #[error(transparent)]
     Message(#[from] NetworkMessageError),
-    #[error("the guest's network")]
+    #[error("the pod's network")]
     Netlink(#[from] NetlinkError),
     #[error("opening a netlink socket")]
     Socket(#[source] std::io::Error),
+    #[error("the pod's network namespace")]
+    Namespace(#[source] std::io::Error),
     #[error("interface {name}: the guest has no NIC with MAC {mac}")]
     NoNic { name: String, mac: String },
+    #[error("interface {name}: {count} NICs have MAC {mac}; each must have its own")]
+    SharedMac {
+        name: String,
+        mac: String,
+        count: usize,
+    },
     #[error("interface {name}: the name is taken by another NIC ({other})")]
     NameTaken { name: String, other: String },
-    #[error("{what}: no interface {device} in the guest")]
+    #[error("{what}: no interface {device} in the pod's network")]
     NoDevice { what: String, device: String },
+    #[error("{what}: at most {max} per request")]
+    TooMany { what: &'static str, max: usize },
 }
 
 fn open() -> Result<Rtnl, PodNetworkError> {
     Rtnl::open().map_err(PodNetworkError::Socket)
 }
 
-/// Configures the NIC with the interface's MAC: its name and MTU, its
-/// addresses (replacing the global ones it had), up. Returns it as the
-/// kernel now reports it.
-pub fn update_interface(message: &agent::Interface) -> Result<agent::Interface, PodNetworkError> {
+/// The network namespace of the pod's containers, made at its first
+/// UpdateInterface, held open by the agent for the guest's life.
+pub struct PodNetns {
+    file: File,
+}
+
+impl PodNetns {
+    /// A new network namespace with its loopback up.
+    pub fn create() -> Result<PodNetns, PodNetworkError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // Only this thread moves, and it ends here.
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| PodNetworkError::Namespace(e.into()))?;
+                    let file = File::open("/proc/thread-self/ns/net")
+                        .map_err(PodNetworkError::Namespace)?;
+                    let mut rtnl = open()?;
+                    let lo = link_index(&mut rtnl, "lo")?;
+                    set_up(&mut rtnl, lo, None)?;
+                    Ok(PodNetns { file })
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// A path to the namespace that stays valid while the agent holds it
+    /// (what a container's spec names to join it).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ))
+    }
+
+    /// Moves the calling thread into the namespace, for good (threads it
+    /// starts are born there).
+    pub fn enter(&self) -> Result<(), PodNetworkError> {
+        nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| PodNetworkError::Namespace(e.into()))
+    }
+
+    /// Runs `work` on a thread of its own in the namespace: the sockets it
+    /// opens are the namespace's.
+    pub fn run<T: Send>(
+        &self,
+        work: impl FnOnce() -> Result<T, PodNetworkError> + Send,
+    ) -> Result<T, PodNetworkError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter()?;
+                    work()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// Runs `work` where the guest's own traffic leaves: in the pod's network
+/// namespace when it has one, else on the calling thread (QEMU's user
+/// network in the guest's namespace).
+pub fn in_egress<T: Send>(
+    netns: Option<&PodNetns>,
+    work: impl FnOnce() -> T + Send,
+) -> Result<T, PodNetworkError> {
+    match netns {
+        Some(netns) => netns.run(|| Ok(work())),
+        None => Ok(work()),
+    }
+}
+
+/// The NIC with `mac` in the thread's namespace; an error if several
+/// have it (ipvlan slaves share their master's).
+fn find_by_mac(
+    rtnl: &mut Rtnl,
+    config: &InterfaceConfig,
+) -> Result<Option<Interface>, PodNetworkError> {
+    let mut found: Vec<Interface> = interfaces(rtnl)?
+        .into_iter()
+        .filter(|i| i.mac == config.mac && i.kind != LinkKind::Loopback)
+        .collect();
+    if found.len() > 1 {
+        return Err(PodNetworkError::SharedMac {
+            name: config.name.clone(),
+            mac: kabuto_netlink::format_mac(&config.mac),
+            count: found.len(),
+        });
+    }
+    Ok(found.pop())
+}
+
+/// Waits (up to `wait`) until the NIC of `message` is in the guest — its
+/// driver may still be probing — without changing anything.
+pub fn await_nic(
+    message: &agent::Interface,
+    netns: Option<&PodNetns>,
+    wait: Duration,
+) -> Result<(), PodNetworkError> {
     let config = parse_interface(message)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        if find_by_mac(&mut open()?, &config)?.is_some() {
+            return Ok(());
+        }
+        if let Some(netns) = netns {
+            if netns.run(|| find_by_mac(&mut open()?, &config))?.is_some() {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(PodNetworkError::NoNic {
+                name: config.name,
+                mac: message.hwAddr.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Moves the NIC with the interface's MAC into `netns` and configures it
+/// there: its name and MTU, its addresses (replacing the global ones it
+/// had), up. Returns it as the kernel now reports it.
+pub fn update_interface(
+    netns: &PodNetns,
+    message: &agent::Interface,
+) -> Result<agent::Interface, PodNetworkError> {
+    let config = parse_interface(message)?;
+    let mut guest = open()?;
+    if let Some(nic) = find_by_mac(&mut guest, &config)? {
+        move_to_netns(&mut guest, nic.index, netns.file.as_raw_fd())?;
+    }
+    let now = netns.run(|| configure(&config))?;
+    log::info!(
+        "interface {} configured: {} address(es), MTU {}",
+        now.name,
+        now.addresses.len(),
+        now.mtu
+    );
+    Ok(interface_message(&now))
+}
+
+/// In the pod's namespace: the NIC named, sized, addressed and up.
+fn configure(config: &InterfaceConfig) -> Result<Interface, PodNetworkError> {
     let mut rtnl = open()?;
-    let nic = wait_for_nic(&mut rtnl, &config.mac, &config.name, NIC_WAIT)?;
-    let all = interfaces(&mut rtnl)?;
-    if let Some(other) = all
+    let no_nic = || PodNetworkError::NoNic {
+        name: config.name.clone(),
+        mac: kabuto_netlink::format_mac(&config.mac),
+    };
+    let nic = find_by_mac(&mut rtnl, config)?.ok_or_else(no_nic)?;
+    if let Some(other) = interfaces(&mut rtnl)?
         .iter()
         .find(|i| i.name == config.name && i.index != nic.index)
     {
         return Err(PodNetworkError::NameTaken {
-            name: config.name,
+            name: config.name.clone(),
             other: kabuto_netlink::format_mac(&other.mac),
         });
     }
@@ -78,48 +246,13 @@ pub fn update_interface(message: &agent::Interface) -> Result<agent::Interface, 
         add_address(&mut rtnl, nic.index, *ip, *prefix)?;
     }
     set_up(&mut rtnl, nic.index, None)?;
-    let now = interfaces(&mut rtnl)?
+    interfaces(&mut rtnl)?
         .into_iter()
         .find(|i| i.index == nic.index)
-        .ok_or_else(|| PodNetworkError::NoNic {
-            name: config.name.clone(),
-            mac: message.hwAddr.clone(),
-        })?;
-    log::info!(
-        "interface {} configured: {} address(es), MTU {}",
-        now.name,
-        now.addresses.len(),
-        now.mtu
-    );
-    Ok(interface_message(&now))
+        .ok_or_else(no_nic)
 }
 
-/// The NIC whose MAC is `mac`, once its driver has made it.
-fn wait_for_nic(
-    rtnl: &mut Rtnl,
-    mac: &[u8],
-    name: &str,
-    wait: Duration,
-) -> Result<Interface, PodNetworkError> {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(nic) = interfaces(rtnl)?
-            .into_iter()
-            .find(|i| i.mac == mac && i.kind != LinkKind::Loopback)
-        {
-            return Ok(nic);
-        }
-        if Instant::now() >= deadline {
-            return Err(PodNetworkError::NoNic {
-                name: name.to_string(),
-                mac: kabuto_netlink::format_mac(mac),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The guest's interfaces by name, loopback left out.
+/// The namespace's interfaces by name, loopback left out.
 fn indexes(rtnl: &mut Rtnl) -> Result<HashMap<String, u32>, PodNetworkError> {
     Ok(interfaces(rtnl)?
         .into_iter()
@@ -128,79 +261,111 @@ fn indexes(rtnl: &mut Rtnl) -> Result<HashMap<String, u32>, PodNetworkError> {
         .collect())
 }
 
-/// Replaces the routes of the guest's NICs with `messages` (routes without
+/// Replaces the routes of the pod's NICs with `messages` (routes without
 /// a gateway first: a gateway must be reachable when its route is added).
-pub fn update_routes(messages: &[agent::Route]) -> Result<agent::Routes, PodNetworkError> {
+pub fn update_routes(
+    netns: &PodNetns,
+    messages: &[agent::Route],
+) -> Result<agent::Routes, PodNetworkError> {
+    if messages.len() > MAX_ROUTES {
+        return Err(PodNetworkError::TooMany {
+            what: "routes",
+            max: MAX_ROUTES,
+        });
+    }
     let mut configs = messages
         .iter()
         .map(parse_route)
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rtnl = open()?;
-    let by_name = indexes(&mut rtnl)?;
-    for config in &mut configs {
-        let index = by_name
-            .get(&config.device)
-            .ok_or_else(|| PodNetworkError::NoDevice {
-                what: format!("route {}", config.route),
-                device: config.device.clone(),
-            })?;
-        config.route.device = Some(*index);
-    }
-    let nics: Vec<u32> = by_name.values().copied().collect();
-    for route in routes(&mut rtnl)? {
-        let on_a_nic = route.device.is_some_and(|d| nics.contains(&d));
-        if on_a_nic && !route.is_ipv6_link_local() {
-            delete_route(&mut rtnl, &route)?;
+    netns.run(|| {
+        let mut rtnl = open()?;
+        let by_name = indexes(&mut rtnl)?;
+        for config in &mut configs {
+            let index = by_name
+                .get(&config.device)
+                .ok_or_else(|| PodNetworkError::NoDevice {
+                    what: format!("route {}", config.route),
+                    device: config.device.clone(),
+                })?;
+            config.route.device = Some(*index);
         }
-    }
-    configs.sort_by_key(|c| c.route.gateway.is_some());
-    for config in &configs {
-        add_route(&mut rtnl, &config.route)?;
-    }
-    log::info!("{} route(s) applied", configs.len());
-    list_routes_with(&mut rtnl)
+        let nics: Vec<u32> = by_name.values().copied().collect();
+        for route in routes(&mut rtnl)? {
+            let on_a_nic = route.device.is_some_and(|d| nics.contains(&d));
+            if on_a_nic && !route.is_ipv6_link_local() {
+                delete_route(&mut rtnl, &route)?;
+            }
+        }
+        configs.sort_by_key(|c| c.route.gateway.is_some());
+        for config in &configs {
+            add_route(&mut rtnl, &config.route)?;
+        }
+        log::info!("{} route(s) applied", configs.len());
+        list_routes_with(&mut rtnl)
+    })
 }
 
 /// Adds the host's static neighbour entries.
-pub fn add_neighbours(messages: &[agent::ARPNeighbor]) -> Result<(), PodNetworkError> {
+pub fn add_neighbours(
+    netns: &PodNetns,
+    messages: &[agent::ARPNeighbor],
+) -> Result<(), PodNetworkError> {
+    if messages.len() > MAX_NEIGHBOURS {
+        return Err(PodNetworkError::TooMany {
+            what: "neighbours",
+            max: MAX_NEIGHBOURS,
+        });
+    }
     let parsed = messages
         .iter()
         .map(parse_neighbour)
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rtnl = open()?;
-    let by_name = indexes(&mut rtnl)?;
-    for (ip, mac, device) in parsed {
-        let index = by_name
-            .get(&device)
-            .ok_or_else(|| PodNetworkError::NoDevice {
-                what: format!("neighbour {ip}"),
-                device: device.clone(),
-            })?;
-        add_neighbour(
-            &mut rtnl,
-            &Neighbour {
-                ip,
-                mac,
-                device: *index,
-            },
-        )?;
-    }
-    Ok(())
-}
-
-pub fn list_interfaces() -> Result<agent::Interfaces, PodNetworkError> {
-    let mut rtnl = open()?;
-    Ok(agent::Interfaces {
-        Interfaces: interfaces(&mut rtnl)?
-            .iter()
-            .map(interface_message)
-            .collect(),
-        ..Default::default()
+    netns.run(|| {
+        let mut rtnl = open()?;
+        let by_name = indexes(&mut rtnl)?;
+        for (ip, mac, device) in parsed {
+            let index = by_name
+                .get(&device)
+                .ok_or_else(|| PodNetworkError::NoDevice {
+                    what: format!("neighbour {ip}"),
+                    device: device.clone(),
+                })?;
+            add_neighbour(
+                &mut rtnl,
+                &Neighbour {
+                    ip,
+                    mac,
+                    device: *index,
+                },
+            )?;
+        }
+        Ok(())
     })
 }
 
-pub fn list_routes() -> Result<agent::Routes, PodNetworkError> {
-    list_routes_with(&mut open()?)
+/// The pod's interfaces (the guest's own without a pod network).
+pub fn list_interfaces(netns: Option<&PodNetns>) -> Result<agent::Interfaces, PodNetworkError> {
+    let list = || {
+        Ok(agent::Interfaces {
+            Interfaces: interfaces(&mut open()?)?
+                .iter()
+                .map(interface_message)
+                .collect(),
+            ..Default::default()
+        })
+    };
+    match netns {
+        Some(netns) => netns.run(list),
+        None => list(),
+    }
+}
+
+/// The pod's routes (the guest's own without a pod network).
+pub fn list_routes(netns: Option<&PodNetns>) -> Result<agent::Routes, PodNetworkError> {
+    match netns {
+        Some(netns) => netns.run(|| list_routes_with(&mut open()?)),
+        None => list_routes_with(&mut open()?),
+    }
 }
 
 fn list_routes_with(rtnl: &mut Rtnl) -> Result<agent::Routes, PodNetworkError> {
@@ -224,8 +389,8 @@ fn list_routes_with(rtnl: &mut Rtnl) -> Result<agent::Routes, PodNetworkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kabuto_netlink::format_mac;
     use kabuto_netlink::testing::{in_new_netns, veth_pair};
-    use kabuto_netlink::{format_mac, link_index};
     use kabuto_protocol::network::NUD_PERMANENT;
 
     fn address(ip: &str, mask: &str) -> agent::IPAddress {
@@ -257,22 +422,22 @@ mod tests {
         }
     }
 
-    /// A veth (its peer up) standing in for the guest's NIC, as the host
-    /// would describe it to be configured.
-    fn nic() -> agent::Interface {
+    /// A veth `nic` (its peer `wire` up, staying here) standing in for a
+    /// guest NIC, as the host would describe it to be configured.
+    fn nic(nic: &str, wire: &str, name: &str) -> agent::Interface {
         let mut rtnl = Rtnl::open().expect("netlink");
-        veth_pair(&mut rtnl, "nic0", "wire0").expect("veth pair");
-        let wire = link_index(&mut rtnl, "wire0").expect("peer");
+        veth_pair(&mut rtnl, nic, wire).expect("veth pair");
+        let wire = link_index(&mut rtnl, wire).expect("peer");
         set_up(&mut rtnl, wire, None).expect("peer up");
         let mac = interfaces(&mut rtnl)
             .expect("links")
             .into_iter()
-            .find(|i| i.name == "nic0")
-            .expect("nic0")
+            .find(|i| i.name == nic)
+            .expect("nic")
             .mac;
         agent::Interface {
-            name: "eth7".into(),
-            device: "eth7".into(),
+            name: name.into(),
+            device: name.into(),
             hwAddr: format_mac(&mac),
             mtu: 1400,
             IPAddresses: vec![address("10.1.0.5", "24"), address("fd00:1::5", "64")],
@@ -280,10 +445,23 @@ mod tests {
         }
     }
 
+    fn again(applied: &agent::Interface, name: &str) -> agent::Interface {
+        agent::Interface {
+            name: name.into(),
+            device: name.into(),
+            hwAddr: applied.hwAddr.clone(),
+            mtu: applied.mtu,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn the_hosts_interface_routes_and_neighbours_are_applied_as_sent() {
+    fn the_hosts_interface_routes_and_neighbours_are_applied_in_the_pods_namespace() {
         in_new_netns(|| {
-            let applied = update_interface(&nic()).expect("interface");
+            let netns = PodNetns::create().expect("pod namespace");
+            let message = nic("nic0", "wire0", "eth7");
+            await_nic(&message, Some(&netns), Duration::from_secs(1)).expect("NIC");
+            let applied = update_interface(&netns, &message).expect("interface");
             assert_eq!(applied.name, "eth7");
             assert_eq!(applied.mtu, 1400);
             let mut addresses: Vec<_> = applied
@@ -293,18 +471,24 @@ mod tests {
                 .collect();
             addresses.sort();
             assert_eq!(addresses, ["10.1.0.5/24", "fd00:1::5/64"]);
+            // The NIC left the guest's namespace for the pod's.
+            let here = interfaces(&mut Rtnl::open().expect("netlink")).expect("links");
+            assert!(!here.iter().any(|i| i.name == "nic0" || i.name == "eth7"));
             // Sent again with another address: the old one goes.
-            let mut again = nic_again(&applied);
-            again.IPAddresses = vec![address("10.1.0.6", "24")];
-            let applied = update_interface(&again).expect("interface again");
+            let mut changed = again(&applied, "eth7");
+            changed.IPAddresses = vec![address("10.1.0.6", "24")];
+            let applied = update_interface(&netns, &changed).expect("interface again");
             assert_eq!(applied.IPAddresses.len(), 1);
             assert_eq!(applied.IPAddresses[0].address, "10.1.0.6");
 
-            let routes = update_routes(&[
-                route("", "10.1.0.1", 0),
-                route("10.1.0.0/24", "", 0),
-                route("10.9.0.0/16", "10.1.0.1", 1300),
-            ])
+            let routes = update_routes(
+                &netns,
+                &[
+                    route("", "10.1.0.1", 0),
+                    route("10.1.0.0/24", "", 0),
+                    route("10.9.0.0/16", "10.1.0.1", 1300),
+                ],
+            )
             .expect("routes");
             let shown: Vec<_> = routes
                 .Routes
@@ -324,63 +508,61 @@ mod tests {
                 "{shown:?}"
             );
             assert!(shown.contains(&("10.1.0.0/24", "", "eth7", 0)), "{shown:?}");
-            assert_eq!(
-                list_routes().expect("list").Routes.len(),
-                routes.Routes.len()
-            );
+            let listed = list_routes(Some(&netns)).expect("list");
+            assert_eq!(listed.Routes.len(), routes.Routes.len());
+            let listed = list_interfaces(Some(&netns)).expect("list");
+            assert!(listed.Interfaces.iter().any(|i| i.name == "eth7"));
 
-            add_neighbours(&[agent::ARPNeighbor {
-                toIPAddress: protobuf::MessageField::some(address("10.1.0.1", "32")),
-                device: "eth7".into(),
-                lladdr: "02:00:00:00:00:01".into(),
-                state: NUD_PERMANENT,
-                ..Default::default()
-            }])
+            add_neighbours(
+                &netns,
+                &[agent::ARPNeighbor {
+                    toIPAddress: protobuf::MessageField::some(address("10.1.0.1", "32")),
+                    device: "eth7".into(),
+                    lladdr: "02:00:00:00:00:01".into(),
+                    state: NUD_PERMANENT,
+                    ..Default::default()
+                }],
+            )
             .expect("neighbour");
-            let mut rtnl = Rtnl::open().expect("netlink");
-            let neighbours = kabuto_netlink::neighbours(&mut rtnl).expect("neighbours");
+            let neighbours = netns
+                .run(|| Ok(kabuto_netlink::neighbours(&mut open()?)?))
+                .expect("neighbours");
             assert!(neighbours
                 .iter()
                 .any(|n| n.ip.to_string() == "10.1.0.1" && n.mac == [2, 0, 0, 0, 0, 1]));
         });
     }
 
-    fn nic_again(applied: &agent::Interface) -> agent::Interface {
-        agent::Interface {
-            name: applied.name.clone(),
-            device: applied.name.clone(),
-            hwAddr: applied.hwAddr.clone(),
-            mtu: applied.mtu,
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn what_the_guest_cannot_apply_is_refused_naming_it() {
         in_new_netns(|| {
             let refused = |e: PodNetworkError| kabuto_error::chain(&e);
-            let applied = update_interface(&nic()).expect("interface");
-            let mut rtnl = Rtnl::open().expect("netlink");
-            let absent = [2, 0x11, 0x22, 0x33, 0x44, 0x55];
+            let netns = PodNetns::create().expect("pod namespace");
+            let mut absent = nic("nic9", "wire9", "eth8");
+            absent.hwAddr = "02:11:22:33:44:55".into();
             let e = refused(
-                wait_for_nic(&mut rtnl, &absent, "eth8", Duration::from_millis(100))
+                await_nic(&absent, Some(&netns), Duration::from_millis(100))
                     .expect_err("no such NIC"),
             );
             assert!(e.contains("eth8") && e.contains("02:11:22:33:44:55"), "{e}");
-            let mut taken = nic_again(&applied);
-            taken.name = "wire0".into();
-            taken.device = "wire0".into();
-            let e = refused(update_interface(&taken).expect_err("name of another NIC"));
-            assert!(e.contains("wire0") && e.contains("taken"), "{e}");
+
+            update_interface(&netns, &nic("nic0", "wire0", "eth7")).expect("interface");
+            let second = nic("nic1", "wire1", "eth7");
+            let e = refused(update_interface(&netns, &second).expect_err("a taken name"));
+            assert!(e.contains("eth7") && e.contains("taken"), "{e}");
 
             let mut unknown = route("", "10.1.0.1", 0);
             unknown.device = "eth9".into();
-            let e = refused(update_routes(&[unknown]).expect_err("unknown device"));
+            let e = refused(update_routes(&netns, &[unknown]).expect_err("unknown device"));
             assert!(e.contains("eth9"), "{e}");
             let e = refused(
-                update_routes(&[route("", "10.7.0.1", 0)]).expect_err("unreachable gateway"),
+                update_routes(&netns, &[route("", "10.7.0.1", 0)])
+                    .expect_err("unreachable gateway"),
             );
             assert!(e.contains("10.7.0.1"), "{e}");
+            let flood = vec![agent::ARPNeighbor::default(); MAX_NEIGHBOURS + 1];
+            let e = refused(add_neighbours(&netns, &flood).expect_err("too many"));
+            assert!(e.contains("at most 256"), "{e}");
         });
     }
 }

@@ -88,6 +88,11 @@ pub struct Settings {
     pub oci_layouts: Vec<String>,
     /// Extra init-data files, verbatim (e.g. `aa.toml` naming the KBS).
     pub init_data: BTreeMap<String, String>,
+    /// The pod may get the network of its CNI namespace (UpdateInterface,
+    /// UpdateRoutes, AddARPNeighbors on eth<N> NICs). Off: the host cannot
+    /// give the pod's containers a network at all (a pod that only talks
+    /// to its data hub), and the pod's creation fails where it tries.
+    pub pod_network: bool,
 }
 
 /// Requests the generated rules decide themselves.
@@ -198,6 +203,7 @@ impl Default for Settings {
             insecure_registries: vec![],
             oci_layouts: vec![],
             init_data: BTreeMap::new(),
+            pod_network: true,
         }
     }
 }

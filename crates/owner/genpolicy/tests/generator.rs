@@ -1581,3 +1581,20 @@ fn the_pods_network_is_allowed_and_nothing_that_leads_elsewhere() {
         "a neighbour that is not static",
     );
 }
+
+#[test]
+fn a_pod_without_a_network_is_denied_one() {
+    let f = fixture();
+    let settings = Settings {
+        pod_network: false,
+        ..Settings::default()
+    };
+    let generated = gen(&f, &manifest("01-pod-busybox.yaml"), &settings).unwrap();
+    let mut gate = pod_gate(&generated.pods[0].rego);
+    for (name, input) in network_requests() {
+        assert!(
+            matches!(decide(&mut gate, name, &input), Decision::Denied { .. }),
+            "{name} allowed"
+        );
+    }
+}

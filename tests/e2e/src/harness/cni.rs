@@ -56,17 +56,24 @@ impl CniNetwork {
     /// 10.<n>.0.0/24 and fd00:<n>::/64, MTU `mtu`. `n` keeps parallel
     /// tests apart.
     pub fn add(dir: &Path, tag: &str, n: u8, mtu: u32) -> CniNetwork {
-        let name = format!("kabuto-{tag}");
-        let bridge = format!("kb{tag}");
+        quiet("ip", &["link", "del", &format!("kb{tag}")]);
+        CniNetwork::join(dir, tag, tag, n, mtu)
+    }
+
+    /// Pod `pod`'s namespace `kabuto-<pod>` on network `network` (bridge
+    /// `kb<network>`, made by the first pod that joins): several pods on one
+    /// bridge reach each other.
+    pub fn join(dir: &Path, network: &str, pod: &str, n: u8, mtu: u32) -> CniNetwork {
+        let name = format!("kabuto-{pod}");
+        let bridge = format!("kb{network}");
         assert!(bridge.len() < 16, "bridge name {bridge} too long");
         // A stale one from a killed run.
         quiet("ip", &["netns", "del", &name]);
-        quiet("ip", &["link", "del", &bridge]);
         sh("ip", &["netns", "add", &name]);
-        let data_dir = dir.join(format!("ipam-{tag}"));
+        let data_dir = dir.join(format!("ipam-{network}"));
         let conf = serde_json::json!({
             "cniVersion": "0.4.0",
-            "name": name,
+            "name": format!("kabuto-{network}"),
             "type": "bridge",
             "bridge": bridge,
             "isGateway": true,

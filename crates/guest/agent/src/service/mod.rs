@@ -65,6 +65,10 @@ pub struct Agent {
     oom_seen: Mutex<HashMap<String, u64>>,
     shutdown: Mutex<bool>,
     shutdown_ready: Condvar,
+    /// The kernel command line asks for QEMU's user network
+    /// (`kabuto.net=user`), set up once, for a pod without its own.
+    user_network: bool,
+    user_network_up: Mutex<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +117,8 @@ impl Agent {
             oom_seen: Mutex::new(HashMap::new()),
             shutdown: Mutex::new(false),
             shutdown_ready: Condvar::new(),
+            user_network: crate::net::requested(cmdline),
+            user_network_up: Mutex::new(false),
         }
     }
 

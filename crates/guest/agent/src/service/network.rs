@@ -1,9 +1,13 @@
 //! The pod network's requests: UpdateInterface (only before the pod's
 //! first container: NIC hot-plug is not supported), UpdateRoutes,
-//! AddARPNeighbors and the two lists.
+//! AddARPNeighbors and the two lists; and where the guest's own traffic
+//! leaves (the pod's network, else QEMU's user network).
 
 use super::*;
-use crate::pod_network;
+use crate::pod_network::{self, PodNetns};
+
+/// At most this many interfaces per pod.
+const MAX_INTERFACES: usize = 16;
 
 impl Agent {
     pub(super) fn update_interface(
@@ -13,8 +17,11 @@ impl Agent {
         let interface = req.interface.as_ref().ok_or_else(|| {
             AgentError::InvalidArgument("UpdateInterfaceRequest has no interface".into())
         })?;
+        // The driver may still be probing: wait before holding up creates.
+        let netns = self.pod_netns();
+        pod_network::await_nic(interface, netns.as_deref(), pod_network::NIC_WAIT)?;
         // Held throughout: a create either sees every interface applied
-        // (and shares this network) or makes this request fail.
+        // (and joins this network) or makes this request fail.
         let creating = lock(&self.creating);
         let has_containers = !creating.is_empty()
             || !self
@@ -29,27 +36,61 @@ impl Agent {
                 interface.name
             )));
         }
-        let applied = pod_network::update_interface(interface)?;
-        lock(&self.sandbox).interfaces.push(applied.name.clone());
+        let netns = {
+            let mut sandbox = lock(&self.sandbox);
+            if sandbox.interfaces.len() >= MAX_INTERFACES
+                && !sandbox.interfaces.contains(&interface.name)
+            {
+                return Err(AgentError::InvalidArgument(format!(
+                    "interface {}: a pod has at most {MAX_INTERFACES}",
+                    interface.name
+                )));
+            }
+            match &sandbox.network {
+                Some(netns) => netns.clone(),
+                None => {
+                    let netns = Arc::new(PodNetns::create()?);
+                    sandbox.network = Some(netns.clone());
+                    netns
+                }
+            }
+        };
+        let applied = pod_network::update_interface(&netns, interface)?;
+        let mut sandbox = lock(&self.sandbox);
+        if !sandbox.interfaces.contains(&applied.name) {
+            sandbox.interfaces.push(applied.name.clone());
+        }
+        drop(sandbox);
         drop(creating);
         Ok(applied)
     }
 
+    /// The pod's network namespace, or why a request needs one first.
+    fn required_netns(&self, request: &str) -> Result<Arc<PodNetns>> {
+        self.pod_netns().ok_or_else(|| {
+            AgentError::InvalidArgument(format!(
+                "{request}: the pod has no network yet (UpdateInterface comes first)"
+            ))
+        })
+    }
+
     pub(super) fn update_routes(&self, req: agent::UpdateRoutesRequest) -> Result<agent::Routes> {
-        let routes = req.routes.as_ref().map(|r| &r.Routes[..]).unwrap_or(&[]);
-        Ok(pod_network::update_routes(routes)?)
+        let routes = req.routes.as_ref().ok_or_else(|| {
+            AgentError::InvalidArgument("UpdateRoutesRequest has no routes".into())
+        })?;
+        let netns = self.required_netns("UpdateRoutesRequest")?;
+        Ok(pod_network::update_routes(&netns, &routes.Routes)?)
     }
 
     pub(super) fn add_arp_neighbors(
         &self,
         req: agent::AddARPNeighborsRequest,
     ) -> Result<agent::Empty> {
-        let neighbours = req
-            .neighbors
-            .as_ref()
-            .map(|n| &n.ARPNeighbors[..])
-            .unwrap_or(&[]);
-        pod_network::add_neighbours(neighbours)?;
+        let neighbours = req.neighbors.as_ref().ok_or_else(|| {
+            AgentError::InvalidArgument("AddARPNeighborsRequest has no neighbors".into())
+        })?;
+        let netns = self.required_netns("AddARPNeighborsRequest")?;
+        pod_network::add_neighbours(&netns, &neighbours.ARPNeighbors)?;
         Ok(agent::Empty::new())
     }
 
@@ -57,16 +98,38 @@ impl Agent {
         &self,
         _req: agent::ListInterfacesRequest,
     ) -> Result<agent::Interfaces> {
-        Ok(pod_network::list_interfaces()?)
+        Ok(pod_network::list_interfaces(self.pod_netns().as_deref())?)
     }
 
     pub(super) fn list_routes(&self, _req: agent::ListRoutesRequest) -> Result<agent::Routes> {
-        Ok(pod_network::list_routes()?)
+        Ok(pod_network::list_routes(self.pod_netns().as_deref())?)
     }
 
-    /// True once the host gave the pod interfaces: its containers then
-    /// live in the guest's network namespace, which holds them.
-    pub(super) fn pod_has_network(&self) -> bool {
-        !lock(&self.sandbox).interfaces.is_empty()
+    /// The pod's network namespace, once the host gave it interfaces.
+    pub(super) fn pod_netns(&self) -> Option<Arc<PodNetns>> {
+        lock(&self.sandbox).network.clone()
+    }
+
+    /// Before the pod's first container, a pod without a network of its
+    /// own gets QEMU's user network in the guest's namespace for the
+    /// guest's own traffic, when the kernel command line asks for it; a
+    /// pod with one needs none (its NICs are the way out).
+    pub(super) fn ensure_guest_network(&self) {
+        if !self.user_network || self.pod_netns().is_some() {
+            return;
+        }
+        let mut up = lock(&self.user_network_up);
+        if *up {
+            return;
+        }
+        match crate::net::setup_user_network() {
+            Ok(()) => log::info!(
+                "guest network up: {}/24 via {}",
+                crate::net::GUEST_ADDRESS,
+                crate::net::GATEWAY
+            ),
+            Err(e) => log::error!("guest network: {}", kabuto_error::chain(&e)),
+        }
+        *up = true;
     }
 }

@@ -25,6 +25,8 @@ pub(super) struct Sandbox {
     pub(super) images: Option<Arc<images::PodImages>>,
     /// The interfaces UpdateInterface configured (the pod's network).
     pub(super) interfaces: Vec<String>,
+    /// Their network namespace, which the pod's containers join.
+    pub(super) network: Option<Arc<crate::pod_network::PodNetns>>,
 }
 
 fn is_mount_point(path: &str) -> bool {
@@ -155,7 +157,8 @@ impl Agent {
         if sandbox.data_hub_started {
             return;
         }
-        match crate::data_hub::start_data_hub(pid, kbs, self.data_hub_clients.clone()) {
+        let egress = sandbox.network.clone();
+        match crate::data_hub::start_data_hub(pid, kbs, self.data_hub_clients.clone(), egress) {
             Ok(()) => {
                 sandbox.data_hub_started = true;
                 log::info!(

@@ -144,7 +144,13 @@ impl Agent {
             );
             spec = pause::guest_pause_spec(spec)?;
         }
-        let pulled = self.pull_rootfs(&req, &mut spec)?;
+        self.ensure_guest_network();
+        // The registry and the KBS are reached the way the guest's traffic
+        // leaves: the pod's network when it has one.
+        let egress = self.pod_netns();
+        let pulled = crate::pod_network::in_egress(egress.as_deref(), || {
+            self.pull_rootfs(&req, &mut spec)
+        })??;
         let created = self
             .applied_spec(spec, &req.container_id, pod_namespaces)
             .and_then(|spec| {
@@ -183,16 +189,16 @@ impl Agent {
     }
 
     /// The spec the guest applies: namespaces resolved (the pod's network
-    /// is the guest's once the host gave it interfaces), shared files
-    /// staged.
+    /// namespace once the host gave it interfaces), shared files staged.
     fn applied_spec(
         &self,
         spec: oci_spec::runtime::Spec,
         container_id: &str,
         pod_namespaces: Option<&containers::PodNamespaces>,
     ) -> Result<oci_spec::runtime::Spec> {
+        let pod_netns = self.pod_netns().map(|n| n.path());
         let mut spec =
-            containers::prepare_spec(spec, container_id, pod_namespaces, self.pod_has_network())?;
+            containers::prepare_spec(spec, container_id, pod_namespaces, pod_netns.as_deref())?;
         shared_binds::stage(&mut spec, container_id)?;
         shared_binds::stage_root(&mut spec, container_id)?;
         Ok(spec)

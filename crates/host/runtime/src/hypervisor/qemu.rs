@@ -277,13 +277,9 @@ impl Hypervisor for Qemu {
             .stdout(log)
             .stderr(log_err);
         // Open before the fork; closed (O_CLOEXEC) at QEMU's exec.
-        let netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
+        let _netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
         let mmio = self.machine == MachineType::Microvm;
-        let in_use = netns.iter().map(|f| {
-            use std::os::fd::AsRawFd as _;
-            f.as_raw_fd()
-        });
-        let nic_args = pass_taps(&mut command, &spec.nics, in_use, mmio);
+        let nic_args = pass_taps(&mut command, &spec.nics, mmio);
         log::debug!("qemu {} {}", args.join(" "), nic_args.join(" "));
         command.args(nic_args);
         let child = command.spawn().map_err(|source| HypervisorError::Spawn {
@@ -298,44 +294,21 @@ impl Hypervisor for Qemu {
     }
 }
 
-/// The NICs' QEMU arguments, with each tap's fd made QEMU's: copied (dup2,
-/// which clears O_CLOEXEC) between fork and exec onto a number above every
-/// fd open now (`in_use`, the taps, this process's table) with room for
-/// the pipes the spawn itself opens, so no copy lands on another.
-fn pass_taps(
-    command: &mut Command,
-    nics: &[crate::network::GuestNic],
-    in_use: impl Iterator<Item = i32>,
-    mmio: bool,
-) -> Vec<String> {
+/// The NICs' QEMU arguments, with each tap's fd made QEMU's: kept open
+/// across the exec at its own number (its close-on-exec flag cleared
+/// between fork and exec, in the child only), so no other descriptor is
+/// touched.
+fn pass_taps(command: &mut Command, nics: &[crate::network::GuestNic], mmio: bool) -> Vec<String> {
     use std::os::unix::process::CommandExt as _;
-    let open_now = std::fs::read_dir("/proc/self/fd")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .max()
-                .unwrap_or(2)
-        })
-        .unwrap_or(2);
-    let first = nics
-        .iter()
-        .map(|n| n.tap_fd)
-        .chain(in_use)
-        .chain([open_now])
-        .max()
-        .unwrap_or(2)
-        + 8;
-    let moves: Vec<(i32, i32)> = nics
-        .iter()
-        .zip(first..)
-        .map(|(nic, to)| (nic.tap_fd, to))
-        .collect();
-    if !moves.is_empty() {
-        // SAFETY: dup2(2) is async-signal-safe; the taps stay open until the
-        // spawn returns (the sandbox holds them).
+    let fds: Vec<i32> = nics.iter().map(|n| n.tap_fd).collect();
+    if !fds.is_empty() {
+        let inherited = fds.clone();
+        // SAFETY: fcntl(2) is async-signal-safe; the taps stay open until
+        // the spawn returns (the sandbox holds them).
         unsafe {
             command.pre_exec(move || {
-                for (from, to) in &moves {
-                    if libc::dup2(*from, *to) < 0 {
+                for fd in &inherited {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -343,19 +316,19 @@ fn pass_taps(
             });
         }
     }
-    nic_args(nics, first, mmio)
+    nic_args(nics, mmio)
 }
 
-/// `-netdev tap,fd=` and a virtio-net device per NIC, its fd at `first`,
-/// `first + 1`, … in QEMU. The guest's NIC gets the CNI interface's MAC
-/// (the bridge expects frames from it) and MTU (VIRTIO_NET_F_MTU); no
-/// vhost-net: the machines this runs on have none.
-fn nic_args(nics: &[crate::network::GuestNic], first: i32, mmio: bool) -> Vec<String> {
+/// `-netdev tap,fd=` and a virtio-net device per NIC. The guest's NIC
+/// gets the CNI interface's MAC (the bridge expects frames from it) and
+/// MTU (VIRTIO_NET_F_MTU); no vhost-net: the machines this runs on have
+/// none.
+fn nic_args(nics: &[crate::network::GuestNic], mmio: bool) -> Vec<String> {
     let device = virtio_device(mmio, "virtio-net-device", "virtio-net-pci");
     let mut args = Vec::new();
-    for (i, (nic, fd)) in nics.iter().zip(first..).enumerate() {
+    for (i, nic) in nics.iter().enumerate() {
         args.push("-netdev".into());
-        args.push(format!("tap,id=nic{i},fd={fd}"));
+        args.push(format!("tap,id=nic{i},fd={}", nic.tap_fd));
         args.push("-device".into());
         args.push(format!(
             "{device},netdev=nic{i},mac={},host_mtu={}",

@@ -48,6 +48,21 @@ pub enum NetworkError {
         .0.join(", ")
     )]
     LateInterfaces(Vec<String>),
+    #[error(
+        "network namespace {} is the host's own: a pod network namespace must be one of its own",
+        .0.display()
+    )]
+    HostNamespace(std::path::PathBuf),
+    #[error(
+        "interfaces {first} and {second} share MAC {mac} (ipvlan?): each guest NIC needs its own"
+    )]
+    SharedMac {
+        first: String,
+        second: String,
+        mac: String,
+    },
+    #[error("{0} interfaces in the pod's network namespace: at most 16 are supported")]
+    TooManyInterfaces(usize),
     #[error("tap {name}")]
     Tap {
         name: String,

@@ -44,30 +44,59 @@ pub struct PodNetwork {
     neighbours: Vec<Neighbour>,
 }
 
-/// Opens `path` as a network namespace: anything else is refused, and a
-/// FIFO planted there cannot hang the caller.
+/// Opens `path` as a network namespace; anything else is refused before
+/// it is opened for reading (a FIFO cannot hang the caller, a device at
+/// the path is never opened).
 pub fn open_netns(path: &Path) -> Result<File, NetworkError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let netns_error = |source| NetworkError::Namespace {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
+    let not_netns = || {
+        netns_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a network namespace",
+        ))
+    };
+    // O_PATH: a handle to whatever is there, without opening it.
+    let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)
         .map_err(netns_error)?;
-    // NS_GET_NSTYPE (_IO(0xb7, 0x3)).
+    let on_nsfs = nix::sys::statfs::fstatfs(&handle)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        .unwrap_or(false);
+    if !on_nsfs {
+        return Err(not_netns());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(netns_error)?;
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)): a namespace, but which kind?
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     // SAFETY: an ioctl without arguments on a descriptor we own.
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
-        return Err(netns_error(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a network namespace",
-        )));
+        return Err(not_netns());
     }
     Ok(file)
+}
+
+/// True when `netns` is the host's own network namespace (pid 1's) or this
+/// process's: joining its interfaces to a VM would take them from the
+/// host (or from other pods).
+fn is_hosts(netns: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(this) = netns.metadata() else {
+        return true;
+    };
+    ["/proc/1/ns/net", "/proc/self/ns/net"].iter().any(|own| {
+        std::fs::metadata(own).is_ok_and(|m| m.dev() == this.dev() && m.ino() == this.ino())
+    })
 }
 
 /// Runs `work` with a netlink socket in `netns`, on a thread of its own
@@ -94,6 +123,28 @@ fn in_netns<T: Send>(
     })
 }
 
+/// Refuses interfaces that would give the guest two NICs with one MAC
+/// (ipvlan slaves share their master's): the guest finds NICs by MAC.
+fn check_macs(all: &[Interface]) -> Result<(), NetworkError> {
+    let joined: Vec<&Interface> = all.iter().filter(|i| joinable(i)).collect();
+    for (n, a) in joined.iter().enumerate() {
+        if let Some(b) = joined[n + 1..].iter().find(|b| b.mac == a.mac) {
+            return Err(NetworkError::SharedMac {
+                first: a.name.clone(),
+                second: b.name.clone(),
+                mac: format_mac(&a.mac),
+            });
+        }
+    }
+    if joined.len() > MAX_NICS {
+        return Err(NetworkError::TooManyInterfaces(joined.len()));
+    }
+    Ok(())
+}
+
+/// The most NICs a pod VM gets (the guest agent takes 16).
+const MAX_NICS: usize = 16;
+
 /// The interfaces a guest NIC stands in for.
 fn joinable(interface: &Interface) -> bool {
     matches!(
@@ -108,8 +159,12 @@ impl PodNetwork {
     /// nothing is left in the namespace.
     pub fn attach(path: &Path) -> Result<Option<PodNetwork>, NetworkError> {
         let netns = open_netns(path)?;
+        if is_hosts(&netns) {
+            return Err(NetworkError::HostNamespace(path.to_path_buf()));
+        }
         let (nics, routes, neighbours) = in_netns(&netns, path, |rtnl| {
             let all = interfaces(rtnl)?;
+            check_macs(&all)?;
             for other in all
                 .iter()
                 .filter(|i| i.kind != LinkKind::Loopback && !joinable(i))

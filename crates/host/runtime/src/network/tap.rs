@@ -30,7 +30,10 @@ pub fn open_tap(name: &str) -> io::Result<(OwnedFd, String)> {
     for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *to = from as libc::c_char;
     }
-    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    // IFF_TUN_EXCL: a new device, never an existing one of that name
+    // (someone else's persistent tap, with its settings).
+    request.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL) as i16;
     // SAFETY: TUNSETIFF reads and writes the one ifreq we own, alive for
     // the call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {

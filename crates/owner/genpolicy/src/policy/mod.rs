@@ -299,7 +299,16 @@ pub fn rego(data: &PolicyData, settings: &Settings) -> Result<String, GenPolicyE
     let mut out = String::from("package agent_policy\n\n");
     out.push_str(RULES);
     out.push('\n');
-    out.push_str(kabuto_policy::POD_NETWORK_RULES);
+    if settings.pod_network {
+        out.push_str(kabuto_policy::POD_NETWORK_RULES);
+    } else {
+        out.push_str(
+            "# settings.pod_network = false: the pod gets no network.\n\
+             default UpdateInterfaceRequest := false\n\
+             default UpdateRoutesRequest := false\n\
+             default AddARPNeighborsRequest := false\n",
+        );
+    }
     out.push_str("\n# The pod, as genpolicy resolved it.\npolicy_namespace := ");
     out.push_str(&json(&data.namespace)?);
     out.push_str("\n\npolicy_shared_prefix := ");
