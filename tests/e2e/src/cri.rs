@@ -151,6 +151,24 @@ fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
+/// A pod's Linux config: its network namespace `mode`, its sysctls.
+fn linux_pod(mode: cri::NamespaceMode, sysctls: &[(&str, &str)]) -> cri::LinuxPodSandboxConfig {
+    cri::LinuxPodSandboxConfig {
+        sysctls: sysctls
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: mode as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A blocking CRI v1 client; errors are CRI's status as text.
 pub struct Cri {
     rt: tokio::runtime::Runtime,
@@ -195,42 +213,17 @@ impl Cri {
         handler: &str,
         annotations: HashMap<String, String>,
     ) -> Result<Pod, String> {
-        let log_directory = self.logs.path().join(name);
-        fs::create_dir_all(&log_directory).expect("pod log dir");
+        let (metadata, log_directory) = self.pod_metadata(name);
         let config = cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("{name}-uid"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
+            metadata: Some(metadata),
             // No hostname: kubelet sets none for host-network pods (the
             // pod shares the node's UTS namespace).
-            log_directory: log_directory.display().to_string(),
+            log_directory,
             annotations,
-            linux: Some(cri::LinuxPodSandboxConfig {
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            linux: Some(linux_pod(cri::NamespaceMode::Node, &[])),
             ..Default::default()
         };
-        let request = cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: handler.into(),
-        };
-        let id = self
-            .rt
-            .block_on(self.runtime.run_pod_sandbox(request))
-            .map_err(status)?
-            .into_inner()
-            .pod_sandbox_id;
-        Ok(Pod { id, config })
+        self.run_pod_sandbox(config, handler)
     }
 
     /// RunPodSandbox in a network namespace of the pod's own, which the
@@ -247,17 +240,11 @@ impl Cri {
         dns: cri::DnsConfig,
         sysctls: &[(&str, &str)],
     ) -> Result<Pod, String> {
-        let log_directory = self.logs.path().join(name);
-        fs::create_dir_all(&log_directory).expect("pod log dir");
+        let (metadata, log_directory) = self.pod_metadata(name);
         let config = cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("{name}-uid"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
+            metadata: Some(metadata),
             hostname: hostname.into(),
-            log_directory: log_directory.display().to_string(),
+            log_directory,
             dns_config: Some(dns),
             port_mappings: ports
                 .iter()
@@ -268,33 +255,10 @@ impl Cri {
                     host_ip: String::new(),
                 })
                 .collect(),
-            linux: Some(cri::LinuxPodSandboxConfig {
-                sysctls: sysctls
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            linux: Some(linux_pod(cri::NamespaceMode::Pod, sysctls)),
             ..Default::default()
         };
-        let request = cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: handler.into(),
-        };
-        let id = self
-            .rt
-            .block_on(self.runtime.run_pod_sandbox(request))
-            .map_err(status)?
-            .into_inner()
-            .pod_sandbox_id;
-        Ok(Pod { id, config })
+        self.run_pod_sandbox(config, handler)
     }
 
     /// The pod's addresses as CRI reports them (the first, then the others).
@@ -331,6 +295,37 @@ impl Cri {
         let mut output = String::from_utf8_lossy(&reply.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&reply.stderr));
         Ok((reply.exit_code, output))
+    }
+
+    /// Pod `name`'s metadata (namespace `default`) and log directory.
+    fn pod_metadata(&self, name: &str) -> (cri::PodSandboxMetadata, String) {
+        let log_directory = self.logs.path().join(name);
+        fs::create_dir_all(&log_directory).expect("pod log dir");
+        let metadata = cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        };
+        (metadata, log_directory.display().to_string())
+    }
+
+    fn run_pod_sandbox(
+        &mut self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<Pod, String> {
+        let request = cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        };
+        let id = self
+            .rt
+            .block_on(self.runtime.run_pod_sandbox(request))
+            .map_err(status)?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Pod { id, config })
     }
 
     /// PullImage; returns the image's reference (its config digest).

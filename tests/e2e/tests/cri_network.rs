@@ -7,14 +7,13 @@
 //! container sees CRI's resolv.conf, hostname and hosts file and its
 //! namespace's MTU; removing the pods leaves no VM, tap or namespace.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use kabuto_e2e::cri::Cri;
-use kabuto_e2e::{image_with, Containerd, Options, Registry, CNI_BIN_DIR, NEEDS_ENV};
+use kabuto_e2e::{http_get, image_with, Containerd, Options, Registry, CNI_BIN_DIR, NEEDS_ENV};
 
 const MARKER: &str = "kabuto-cri-pod-answers";
 const BRIDGE: &str = "kbcri0";
@@ -29,30 +28,6 @@ impl Drop for BridgeGuard {
             .stderr(std::process::Stdio::null())
             .status();
     }
-}
-
-fn http_get(address: SocketAddr, limit: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
-            Ok(mut stream) => {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut response = String::new();
-                let read = stream
-                    .write_all(b"GET / HTTP/1.0\r\n\r\n")
-                    .and_then(|()| stream.read_to_string(&mut response));
-                match read {
-                    Ok(_) if response.starts_with("HTTP/1") => return Ok(response),
-                    Ok(_) => last = format!("answer {response:?}"),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(format!("{address}: {last}"))
 }
 
 fn cni_config(dir: &Path) -> String {

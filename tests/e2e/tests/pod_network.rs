@@ -8,37 +8,10 @@
 //! route, with nothing left behind.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
-use kabuto_e2e::{stderr, stdout, CniNetwork, Containerd, NEEDS_ENV};
-
-/// The body of `GET /` at `address`, retried until `limit` (the server
-/// starts after the VM boots).
-fn http_get(address: SocketAddr, limit: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
-            Ok(mut stream) => {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let request = format!("GET / HTTP/1.0\r\nHost: {address}\r\n\r\n");
-                let mut response = String::new();
-                let read = stream
-                    .write_all(request.as_bytes())
-                    .and_then(|()| stream.read_to_string(&mut response));
-                match read {
-                    Ok(_) if response.starts_with("HTTP/1") => return Ok(response),
-                    Ok(_) => last = format!("answer {response:?}"),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(format!("{address}: {last}"))
-}
+use kabuto_e2e::{http_get, stderr, stdout, CniNetwork, Containerd, NEEDS_ENV};
 
 const SERVE: &str = "echo kabuto-pod-answers > /tmp/index.html && exec httpd -f -p 8080 -h /tmp";
 

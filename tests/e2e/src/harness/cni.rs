@@ -5,9 +5,11 @@
 
 use std::{
     fs,
-    io::Write,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 /// Where Debian's containernetworking-plugins puts the plugins.
@@ -25,6 +27,32 @@ pub struct CniNetwork {
     conf: String,
     data_dir: PathBuf,
     added: bool,
+}
+
+/// The answer to `GET /` at `address` (status line included), retried
+/// until `limit`: a pod's server starts after its VM boots.
+pub fn http_get(address: SocketAddr, limit: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
+            Ok(mut stream) => {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut response = String::new();
+                let read = stream
+                    .write_all(b"GET / HTTP/1.0\r\n\r\n")
+                    .and_then(|()| stream.read_to_string(&mut response));
+                match read {
+                    Ok(_) if response.starts_with("HTTP/1") => return Ok(response),
+                    Ok(_) => last = format!("answer {response:?}"),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(format!("{address}: {last}"))
 }
 
 /// Runs `program args…`, panicking with its stderr on failure.
