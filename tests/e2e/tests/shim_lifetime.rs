@@ -255,8 +255,10 @@ fn addresses(netns_of: Option<u32>) -> String {
 }
 
 /// The report's sequence with `ctr run --cni`: ctr configures the network
-/// namespace of the task's pid — the VMM's. It must be the pod's own, never
-/// the host's; and a task left "created" by a failed CNI setup must be
+/// namespace of the task's pid — the VMM's — between create and start. It
+/// must be the pod's own, never the host's; the VM booted with the NICs it
+/// has for good, so the start is refused saying so (not run without a
+/// network); and a task left "created" by a failed CNI setup must be
 /// killable and deletable.
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
@@ -265,7 +267,16 @@ fn cni_setup_reaches_the_pods_namespace_and_a_failed_one_cleans_up() {
         return;
     };
     let mut c = Containerd::start();
-    c.run_detached("n1", &["--cni"], HTTPD);
+    let mut run = vec!["run", "-d", "--cni", "--runtime", kabuto_e2e::RUNTIME];
+    run.extend([kabuto_e2e::IMAGE, "n1"]);
+    run.extend_from_slice(HTTPD);
+    let out = c.ctr(&run);
+    assert!(!out.status.success(), "started without its network");
+    let error = stderr(&out);
+    assert!(
+        error.contains("hot-plug is not supported") && error.contains("eth0"),
+        "{error}"
+    );
     let tasks = stdout(&c.ctr(&["task", "ls"]));
     let vmm: u32 = tasks
         .lines()
@@ -292,8 +303,7 @@ fn cni_setup_reaches_the_pods_namespace_and_a_failed_one_cleans_up() {
         "CNI configured the host: {host}"
     );
     let shim = c.shim_pid("n1").expect("the shim runs");
-    let out = c.ctr(&["task", "kill", "-s", "KILL", "n1"]);
-    assert!(out.status.success(), "kill: {}", stderr(&out));
+    // The refused start ended the task's process; the delete ends the VM.
     assert!(c.wait_stopped("n1"));
     c.delete("n1");
     assert!(c.eventually(Duration::from_secs(15), || !alive(shim)));
