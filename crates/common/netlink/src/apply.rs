@@ -52,15 +52,19 @@ pub fn set_down_renamed(
         .map_err(failed(what))
 }
 
-/// Moves link `index` into the network namespace open at `netns`.
+/// Moves link `index` into the network namespace open at `netns`, named
+/// `name` there (its name here may be taken there).
 pub fn move_to_netns(
     rtnl: &mut Rtnl,
     index: u32,
     netns: std::os::fd::RawFd,
+    name: &str,
 ) -> Result<(), NetlinkError> {
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.attributes.push(LinkAttribute::NetNsFd(netns));
+    link.attributes
+        .push(LinkAttribute::IfName(name.to_string()));
     rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
         .map(drop)
         .map_err(failed(format!(

@@ -203,6 +203,13 @@ pub fn parse_interface(message: &agent::Interface) -> Result<InterfaceConfig, Ne
                 address: a.address.clone(),
                 mask: a.mask.clone(),
             })?;
+        if addresses.contains(&parsed) {
+            return Err(NetworkMessageError::Address {
+                name: name.clone(),
+                address: a.address.clone(),
+                mask: a.mask.clone(),
+            });
+        }
         addresses.push(parsed);
     }
     Ok(InterfaceConfig {
@@ -419,6 +426,8 @@ mod tests {
         );
         assert!(refused(&|m| m.devicePath = "01/02".into()).contains("hot-plugged"));
         assert!(refused(&|m| m.raw_flags = 1).contains("raw_flags"));
+        let twice = refused(&|m| m.IPAddresses[1] = m.IPAddresses[0].clone());
+        assert!(twice.contains("10.88.0.5"), "{twice}");
         for not_a_pods in ["127.0.0.2", "169.254.1.1", "224.0.0.1", "0.0.0.0"] {
             assert!(
                 refused(&|m| m.IPAddresses[0].address = not_a_pods.into()).contains(not_a_pods),

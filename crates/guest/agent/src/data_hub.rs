@@ -17,6 +17,8 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Why the data hub did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DataHubError {
+    #[error("entering the pod's network, where the KBS is reached")]
+    Egress(#[source] Box<crate::pod_network::PodNetworkError>),
     #[error("the pod's network namespace")]
     Netns(#[source] std::io::Error),
     #[error("entering the pod's network namespace")]
@@ -77,14 +79,15 @@ pub fn start_data_hub(
     // where the KBS is reachable; only the listener enters the pod's
     // namespace.
     let (stream_tx, stream_rx) = std::sync::mpsc::channel::<TcpStream>();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("data-hub-dispatch".into())
         .spawn(move || {
-            if let Some(netns) = egress {
-                if let Err(e) = netns.enter() {
-                    log::error!("data hub: {}", kabuto_error::chain(&e));
-                    return;
-                }
+            let entered = egress.map(|netns| netns.enter()).transpose();
+            let failed = entered.is_err();
+            let _ = entered_tx.send(entered);
+            if failed {
+                return;
             }
             for stream in stream_rx {
                 let kbs = kbs.clone();
@@ -94,6 +97,11 @@ pub fn start_data_hub(
             }
         })
         .map_err(DataHubError::Thread)?;
+    // Not started (and not said to be) unless requests can reach the KBS.
+    entered_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| DataHubError::NotStarted)?
+        .map_err(|e| DataHubError::Egress(Box::new(e)))?;
     std::thread::Builder::new()
         .name("data-hub".into())
         .spawn(move || {

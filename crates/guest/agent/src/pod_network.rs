@@ -202,7 +202,20 @@ pub fn update_interface(
     let config = parse_interface(message)?;
     let mut guest = open()?;
     if let Some(nic) = find_by_mac(&mut guest, &config)? {
-        move_to_netns(&mut guest, nic.index, netns.file.as_raw_fd())?;
+        // Moved under its new name, which must be free there.
+        netns.run(|| {
+            match interfaces(&mut open()?)?
+                .into_iter()
+                .find(|i| i.name == config.name)
+            {
+                Some(other) => Err(PodNetworkError::NameTaken {
+                    name: config.name.clone(),
+                    other: kabuto_netlink::format_mac(&other.mac),
+                }),
+                None => Ok(()),
+            }
+        })?;
+        move_to_netns(&mut guest, nic.index, netns.file.as_raw_fd(), &config.name)?;
     }
     let now = netns.run(|| configure(&config))?;
     log::info!(
@@ -480,6 +493,11 @@ mod tests {
             let applied = update_interface(&netns, &changed).expect("interface again");
             assert_eq!(applied.IPAddresses.len(), 1);
             assert_eq!(applied.IPAddresses[0].address, "10.1.0.6");
+
+            // A second NIC whose kernel name is the first one's new name.
+            let second = nic("eth7", "wire1", "eth8");
+            let applied_second = update_interface(&netns, &second).expect("second NIC");
+            assert_eq!(applied_second.name, "eth8");
 
             let routes = update_routes(
                 &netns,

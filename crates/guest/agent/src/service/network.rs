@@ -23,7 +23,11 @@ impl Agent {
         // Held throughout: a create either sees every interface applied
         // (and joins this network) or makes this request fail.
         let creating = lock(&self.creating);
-        let has_containers = !creating.is_empty()
+        // Once a create began (even one that failed) the pod's network is
+        // what it is: the guest's own may already be in use.
+        let sealed = lock(&self.sandbox).network_sealed;
+        let has_containers = sealed
+            || !creating.is_empty()
             || !self
                 .containers
                 .read()
@@ -37,7 +41,7 @@ impl Agent {
             )));
         }
         let netns = {
-            let mut sandbox = lock(&self.sandbox);
+            let sandbox = lock(&self.sandbox);
             if sandbox.interfaces.len() >= MAX_INTERFACES
                 && !sandbox.interfaces.contains(&interface.name)
             {
@@ -46,17 +50,17 @@ impl Agent {
                     interface.name
                 )));
             }
-            match &sandbox.network {
-                Some(netns) => netns.clone(),
-                None => {
-                    let netns = Arc::new(PodNetns::create()?);
-                    sandbox.network = Some(netns.clone());
-                    netns
-                }
-            }
+            sandbox.network.clone()
+        };
+        // Kept only once a NIC is in it: a pod whose first interface
+        // failed has no network (and may fall back to the user network).
+        let netns = match netns {
+            Some(netns) => netns,
+            None => Arc::new(PodNetns::create()?),
         };
         let applied = pod_network::update_interface(&netns, interface)?;
         let mut sandbox = lock(&self.sandbox);
+        sandbox.network.get_or_insert(netns);
         if !sandbox.interfaces.contains(&applied.name) {
             sandbox.interfaces.push(applied.name.clone());
         }

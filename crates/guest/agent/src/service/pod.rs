@@ -27,6 +27,8 @@ pub(super) struct Sandbox {
     pub(super) interfaces: Vec<String>,
     /// Their network namespace, which the pod's containers join.
     pub(super) network: Option<Arc<crate::pod_network::PodNetns>>,
+    /// A CreateContainer began: the pod's network no longer changes.
+    pub(super) network_sealed: bool,
 }
 
 fn is_mount_point(path: &str) -> bool {

@@ -105,6 +105,7 @@ impl Agent {
         // Reserved until this create is done: a second create of the same
         // id (a guest pull takes minutes) is refused instead of racing it.
         let _reservation = Reservation::take(&self.creating, &req.container_id, &req.sandbox_id)?;
+        lock(&self.sandbox).network_sealed = true;
         if self.container(&req.container_id).is_ok() {
             return Err(AgentError::ContainerExists(req.container_id));
         }
