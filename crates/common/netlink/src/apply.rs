@@ -4,15 +4,15 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
-use netlink_packet_route::AddressFamily;
 
-use crate::{failed, route_message, NetlinkError, Route, RouteNetlinkMessage, Rtnl};
+use crate::{
+    address_message, failed, family, route_message, NetlinkError, Route, RouteNetlinkMessage, Rtnl,
+};
 
 /// A static (permanent) neighbour entry: `ip` is at `mac` on link `device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,14 +79,7 @@ pub fn delete_address(
     address: IpAddr,
     prefix: u8,
 ) -> Result<(), NetlinkError> {
-    let mut message = AddressMessage::default();
-    message.header.family = family(address);
-    message.header.prefix_len = prefix;
-    message.header.index = index;
-    message.attributes.push(AddressAttribute::Address(address));
-    if address.is_ipv4() {
-        message.attributes.push(AddressAttribute::Local(address));
-    }
+    let message = address_message(index, address, prefix);
     rtnl.request(RouteNetlinkMessage::DelAddress(message), NLM_F_ACK)
         .map(drop)
         .map_err(failed(format!(
@@ -173,11 +166,4 @@ pub fn add_neighbour(rtnl: &mut Rtnl, neighbour: &Neighbour) -> Result<(), Netli
         "adding the neighbour {} on link {}",
         neighbour.ip, neighbour.device
     )))
-}
-
-fn family(ip: IpAddr) -> AddressFamily {
-    match ip {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    }
 }

@@ -262,17 +262,8 @@ pub fn add_address(
     address: IpAddr,
     prefix: u8,
 ) -> Result<(), NetlinkError> {
-    let mut message = AddressMessage::default();
-    message.header.family = match address {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    };
-    message.header.prefix_len = prefix;
-    message.header.index = index;
-    message.attributes.push(AddressAttribute::Address(address));
-    if address.is_ipv4() {
-        message.attributes.push(AddressAttribute::Local(address));
-    } else {
+    let mut message = address_message(index, address, prefix);
+    if address.is_ipv6() {
         // The address moves from the pod's namespace, where it passed
         // duplicate detection; a tentative address could not be a route's
         // source.
@@ -286,6 +277,26 @@ pub fn add_address(
     )
     .map(drop)
     .map_err(failed(format!("adding {address}/{prefix} to link {index}")))
+}
+
+/// `address`/`prefix` on link `index`, as adding and removing name it.
+fn address_message(index: u32, address: IpAddr, prefix: u8) -> AddressMessage {
+    let mut message = AddressMessage::default();
+    message.header.family = family(address);
+    message.header.prefix_len = prefix;
+    message.header.index = index;
+    message.attributes.push(AddressAttribute::Address(address));
+    if address.is_ipv4() {
+        message.attributes.push(AddressAttribute::Local(address));
+    }
+    message
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
 }
 
 /// Adds `route` to the main table (a gateway makes it universe scope,

@@ -131,8 +131,8 @@ pub fn bridge(
 
 /// Undoes [`bridge`] on the interface's side (its qdisc, and with it the
 /// filter); the tap goes when its last fd closes.
-pub fn unbridge(rtnl: &mut Rtnl, bridge: &TapBridge) -> Result<(), NetworkError> {
-    Ok(remove_ingress(rtnl, bridge.interface.index)?)
+pub fn unbridge(rtnl: &mut Rtnl, interface: &Interface) -> Result<(), NetworkError> {
+    Ok(remove_ingress(rtnl, interface.index)?)
 }
 
 fn ingress_message(index: u32) -> TcMessage {

@@ -17,7 +17,7 @@ use kabuto_netlink::{format_mac, neighbours, Neighbour};
 use kabuto_protocol::agent;
 use kabuto_protocol::network::{interface_message, neighbour_message, route_message};
 
-use super::{bridge, interfaces, routes, Interface, LinkKind, NetworkError, Route, Rtnl};
+use super::{bridge, interfaces, routes, unbridge, Interface, LinkKind, NetworkError, Route, Rtnl};
 
 /// One guest NIC as QEMU must make it: `-netdev tap,fd=` and a virtio-net
 /// device with the CNI interface's MAC and MTU.
@@ -204,7 +204,7 @@ impl PodNetwork {
                 Ok((routes, neighbours)) => Ok((nics, routes, neighbours)),
                 Err(e) => {
                     for nic in &nics {
-                        let _ = super::remove_ingress(rtnl, nic.interface.index);
+                        let _ = unbridge(rtnl, &nic.interface);
                     }
                     Err(e)
                 }
@@ -313,7 +313,7 @@ impl Drop for PodNetwork {
         let nics = &self.nics;
         let undone = in_netns(&self.netns, &self.path, |rtnl| {
             for nic in nics {
-                super::remove_ingress(rtnl, nic.interface.index)?;
+                unbridge(rtnl, &nic.interface)?;
             }
             Ok(())
         });

@@ -153,7 +153,7 @@ fn frames_pass_between_an_interface_and_its_tap_both_ways() {
             "a frame the guest sent did not leave through the interface"
         );
 
-        unbridge(&mut rtnl, &joined).unwrap();
+        unbridge(&mut rtnl, &joined.interface).unwrap();
         drop(joined);
         assert!(!has_ingress_qdisc(&mut rtnl, pod));
         assert!(matches!(
