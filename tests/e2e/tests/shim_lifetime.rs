@@ -215,7 +215,7 @@ impl CniConfig {
             created_bin_link,
         };
         config.write(&format!(
-            r#"{{"type":"bridge","bridge":"{CNI_BRIDGE}","isGateway":true,"ipam":{{"type":"host-local","subnet":"{CNI_SUBNET}.0/24"}}}},{{"type":"loopback"}}"#
+            r#"{{"type":"bridge","bridge":"{CNI_BRIDGE}","isGateway":true,"ipam":{{"type":"host-local","subnet":"{CNI_SUBNET}.0/24","routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"loopback"}}"#
         ));
         Some(config)
     }
@@ -254,29 +254,24 @@ fn addresses(netns_of: Option<u32>) -> String {
     stdout(&out)
 }
 
-/// The report's sequence with `ctr run --cni`: ctr configures the network
-/// namespace of the task's pid — the VMM's — between create and start. It
-/// must be the pod's own, never the host's; the VM booted with the NICs it
-/// has for good, so the start is refused saying so (not run without a
-/// network); and a task left "created" by a failed CNI setup must be
-/// killable and deletable.
+/// `ctr run --cni`: ctr configures the network namespace of the task's pid
+/// — the VMM's own, never the host's — between create and start. The
+/// interface CNI adds there takes over the NIC the VM reserved at boot, so
+/// the container serves at its CNI address with CNI's MAC, as with runc;
+/// and a task left "created" by a failed CNI setup must be killable and
+/// deletable.
 #[test]
 #[ignore = "needs the e2e environment: run scripts/test.sh"]
-fn cni_setup_reaches_the_pods_namespace_and_a_failed_one_cleans_up() {
+fn ctr_run_cni_gives_the_container_its_network_and_a_failed_setup_cleans_up() {
     let Some(cni) = CniConfig::install() else {
         return;
     };
     let mut c = Containerd::start();
     let mut run = vec!["run", "-d", "--cni", "--runtime", kabuto_e2e::RUNTIME];
-    run.extend([kabuto_e2e::IMAGE, "n1"]);
-    run.extend_from_slice(HTTPD);
+    run.extend([kabuto_e2e::IMAGE, "n1", "sh", "-c"]);
+    run.push("echo kabuto-cni-answers > /tmp/index.html && exec httpd -f -p 8080 -h /tmp");
     let out = c.ctr(&run);
-    assert!(!out.status.success(), "started without its network");
-    let error = stderr(&out);
-    assert!(
-        error.contains("hot-plug is not supported") && error.contains("eth0"),
-        "{error}"
-    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
     let tasks = stdout(&c.ctr(&["task", "ls"]));
     let vmm: u32 = tasks
         .lines()
@@ -290,11 +285,12 @@ fn cni_setup_reaches_the_pods_namespace_and_a_failed_one_cleans_up() {
         host_netns, vmm_netns,
         "the VMM runs in the host's network namespace"
     );
-    assert!(
-        addresses(Some(vmm)).contains(&format!("inet {CNI_SUBNET}.")),
-        "CNI did not configure the pod's namespace: {}",
-        addresses(Some(vmm))
-    );
+    let vmm_addresses = addresses(Some(vmm));
+    let address = vmm_addresses
+        .split_whitespace()
+        .find(|w| w.starts_with(&format!("{CNI_SUBNET}.")))
+        .unwrap_or_else(|| panic!("CNI did not configure the pod's namespace: {vmm_addresses}"))
+        .to_string();
     let host = addresses(None);
     assert!(
         !host
@@ -302,12 +298,44 @@ fn cni_setup_reaches_the_pods_namespace_and_a_failed_one_cleans_up() {
             .any(|l| l.contains(&format!("inet {CNI_SUBNET}.")) && !l.contains(CNI_BRIDGE)),
         "CNI configured the host: {host}"
     );
-    let shim = c.shim_pid("n1").expect("the shim runs");
-    // The refused start ended the task's process; the delete ends the VM.
-    assert!(c.wait_stopped("n1"));
-    c.delete("n1");
-    assert!(c.eventually(Duration::from_secs(15), || !alive(shim)));
+    let vmm_pid = vmm.to_string();
+    // (Not /sys/class/net: the test's sysfs is the host namespace's.)
+    let link = kabuto_e2e::sh(
+        "nsenter",
+        &["-t", &vmm_pid, "-n", "ip", "-o", "link", "show", "eth0"],
+    );
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC: {link}"))
+        .to_string();
 
+    // The container has CNI's interface: its address, its MAC, its route.
+    let exec = |exec_id: &str, args: &[&str]| {
+        let mut all = vec!["task", "exec", "--exec-id", exec_id, "n1"];
+        all.extend_from_slice(args);
+        let out = c.ctr(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let seen = exec("addr", &["ip", "addr", "show", "eth0"]);
+    assert!(seen.contains(&format!("inet {address}")), "{seen}");
+    assert!(seen.contains(&format!("link/ether {mac}")), "{seen}");
+    let routes = exec("route", &["ip", "route", "show"]);
+    assert!(
+        routes.contains(&format!("default via {CNI_SUBNET}.1 dev eth0")),
+        "{routes}"
+    );
+    let ip = address.split('/').next().unwrap_or_default();
+    let at: std::net::SocketAddr = format!("{ip}:8080").parse().expect("address");
+    let body = kabuto_e2e::http_get(at, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log()));
+    assert!(body.contains("kabuto-cni-answers"), "{body}");
+
+    let shim = c.shim_pid("n1").expect("the shim runs");
+    c.kill_and_delete("n1");
+    assert!(c.eventually(Duration::from_secs(15), || !alive(shim)));
     // A CNI setup that fails leaves the task created (ctr does not delete
     // it): kill must end it so that delete works.
     cni.write(r#"{"type":"no-such-plugin"}"#);

@@ -52,6 +52,26 @@ pub fn set_down_renamed(
         .map_err(failed(what))
 }
 
+/// Sets link `index` down and gives it the hardware address `mac` (a
+/// reserved guest NIC taking the MAC of the interface it stands in for).
+pub fn set_down_with_mac(rtnl: &mut Rtnl, index: u32, mac: &[u8]) -> Result<(), NetlinkError> {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.header.flags = LinkFlags::empty();
+    link.header.change_mask = LinkFlags::Up;
+    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
+        .map_err(failed(format!("setting link {index} down")))?;
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
+        .map(drop)
+        .map_err(failed(format!(
+            "giving link {index} the MAC {}",
+            crate::format_mac(mac)
+        )))
+}
+
 /// Moves link `index` into the network namespace open at `netns`, named
 /// `name` there (its name here may be taken there).
 pub fn move_to_netns(

@@ -22,7 +22,7 @@ pub use netlink_packet_route::{self as packet, RouteNetlinkMessage};
 
 pub use apply::{
     add_neighbour, delete_address, delete_route, move_to_netns, neighbours, set_down_renamed,
-    Neighbour,
+    set_down_with_mac, Neighbour,
 };
 pub use rtnl::Rtnl;
 

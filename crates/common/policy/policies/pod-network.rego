@@ -1,6 +1,6 @@
 # The pod's network (UpdateInterface, UpdateRoutes, AddARPNeighbors): what
 # a CNI network gives a pod and nothing else. NICs are named eth<N> (the
-# CNI interface names Kubernetes uses), without hot-plug paths, raw link
+# CNI interface names Kubernetes uses), without hot-plug paths, reserved NICs, raw link
 # flags or a link type; routes and static neighbours only on those NICs —
 # never on the guest's loopback — and with no flags. The agent applies them
 # in the pod's own network namespace (never the guest's) and refuses
@@ -20,6 +20,9 @@ UpdateInterfaceRequest if {
 	pod_interface_name(i.name)
 	i.device in {"", i.name}
 	i.devicePath == ""
+	# The NIC a VM reserves for a network added after create is for
+	# trusted hosts only.
+	object.get(i, "reserved_hwAddr", "") == ""
 	i.raw_flags == 0
 	i.type == ""
 }

@@ -375,3 +375,34 @@ fn the_confidential_default_allows_a_pods_network_only_on_its_nics() {
         Decision::Denied { .. }
     ));
 }
+
+/// The real request, as the gate gets it: a reserved NIC taken over (a
+/// network added after create) is for trusted hosts only.
+#[test]
+fn the_confidential_default_denies_taking_over_a_reserved_nic() {
+    let mut gate = PolicyGate::new(&DEFAULT_CONFIDENTIAL).expect("parses");
+    let request = |reserved: &str| {
+        let req = kabuto_protocol::agent::UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(kabuto_protocol::agent::Interface {
+                device: "eth0".into(),
+                name: "eth0".into(),
+                mtu: 1500,
+                hwAddr: "0a:58:0a:58:00:05".into(),
+                reserved_hwAddr: reserved.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        request_input(&req).expect("input")
+    };
+    assert_eq!(
+        gate.decide("UpdateInterfaceRequest", &request(""))
+            .expect("decides"),
+        Decision::Allowed
+    );
+    assert!(matches!(
+        gate.decide("UpdateInterfaceRequest", &request("02:6b:62:00:00:01"))
+            .expect("decides"),
+        Decision::Denied { .. }
+    ));
+}

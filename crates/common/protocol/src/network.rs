@@ -15,6 +15,11 @@ use crate::agent;
 pub enum NetworkMessageError {
     #[error("interface name {0:?}: use 1 to 15 letters, digits, '-', '_' or '.'")]
     Name(String),
+    #[error(
+        "interface {name}: reserved_hwAddr {mac:?} is not the reserved NIC's placeholder \
+         02:6b:62:00:00:01, or is the interface's own MAC"
+    )]
+    ReservedMac { name: String, mac: String },
     #[error("interface {name}: MAC address {mac:?} is not aa:bb:cc:dd:ee:ff")]
     Mac { name: String, mac: String },
     #[error("interface {name}: MTU {mtu} is outside 68..=65535")]
@@ -44,6 +49,8 @@ pub struct InterfaceConfig {
     pub mac: Vec<u8>,
     pub mtu: u32,
     pub addresses: Vec<(IpAddr, u8)>,
+    /// The MAC of the reserved NIC that takes this interface's MAC first.
+    pub reserved_mac: Option<Vec<u8>>,
 }
 
 /// A route as the guest must add it: its device by name.
@@ -52,6 +59,11 @@ pub struct RouteConfig {
     pub route: Route,
     pub device: String,
 }
+
+/// The MAC a NIC reserved at boot has until the interface CNI adds after
+/// create takes it over (locally administered, never on a wire: its tap is
+/// joined only after the guest gave the NIC the interface's MAC).
+pub const RESERVED_MAC: [u8; 6] = [0x02, 0x6b, 0x62, 0x00, 0x00, 0x01];
 
 /// The NUD state of a permanent neighbour entry.
 pub const NUD_PERMANENT: i32 = 0x80;
@@ -187,6 +199,20 @@ pub fn parse_interface(message: &agent::Interface) -> Result<InterfaceConfig, Ne
         name: name.clone(),
         mac: message.hwAddr.clone(),
     })?;
+    // Only the placeholder a reserved NIC boots with: no other NIC of the
+    // guest's is renamed through this.
+    let reserved_mac = match message.reserved_hwAddr.as_str() {
+        "" => None,
+        text if parse_mac(text).as_deref() == Some(&RESERVED_MAC[..]) && mac != RESERVED_MAC => {
+            Some(RESERVED_MAC.to_vec())
+        }
+        text => {
+            return Err(NetworkMessageError::ReservedMac {
+                name: name.clone(),
+                mac: text.to_string(),
+            })
+        }
+    };
     if !(68..=65535).contains(&message.mtu) {
         return Err(NetworkMessageError::Mtu {
             name,
@@ -217,6 +243,7 @@ pub fn parse_interface(message: &agent::Interface) -> Result<InterfaceConfig, Ne
         name,
         mac,
         addresses,
+        reserved_mac,
     })
 }
 
@@ -362,6 +389,7 @@ mod tests {
                 mac: eth0().mac,
                 mtu: 1450,
                 addresses: eth0().addresses,
+                reserved_mac: None,
             }
         );
         for route in [
@@ -418,6 +446,20 @@ mod tests {
         };
         assert!(refused(&|m| m.name = "../eth0".into()).contains("\"../eth0\""));
         assert!(refused(&|m| m.hwAddr = "0a:58".into()).contains("MAC address"));
+        assert!(refused(&|m| m.reserved_hwAddr = "0a:58:zz".into()).contains("reserved_hwAddr"));
+        // Only the placeholder, and not as the interface's own MAC.
+        assert!(refused(&|m| m.reserved_hwAddr = m.hwAddr.clone()).contains("reserved_hwAddr"));
+        assert!(refused(&|m| {
+            m.reserved_hwAddr = format_mac(&RESERVED_MAC);
+            m.hwAddr = format_mac(&RESERVED_MAC);
+        })
+        .contains("reserved_hwAddr"));
+        let mut taken_over = interface_message(&eth0());
+        taken_over.reserved_hwAddr = format_mac(&RESERVED_MAC);
+        assert_eq!(
+            parse_interface(&taken_over).unwrap().reserved_mac,
+            Some(RESERVED_MAC.to_vec())
+        );
         assert!(refused(&|m| m.mtu = 70000).contains("MTU 70000"));
         assert!(refused(&|m| m.IPAddresses[0].mask = "33".into()).contains("10.88.0.5"));
         assert!(

@@ -63,6 +63,17 @@ impl PodNamespaces {
         Ok(PodNamespaces(files))
     }
 
+    /// The sandbox's network namespace, a handle of its own (a NIC that
+    /// comes after the pod's first create is moved there).
+    pub fn network(&self) -> std::io::Result<std::fs::File> {
+        self.0
+            .iter()
+            .find(|(t, _)| *t == LinuxNamespaceType::Network)
+            .ok_or_else(|| std::io::Error::other("the sandbox holds no network namespace"))?
+            .1
+            .try_clone()
+    }
+
     /// A path to the open namespace of `typ` that stays valid while this
     /// agent holds it.
     fn path(&self, typ: LinuxNamespaceType) -> Option<PathBuf> {

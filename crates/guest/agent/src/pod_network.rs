@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use kabuto_netlink::{
     add_address, add_neighbour, add_route, delete_address, delete_route, interfaces, link_index,
-    move_to_netns, routes, set_down_renamed, set_up, Interface, LinkKind, Neighbour, NetlinkError,
-    Rtnl,
+    move_to_netns, routes, set_down_renamed, set_down_with_mac, set_up, Interface, LinkKind,
+    Neighbour, NetlinkError, Rtnl,
 };
 use kabuto_protocol::agent;
 use kabuto_protocol::network::{
@@ -96,6 +96,20 @@ impl PodNetns {
         })
     }
 
+    /// The namespace open at `file` (the pod sandbox's, when the pod's
+    /// network comes after its first container); never the agent's own.
+    pub fn of(file: File) -> Result<PodNetns, PodNetworkError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let own = std::fs::metadata("/proc/self/ns/net").map_err(PodNetworkError::Namespace)?;
+        let given = file.metadata().map_err(PodNetworkError::Namespace)?;
+        if (own.dev(), own.ino()) == (given.dev(), given.ino()) {
+            return Err(PodNetworkError::Namespace(std::io::Error::other(
+                "the pod's containers share the guest's own network namespace",
+            )));
+        }
+        Ok(PodNetns { file })
+    }
+
     /// A path to the namespace that stays valid while the agent holds it
     /// (what a container's spec names to join it).
     pub fn path(&self) -> PathBuf {
@@ -150,14 +164,19 @@ fn find_by_mac(
     rtnl: &mut Rtnl,
     config: &InterfaceConfig,
 ) -> Result<Option<Interface>, PodNetworkError> {
+    find_nic(rtnl, &config.name, &config.mac)
+}
+
+/// The NIC with `mac`, for interface `name`.
+fn find_nic(rtnl: &mut Rtnl, name: &str, mac: &[u8]) -> Result<Option<Interface>, PodNetworkError> {
     let mut found: Vec<Interface> = interfaces(rtnl)?
         .into_iter()
-        .filter(|i| i.mac == config.mac && i.kind != LinkKind::Loopback)
+        .filter(|i| i.mac == mac && i.kind != LinkKind::Loopback)
         .collect();
     if found.len() > 1 {
         return Err(PodNetworkError::SharedMac {
-            name: config.name.clone(),
-            mac: kabuto_netlink::format_mac(&config.mac),
+            name: name.to_string(),
+            mac: kabuto_netlink::format_mac(mac),
             count: found.len(),
         });
     }
@@ -177,6 +196,11 @@ pub fn await_nic(
         if find_by_mac(&mut open()?, &config)?.is_some() {
             return Ok(());
         }
+        if let Some(reserved) = &config.reserved_mac {
+            if find_nic(&mut open()?, &config.name, reserved)?.is_some() {
+                return Ok(());
+            }
+        }
         if let Some(netns) = netns {
             if netns.run(|| find_by_mac(&mut open()?, &config))?.is_some() {
                 return Ok(());
@@ -194,14 +218,29 @@ pub fn await_nic(
 
 /// Moves the NIC with the interface's MAC into `netns` and configures it
 /// there: its name and MTU, its addresses (replacing the global ones it
-/// had), up. Returns it as the kernel now reports it.
+/// had), up. A reserved NIC named by the message takes the interface's
+/// MAC first. Returns it as the kernel now reports it.
 pub fn update_interface(
     netns: &PodNetns,
     message: &agent::Interface,
 ) -> Result<agent::Interface, PodNetworkError> {
     let config = parse_interface(message)?;
     let mut guest = open()?;
-    if let Some(nic) = find_by_mac(&mut guest, &config)? {
+    // The NIC still in the guest's namespace: the reserved one (which then
+    // takes the interface's MAC) or the one with the interface's MAC.
+    let reserved = match &config.reserved_mac {
+        Some(reserved) => find_nic(&mut guest, &config.name, reserved)?,
+        None => None,
+    };
+    let by_mac = find_by_mac(&mut guest, &config)?;
+    if reserved.is_some() && by_mac.is_some() {
+        return Err(PodNetworkError::SharedMac {
+            name: config.name.clone(),
+            mac: kabuto_netlink::format_mac(&config.mac),
+            count: 2,
+        });
+    }
+    if let Some(nic) = reserved.or(by_mac) {
         // Moved under its new name, which must be free there.
         netns.run(|| {
             match interfaces(&mut open()?)?
@@ -215,7 +254,23 @@ pub fn update_interface(
                 None => Ok(()),
             }
         })?;
-        move_to_netns(&mut guest, nic.index, netns.file.as_raw_fd(), &config.name)?;
+        let old_mac = nic.mac.clone();
+        if nic.mac != config.mac {
+            set_down_with_mac(&mut guest, nic.index, &config.mac)?;
+            log::info!(
+                "reserved NIC {} takes interface {}'s MAC {}",
+                nic.name,
+                config.name,
+                kabuto_netlink::format_mac(&config.mac)
+            );
+        }
+        if let Err(e) = move_to_netns(&mut guest, nic.index, netns.file.as_raw_fd(), &config.name) {
+            // Reserved again, for a retry.
+            if old_mac != config.mac {
+                let _ = set_down_with_mac(&mut guest, nic.index, &old_mac);
+            }
+            return Err(e.into());
+        }
     }
     let now = netns.run(|| configure(&config))?;
     log::info!(
@@ -404,7 +459,7 @@ mod tests {
     use super::*;
     use kabuto_netlink::format_mac;
     use kabuto_netlink::testing::{in_new_netns, veth_pair};
-    use kabuto_protocol::network::NUD_PERMANENT;
+    use kabuto_protocol::network::{NUD_PERMANENT, RESERVED_MAC};
 
     fn address(ip: &str, mask: &str) -> agent::IPAddress {
         agent::IPAddress {
@@ -548,6 +603,35 @@ mod tests {
             assert!(neighbours
                 .iter()
                 .any(|n| n.ip.to_string() == "10.1.0.1" && n.mac == [2, 0, 0, 0, 0, 1]));
+        });
+    }
+
+    /// `ctr run --cni`: the NIC the VM reserved takes the MAC of the
+    /// interface CNI added, then is configured as that interface; a pod
+    /// namespace that is the agent's own is refused.
+    #[test]
+    fn a_reserved_nic_takes_over_the_interface_added_after_create() {
+        in_new_netns(|| {
+            // The agent's (its main thread's), not this thread's new one.
+            let own = File::open("/proc/self/ns/net").expect("own netns");
+            let e = PodNetns::of(own).err().expect("the guest's own namespace");
+            assert!(kabuto_error::chain(&e).contains("guest's own"), "{e}");
+
+            let netns = PodNetns::create().expect("pod namespace");
+            let reserved = nic("nic0", "wire0", "eth0");
+            let mut rtnl = open().expect("netlink");
+            let index = link_index(&mut rtnl, "nic0").expect("nic0");
+            set_down_with_mac(&mut rtnl, index, &RESERVED_MAC).expect("placeholder MAC");
+            let mut message = reserved.clone();
+            message.reserved_hwAddr = format_mac(&RESERVED_MAC);
+            message.hwAddr = "0a:58:0a:d5:00:07".into();
+            await_nic(&message, Some(&netns), Duration::from_secs(1)).expect("reserved NIC");
+            let applied = update_interface(&netns, &message).expect("taken over");
+            assert_eq!(applied.hwAddr, "0a:58:0a:d5:00:07");
+            assert_eq!(applied.name, "eth0");
+            assert_eq!(applied.IPAddresses.len(), 2);
+            // Sent again (a retried start): the NIC is found by its new MAC.
+            update_interface(&netns, &message).expect("sent again");
         });
     }
 

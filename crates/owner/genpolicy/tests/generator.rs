@@ -1552,6 +1552,11 @@ fn the_pods_network_is_allowed_and_nothing_that_leads_elsewhere() {
         ("name", json!("lo"), "the loopback"),
         ("name", json!("vxlan0"), "a NIC that is not a pod's"),
         ("devicePath", json!("0000:00:03.0"), "a hot-plug path"),
+        (
+            "reserved_hwAddr",
+            json!("02:6b:62:00:00:01"),
+            "a reserved NIC taken over",
+        ),
         ("raw_flags", json!(1), "raw link flags"),
         ("type", json!("tap"), "a link type"),
     ] {

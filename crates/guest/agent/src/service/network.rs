@@ -1,5 +1,6 @@
-//! The pod network's requests: UpdateInterface (only before the pod's
-//! first container: NIC hot-plug is not supported), UpdateRoutes,
+//! The pod network's requests: UpdateInterface (before the pod's first
+//! container; after it only for the NIC the VM reserved at boot, in a pod
+//! that is not confidential: NIC hot-plug is not supported), UpdateRoutes,
 //! AddARPNeighbors and the two lists; and where the guest's own traffic
 //! leaves (the pod's network, else QEMU's user network).
 
@@ -17,8 +18,23 @@ impl Agent {
         let interface = req.interface.as_ref().ok_or_else(|| {
             AgentError::InvalidArgument("UpdateInterfaceRequest has no interface".into())
         })?;
+        // A network added between create and start (`ctr run --cni`) takes
+        // over the NIC the VM reserved at boot: for a trusted host only. A
+        // confidential pod's network is sealed at its first create.
+        let late = !interface.reserved_hwAddr.is_empty();
+        if late && self.is_confidential() {
+            return Err(AgentError::InvalidArgument(format!(
+                "interface {}: a confidential pod's network is fixed at its first create; \
+                 a reserved NIC is not taken over",
+                interface.name
+            )));
+        }
         // The driver may still be probing: wait before holding up creates.
-        let netns = self.pod_netns();
+        // (A late NIC a failed earlier attempt moved is in the sandbox's.)
+        let netns = self.pod_netns().or_else(|| {
+            late.then(|| self.sandbox_netns(&interface.name).ok().map(Arc::new))
+                .flatten()
+        });
         pod_network::await_nic(interface, netns.as_deref(), pod_network::NIC_WAIT)?;
         // Held throughout: a create either sees every interface applied
         // (and joins this network) or makes this request fail.
@@ -27,13 +43,12 @@ impl Agent {
         // what it is: the guest's own may already be in use.
         let sealed = lock(&self.sandbox).network_sealed;
         let has_containers = sealed
-            || !creating.is_empty()
             || !self
                 .containers
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_empty();
-        if has_containers {
+        if !creating.is_empty() || (has_containers && !late) {
             return Err(AgentError::InvalidArgument(format!(
                 "interface {}: the pod already has containers; a NIC added after the pod \
                  started (hot-plug) is not supported",
@@ -56,6 +71,8 @@ impl Agent {
         // failed has no network (and may fall back to the user network).
         let netns = match netns {
             Some(netns) => netns,
+            // The pod's containers are in their sandbox's namespace already.
+            None if has_containers => Arc::new(self.sandbox_netns(&interface.name)?),
             None => Arc::new(PodNetns::create()?),
         };
         let applied = pod_network::update_interface(&netns, interface)?;
@@ -67,6 +84,26 @@ impl Agent {
         drop(sandbox);
         drop(creating);
         Ok(applied)
+    }
+
+    /// The network namespace of the pod's sandbox container.
+    fn sandbox_netns(&self, interface: &str) -> Result<PodNetns> {
+        let id = lock(&self.sandbox).id.clone();
+        let no_sandbox = |why: String| {
+            AgentError::InvalidArgument(format!(
+                "interface {interface}: the pod's sandbox container {id}: {why}"
+            ))
+        };
+        let sandbox = self
+            .container(&id)
+            .map_err(|e| no_sandbox(kabuto_error::chain(&e)))?;
+        let file = sandbox
+            .pod_namespaces
+            .as_ref()
+            .ok_or_else(|| no_sandbox("it holds no namespaces".into()))?
+            .network()
+            .map_err(|e| no_sandbox(e.to_string()))?;
+        Ok(PodNetns::of(file)?)
     }
 
     /// The pod's network namespace, or why a request needs one first.

@@ -32,6 +32,12 @@ pub struct HypervisorConfig {
     /// the guest itself reaches a KBS or registry; the host is 10.0.2.2.
     /// Containers still get only the network their pod asks for.
     pub guest_network: GuestNetwork,
+    /// Give a pod that asks for a new network namespace (`ctr run`, not
+    /// CRI: CRI names the pod's) one NIC at boot for the interface CNI may
+    /// add between create and start (`ctr run --cni`). Not in confidential
+    /// pods (their network is fixed at boot) nor with `guest_network =
+    /// "user"`. Costs the virtio-net driver's probe at boot.
+    pub reserve_nic: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +80,7 @@ impl Default for HypervisorConfig {
             kernel_params: String::new(),
             debug_console: false,
             guest_network: GuestNetwork::None,
+            reserve_nic: true,
         }
     }
 }

@@ -43,11 +43,20 @@ pub enum NetworkError {
     },
     #[error(
         "interface(s) {} appeared in the pod's network namespace after its VM started \
-         (ctr run --cni, CNI chaining): NIC hot-plug is not supported; give the pod its \
-         network before it starts (a CRI pod network, or ctr run --with-ns network:<path>)",
+         (CNI chaining, a second network): NIC hot-plug is not supported — one interface \
+         added between create and start (ctr run --cni) takes the NIC the VM reserved, which \
+         a confidential pod (its network is fixed at boot) or a pod in a namespace of CNI's \
+         does not have; give the pod its network before it starts (a CRI pod network, or \
+         ctr run --with-ns network:<path>)",
         .0.join(", ")
     )]
     LateInterfaces(Vec<String>),
+    #[error("the guest refused interface {interface}")]
+    Guest {
+        interface: String,
+        #[source]
+        source: crate::agent_client::AgentClientError,
+    },
     #[error(
         "network namespace {} is the host's own: a pod network namespace must be one of its own",
         .0.display()
@@ -107,26 +116,39 @@ pub fn bridge(
         source,
     })?;
     let tap_index = link_index(rtnl, &tap_name)?;
-    let joined = (|| -> Result<(), NetlinkError> {
-        set_up(rtnl, tap_index, Some(interface.mtu))?;
-        add_ingress(rtnl, tap_index)?;
-        // A stale qdisc (a crashed earlier pod) would keep its filters.
-        remove_ingress(rtnl, interface.index)?;
-        add_ingress(rtnl, interface.index)?;
-        add_redirect(rtnl, interface.index, tap_index)?;
-        add_redirect(rtnl, tap_index, interface.index)
-    })();
-    if let Err(e) = joined {
-        // The tap and its qdisc go with the fd.
-        let _ = remove_ingress(rtnl, interface.index);
-        return Err(e.into());
-    }
+    join_to_tap(rtnl, interface, tap_index)?;
     Ok(TapBridge {
         tap,
         tap_name,
         tap_index,
         interface: interface.clone(),
     })
+}
+
+/// Joins `interface` to the existing tap `tap_index` (made by [`bridge`],
+/// or reserved at boot): the tap takes the interface's MTU. On error the
+/// interface is left as it was.
+pub fn join_to_tap(
+    rtnl: &mut Rtnl,
+    interface: &Interface,
+    tap_index: u32,
+) -> Result<(), NetworkError> {
+    let joined = (|| -> Result<(), NetlinkError> {
+        set_up(rtnl, tap_index, Some(interface.mtu))?;
+        // A stale qdisc (a crashed earlier pod) would keep its filters.
+        remove_ingress(rtnl, tap_index)?;
+        add_ingress(rtnl, tap_index)?;
+        remove_ingress(rtnl, interface.index)?;
+        add_ingress(rtnl, interface.index)?;
+        add_redirect(rtnl, interface.index, tap_index)?;
+        add_redirect(rtnl, tap_index, interface.index)
+    })();
+    if let Err(e) = joined {
+        // The tap's qdisc goes with its fd, or with the next join.
+        let _ = remove_ingress(rtnl, interface.index);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Undoes [`bridge`] on the interface's side (its qdisc, and with it the

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use kabuto_netlink::{format_mac, neighbours, Neighbour};
 use kabuto_protocol::agent;
-use kabuto_protocol::network::{interface_message, neighbour_message, route_message};
+use kabuto_protocol::network::{interface_message, neighbour_message, route_message, RESERVED_MAC};
 
 use super::{bridge, interfaces, routes, unbridge, Interface, LinkKind, NetworkError, Route, Rtnl};
 
@@ -36,10 +36,27 @@ struct Nic {
     interface: Interface,
 }
 
+/// A NIC the VM gets at boot, on a tap not yet joined to anything, for
+/// the one interface CNI adds between create and start (`ctr run --cni`
+/// configures the namespace of the task's pid — the VMM's — then).
+struct ReservedNic {
+    /// `None` once QEMU holds the tap.
+    tap: Option<OwnedFd>,
+    tap_name: String,
+    tap_index: u32,
+    /// Set once an interface took it over.
+    taken: bool,
+}
+
+/// The MTU QEMU gives the reserved NIC (`host_mtu`, the most the guest can
+/// set): its interface's MTU is not known at boot.
+const RESERVED_MTU: u32 = 65535;
+
 pub struct PodNetwork {
     path: PathBuf,
     netns: File,
     nics: Vec<Nic>,
+    reserved: Option<ReservedNic>,
     routes: Vec<Route>,
     neighbours: Vec<Neighbour>,
 }
@@ -101,7 +118,7 @@ fn is_hosts(netns: &File) -> bool {
 
 /// Runs `work` with a netlink socket in `netns`, on a thread of its own
 /// (setns changes only the calling thread, which then ends).
-fn in_netns<T: Send>(
+pub(super) fn in_netns<T: Send>(
     netns: &File,
     path: &Path,
     work: impl FnOnce(&mut Rtnl) -> Result<T, NetworkError> + Send,
@@ -227,13 +244,177 @@ impl PodNetwork {
             path: path.to_path_buf(),
             netns,
             nics,
+            reserved: None,
             routes,
             neighbours,
         }))
     }
 
+    /// A new network namespace for the VMM, with one tap for a NIC the VM
+    /// reserves: the namespace CNI configures after create when the pod
+    /// asked for a new one (`ctr run --cni`).
+    pub fn reserve() -> Result<PodNetwork, NetworkError> {
+        let namespace_error = |source| NetworkError::Namespace {
+            path: PathBuf::from("(the VM's new network namespace)"),
+            source,
+        };
+        let (netns, tap, tap_name, tap_index) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // Only this thread moves, and it ends here.
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| namespace_error(e.into()))?;
+                    let netns = File::open("/proc/thread-self/ns/net").map_err(namespace_error)?;
+                    let (tap, tap_name) =
+                        super::open_tap("tap0_kb").map_err(|source| NetworkError::Tap {
+                            name: "tap0_kb".into(),
+                            source,
+                        })?;
+                    let mut rtnl = Rtnl::open().map_err(namespace_error)?;
+                    let tap_index = super::link_index(&mut rtnl, &tap_name)?;
+                    Ok::<_, NetworkError>((netns, tap, tap_name, tap_index))
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            netns.as_raw_fd()
+        ));
+        log::info!("the VM's network namespace has NIC {tap_name} reserved for a later interface");
+        Ok(PodNetwork {
+            path,
+            netns,
+            nics: Vec::new(),
+            reserved: Some(ReservedNic {
+                tap: Some(tap),
+                tap_name,
+                tap_index,
+                taken: false,
+            }),
+            routes: Vec::new(),
+            neighbours: Vec::new(),
+        })
+    }
+
+    /// True while the VM's reserved NIC waits for its interface.
+    pub fn has_reserved_nic(&self) -> bool {
+        self.reserved.as_ref().is_some_and(|r| !r.taken)
+    }
+
+    /// The namespace the VMM must run in (valid while this is held).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Joins the interface CNI added since boot to the reserved NIC; the
+    /// UpdateInterface message that has the guest's NIC take it over, or
+    /// `None` when nothing was added. More than one interface, or one
+    /// without a reserved NIC, is refused (no hot-plug); on error the
+    /// namespace is as it was.
+    pub fn join_late_interface(&mut self) -> Result<Option<agent::Interface>, NetworkError> {
+        let joined = self.joined();
+        let reserved = self.reserved.as_ref().filter(|r| !r.taken);
+        let reserved_tap = reserved.map(|r| r.tap_index);
+        let late = in_netns(&self.netns, &self.path, |rtnl| {
+            let all = interfaces(rtnl)?;
+            check_macs(&all)?;
+            let late: Vec<Interface> = all
+                .into_iter()
+                .filter(|i| joinable(i) && !joined.contains(&i.name))
+                .collect();
+            let (interface, tap_index) = match (late.len(), reserved_tap) {
+                (0, _) => return Ok(None),
+                (1, Some(tap_index)) => (late[0].clone(), tap_index),
+                _ => {
+                    return Err(NetworkError::LateInterfaces(
+                        late.into_iter().map(|i| i.name).collect(),
+                    ))
+                }
+            };
+            super::join_to_tap(rtnl, &interface, tap_index)?;
+            let read = (|| {
+                let on_it = |device: Option<u32>| device == Some(interface.index);
+                let routes: Vec<Route> = routes(rtnl)?
+                    .into_iter()
+                    .filter(|r| on_it(r.device) && !r.is_ipv6_link_local())
+                    .collect();
+                let neighbours: Vec<Neighbour> = neighbours(rtnl)?
+                    .into_iter()
+                    .filter(|n| on_it(Some(n.device)))
+                    .collect();
+                Ok((routes, neighbours))
+            })();
+            match read {
+                Ok((routes, neighbours)) => Ok(Some((interface, routes, neighbours))),
+                Err(e) => {
+                    let _ = unbridge(rtnl, &interface);
+                    Err(e)
+                }
+            }
+        })?;
+        let Some((interface, routes, neighbours)) = late else {
+            return Ok(None);
+        };
+        let Some(reserved) = self.reserved.as_mut() else {
+            return Err(NetworkError::LateInterfaces(vec![interface.name]));
+        };
+        reserved.taken = true;
+        log::info!(
+            "{}: {} ({}, MTU {}) joined to the reserved {}",
+            self.path.display(),
+            interface.name,
+            format_mac(&interface.mac),
+            interface.mtu,
+            reserved.tap_name
+        );
+        let mut message = interface_message(&interface);
+        message.reserved_hwAddr = format_mac(&RESERVED_MAC);
+        self.nics.push(Nic {
+            tap: None,
+            tap_name: reserved.tap_name.clone(),
+            interface,
+        });
+        self.routes.extend(routes);
+        self.neighbours.extend(neighbours);
+        Ok(Some(message))
+    }
+
+    /// Undoes [`PodNetwork::join_late_interface`] when the guest refused
+    /// the interface: its redirect goes, its NIC stays reserved.
+    pub fn unjoin_late_interface(&mut self, name: &str) {
+        let Some(at) = self.nics.iter().position(|n| n.interface.name == name) else {
+            return;
+        };
+        let nic = self.nics.remove(at);
+        let index = nic.interface.index;
+        self.routes.retain(|r| r.device != Some(index));
+        self.neighbours.retain(|n| n.device != index);
+        if let Some(reserved) = self.reserved.as_mut() {
+            reserved.taken = false;
+        }
+        let undone = in_netns(&self.netns, &self.path, |rtnl| {
+            unbridge(rtnl, &nic.interface)
+        });
+        if let Err(e) = undone {
+            log::warn!(
+                "{}: removing the redirect of {name}: {}",
+                self.path.display(),
+                kabuto_error::chain(&e)
+            );
+        }
+    }
+
     /// The NICs QEMU must make, in order.
     pub fn guest_nics(&self) -> Vec<GuestNic> {
+        let reserved = self.reserved.iter().filter_map(|r| {
+            Some(GuestNic {
+                tap_fd: r.tap.as_ref()?.as_raw_fd(),
+                mac: format_mac(&RESERVED_MAC),
+                mtu: RESERVED_MTU,
+            })
+        });
         self.nics
             .iter()
             .filter_map(|nic| {
@@ -243,6 +424,7 @@ impl PodNetwork {
                     mtu: nic.interface.mtu,
                 })
             })
+            .chain(reserved)
             .collect()
     }
 
@@ -251,6 +433,9 @@ impl PodNetwork {
     pub fn release_taps(&mut self) {
         for nic in &mut self.nics {
             nic.tap.take();
+        }
+        if let Some(reserved) = self.reserved.as_mut() {
+            reserved.tap.take();
         }
     }
 

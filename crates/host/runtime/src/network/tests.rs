@@ -162,3 +162,93 @@ fn frames_pass_between_an_interface_and_its_tap_both_ways() {
         ));
     });
 }
+
+/// `ctr run --cni`: the one interface CNI adds to the VM's own namespace
+/// after boot is joined to the reserved tap and told to the guest with the
+/// reserved MAC to take over; undone, the NIC is reserved again; a second
+/// late interface is refused, naming it; dropping the pod network leaves
+/// no qdisc.
+#[test]
+fn an_interface_added_after_boot_takes_over_the_reserved_nic_and_a_second_is_refused() {
+    in_new_netns(|| {
+        let outside = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let mut pod = PodNetwork::reserve().unwrap();
+        let nics = pod.guest_nics();
+        assert_eq!(nics.len(), 1, "{nics:?}");
+        assert_eq!(
+            nics[0].mac,
+            kabuto_netlink::format_mac(&kabuto_protocol::network::RESERVED_MAC)
+        );
+        assert!(
+            pod.join_late_interface().unwrap().is_none(),
+            "nothing added yet"
+        );
+
+        let path = pod.path().to_path_buf();
+        let netns = open_netns(&path).unwrap();
+        // What CNI does: a veth whose peer is outside, addressed, routed.
+        let add = |name: &str, peer: &str| {
+            pod::in_netns(&netns, &path, |rtnl| {
+                veth_pair(rtnl, name, peer).unwrap();
+                let peer_index = link_index(rtnl, peer).unwrap();
+                kabuto_netlink::move_to_netns(rtnl, peer_index, outside.as_raw_fd(), peer).unwrap();
+                let index = link_index(rtnl, name).unwrap();
+                set_up(rtnl, index, Some(1450)).unwrap();
+                Ok(index)
+            })
+            .unwrap()
+        };
+        let eth0 = add("eth0", "kbt-late0");
+        pod::in_netns(&netns, &path, |rtnl| {
+            kabuto_netlink::add_address(rtnl, eth0, "10.88.0.5".parse().unwrap(), 24).unwrap();
+            let default = Route {
+                destination: None,
+                gateway: Some("10.88.0.1".parse().unwrap()),
+                source: None,
+                device: Some(eth0),
+                mtu: None,
+            };
+            kabuto_netlink::add_route(rtnl, &default).unwrap();
+            Ok(())
+        })
+        .unwrap();
+
+        let message = pod.join_late_interface().unwrap().expect("eth0 was added");
+        assert_eq!(message.name, "eth0");
+        assert_eq!(
+            message.reserved_hwAddr,
+            kabuto_netlink::format_mac(&kabuto_protocol::network::RESERVED_MAC)
+        );
+        assert_eq!(message.mtu, 1450);
+        assert!(message.IPAddresses.iter().any(|a| a.address == "10.88.0.5"));
+        assert!(
+            pod.routes()
+                .iter()
+                .any(|r| r.gateway == "10.88.0.1" && r.device == "eth0"),
+            "{:?}",
+            pod.routes()
+        );
+        assert!(!pod.has_reserved_nic());
+        let qdiscs = |index: u32| {
+            pod::in_netns(&netns, &path, |rtnl| Ok(has_ingress_qdisc(rtnl, index))).unwrap()
+        };
+        let tap = pod::in_netns(&netns, &path, |rtnl| Ok(link_index(rtnl, "tap0_kb")?)).unwrap();
+        assert!(
+            qdiscs(eth0) && qdiscs(tap),
+            "eth0 is not joined to the reserved tap"
+        );
+
+        pod.unjoin_late_interface("eth0");
+        assert!(pod.has_reserved_nic() && !qdiscs(eth0) && pod.routes().is_empty());
+        assert!(pod.join_late_interface().unwrap().is_some(), "joined again");
+
+        let eth1 = add("eth1", "kbt-late1");
+        match pod.join_late_interface() {
+            Err(NetworkError::LateInterfaces(names)) => assert_eq!(names, ["eth1"]),
+            other => panic!("a second late interface: {other:?}"),
+        }
+        assert!(!qdiscs(eth1), "the refused interface was changed");
+        drop(pod);
+        assert!(!qdiscs(eth0), "the redirect outlived the pod network");
+    });
+}

@@ -22,7 +22,7 @@ use kabuto_protocol::{agent::CreateSandboxRequest, GUEST_SHARED_DIR};
 
 use crate::{
     agent_client::AgentClient,
-    config::{Config, GuestNetwork},
+    config::{Config, GuestNetwork, TeeKind},
     hypervisor::{self, Accel, NetworkNamespace, Vm, VmSpec},
     mount::{self, MountSpec},
     network::PodNetwork,
@@ -215,7 +215,7 @@ impl Sandbox {
     /// (nothing for a pod without a network namespace of CNI's).
     fn configure_network(&self) -> Result<(), crate::agent_client::AgentClientError> {
         let network = self.network.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(network) = network.as_ref() else {
+        let Some(network) = network.as_ref().filter(|n| !n.interfaces().is_empty()) else {
             return Ok(());
         };
         for interface in network.interfaces() {
@@ -230,12 +230,51 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Gives the guest the interface CNI added to the VMM's namespace
+    /// between create and start (`ctr run --cni` configures the namespace
+    /// of the task's pid then): joined to the NIC the VM reserved at boot,
+    /// which the guest gives the interface's MAC, name, addresses and
+    /// routes. Any other interface that appeared after boot is refused
+    /// ([`Sandbox::check_late_interfaces`]); on error nothing changed.
+    pub fn join_late_network(&self) -> Result<(), crate::network::NetworkError> {
+        let mut network = self.network.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(pod) = network.as_mut().filter(|n| n.has_reserved_nic()) else {
+            drop(network);
+            return self.check_late_interfaces();
+        };
+        let Some(interface) = pod.join_late_interface()? else {
+            return Ok(());
+        };
+        let told = (|| {
+            self.agent.update_interface(&interface)?;
+            self.agent.update_routes(pod.routes())?;
+            let neighbours = pod.neighbours();
+            if !neighbours.is_empty() {
+                self.agent.add_arp_neighbors(neighbours)?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = told {
+            pod.unjoin_late_interface(&interface.name);
+            return Err(crate::network::NetworkError::Guest {
+                interface: interface.name,
+                source,
+            });
+        }
+        log::info!(
+            "sandbox {}: interface {} added after create is the guest's",
+            self.id,
+            interface.name
+        );
+        Ok(())
+    }
+
     /// Refuses interfaces that CNI added to the pod's namespace after the
-    /// VM started (`ctr run --cni` configures the task's namespace between
-    /// create and start; CNI chaining, multus-style second networks): the
-    /// guest's NICs are fixed at boot — the microvm machine has no hot-plug
-    /// — so such a container would silently run without them.
-    pub fn check_late_interfaces(&self) -> Result<(), crate::network::NetworkError> {
+    /// VM started (CNI chaining, multus-style second networks, `ctr run
+    /// --cni` of a pod without a reserved NIC): the guest's NICs are fixed
+    /// at boot — the microvm machine has no hot-plug — so such a container
+    /// would silently run without them.
+    fn check_late_interfaces(&self) -> Result<(), crate::network::NetworkError> {
         let path = match &self.network_namespace {
             NetworkNamespace::Host => return Ok(()),
             NetworkNamespace::New => PathBuf::from(format!("/proc/{}/ns/net", self.vm_pid())),
@@ -309,10 +348,31 @@ impl Sandbox {
         }
         let tee = tee_launch(config, id, &dir, &host_data, &vsock, &mut partial.firmware)
             .map_err(fail("preparing the TEE"))?;
-        if let NetworkNamespace::Path(path) = network {
-            partial.network = PodNetwork::attach(path)
-                .map_err(|e| fail("joining the pod network to the VM")(BootError::Network(e)))?;
+        match network {
+            NetworkNamespace::Path(path) => {
+                partial.network = PodNetwork::attach(path).map_err(|e| {
+                    fail("joining the pod network to the VM")(BootError::Network(e))
+                })?;
+            }
+            // A trusted host may give the pod its network after create.
+            NetworkNamespace::New
+                if config.hypervisor.reserve_nic
+                    && config.confidential.tee == TeeKind::None
+                    && config.hypervisor.guest_network == GuestNetwork::None =>
+            {
+                partial.network = Some(PodNetwork::reserve().map_err(|e| {
+                    fail("reserving a NIC for the pod network")(BootError::Network(e))
+                })?);
+            }
+            _ => {}
         }
+        // A reserved NIC's namespace is made here: QEMU joins it.
+        let vmm_network = match partial.network.as_ref() {
+            Some(pod) if matches!(network, NetworkNamespace::New) => {
+                NetworkNamespace::Path(pod.path().to_path_buf())
+            }
+            _ => network.clone(),
+        };
         let nics = partial
             .network
             .as_ref()
@@ -333,7 +393,7 @@ impl Sandbox {
             tee,
             // The pod's network, where it has one, is the guest's too.
             user_network: config.hypervisor.guest_network == GuestNetwork::User && nics.is_empty(),
-            network_namespace: network.clone(),
+            network_namespace: vmm_network,
             nics,
         };
         let vm = partial

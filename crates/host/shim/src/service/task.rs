@@ -74,7 +74,8 @@ impl containerd_shim::Task for Service {
             agent_error(e)
         };
         if req.exec_id.is_empty() {
-            if let Err(e) = c.sandbox.check_late_interfaces() {
+            // `ctr run --cni` gave the VMM's namespace its network just now.
+            if let Err(e) = c.sandbox.join_late_network() {
                 p.set_exited(VM_GONE_STATUS, now());
                 return Err(err(
                     Code::FAILED_PRECONDITION,
