@@ -22,6 +22,16 @@ pub struct Neighbour {
     pub device: u32,
 }
 
+fn set_down(rtnl: &mut Rtnl, index: u32) -> Result<(), NetlinkError> {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.header.flags = LinkFlags::empty();
+    link.header.change_mask = LinkFlags::Up;
+    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
+        .map(drop)
+        .map_err(failed(format!("setting link {index} down")))
+}
+
 /// Sets link `index` down, renames it to `name` when given and sets its
 /// MTU (a link must be down to be renamed).
 pub fn set_down_renamed(
@@ -30,12 +40,7 @@ pub fn set_down_renamed(
     name: Option<&str>,
     mtu: u32,
 ) -> Result<(), NetlinkError> {
-    let mut link = LinkMessage::default();
-    link.header.index = index;
-    link.header.flags = LinkFlags::empty();
-    link.header.change_mask = LinkFlags::Up;
-    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
-        .map_err(failed(format!("setting link {index} down")))?;
+    set_down(rtnl, index)?;
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.attributes.push(LinkAttribute::Mtu(mtu));
@@ -55,12 +60,7 @@ pub fn set_down_renamed(
 /// Sets link `index` down and gives it the hardware address `mac` (a
 /// reserved guest NIC taking the MAC of the interface it stands in for).
 pub fn set_down_with_mac(rtnl: &mut Rtnl, index: u32, mac: &[u8]) -> Result<(), NetlinkError> {
-    let mut link = LinkMessage::default();
-    link.header.index = index;
-    link.header.flags = LinkFlags::empty();
-    link.header.change_mask = LinkFlags::Up;
-    rtnl.request(RouteNetlinkMessage::SetLink(link), NLM_F_ACK)
-        .map_err(failed(format!("setting link {index} down")))?;
+    set_down(rtnl, index)?;
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.attributes.push(LinkAttribute::Address(mac.to_vec()));

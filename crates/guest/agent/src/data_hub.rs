@@ -1,6 +1,7 @@
-//! The data hub: `GET /cdh/resource/<repo>/<type>/<tag>` on the pod's
-//! 127.0.0.1:8006 answers with the KBS resource, fetched after
-//! attestation, to processes of the pod's own containers only.
+//! The data hub, on the pod's 127.0.0.1:8006, for processes of the pod's
+//! own containers only: `GET /cdh/resource/<repo>/<type>/<tag>` answers
+//! with the KBS resource, fetched after attestation; `POST /cdh/unseal`
+//! with the plaintext of the sealed secret in the body.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -232,7 +233,7 @@ fn container_of_cgroup(cgroup: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// One HTTP/1.1 request. Hand-written: one GET route on loopback does not
+/// One HTTP/1.1 request. Hand-written: two routes on loopback do not
 /// justify an HTTP server crate in the guest image.
 fn serve(stream: TcpStream, kbs: &KbsClient) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -260,8 +261,17 @@ fn serve(stream: TcpStream, kbs: &KbsClient) {
     let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
         return respond(&stream, 400, b"malformed request line\n");
     };
+    if path == "/cdh/unseal" {
+        if method != "POST" {
+            return respond(&stream, 405, b"POST a sealed secret to /cdh/unseal\n");
+        }
+        return match read_body(&mut reader, &head) {
+            Ok(body) => unseal(&stream, kbs, &body),
+            Err((status, why)) => respond(&stream, status, why.as_bytes()),
+        };
+    }
     if method != "GET" {
-        return respond(&stream, 405, b"only GET\n");
+        return respond(&stream, 405, b"only GET (and POST /cdh/unseal)\n");
     }
     let Some(resource) = path.strip_prefix("/cdh/resource/") else {
         return respond(
@@ -287,6 +297,47 @@ fn serve(stream: TcpStream, kbs: &KbsClient) {
     }
 }
 
+/// The body of a request whose head is `head`: exactly its Content-Length
+/// bytes, at most a sealed secret's limit.
+fn read_body(
+    reader: &mut BufReader<&TcpStream>,
+    head: &str,
+) -> Result<Vec<u8>, (u16, &'static str)> {
+    use std::io::Read as _;
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .ok_or((411, "a Content-Length is required\n"))?;
+    if length > kabuto_sealed_secret::MAX_LEN {
+        return Err((413, "a sealed secret is at most 1 MiB\n"));
+    }
+    let mut body = vec![0u8; length];
+    reader
+        .read_exact(&mut body)
+        .map_err(|_| (400, "the body is shorter than its Content-Length\n"))?;
+    Ok(body)
+}
+
+/// `POST /cdh/unseal`: the plaintext of the sealed secret in the body.
+fn unseal(stream: &TcpStream, kbs: &KbsClient, body: &[u8]) {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return respond(stream, 400, b"the sealed secret is not UTF-8\n");
+    };
+    match crate::sealed::unseal(kbs, text) {
+        Ok(plaintext) => {
+            log::info!("data hub: unsealed a secret for the pod");
+            respond(stream, 200, &plaintext)
+        }
+        Err(e) => {
+            let reason = kabuto_error::chain(&e);
+            log::warn!("data hub: unseal: {reason}");
+            respond(stream, e.http_status(), format!("{reason}\n").as_bytes())
+        }
+    }
+}
+
 fn respond(mut stream: &TcpStream, status: u16, body: &[u8]) {
     let reason = match status {
         200 => "OK",
@@ -295,6 +346,8 @@ fn respond(mut stream: &TcpStream, status: u16, body: &[u8]) {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         _ => "Error",
     };

@@ -18,6 +18,7 @@ pub mod pause;
 pub mod pod_network;
 pub mod process;
 pub mod reaper;
+pub mod sealed;
 pub mod service;
 pub mod shared_binds;
 pub mod stats;

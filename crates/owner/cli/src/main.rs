@@ -7,6 +7,7 @@
 mod attest;
 mod genpolicy;
 mod image;
+mod secret;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,11 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Sealed secrets (CoCo's format): signing keys, sealing, unsealing.
+    Secret {
+        #[command(subcommand)]
+        command: secret::SecretCommand,
+    },
     /// Attestation tools.
     Attest {
         #[command(subcommand)]
@@ -48,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Genpolicy(args) => genpolicy::run(&args),
         Command::Image { command } => image::run(&command),
+        Command::Secret { command } => secret::run(&command),
         Command::Attest {
             command: AttestCommand::Verify(args),
         } => attest::verify(&args),

@@ -149,6 +149,7 @@ impl Agent {
         // The registry and the KBS are reached the way the guest's traffic
         // leaves: the pod's network when it has one.
         let egress = self.pod_netns();
+        self.unseal_env(&mut spec, &req.container_id, egress.as_deref())?;
         let pulled = crate::pod_network::in_egress(egress.as_deref(), || {
             self.pull_rootfs(&req, &mut spec)
         })??;
@@ -187,6 +188,22 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .insert(req.container_id, Arc::new(container));
         Ok(agent::Empty::new())
+    }
+
+    /// Sealed env values — the policy judged them sealed — become their
+    /// plaintext (fetched from where the guest's traffic leaves), or the
+    /// container is refused naming the variable.
+    fn unseal_env(
+        &self,
+        spec: &mut oci_spec::runtime::Spec,
+        container_id: &str,
+        egress: Option<&crate::pod_network::PodNetns>,
+    ) -> Result<()> {
+        let kbs = lock(&self.sandbox).kbs.clone();
+        crate::pod_network::in_egress(egress, || {
+            crate::sealed::unseal_env(spec, container_id, kbs.as_deref())
+        })??;
+        Ok(())
     }
 
     /// The spec the guest applies: namespaces resolved (the pod's network

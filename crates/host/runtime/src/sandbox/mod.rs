@@ -348,31 +348,9 @@ impl Sandbox {
         }
         let tee = tee_launch(config, id, &dir, &host_data, &vsock, &mut partial.firmware)
             .map_err(fail("preparing the TEE"))?;
-        match network {
-            NetworkNamespace::Path(path) => {
-                partial.network = PodNetwork::attach(path).map_err(|e| {
-                    fail("joining the pod network to the VM")(BootError::Network(e))
-                })?;
-            }
-            // A trusted host may give the pod its network after create.
-            NetworkNamespace::New
-                if config.hypervisor.reserve_nic
-                    && config.confidential.tee == TeeKind::None
-                    && config.hypervisor.guest_network == GuestNetwork::None =>
-            {
-                partial.network = Some(PodNetwork::reserve().map_err(|e| {
-                    fail("reserving a NIC for the pod network")(BootError::Network(e))
-                })?);
-            }
-            _ => {}
-        }
-        // A reserved NIC's namespace is made here: QEMU joins it.
-        let vmm_network = match partial.network.as_ref() {
-            Some(pod) if matches!(network, NetworkNamespace::New) => {
-                NetworkNamespace::Path(pod.path().to_path_buf())
-            }
-            _ => network.clone(),
-        };
+        let (pod_network, vmm_network) = join_pod_network(config, network)
+            .map_err(|(stage, e)| fail(stage)(BootError::Network(e)))?;
+        partial.network = pod_network;
         let nics = partial
             .network
             .as_ref()
@@ -549,6 +527,34 @@ impl Sandbox {
         if let Some(claim) = self.claim.lock().unwrap_or_else(|p| p.into_inner()).take() {
             claim.release();
         }
+    }
+}
+
+/// The pod network the VM gets and the namespace its VMM runs in: CRI's
+/// namespace joined to taps, or — for a pod that asks for a new one and a
+/// trusted host — a new namespace with a reserved NIC (the host may give
+/// the pod its network after create); errors carry their stage.
+fn join_pod_network(
+    config: &Config,
+    network: &NetworkNamespace,
+) -> Result<(Option<PodNetwork>, NetworkNamespace), (&'static str, crate::network::NetworkError)> {
+    match network {
+        NetworkNamespace::Path(path) => Ok((
+            PodNetwork::attach(path).map_err(|e| ("joining the pod network to the VM", e))?,
+            network.clone(),
+        )),
+        NetworkNamespace::New
+            if config.hypervisor.reserve_nic
+                && config.confidential.tee == TeeKind::None
+                && config.hypervisor.guest_network == GuestNetwork::None =>
+        {
+            let pod =
+                PodNetwork::reserve().map_err(|e| ("reserving a NIC for the pod network", e))?;
+            // QEMU joins the namespace made here.
+            let vmm = NetworkNamespace::Path(pod.path().to_path_buf());
+            Ok((Some(pod), vmm))
+        }
+        _ => Ok((None, network.clone())),
     }
 }
 
