@@ -1,7 +1,9 @@
 //! The data hub, on the pod's 127.0.0.1:8006, for processes of the pod's
 //! own containers only: `GET /cdh/resource/<repo>/<type>/<tag>` answers
 //! with the KBS resource, fetched after attestation; `POST /cdh/unseal`
-//! with the plaintext of the sealed secret in the body.
+//! with the plaintext of the sealed secret in the body; `GET /aa/token`
+//! with the KBS token, `GET /aa/evidence?runtime_data=…` with fresh
+//! evidence binding the caller's data (CoCo's API server's paths).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -233,7 +235,7 @@ fn container_of_cgroup(cgroup: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// One HTTP/1.1 request. Hand-written: two routes on loopback do not
+/// One HTTP/1.1 request. Hand-written: four routes on loopback do not
 /// justify an HTTP server crate in the guest image.
 fn serve(stream: TcpStream, kbs: &KbsClient) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -261,38 +263,109 @@ fn serve(stream: TcpStream, kbs: &KbsClient) {
     let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
         return respond(&stream, 400, b"malformed request line\n");
     };
-    if path == "/cdh/unseal" {
-        if method != "POST" {
-            return respond(&stream, 405, b"POST a sealed secret to /cdh/unseal\n");
-        }
-        return match read_body(&mut reader, &head) {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    match (method, route) {
+        ("POST", "/cdh/unseal") => match read_body(&mut reader, &head) {
             Ok(body) => unseal(&stream, kbs, &body),
             Err((status, why)) => respond(&stream, status, why.as_bytes()),
-        };
-    }
-    if method != "GET" {
-        return respond(&stream, 405, b"only GET (and POST /cdh/unseal)\n");
-    }
-    let Some(resource) = path.strip_prefix("/cdh/resource/") else {
-        return respond(
+        },
+        ("GET", "/aa/token") => token(&stream, kbs, query),
+        ("GET", "/aa/evidence") => evidence(&stream, kbs, query),
+        ("GET", _) if route.starts_with("/cdh/resource/") => {
+            resource(&stream, kbs, &route["/cdh/resource/".len()..])
+        }
+        (_, "/cdh/unseal" | "/aa/token" | "/aa/evidence") => {
+            respond(&stream, 405, b"POST /cdh/unseal; GET the others\n")
+        }
+        _ if route.starts_with("/cdh/resource/") => respond(&stream, 405, b"only GET\n"),
+        _ => respond(
             &stream,
             404,
-            b"use /cdh/resource/<repository>/<type>/<tag>\n",
-        );
-    };
+            b"GET /cdh/resource/<repository>/<type>/<tag>, POST /cdh/unseal, \
+              GET /aa/token?token_type=kbs, GET /aa/evidence?runtime_data=...\n",
+        ),
+    }
+}
+
+/// The status for a KBS client error: the KBS's own, 400 for what the
+/// request got wrong, 502 for the rest.
+fn kbs_status(e: &kabuto_attestation_agent::AttestError) -> u16 {
+    match e {
+        kabuto_attestation_agent::AttestError::Kbs { status, .. } => *status,
+        kabuto_attestation_agent::AttestError::Resource(_) => 400,
+        _ => 502,
+    }
+}
+
+/// `GET /cdh/resource/<repository>/<type>/<tag>`.
+fn resource(stream: &TcpStream, kbs: &KbsClient, resource: &str) {
     match kbs.get_resource(&format!("kbs:///{resource}")) {
         Ok(value) => {
             log::info!("data hub: released kbs:///{resource} to the pod");
-            respond(&stream, 200, &value)
+            respond(stream, 200, &value)
         }
         Err(e) => {
             log::warn!("data hub: kbs:///{resource}: {e}");
-            let status = match &e {
-                kabuto_attestation_agent::AttestError::Kbs { status, .. } => *status,
-                kabuto_attestation_agent::AttestError::Resource(_) => 400,
-                _ => 502,
+            respond(stream, kbs_status(&e), format!("{e}\n").as_bytes())
+        }
+    }
+}
+
+/// The value of `name` in a query string, percent-decoded.
+fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| percent_encoding::percent_decode_str(&value.replace('+', " ")).collect())
+}
+
+/// `GET /aa/token[?token_type=kbs]`: `{"token": <the KBS's attestation
+/// token>}` as CoCo's API server answers, without its `tee_keypair` (the
+/// TEE key stays with the agent; resources come through /cdh/resource).
+fn token(stream: &TcpStream, kbs: &KbsClient, query: &str) {
+    let kind = query_value(query, "token_type").unwrap_or_else(|| b"kbs".to_vec());
+    if kind != b"kbs" {
+        return respond(stream, 400, b"token_type must be kbs\n");
+    }
+    match kbs.token() {
+        Ok(token) => {
+            log::info!("data hub: gave the pod its KBS token");
+            let body = serde_json::json!({ "token": token }).to_string();
+            respond(stream, 200, body.as_bytes())
+        }
+        Err(e) => {
+            log::warn!("data hub: token: {e}");
+            respond(stream, kbs_status(&e), format!("{e}\n").as_bytes())
+        }
+    }
+}
+
+/// `GET /aa/evidence?runtime_data=…[&encoding=base64]`: fresh evidence
+/// whose report data is the caller's (at most 64 bytes; base64 is
+/// URL-safe without padding, as CoCo's API server reads it).
+fn evidence(stream: &TcpStream, kbs: &KbsClient, query: &str) {
+    use base64::Engine as _;
+    let Some(raw) = query_value(query, "runtime_data") else {
+        return respond(stream, 400, b"runtime_data is required\n");
+    };
+    let runtime_data = match query_value(query, "encoding").as_deref() {
+        None => raw,
+        Some(b"base64") => match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&raw) {
+            Ok(data) => data,
+            Err(_) => return respond(stream, 400, b"runtime_data is not base64url\n"),
+        },
+        Some(_) => return respond(stream, 400, b"encoding must be base64 (or absent)\n"),
+    };
+    match kbs.evidence(&runtime_data) {
+        Ok(evidence) => respond(stream, 200, evidence.to_string().as_bytes()),
+        Err(e) => {
+            log::warn!("data hub: evidence: {e}");
+            let status = match e {
+                kabuto_attestation_agent::AttestError::Evidence(_) => 400,
+                _ => 500,
             };
-            respond(&stream, status, format!("{e}\n").as_bytes())
+            respond(stream, status, format!("{e}\n").as_bytes())
         }
     }
 }

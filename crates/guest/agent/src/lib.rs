@@ -19,6 +19,7 @@ pub mod pod_network;
 pub mod process;
 pub mod reaper;
 pub mod sealed;
+pub mod sealed_files;
 pub mod service;
 pub mod shared_binds;
 pub mod stats;

@@ -65,6 +65,33 @@ pub fn unseal(
     Ok(secret.unseal(|uri| kbs.get_resource(&uri.to_string()))?)
 }
 
+fn refused(container: &str, what: &str, why: String) -> AgentError {
+    AgentError::InvalidArgument(format!(
+        "container {container}: {what} holds a sealed secret that does not unseal: {why}"
+    ))
+}
+
+/// The plaintext of the sealed `content` of `what` (an env variable, a
+/// file) in `container`, or the error refusing the container; a pod
+/// without a KBS cannot unseal.
+pub fn unseal_for(
+    kbs: Option<&KbsClient>,
+    content: &[u8],
+    container: &str,
+    what: &str,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let kbs = kbs.ok_or_else(|| {
+        refused(
+            container,
+            what,
+            "the pod has no KBS (a confidential pod whose init-data names one)".into(),
+        )
+    })?;
+    let text = std::str::from_utf8(content)
+        .map_err(|_| refused(container, what, "it is not UTF-8".into()))?;
+    unseal(kbs, text).map_err(|e| refused(container, what, kabuto_error::chain(&e)))
+}
+
 /// Replaces every `NAME=sealed.…` of the spec's process env by its
 /// plaintext; the number unsealed. A pod without a KBS (not confidential,
 /// or none in its init-data) cannot unseal: its sealed values refuse the
@@ -88,17 +115,10 @@ pub fn unseal_env(
         if !kabuto_sealed_secret::is_sealed(value.as_bytes()) {
             continue;
         }
-        let refused = |why: String| {
-            AgentError::InvalidArgument(format!(
-                "container {container}: env {name} holds a sealed secret that does not unseal: {why}"
-            ))
-        };
-        let kbs = kbs.ok_or_else(|| {
-            refused("the pod has no KBS (a confidential pod whose init-data names one)".into())
-        })?;
-        let plaintext = unseal(kbs, value).map_err(|e| refused(kabuto_error::chain(&e)))?;
+        let what = format!("env {name}");
+        let plaintext = unseal_for(kbs, value.as_bytes(), container, &what)?;
         let plaintext = String::from_utf8(plaintext.to_vec())
-            .map_err(|_| refused(UnsealError::NotUtf8.to_string()))?;
+            .map_err(|_| refused(container, &what, UnsealError::NotUtf8.to_string()))?;
         *entry = format!("{name}={plaintext}");
         unsealed += 1;
     }

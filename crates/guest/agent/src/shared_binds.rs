@@ -30,6 +30,11 @@ fn staging_dir(container_id: &str) -> PathBuf {
     Path::new(STAGING_DIR).join(container_id)
 }
 
+/// True for a bind source [`stage`] made (the checked inode of a host file).
+pub fn is_staged(source: &Path, container_id: &str) -> bool {
+    source.starts_with(staging_dir(container_id)) && source != staging_dir(container_id)
+}
+
 /// Opens `relative` beneath `dir` refusing symlinks, `..` and magic links
 /// anywhere on the way (O_PATH: nothing is read).
 fn open_beneath(dir: &File, relative: &Path) -> std::io::Result<File> {
@@ -38,7 +43,11 @@ fn open_beneath(dir: &File, relative: &Path) -> std::io::Result<File> {
 
 /// [`open_beneath`] with extra open flags (`O_DIRECTORY` makes the lookup
 /// enter a host submount that virtio-fs announces as an automount point).
-fn open_beneath_with(dir: &File, relative: &Path, extra: libc::c_int) -> std::io::Result<File> {
+pub(crate) fn open_beneath_with(
+    dir: &File,
+    relative: &Path,
+    extra: libc::c_int,
+) -> std::io::Result<File> {
     let path = CString::new(relative.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain integers; all-zero is its documented default.
@@ -246,6 +255,7 @@ pub fn stage_root(spec: &mut Spec, container_id: &str) -> Result<()> {
 
 /// Removes a container's staged binds (idempotent).
 pub fn release(container_id: &str) {
+    crate::sealed_files::release(container_id);
     let staging = staging_dir(container_id);
     let Ok(entries) = std::fs::read_dir(&staging) else {
         return;

@@ -192,6 +192,26 @@ impl KbsClient {
             .unwrap_or_default())
     }
 
+    /// A KBS token still valid for a while: the cached one, else one from a
+    /// fresh handshake (the data hub's `/aa/token`).
+    pub fn token(&self) -> Result<String, AttestError> {
+        let mut slot = self.lock();
+        let fresh = slot
+            .as_ref()
+            .is_some_and(|a| a.expires > now_secs() + TOKEN_MARGIN_SECS);
+        if !fresh {
+            self.handshake(&mut slot)?;
+        }
+        Ok(slot.as_ref().map(|a| a.token.clone()).unwrap_or_default())
+    }
+
+    /// Fresh evidence whose report data is `runtime_data`, zero-padded to
+    /// 64 bytes as CoCo's attesters take it (the data hub's
+    /// `/aa/evidence`, for workload-to-workload attestation).
+    pub fn evidence(&self, runtime_data: &[u8]) -> Result<serde_json::Value, AttestError> {
+        self.provider.evidence(runtime_data)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Attested>> {
         match self.attested.lock() {
             Ok(g) => g,

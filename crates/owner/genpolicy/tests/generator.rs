@@ -1603,3 +1603,45 @@ fn a_pod_without_a_network_is_denied_one() {
         );
     }
 }
+
+/// A sealed secret in a manifest's env is pinned as the sealed string: the
+/// guest unseals it after the policy judged the request, so the plaintext
+/// (or another sealed value) in its place is denied.
+#[test]
+fn a_sealed_env_value_is_pinned_sealed() {
+    let f = fixture();
+    let sealed = "sealed.eyJhbGciOiJFUzI1NiIsImtpZCI6ImsifQ.eyJ2ZXJzaW9uIjoiMC4xLjAifQ.c2ln";
+    let yaml = manifest("07-pod-init-and-sidecar.yaml").replace(
+        "    image: registry.example.com/team/app:v3\n",
+        &format!(
+            "    image: registry.example.com/team/app:v3\n    env:\n    - {{name: DB_PASSWORD, value: \"{sealed}\"}}\n"
+        ),
+    );
+    assert!(yaml.contains(sealed));
+    let generated = gen(&f, &yaml, &Settings::default()).unwrap();
+    let (template, ns) = pod_templates(&generated.manifest).remove(0);
+    let app = template["spec"]["containers"][0].clone();
+    let req = cri_request(&template, &ns, &app, "c1");
+    let mut gate = pod_gate(&generated.pods[0].rego);
+    assert!(req["OCI"]["process"]["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(format!("DB_PASSWORD={sealed}"))));
+    assert_eq!(
+        decide(&mut gate, "CreateContainerRequest", &req),
+        Decision::Allowed
+    );
+    for other in [
+        "hunter2",
+        "sealed.eyJhbGciOiJFUzI1NiIsImtpZCI6ImsifQ.e30.c2ln",
+    ] {
+        let mut r = req.clone();
+        for e in r["OCI"]["process"]["env"].as_array_mut().unwrap() {
+            if e.as_str().is_some_and(|v| v.starts_with("DB_PASSWORD=")) {
+                *e = json!(format!("DB_PASSWORD={other}"));
+            }
+        }
+        let reason = denied_reason(&mut gate, &r);
+        assert!(reason.contains("DB_PASSWORD"), "{other}: {reason}");
+    }
+}

@@ -218,6 +218,13 @@ impl Agent {
         let mut spec =
             containers::prepare_spec(spec, container_id, pod_namespaces, pod_netns.as_deref())?;
         shared_binds::stage(&mut spec, container_id)?;
+        // Sealed files in the volumes just staged: the container sees
+        // their plaintext (fetched from where the guest's traffic leaves).
+        let kbs = lock(&self.sandbox).kbs.clone();
+        let egress = self.pod_netns();
+        crate::pod_network::in_egress(egress.as_deref(), || {
+            crate::sealed_files::unseal_files(&mut spec, container_id, kbs.as_deref())
+        })??;
         shared_binds::stage_root(&mut spec, container_id)?;
         Ok(spec)
     }
