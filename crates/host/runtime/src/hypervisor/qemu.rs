@@ -279,7 +279,19 @@ impl Hypervisor for Qemu {
         // Open before the fork; closed (O_CLOEXEC) at QEMU's exec.
         let _netns = enter_network_namespace(&mut command, &spec.network_namespace)?;
         let mmio = self.machine == MachineType::Microvm;
-        let nic_args = pass_taps(&mut command, &spec.nics, mmio);
+        let vhost = vhost_net(spec.accel, Path::new(VHOST_NET));
+        if !spec.nics.is_empty() {
+            log::info!(
+                "sandbox {}: virtio-net datapath {}",
+                spec.id,
+                if vhost {
+                    "vhost-net (in the host kernel)"
+                } else {
+                    "in QEMU (no KVM or no /dev/vhost-net)"
+                }
+            );
+        }
+        let nic_args = pass_taps(&mut command, &spec.nics, mmio, vhost);
         log::debug!("qemu {} {}", args.join(" "), nic_args.join(" "));
         command.args(nic_args);
         let child = command.spawn().map_err(|source| HypervisorError::Spawn {
@@ -298,7 +310,12 @@ impl Hypervisor for Qemu {
 /// across the exec at its own number (its close-on-exec flag cleared
 /// between fork and exec, in the child only), so no other descriptor is
 /// touched.
-fn pass_taps(command: &mut Command, nics: &[crate::network::GuestNic], mmio: bool) -> Vec<String> {
+fn pass_taps(
+    command: &mut Command,
+    nics: &[crate::network::GuestNic],
+    mmio: bool,
+    vhost: bool,
+) -> Vec<String> {
     use std::os::unix::process::CommandExt as _;
     let fds: Vec<i32> = nics.iter().map(|n| n.tap_fd).collect();
     if !fds.is_empty() {
@@ -316,19 +333,29 @@ fn pass_taps(command: &mut Command, nics: &[crate::network::GuestNic], mmio: boo
             });
         }
     }
-    nic_args(nics, mmio)
+    nic_args(nics, mmio, vhost)
+}
+
+/// The host kernel's virtio-net backend.
+const VHOST_NET: &str = "/dev/vhost-net";
+
+/// vhost-net serves the NICs when the host has it and the guest runs on
+/// KVM (its ioeventfd/irqfd path): packets then bypass QEMU's userspace.
+fn vhost_net(accel: Accel, device: &Path) -> bool {
+    accel == Accel::Kvm && device.exists()
 }
 
 /// `-netdev tap,fd=` and a virtio-net device per NIC. The guest's NIC
 /// gets the CNI interface's MAC (the bridge expects frames from it) and
-/// MTU (VIRTIO_NET_F_MTU); no vhost-net: the machines this runs on have
-/// none.
-fn nic_args(nics: &[crate::network::GuestNic], mmio: bool) -> Vec<String> {
+/// MTU (VIRTIO_NET_F_MTU); with `vhost`, QEMU hands each tap's datapath
+/// to the host kernel's vhost-net (it opens /dev/vhost-net itself).
+fn nic_args(nics: &[crate::network::GuestNic], mmio: bool, vhost: bool) -> Vec<String> {
     let device = virtio_device(mmio, "virtio-net-device", "virtio-net-pci");
+    let vhost = if vhost { ",vhost=on" } else { "" };
     let mut args = Vec::new();
     for (i, nic) in nics.iter().enumerate() {
         args.push("-netdev".into());
-        args.push(format!("tap,id=nic{i},fd={}", nic.tap_fd));
+        args.push(format!("tap,id=nic{i},fd={}{vhost}", nic.tap_fd));
         args.push("-device".into());
         args.push(format!(
             "{device},netdev=nic{i},mac={},host_mtu={}",
@@ -463,6 +490,30 @@ pub fn qmp_command(socket: &Path, command: &str) -> std::io::Result<serde_json::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vhost_net_serves_the_nics_only_on_kvm_with_the_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let device = dir.path().join("vhost-net");
+        assert!(!vhost_net(Accel::Kvm, &device), "no device");
+        std::fs::write(&device, "").expect("device stand-in");
+        assert!(vhost_net(Accel::Kvm, &device));
+        assert!(!vhost_net(Accel::Tcg, &device), "TCG has no irqfd path");
+        let nic = crate::network::GuestNic {
+            tap_fd: 7,
+            mac: "0a:58:0a:00:00:05".into(),
+            mtu: 1450,
+        };
+        let with = nic_args(std::slice::from_ref(&nic), true, true);
+        assert_eq!(with[1], "tap,id=nic0,fd=7,vhost=on");
+        assert_eq!(
+            with[3],
+            "virtio-net-device,netdev=nic0,mac=0a:58:0a:00:00:05,host_mtu=1450"
+        );
+        let without = nic_args(&[nic], false, false);
+        assert_eq!(without[1], "tap,id=nic0,fd=7");
+        assert!(without[3].starts_with("virtio-net-pci,"));
+    }
 
     #[test]
     fn a_network_namespace_path_must_be_one() {
