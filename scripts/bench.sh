@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): kabuto next to runc and a bare QEMU boot, and the
 # KBS next to a plain HTTP request, image pull+decrypt+unpack next to skopeo,
-# pod networking next to runc pods on one CNI bridge,
+# pod networking next to runc pods on one CNI bridge, unsealing next to a
+# KBS resource fetch,
 # each measured in the same run; prints
 # Markdown tables for docs/benchmarks.md.
 # Usage: scripts/bench.sh [--runs N] [--max-pods N]
@@ -19,3 +20,6 @@ target/release/kabuto-kbs-bench --seconds 5 --coco
 target/release/kabuto-image-bench --runs 3 --in-guest
 # Pod networking next to runc pods on the same CNI bridge.
 target/release/kabuto-net-bench --runs 3 --seconds 5
+# Sealed secrets: unseal latency through the data hub, next to a plain
+# resource fetch, in one confidential pod.
+target/release/kabuto-unseal-bench --requests 20 --runs 3
