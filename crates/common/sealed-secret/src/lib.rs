@@ -82,8 +82,9 @@ pub enum SealedSecretError {
     },
     #[error("the envelope's {0} is not standard base64")]
     EnvelopeBase64(&'static str),
-    #[error("the envelope's key-encryption key must be 32 bytes (AES-256), it is {0}")]
-    KekLength(usize),
+    // No length: what the KBS holds stays out of errors.
+    #[error("the envelope's key-encryption key must be 32 bytes (AES-256)")]
+    KekLength,
     #[error("the envelope's data key does not unwrap with its key-encryption key")]
     Unwrap,
     #[error("the envelope's iv must be 12 bytes")]
@@ -384,7 +385,7 @@ impl Secret {
         let kek_uri = resource("key-encryption key", kek_uri)?;
         let kek = aes_kw::KekAes256::new(
             <&[u8; 32]>::try_from(kek)
-                .map_err(|_| SealedSecretError::KekLength(kek.len()))?
+                .map_err(|_| SealedSecretError::KekLength)?
                 .into(),
         );
         let mut data_key = Zeroizing::new([0u8; 32]);
@@ -482,7 +483,7 @@ fn open_envelope(
     };
     let kek = aes_kw::KekAes256::new(
         <&[u8; 32]>::try_from(kek)
-            .map_err(|_| SealedSecretError::KekLength(kek.len()))?
+            .map_err(|_| SealedSecretError::KekLength)?
             .into(),
     );
     let data_key = Zeroizing::new(

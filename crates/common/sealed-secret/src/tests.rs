@@ -57,7 +57,7 @@ fn an_envelope_secret_unseals_with_its_key_encryption_key_only() {
     assert!(matches!(wrong, Err(SealedSecretError::Unwrap)), "{wrong:?}");
     let short = secret.unseal(kbs(&[("kbs:///default/kek/1", &[8u8; 16])]));
     assert!(
-        matches!(short, Err(SealedSecretError::KekLength(16))),
+        matches!(short, Err(SealedSecretError::KekLength)),
         "{short:?}"
     );
     let absent = secret.unseal(kbs(&[]));

@@ -27,6 +27,10 @@ pub enum UnsealError {
         #[source]
         source: AttestError,
     },
+    // Without the parser's error: the resource the host's `kid` named may
+    // be any of the pod's secrets, and the error reaches the host.
+    #[error("the resource at {kid} is not a P-256 public JWK")]
+    NotAKey { kid: String },
     #[error("the plaintext is not UTF-8 (an env value must be)")]
     NotUtf8,
 }
@@ -60,7 +64,9 @@ pub fn unseal(
         kid: kid.clone(),
         source,
     })?;
-    let key = PublicSigningKey::from_jwk(&jwk)?;
+    // Before the signature is checked the kid is the host's choice: what it
+    // names is read as a key and never shown.
+    let key = PublicSigningKey::from_jwk(&jwk).map_err(|_| UnsealError::NotAKey { kid })?;
     let secret = parsed.verify(&key)?;
     Ok(secret.unseal(|uri| kbs.get_resource(&uri.to_string()))?)
 }

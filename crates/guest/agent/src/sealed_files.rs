@@ -3,8 +3,9 @@
 //! with `sealed.` is seen by the container as its plaintext, at the same
 //! path; the host's file keeps the sealed form.
 //!
-//! Each host-shared bind (already staged by `shared_binds`, so it is the
-//! inode that was checked) is read whole, without following any symlink,
+//! Each read-only host-shared bind (already staged by `shared_binds`, so
+//! it is the inode that was checked; Kubernetes mounts Secret, ConfigMap
+//! and projected volumes read-only) is read whole, without following any symlink,
 //! up to [`MAX_ENTRIES`] entries and [`MAX_BYTES`] bytes — a Kubernetes
 //! Secret holds at most 1 MiB. If it holds a sealed file, the container gets
 //! a copy in guest memory (`/run/kabuto/unsealed/<id>/<n>`) with the sealed
@@ -62,15 +63,21 @@ enum Entry {
     },
 }
 
-/// Why a volume is not read (the bind is then left as it is).
+/// Why a volume is not read (the bind is then left as it is), or, for a
+/// name listed twice (which only a hostile virtio-fs server does), refused.
 enum Skipped {
     TooBig,
     Unreadable(std::io::Error),
+    Duplicate(PathBuf),
 }
 
 /// What was read of one volume.
+#[derive(Default)]
 struct Volume {
     entries: Vec<Entry>,
+    /// Every entry listed, copied or not (FIFOs, devices count too).
+    seen: usize,
+    paths: std::collections::HashSet<PathBuf>,
     bytes: u64,
     any_sealed: bool,
 }
@@ -78,11 +85,29 @@ struct Volume {
 impl Volume {
     fn admit(&mut self, size: u64) -> std::result::Result<(), Skipped> {
         self.bytes += size;
-        if self.entries.len() >= MAX_ENTRIES || self.bytes > MAX_BYTES {
+        if self.seen > MAX_ENTRIES || self.bytes > MAX_BYTES {
             return Err(Skipped::TooBig);
         }
         Ok(())
     }
+
+    /// Counts a listed entry; a path seen before is refused (a copy must
+    /// never write through a symlink it made for the same name).
+    fn listed(&mut self, path: &Path) -> std::result::Result<(), Skipped> {
+        self.seen += 1;
+        if !self.paths.insert(path.to_path_buf()) {
+            return Err(Skipped::Duplicate(path.to_path_buf()));
+        }
+        self.admit(0)
+    }
+}
+
+fn open_path(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
 }
 
 fn read_fd(file: &File) -> std::io::Result<Vec<u8>> {
@@ -115,8 +140,8 @@ fn read_dir(
     for entry in listing {
         let entry = entry.map_err(Skipped::Unreadable)?;
         let path = relative.join(entry.file_name());
+        volume.listed(&path)?;
         let kind = entry.file_type().map_err(Skipped::Unreadable)?;
-        volume.admit(0)?;
         if kind.is_symlink() {
             let target = std::fs::read_link(entry.path()).map_err(Skipped::Unreadable)?;
             volume.entries.push(Entry::Symlink { path, target });
@@ -168,7 +193,12 @@ pub fn unseal_files(spec: &mut Spec, container_id: &str, kbs: Option<&KbsClient>
         let Some(source) = m.source().clone() else {
             continue;
         };
-        if !crate::shared_binds::is_staged(&source, container_id) {
+        // Secret, ConfigMap and projected volumes are read-only binds.
+        let read_only = m
+            .options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "ro"));
+        if !read_only || !crate::shared_binds::is_staged(&source, container_id) {
             continue;
         }
         let shown = m.destination().display().to_string();
@@ -190,19 +220,19 @@ pub fn unseal_files(spec: &mut Spec, container_id: &str, kbs: Option<&KbsClient>
 /// The volume at `source` (mounted at `shown`), when it holds a sealed
 /// file; `None` when it does not or is not a volume to read.
 fn read_volume(source: &Path, shown: &str) -> Result<Option<Volume>> {
-    let root = match File::open(source) {
+    // O_PATH: a FIFO the host put there is not opened (it would block).
+    let root = match open_path(source) {
         Ok(root) => root,
         Err(e) => {
             log::warn!("volume {shown}: not read for sealed files: {e}");
             return Ok(None);
         }
     };
-    let mut volume = Volume {
-        entries: Vec::new(),
-        bytes: 0,
-        any_sealed: false,
-    };
+    let mut volume = Volume::default();
     let meta = root.metadata().ok();
+    if !meta.as_ref().is_some_and(|m| m.is_dir() || m.is_file()) {
+        return Ok(None);
+    }
     let read = if let Some(meta) = meta.filter(|m| m.is_dir()) {
         volume.entries.push(Entry::Dir {
             path: PathBuf::new(),
@@ -235,6 +265,10 @@ fn read_volume(source: &Path, shown: &str) -> Result<Option<Volume>> {
             "the volume at {shown} holds a sealed secret but is larger than kabuto unseals \
              ({MAX_ENTRIES} entries, {MAX_BYTES} bytes)"
         ))),
+        Err(Skipped::Duplicate(path)) => Err(AgentError::InvalidArgument(format!(
+            "the volume at {shown} lists {} twice (refused)",
+            path.display()
+        ))),
         Err(Skipped::TooBig) => Ok(None),
         Err(Skipped::Unreadable(e)) => {
             log::warn!("volume {shown}: not read for sealed files: {e}");
@@ -243,7 +277,29 @@ fn read_volume(source: &Path, shown: &str) -> Result<Option<Volume>> {
     }
 }
 
-/// Writes `volume` at `copy`, sealed files unsealed.
+/// A file's content for the copy: its plaintext when it is sealed.
+fn plaintext_of(
+    content: &[u8],
+    path: &Path,
+    shown: &str,
+    container_id: &str,
+    kbs: Option<&KbsClient>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    if !kabuto_sealed_secret::is_sealed(content) {
+        return Ok(zeroize::Zeroizing::new(content.to_vec()));
+    }
+    let named = if path.as_os_str().is_empty() {
+        shown.to_string()
+    } else {
+        format!("{shown}/{}", path.display())
+    };
+    crate::sealed::unseal_for(kbs, content, container_id, &format!("file {named}"))
+}
+
+/// Writes `volume` at `copy`, sealed files unsealed: directories first,
+/// files created new (never through an existing name or a symlink), owners
+/// and modes set on their own descriptors, symlinks last — so no write goes
+/// through a symlink the copy holds.
 fn write_copy(
     volume: &Volume,
     copy: &Path,
@@ -251,15 +307,18 @@ fn write_copy(
     shown: &str,
     kbs: Option<&KbsClient>,
 ) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let io = |what: &Path| {
         AgentError::io(format!(
             "container {container_id}: unsealing into {}",
             what.display()
         ))
     };
-    let owned = |path: &Path, mode: u32, uid: u32, gid: u32| -> Result<()> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(path))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+    let owned = |file: &File, at: &Path, mode: u32, uid: u32, gid: u32| -> Result<()> {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(io(at))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io(at))
     };
     if let Some(parent) = copy.parent() {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -272,7 +331,17 @@ fn write_copy(
             copy.join(path)
         }
     };
-    for entry in &volume.entries {
+    let symlinks_last = volume
+        .entries
+        .iter()
+        .filter(|e| !matches!(e, Entry::Symlink { .. }))
+        .chain(
+            volume
+                .entries
+                .iter()
+                .filter(|e| matches!(e, Entry::Symlink { .. })),
+        );
+    for entry in symlinks_last {
         match entry {
             Entry::Dir {
                 path,
@@ -282,10 +351,15 @@ fn write_copy(
             } => {
                 let at = at_copy(path);
                 std::fs::create_dir(&at).map_err(io(&at))?;
-                owned(&at, *mode, *uid, *gid)?;
+                let dir = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(&at)
+                    .map_err(io(&at))?;
+                owned(&dir, &at, *mode, *uid, *gid)?;
             }
             Entry::Symlink { path, target } => {
-                let at = copy.join(path);
+                let at = at_copy(path);
                 std::os::unix::fs::symlink(target, &at).map_err(io(&at))?;
             }
             Entry::File {
@@ -296,20 +370,104 @@ fn write_copy(
                 content,
             } => {
                 let at = at_copy(path);
-                let plaintext = if kabuto_sealed_secret::is_sealed(content) {
-                    let named = if path.as_os_str().is_empty() {
-                        shown.to_string()
-                    } else {
-                        format!("{shown}/{}", path.display())
-                    };
-                    crate::sealed::unseal_for(kbs, content, container_id, &format!("file {named}"))?
-                } else {
-                    zeroize::Zeroizing::new(content.clone())
-                };
-                std::fs::write(&at, plaintext.as_slice()).map_err(io(&at))?;
-                owned(&at, *mode, *uid, *gid)?;
+                let plaintext = plaintext_of(content, path, shown, container_id, kbs)?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&at)
+                    .map_err(io(&at))?;
+                file.write_all(plaintext.as_slice()).map_err(io(&at))?;
+                owned(&file, &at, *mode, *uid, *gid)?;
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn file(path: &str, content: &[u8]) -> Entry {
+        Entry::File {
+            path: path.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            content: content.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_name_listed_twice_is_refused() {
+        let mut volume = Volume::default();
+        volume.listed(Path::new("db")).ok().unwrap();
+        assert!(matches!(
+            volume.listed(Path::new("db")),
+            Err(Skipped::Duplicate(p)) if p == Path::new("db")
+        ));
+    }
+
+    /// Even given a symlink and a file of one name (which the scan
+    /// refuses), the copy writes no file through the symlink.
+    #[test]
+    fn the_copy_never_writes_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "untouched").unwrap();
+        let copy = dir.path().join("copy");
+        let volume = Volume {
+            entries: vec![
+                Entry::Dir {
+                    path: PathBuf::new(),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+                Entry::Symlink {
+                    path: "a".into(),
+                    target: outside.clone(),
+                },
+                file("a", b"host data"),
+                file("b", b"plain"),
+            ],
+            ..Volume::default()
+        };
+        assert!(write_copy(&volume, &copy, "c1", "/etc/x", None).is_err());
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched");
+        assert_eq!(std::fs::read_to_string(copy.join("b")).unwrap(), "plain");
+        assert_eq!(
+            std::fs::read_to_string(copy.join("a")).unwrap(),
+            "host data"
+        );
+        assert!(!copy.join("a").is_symlink());
+    }
+
+    #[test]
+    fn a_sealed_file_without_a_kbs_refuses_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume {
+            entries: vec![
+                Entry::Dir {
+                    path: PathBuf::new(),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+                file("db", b"sealed.x.y.z"),
+            ],
+            ..Volume::default()
+        };
+        let e = write_copy(&volume, &dir.path().join("copy"), "c1", "/etc/secret", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("file /etc/secret/db") && e.contains("no KBS"),
+            "{e}"
+        );
+        assert!(!e.contains("sealed.x"), "{e}");
+    }
 }

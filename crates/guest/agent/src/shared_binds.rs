@@ -30,9 +30,14 @@ fn staging_dir(container_id: &str) -> PathBuf {
     Path::new(STAGING_DIR).join(container_id)
 }
 
-/// True for a bind source [`stage`] made (the checked inode of a host file).
+/// True for a bind source [`stage`] made (the checked inode of a host
+/// file): exactly `<staging>/<index>`.
 pub fn is_staged(source: &Path, container_id: &str) -> bool {
-    source.starts_with(staging_dir(container_id)) && source != staging_dir(container_id)
+    source.parent() == Some(staging_dir(container_id).as_path())
+        && source
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Opens `relative` beneath `dir` refusing symlinks, `..` and magic links
@@ -270,6 +275,21 @@ pub fn release(container_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_staged_bind_itself_is_staged() {
+        let staged = staging_dir("c1");
+        assert!(is_staged(&staged.join("3"), "c1"));
+        for other in [
+            staged.clone(),
+            staged.join("3/sub"),
+            staged.join("../../x"),
+            staged.join("x"),
+            staging_dir("c2").join("3"),
+        ] {
+            assert!(!is_staged(&other, "c1"), "{}", other.display());
+        }
+    }
 
     #[test]
     fn host_file_binds_keep_nosuid_nodev_and_read_only() {
