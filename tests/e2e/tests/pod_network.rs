@@ -242,3 +242,43 @@ fn a_confidential_pod_attests_through_its_pod_network() {
         net.residue()
     );
 }
+
+/// kill -9 of the shim: containerd's cleanup of the dead shim (`shim
+/// delete`) kills its QEMU and removes the redirect the shim recorded, so
+/// the pod namespace is as CNI made it.
+#[test]
+#[ignore = "needs the e2e environment: run scripts/test.sh"]
+fn a_killed_shim_leaves_the_pod_namespace_as_cni_made_it() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let net = CniNetwork::add(work.path(), "pn5", 239, 1500);
+    let c = Containerd::start();
+    let with_ns = format!("network:{}", net.netns);
+    c.run_detached("orphan", &["--with-ns", &with_ns], &["sleep", "1000"]);
+    assert!(!net.residue().is_empty(), "no tap bridge");
+    let shim = c.shim_pid("orphan").expect("the shim runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the shim");
+    // containerd cleans up after a dead shim: the task ends (or is gone).
+    let running = || {
+        stdout(&c.ctr(&["task", "ls"]))
+            .lines()
+            .any(|l| l.starts_with("orphan ") && l.contains("RUNNING"))
+    };
+    assert!(
+        c.eventually(Duration::from_secs(30), || !running()),
+        "the task still runs: {}",
+        stdout(&c.ctr(&["task", "ls"]))
+    );
+    let _ = c.ctr(&["task", "delete", "orphan"]);
+    let rm = c.ctr(&["container", "rm", "orphan"]);
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    c.assert_no_residue();
+    assert!(
+        c.eventually(Duration::from_secs(10), || net.residue().is_empty()),
+        "left in the pod namespace: {:?}",
+        net.residue()
+    );
+}

@@ -28,7 +28,7 @@ use kabuto_netlink::packet::tc::{
 };
 use kabuto_netlink::{failed, link_index, set_up, RouteNetlinkMessage};
 pub use kabuto_netlink::{interfaces, routes, Interface, LinkKind, NetlinkError, Route, Rtnl};
-pub use pod::{open_netns, GuestNic, PodNetwork};
+pub use pod::{open_netns, unbridge_recorded, GuestNic, JoinedRecord, PodNetwork};
 pub use tap::open_tap;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,9 @@
 //!
 //! Undone when dropped: the interfaces' ingress qdiscs are removed (the
 //! taps go with their last fd, QEMU's), so the namespace is as CNI left
-//! it. A shim killed before that leaves the qdiscs to the namespace, which
-//! CNI's DEL (and the namespace's removal) takes with it.
+//! it. A shim killed before that leaves a [`JoinedRecord`] in its state
+//! directory, from which the dead shim's cleanup (containerd's `shim
+//! delete`) removes the qdiscs ([`unbridge_recorded`]).
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -59,6 +60,41 @@ pub struct PodNetwork {
     reserved: Option<ReservedNic>,
     routes: Vec<Route>,
     neighbours: Vec<Neighbour>,
+}
+
+/// What a shim killed before its teardown leaves to undo in a pod
+/// namespace of CRI's (or ctr's `--with-ns`): the namespace and the joined
+/// interfaces, by name and index. Written to the sandbox's state directory;
+/// the stale-sandbox cleanup (containerd's `shim delete` after a dead shim)
+/// reads it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinedRecord {
+    pub netns: PathBuf,
+    pub interfaces: Vec<(String, u32)>,
+}
+
+/// Removes the redirects of `record` that are still there: the ingress
+/// qdisc (and its filter) of each recorded interface present under its
+/// name and index. The taps went with QEMU.
+pub fn unbridge_recorded(record: &JoinedRecord) -> Result<usize, NetworkError> {
+    let netns = open_netns(&record.netns)?;
+    if is_hosts(&netns) {
+        return Err(NetworkError::HostNamespace(record.netns.clone()));
+    }
+    in_netns(&netns, &record.netns, |rtnl| {
+        let mut undone = 0;
+        for interface in interfaces(rtnl)? {
+            if record
+                .interfaces
+                .iter()
+                .any(|(name, index)| *name == interface.name && *index == interface.index)
+            {
+                unbridge(rtnl, &interface)?;
+                undone += 1;
+            }
+        }
+        Ok(undone)
+    })
 }
 
 /// Opens `path` as a network namespace; anything else is refused before
@@ -295,6 +331,22 @@ impl PodNetwork {
             }),
             routes: Vec::new(),
             neighbours: Vec::new(),
+        })
+    }
+
+    /// What a crashed shim's cleanup must undo here; `None` for the VM's
+    /// own namespace (a reserved NIC's), which ends with QEMU.
+    pub fn record(&self) -> Option<JoinedRecord> {
+        if self.reserved.is_some() {
+            return None;
+        }
+        Some(JoinedRecord {
+            netns: self.path.clone(),
+            interfaces: self
+                .nics
+                .iter()
+                .map(|n| (n.interface.name.clone(), n.interface.index))
+                .collect(),
         })
     }
 

@@ -252,3 +252,48 @@ fn an_interface_added_after_boot_takes_over_the_reserved_nic_and_a_second_is_ref
         assert!(!qdiscs(eth0), "the redirect outlived the pod network");
     });
 }
+
+/// A shim killed before its teardown: the cleanup removes the redirect it
+/// recorded (by name and index) and nothing else; the host's own namespace
+/// is refused.
+#[test]
+fn a_dead_shims_redirects_are_removed_from_its_record() {
+    in_new_netns(|| {
+        let mut rtnl = Rtnl::open().unwrap();
+        veth_pair(&mut rtnl, "kbt-rec0", "kbt-rec1").unwrap();
+        let pod = link_index(&mut rtnl, "kbt-rec0").unwrap();
+        let peer = link_index(&mut rtnl, "kbt-rec1").unwrap();
+        let listed = interfaces(&mut rtnl).unwrap();
+        let cni = listed.iter().find(|i| i.index == pod).unwrap();
+        let other = listed.iter().find(|i| i.index == peer).unwrap();
+        let joined = bridge(&mut rtnl, cni, "kbt-rtap").unwrap();
+        let kept = bridge(&mut rtnl, other, "kbt-rtap2").unwrap();
+        // QEMU is gone: its taps with it.
+        drop(joined.tap);
+        let record = JoinedRecord {
+            // Opened by the calling thread: this test's namespace.
+            netns: "/proc/thread-self/ns/net".into(),
+            interfaces: vec![("kbt-rec0".into(), pod), ("kbt-rec1".into(), peer + 100)],
+        };
+        assert_eq!(unbridge_recorded(&record).unwrap(), 1);
+        assert!(
+            !has_ingress_qdisc(&mut rtnl, pod),
+            "the recorded redirect stayed"
+        );
+        assert!(
+            has_ingress_qdisc(&mut rtnl, peer),
+            "an interface recorded under another index was changed"
+        );
+        drop(kept);
+        // This process's own (its main thread's), as the shim's would be.
+        let host = JoinedRecord {
+            netns: "/proc/self/ns/net".into(),
+            interfaces: Vec::new(),
+        };
+        let refused = unbridge_recorded(&host);
+        assert!(
+            matches!(refused, Err(NetworkError::HostNamespace(_))),
+            "{refused:?}"
+        );
+    });
+}

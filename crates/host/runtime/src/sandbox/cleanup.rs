@@ -66,7 +66,42 @@ pub fn cleanup_stale(dir: &Path) {
             }
         }
     }
+    undo_network(dir);
     remove_dir(dir);
+}
+
+/// The state file naming the pod namespace's joined interfaces.
+const NETWORK_RECORD: &str = "network.json";
+
+/// Records what [`cleanup_stale`] must undo in the pod's namespace.
+pub(super) fn write_network_record(
+    dir: &Path,
+    record: &crate::network::JoinedRecord,
+) -> Result<(), BootError> {
+    let path = dir.join(NETWORK_RECORD);
+    let text = serde_json::to_vec(record).unwrap_or_default();
+    fs::write(&path, text).map_err(|source| BootError::Io { path, source })
+}
+
+/// Removes the tap redirects a dead shim left on the pod namespace's
+/// interfaces (its QEMU, killed above, took the taps).
+fn undo_network(dir: &Path) {
+    let Ok(text) = fs::read(dir.join(NETWORK_RECORD)) else {
+        return;
+    };
+    let Ok(record) = serde_json::from_slice::<crate::network::JoinedRecord>(&text) else {
+        log::warn!("{}: unreadable {NETWORK_RECORD}", dir.display());
+        return;
+    };
+    match crate::network::unbridge_recorded(&record) {
+        Ok(undone) if undone > 0 => log::info!(
+            "{}: removed the tap redirects of {undone} interface(s) a dead shim left",
+            record.netns.display()
+        ),
+        Ok(_) => {}
+        // The namespace went with its pod (CNI's DEL, CRI): nothing left.
+        Err(e) => log::debug!("{}: {}", record.netns.display(), kabuto_error::chain(&e)),
+    }
 }
 
 /// Unmounts everything under `dir` and removes it (a missing one is fine).

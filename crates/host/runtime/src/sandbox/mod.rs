@@ -351,6 +351,10 @@ impl Sandbox {
         let (pod_network, vmm_network) = join_pod_network(config, network)
             .map_err(|(stage, e)| fail(stage)(BootError::Network(e)))?;
         partial.network = pod_network;
+        if let Some(record) = partial.network.as_ref().and_then(PodNetwork::record) {
+            cleanup::write_network_record(&dir, &record)
+                .map_err(fail("preparing the state directory"))?;
+        }
         let nics = partial
             .network
             .as_ref()
