@@ -401,6 +401,16 @@ mod tests {
         }
     }
 
+    /// The volume's own directory, listed first.
+    fn root() -> Entry {
+        Entry::Dir {
+            path: PathBuf::new(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
     #[test]
     fn a_name_listed_twice_is_refused() {
         let mut volume = Volume::default();
@@ -421,12 +431,7 @@ mod tests {
         let copy = dir.path().join("copy");
         let volume = Volume {
             entries: vec![
-                Entry::Dir {
-                    path: PathBuf::new(),
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                },
+                root(),
                 Entry::Symlink {
                     path: "a".into(),
                     target: outside.clone(),
@@ -450,15 +455,7 @@ mod tests {
     fn a_sealed_file_without_a_kbs_refuses_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let volume = Volume {
-            entries: vec![
-                Entry::Dir {
-                    path: PathBuf::new(),
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                },
-                file("db", b"sealed.x.y.z"),
-            ],
+            entries: vec![root(), file("db", b"sealed.x.y.z")],
             ..Volume::default()
         };
         let e = write_copy(&volume, &dir.path().join("copy"), "c1", "/etc/secret", None)

@@ -176,6 +176,25 @@ pub(super) fn in_netns<T: Send>(
     })
 }
 
+/// The routes on the links `on` (but IPv6 link-local ones, which the
+/// guest makes itself) and the static neighbours there: what the guest
+/// is told with them.
+fn routes_and_neighbours(
+    rtnl: &mut Rtnl,
+    on: &[u32],
+) -> Result<(Vec<Route>, Vec<Neighbour>), NetworkError> {
+    let on_one = |device: Option<u32>| device.is_some_and(|d| on.contains(&d));
+    let routes = routes(rtnl)?
+        .into_iter()
+        .filter(|r| on_one(r.device) && !r.is_ipv6_link_local())
+        .collect();
+    let neighbours = neighbours(rtnl)?
+        .into_iter()
+        .filter(|n| on_one(Some(n.device)))
+        .collect();
+    Ok((routes, neighbours))
+}
+
 /// Refuses interfaces that would give the guest two NICs with one MAC
 /// (ipvlan slaves share their master's): the guest finds NICs by MAC.
 fn check_macs(all: &[Interface]) -> Result<(), NetworkError> {
@@ -240,18 +259,8 @@ impl PodNetwork {
                         interface: b.interface,
                     });
                 }
-                let on_a_nic = |device: Option<u32>| {
-                    device.is_some_and(|d| nics.iter().any(|n| n.interface.index == d))
-                };
-                let routes: Vec<Route> = routes(rtnl)?
-                    .into_iter()
-                    .filter(|r| on_a_nic(r.device) && !r.is_ipv6_link_local())
-                    .collect();
-                let neighbours: Vec<Neighbour> = neighbours(rtnl)?
-                    .into_iter()
-                    .filter(|n| on_a_nic(Some(n.device)))
-                    .collect();
-                Ok((routes, neighbours))
+                let joined: Vec<u32> = nics.iter().map(|n| n.interface.index).collect();
+                routes_and_neighbours(rtnl, &joined)
             })();
             match joined {
                 Ok((routes, neighbours)) => Ok((nics, routes, neighbours)),
@@ -386,19 +395,7 @@ impl PodNetwork {
                 }
             };
             super::join_to_tap(rtnl, &interface, tap_index)?;
-            let read = (|| {
-                let on_it = |device: Option<u32>| device == Some(interface.index);
-                let routes: Vec<Route> = routes(rtnl)?
-                    .into_iter()
-                    .filter(|r| on_it(r.device) && !r.is_ipv6_link_local())
-                    .collect();
-                let neighbours: Vec<Neighbour> = neighbours(rtnl)?
-                    .into_iter()
-                    .filter(|n| on_it(Some(n.device)))
-                    .collect();
-                Ok((routes, neighbours))
-            })();
-            match read {
+            match routes_and_neighbours(rtnl, &[interface.index]) {
                 Ok((routes, neighbours)) => Ok(Some((interface, routes, neighbours))),
                 Err(e) => {
                     let _ = unbridge(rtnl, &interface);
